@@ -1,0 +1,75 @@
+"""The agent's own settings: who it is, where it connects, where it keeps its files.
+
+Read from an `agent.yaml` (what `nanofleet enroll` writes for a device) with `NANOFLEET_*` environment overrides.
+Routing policy is not here: the controller pushes it over MQTT.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from nanofleet.config import ConfigError, ModelSpec
+
+
+def default_runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/nanofleet-{os.getuid()}"
+    return Path(base) / "nanofleet"
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "nanofleet"
+
+
+class AgentSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fleet: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+    device_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+    data_dir: Path = Field(default_factory=default_data_dir)  # model cache, queue.db, telemetry buffer (0700)
+    socket_path: Path = Field(default_factory=lambda: default_runtime_dir() / "agent.sock")
+    tcp_listen: str | None = Field(None, description="opt-in loopback TCP listener, e.g. 127.0.0.1:8765")
+    broker_url: str | None = Field("mqtt://127.0.0.1:1883", description="None: run without a controller")
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    gateway_address: str | None = Field(None, description="host:port of the gateway; None: no cloud route")
+    gateway_token: str | None = None
+    gateway_ca: Path | None = Field(None, description="CA bundle for the gateway's TLS; None: plaintext (loopback)")
+    model: ModelSpec = ModelSpec()
+    sysfs_root: Path = Path("/sys")
+    telemetry_interval_s: float = Field(10, gt=0, le=86_400)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+def load_agent_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> AgentSettings:
+    """agent.yaml (optional) ← NANOFLEET_<FIELD> env vars ← explicit overrides; ConfigError names the field."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "agent settings"
+    if path:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{source}: cannot read: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping")
+        data.update(loaded)
+    for name in AgentSettings.model_fields:
+        env = os.environ.get(f"NANOFLEET_{name.upper()}")
+        if env is not None and name != "model":
+            data[name] = env
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return AgentSettings.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"{source}: {loc}: {err['msg']}") from None

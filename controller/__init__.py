@@ -1,0 +1,1 @@
+"""The controller: MQTT ingest, SQLite store, policy, rollouts, dashboard and REST API."""

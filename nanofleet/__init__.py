@@ -1,0 +1,1 @@
+"""nanofleet: the CLI, the fleet.yaml model and the one-machine supervisor (`nanofleet up`)."""
