@@ -1,0 +1,121 @@
+"""Shared fixtures: a real Mosquitto broker on a free loopback port, the tiny GGUF, free ports."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from nanofleet.agent.tiny_model import make_tiny_gguf
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> object:
+    """Poll `predicate` until it returns something truthy; fail the test naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def mosquitto_binary() -> str:
+    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if path is None:
+        raise RuntimeError("mosquitto is not installed: run `make test` (installs it) or apt-get install -y mosquitto")
+    return path
+
+
+@dataclass
+class Broker:
+    """A real mosquitto on 127.0.0.1:port. `extra_conf` lines are appended (auth, ACL, limits)."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    extra_conf: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> Broker:
+        conf = self.workdir / "mosquitto.conf"
+        lines = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr", "log_type error",
+                 "max_queued_messages 100000"]
+        if not any(line.startswith(("allow_anonymous", "password_file")) for line in self.extra_conf):
+            lines.append("allow_anonymous true")
+        conf.write_text("\n".join(lines + self.extra_conf) + "\n")
+        self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while not _port_open(self.port):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("mosquitto did not open its port within 10 s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One anonymous loopback mosquitto shared by the session (use unique fleet/device ids per test)."""
+    b = Broker(tmp_path_factory.mktemp("mosquitto")).start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    """A private mosquitto per test, for tests that restart it or need auth/ACL lines."""
+    started: list[Broker] = []
+
+    def make(extra_conf: list[str] | None = None) -> Broker:
+        b = Broker(tmp_path / f"broker{len(started)}", extra_conf=extra_conf or [])
+        b.workdir.mkdir()
+        started.append(b.start())
+        return b
+
+    yield make
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's tiny random-weight GGUF, generated once per test session."""
+    return make_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny-test.gguf")
