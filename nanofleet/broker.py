@@ -1,0 +1,162 @@
+"""The fleet's MQTT broker on one node: Mosquitto when it is installed, else an embedded amqtt broker.
+
+Nothing is open: anonymous clients are refused, every client has a password, and the ACL confines a device to its
+own topics (it may write status, telemetry and cmd/result, and read policy and cmd, only under its own device id);
+the controller user may read and write the whole fleet. `nanofleet enroll` adds devices; `nanofleet up` starts it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import pwd
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanofleet.protos import topics
+
+CONTROLLER_USER = "controller"
+_DEVICE_WRITES = ("status", "telemetry", "cmd/result")
+_DEVICE_READS = ("policy", "cmd")
+
+
+def mosquitto_binary() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+
+
+def mosquitto_password_hash(password: str, iterations: int = 101) -> str:
+    """The `$7$` PBKDF2-SHA512 format that `mosquitto_passwd` writes (Mosquitto 2.x)."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, dklen=64)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class BrokerAccounts:
+    """Usernames and passwords of one fleet's broker, kept (0600) in the state folder so restarts reuse them."""
+
+    state_dir: Path
+    fleet: str
+
+    @property
+    def path(self) -> Path:
+        return self.state_dir / "broker" / "accounts.json"
+
+    def load(self) -> dict[str, dict[str, str]]:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+
+    def ensure(self, username: str, role: str) -> str:
+        """Return the password of `username`, creating the account (role `controller` or `device`) if new."""
+        if role == "device":
+            topics.check_id(username, "device")
+        accounts = self.load()
+        if username not in accounts:
+            accounts[username] = {"role": role, "password": secrets.token_urlsafe(24)}
+            _write_private(self.path, json.dumps(accounts, indent=2, sort_keys=True))
+        return accounts[username]["password"]
+
+    def remove(self, username: str) -> bool:
+        accounts = self.load()
+        if accounts.pop(username, None) is None:
+            return False
+        _write_private(self.path, json.dumps(accounts, indent=2, sort_keys=True))
+        return True
+
+
+def device_acl_topics(fleet: str, device: str) -> tuple[list[str], list[str]]:
+    """(topics the device may publish, topics it may subscribe to)."""
+    return ([f"{topics.ROOT}/{fleet}/{device}/{k}" for k in _DEVICE_WRITES],
+            [f"{topics.ROOT}/{fleet}/{device}/{k}" for k in _DEVICE_READS])
+
+
+def write_mosquitto_config(accounts: BrokerAccounts, host: str, port: int) -> Path:
+    """Write mosquitto.conf, its password file and ACL into state/broker; return the config path."""
+    folder = accounts.state_dir / "broker"
+    users = accounts.load()
+    _write_private(folder / "passwd", "".join(f"{u}:{mosquitto_password_hash(a['password'])}\n"
+                                              for u, a in sorted(users.items())))
+    fleet_root = f"{topics.ROOT}/{accounts.fleet}"
+    acl = [f"user {CONTROLLER_USER}", f"topic readwrite {fleet_root}/#", ""]
+    # Patterns apply to every user; %u is the username, which for a device is its device id.
+    acl += [f"pattern write {fleet_root}/%u/{k}" for k in _DEVICE_WRITES]
+    acl += [f"pattern read {fleet_root}/%u/{k}" for k in _DEVICE_READS]
+    _write_private(folder / "acl", "\n".join(acl) + "\n")
+    (folder / "data").mkdir(exist_ok=True, mode=0o700)
+    conf = [
+        # As root, mosquitto would switch to the `mosquitto` user and lose access to our 0600 files; stay who we are.
+        f"user {pwd.getpwuid(os.getuid()).pw_name}",
+        f"listener {port} {host}",
+        "allow_anonymous false",
+        f"password_file {folder / 'passwd'}",
+        f"acl_file {folder / 'acl'}",
+        "persistence true",  # retained status/policy and persistent sessions survive a broker restart
+        f"persistence_location {folder / 'data'}/",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "max_queued_messages 10000",
+    ]
+    _write_private(folder / "mosquitto.conf", "\n".join(conf) + "\n")
+    return folder / "mosquitto.conf"
+
+
+def write_amqtt_config(accounts: BrokerAccounts, host: str, port: int) -> Path:
+    """The same accounts and ACL for the embedded amqtt broker (argon2 password file, per-user topic lists)."""
+    import yaml
+    from pwdlib.hashers.argon2 import Argon2Hasher  # installed with amqtt
+
+    folder = accounts.state_dir / "broker"
+    users = accounts.load()
+    hasher = Argon2Hasher()
+    _write_private(folder / "amqtt-passwd", "".join(f"{u}:{hasher.hash(a['password'])}\n"
+                                                    for u, a in sorted(users.items())))
+    fleet_root = f"{topics.ROOT}/{accounts.fleet}"
+    publish: dict[str, list[str]] = {}
+    subscribe: dict[str, list[str]] = {}
+    for user, account in users.items():
+        if account["role"] == "controller":
+            publish[user] = subscribe[user] = [f"{fleet_root}/#"]
+        else:
+            publish[user], subscribe[user] = device_acl_topics(accounts.fleet, user)
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "plugins": {
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False},
+            "amqtt.plugins.authentication.FileAuthPlugin": {"password_file": str(folder / "amqtt-passwd")},
+            "amqtt.plugins.topic_checking.TopicAccessControlListPlugin": {"publish_acl": publish, "acl": subscribe},
+        },
+    }
+    _write_private(folder / "amqtt.yaml", yaml.safe_dump(config, sort_keys=True))
+    return folder / "amqtt.yaml"
+
+
+def broker_command(accounts: BrokerAccounts, host: str, port: int) -> tuple[list[str], str]:
+    """The command line that starts the fleet's broker, and a line saying which broker it is."""
+    binary = mosquitto_binary()
+    if binary:
+        conf = write_mosquitto_config(accounts, host, port)
+        return [binary, "-c", str(conf)], f"mosquitto ({binary}) on {host}:{port}"
+    conf = write_amqtt_config(accounts, host, port)
+    amqtt = Path(sys.executable).with_name("amqtt")
+    return ([str(amqtt), "-c", str(conf)],
+            f"embedded amqtt on {host}:{port} (mosquitto not found on PATH; apt-get install -y mosquitto to use it)")
