@@ -16,7 +16,7 @@ COMMANDS: dict[str, str] = {
     "controller": "nanofleet.controller.cli:controller",
     "devices": "nanofleet.controller.cli:devices",
     "policy": "nanofleet.controller.cli:policy",
-    "enroll": "nanofleet.controller.cli:enroll",
+    "enroll": "nanofleet.enroll:enroll",
     "rollout": "nanofleet.controller.cli:rollout",
     "gateway": "nanofleet.controller.gateway.cli:gateway",
     "sim": "nanofleet.sim:sim",

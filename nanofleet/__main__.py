@@ -1,0 +1,3 @@
+from nanofleet.cli import main
+
+main()

@@ -1,0 +1,139 @@
+"""Child processes for `nanofleet up`: started in order, each waited on until ready, stopped in reverse order.
+
+Children get PR_SET_PDEATHSIG so they die with the supervisor even after a `kill -9` of it: no orphans.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: best effort
+        pass
+
+
+class StartError(RuntimeError):
+    """A child failed to start or to become ready; the message names it and quotes its log."""
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log: Path
+    ready: Callable[[], bool]
+    env: dict[str, str] = field(default_factory=dict)
+    ready_timeout: float = 60.0
+    stop_timeout: float = 10.0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        deadline = time.monotonic() + self.ready_timeout
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise StartError(f"{self.name} exited with code {self.proc.returncode} while starting:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise StartError(f"{self.name} was not ready after {self.ready_timeout:.0f}s:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL after `stop_timeout`; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return "  (no log)"
+        return "\n".join(f"  | {line}" for line in text[-lines:])
+
+
+def tcp_open(host: str, port: int) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    return check
+
+
+def http_ok(url_path: str, *, host: str = "", port: int = 0, uds: str | None = None) -> Callable[[], bool]:
+    """GET url_path over TCP or a unix socket answers 2xx."""
+
+    def check() -> bool:
+        try:
+            if uds:
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(1)
+                s.connect(uds)
+            else:
+                s = socket.create_connection((host, port), timeout=1)
+            with s:
+                s.sendall(f"GET {url_path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+                status = s.recv(64).split(b" ", 2)
+            return len(status) > 1 and status[1].startswith(b"2")
+        except OSError:
+            return False
+
+    return check
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+        self._stop_signal: int | None = None
+
+    def start(self, child: Child) -> None:
+        self.children.append(child)
+        child.start()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._stop_signal = signum
+
+    def wait(self) -> Child | None:
+        """Block until SIGINT/SIGTERM (returns None) or until a child dies (returns it)."""
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        while self._stop_signal is None:
+            for child in self.children:
+                if not child.alive():
+                    return child
+            time.sleep(0.2)
+        return None
+
+    def stop_all(self) -> dict[str, int | None]:
+        """Stop children in reverse start order (agents first, so they publish their shutdown status)."""
+        return {child.name: child.stop() for child in reversed(self.children)}

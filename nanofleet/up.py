@@ -1,0 +1,145 @@
+"""`nanofleet up`: the whole system on one machine — broker, controller, gateway and one agent — on loopback."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import click
+
+from nanofleet.broker import CONTROLLER_USER, BrokerAccounts, broker_command
+from nanofleet.config import ConfigError, FleetConfig, load_fleet
+from nanofleet.enroll import enroll_device
+from nanofleet.supervisor import Child, StartError, Supervisor, http_ok, tcp_open
+from nanofleet.tcp import free_port, port_free
+
+
+@dataclass(frozen=True)
+class Ports:
+    broker: int
+    controller: int
+    gateway: int
+
+
+def choose_ports(cfg: FleetConfig, free: bool) -> tuple[Ports, list[str]]:
+    """The configured ports, or free ones (all with --free-ports; one by one when the configured one is taken)."""
+    notes: list[str] = []
+    wanted = {
+        "broker": urlparse(cfg.broker.url).port or 1883,
+        "controller": int(cfg.controller.listen.rsplit(":", 1)[1]),
+        "gateway": int(cfg.gateway.listen.rsplit(":", 1)[1]),
+    }
+    chosen = {}
+    for name, port in wanted.items():
+        if free:
+            chosen[name] = free_port()
+        elif not port_free(port):
+            chosen[name] = free_port()
+            notes.append(f"port {port} for the {name} is in use; using {chosen[name]}")
+        else:
+            chosen[name] = port
+    return Ports(**chosen), notes
+
+
+def _nanofleet(*args: str) -> list[str]:
+    return [sys.executable, "-m", "nanofleet", *args]
+
+
+@click.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="fleet.yaml",
+              show_default=True, help="the fleet to run")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=".nanofleet",
+              show_default=True, help="databases, credentials, logs and the model cache")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
+              help="the agent's unix socket (default: $XDG_RUNTIME_DIR/nanofleet/agent.sock)")
+@click.option("--free-ports", is_flag=True, help="use free loopback ports instead of those in fleet.yaml")
+def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports: bool) -> None:
+    """Start the broker, controller, gateway and one agent on this machine; Ctrl-C stops them all."""
+    try:
+        cfg = load_fleet(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ports, notes = choose_ports(cfg, free_ports)
+    for note in notes:
+        click.echo(f"note: {note}")
+    host = "127.0.0.1"
+    broker_url = f"mqtt://{host}:{ports.broker}"
+    logs = state_dir / "logs"
+
+    accounts = BrokerAccounts(state_dir, cfg.fleet)
+    controller_password = accounts.ensure(CONTROLLER_USER, "controller")
+    device_id = next(iter(cfg.devices), "dev-01")
+    agent_yaml = enroll_device(cfg, state_dir, device_id, broker_url=broker_url,
+                               gateway_address=f"{host}:{ports.gateway}", socket_path=socket_path)
+    broker_argv, broker_desc = broker_command(accounts, host, ports.broker)
+
+    sup = Supervisor()
+    try:
+        click.echo(f"broker:     {broker_desc}")
+        broker = Child("broker", broker_argv, logs / "broker.log", tcp_open(host, ports.broker))
+        sup.start(broker)
+        if broker.proc is not None:  # lets `nanofleet enroll` SIGHUP it to load a new account
+            (state_dir / "broker" / "broker.pid").write_text(str(broker.proc.pid))
+        click.echo(f"gateway:    gRPC Inference on {host}:{ports.gateway}")
+        sup.start(Child("gateway", _nanofleet("gateway", "serve", "--config", str(config_path),
+                                              "--data-dir", str(state_dir / "gateway"),
+                                              "--listen", f"{host}:{ports.gateway}"),
+                        logs / "gateway.log", tcp_open(host, ports.gateway)))
+        sup.start(Child("controller", _nanofleet("controller", "--config", str(config_path),
+                                                 "--data-dir", str(state_dir / "controller"),
+                                                 "--listen", f"{host}:{ports.controller}",
+                                                 "--broker-url", broker_url,
+                                                 "--mqtt-username", CONTROLLER_USER,
+                                                 "--gateway-db", str(state_dir / "gateway" / "gateway.db")),
+                        logs / "controller.log", http_ok("/healthz", host=host, port=ports.controller),
+                        env={"NANOFLEET_MQTT_PASSWORD": controller_password}))
+        settings = agent_yaml.settings
+        sup.start(Child(f"agent {device_id}", _nanofleet("agent", "--config", str(agent_yaml.path)),
+                        logs / f"agent-{device_id}.log", http_ok("/v1/status", uds=str(settings.socket_path)),
+                        ready_timeout=120))
+    except StartError as exc:
+        sup.stop_all()
+        raise click.ClickException(str(exc)) from None
+    except BaseException:
+        sup.stop_all()
+        raise
+
+    token_line = _operator_token_line(state_dir / "controller", logs / "controller.log")
+    sock = shlex.quote(str(settings.socket_path))
+    body = '{"messages":[{"role":"user","content":"Say hello"}],"max_tokens":24}'
+    click.echo(f"""
+nanofleet is up (fleet {cfg.fleet!r}, device {device_id!r}).
+  dashboard:  http://{host}:{ports.controller}/   {token_line}
+  socket:     {settings.socket_path}
+  logs:       {logs}/
+Try it:
+  curl --unix-socket {sock} http://localhost/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'
+Ctrl-C stops everything.""", nl=True)
+    sys.stdout.flush()
+    died = sup.wait()
+    if died is not None:
+        click.echo(f"\n{died.name} exited unexpectedly (code {died.proc.returncode if died.proc else '?'}):\n"
+                   f"{died.tail()}\nstopping the rest.", err=True)
+    else:
+        click.echo("\nstopping ...")
+    codes = sup.stop_all()
+    click.echo("stopped: " + ", ".join(f"{name} ({code})" for name, code in codes.items()))
+    if died is not None:
+        sys.exit(1)
+
+
+def _operator_token_line(controller_dir: Path, log: Path) -> str:
+    """The controller prints a new operator token once, to its log; show it here too."""
+    try:
+        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+            if "operator token:" in line:
+                return "operator " + line.split("operator ", 1)[1].strip()
+    except OSError:
+        pass
+    return ("(operator token printed at first start; rotate with: "
+            f"nanofleet controller rotate-token --data-dir {controller_dir})")
