@@ -1,0 +1,274 @@
+"""The device state machine the store's writer runs: births, deaths, telemetry, staleness (after Sparkplug B).
+
+- A birth (online status) with a bd_seq at least the known one makes a device online; an older one is ignored.
+- A death (last will or shutdown) counts only if its bd_seq matches or passes the current birth: the will of an
+  old connection arriving after the device was reborn is stale and must not mark it offline.
+- Live telemetry checks seq (0..255, wrapping) against the last one: a jump is a gap; a bd_seq that is not the
+  current birth's is a stale birth. Both ask the device for a rebirth (at most once per REBIRTH_EVERY_MS).
+- Replayed telemetry (from a device's offline buffer) is stored but never moves the latest state.
+Pure bookkeeping over an in-memory cache, written back as whole rows of `devices` at the end of each batch.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from nanofleet.controller.views import DeviceEvent
+from nanofleet.protos import fleet_pb2
+
+REBIRTH_EVERY_MS = 10_000
+THERMAL_NAMES = ("none", "light", "moderate", "severe", "critical", "emergency", "shutdown")
+_COLUMNS = (
+    "device_id", "fleet", "state", "last_seen_ms", "birth_ms", "bd_seq", "agent_version", "model_name",
+    "model_availability", "policy_version", "cpu_percent", "ram_total_mb", "ram_available_mb", "temp_max_c",
+    "thermal_level", "throttled", "battery_pct", "charging", "queue_depth", "route_counts", "rejected_count",
+    "gap_count", "telemetry_interval_s", "status_json",
+)
+_UPSERT = f"INSERT OR REPLACE INTO devices ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+
+
+def thermal_name(level: int) -> str:
+    return THERMAL_NAMES[level] if 0 <= level < len(THERMAL_NAMES) else "none"
+
+
+def availability_name(value: int) -> str:
+    try:
+        return fleet_pb2.ModelAvailability.Name(value).removeprefix("MODEL_AVAILABILITY_").lower()
+    except ValueError:
+        return "unspecified"
+
+
+class TelemetryRow(NamedTuple):
+    """One validated Telemetry message, flattened to what the store keeps."""
+
+    device_id: str
+    bd_seq: int
+    seq: int
+    ts_ms: int
+    replayed: bool = False
+    cpu_percent: float = 0.0
+    load1: float = 0.0
+    ram_total_mb: int = 0
+    ram_available_mb: int = 0
+    temp_max_c: float | None = None
+    thermal_level: int = 0
+    throttle_ratio: float = 1.0
+    throttled: bool = False
+    battery_pct: float | None = None
+    charging: bool | None = None
+    queue_depth: int = 0
+    policy_version: int = 0
+    route_counts: dict[str, int] | None = None
+    model_name: str | None = None
+    model_availability: str | None = None
+
+
+def row_from_pb(t: fleet_pb2.Telemetry) -> TelemetryRow:
+    has_battery = t.HasField("battery") and t.battery.present
+    has_model = t.HasField("model")
+    return TelemetryRow(
+        t.device_id, t.bd_seq, t.seq, t.ts_ms, t.replayed, t.cpu_percent, t.load1, t.ram_total_mb,
+        t.ram_available_mb, t.temp_max_c if t.temperatures_c or t.temp_max_c else None, t.thermal_level,
+        t.throttle_ratio, t.throttled, t.battery.percent if has_battery else None,
+        t.battery.charging if has_battery else None, t.queue_depth, t.policy_version,
+        dict(t.route_counts) if t.route_counts else None, t.model.name if has_model else None,
+        availability_name(t.model.availability) if has_model else None,
+    )
+
+
+@dataclass
+class Batch:
+    """What one ingest transaction writes. `rejections` are (device_id or None, topic, reason)."""
+
+    fleet: str
+    received_ms: int
+    statuses: list[fleet_pb2.DeviceStatus] = field(default_factory=list)
+    telemetry: list[TelemetryRow] = field(default_factory=list)
+    rejections: list[tuple[str | None, str, str]] = field(default_factory=list)
+    command_results: list[fleet_pb2.CommandResult] = field(default_factory=list)
+
+
+@dataclass
+class BatchOutcome:
+    inserted: int = 0
+    duplicates: int = 0
+    rebirth: list[str] = field(default_factory=list)  # devices to ask for a rebirth
+    new_devices: list[str] = field(default_factory=list)
+    events: list[DeviceEvent] = field(default_factory=list)
+    gaps: int = 0
+
+
+class _Dev:
+    __slots__ = (*_COLUMNS, "last_seq", "rebirth_ms", "latest_ts")
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        for name in _COLUMNS:
+            setattr(self, name, values[name])
+        self.last_seq: int | None = None
+        self.rebirth_ms = 0
+        self.latest_ts = 0
+
+    @classmethod
+    def new(cls, device_id: str, fleet: str) -> _Dev:
+        return cls({
+            "device_id": device_id, "fleet": fleet, "state": "offline", "last_seen_ms": 0, "birth_ms": 0, "bd_seq": 0,
+            "agent_version": "", "model_name": "", "model_availability": "unspecified", "policy_version": 0,
+            "cpu_percent": 0.0, "ram_total_mb": 0, "ram_available_mb": 0, "temp_max_c": None, "thermal_level": 0,
+            "throttled": 0, "battery_pct": None, "charging": None, "queue_depth": 0, "route_counts": "{}",
+            "rejected_count": 0, "gap_count": 0, "telemetry_interval_s": 10.0, "status_json": "{}",
+        })
+
+    def row(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in _COLUMNS)
+
+
+class DeviceStates:
+    def __init__(self, devices: dict[str, _Dev]) -> None:
+        self.devices = devices
+
+    @classmethod
+    def load(cls, conn: sqlite3.Connection) -> DeviceStates:
+        cur = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM devices")
+        return cls({r[0]: _Dev(dict(zip(_COLUMNS, r, strict=True))) for r in cur})
+
+    def _event(self, out: BatchOutcome, dev: _Dev, state: str, reason: str, at_ms: int) -> None:
+        dev.state = state
+        out.events.append(DeviceEvent(dev.device_id, at_ms, state, reason, dev.bd_seq))  # type: ignore[arg-type]
+
+    def _ask_rebirth(self, out: BatchOutcome, dev: _Dev, at_ms: int) -> None:
+        if at_ms - dev.rebirth_ms >= REBIRTH_EVERY_MS:
+            dev.rebirth_ms = at_ms
+            out.rebirth.append(dev.device_id)
+
+    def _get(self, out: BatchOutcome, device_id: str, fleet: str) -> tuple[_Dev, bool]:
+        dev = self.devices.get(device_id)
+        if dev is None:
+            dev = self.devices[device_id] = _Dev.new(device_id, fleet)
+            out.new_devices.append(device_id)
+            return dev, True
+        return dev, False
+
+    def apply(self, conn: sqlite3.Connection, batch: Batch) -> BatchOutcome:
+        out = BatchOutcome()
+        touched: dict[str, _Dev] = {}
+        at = batch.received_ms
+        for status in batch.statuses:
+            dev, created = self._get(out, status.device_id, status.fleet or batch.fleet)
+            if self._status(out, dev, status, at, created):
+                touched[dev.device_id] = dev
+        for row in batch.telemetry:
+            dev, created = self._get(out, row.device_id, batch.fleet)
+            touched[dev.device_id] = dev
+            if created:
+                dev.bd_seq = row.bd_seq
+                self._event(out, dev, "online", "telemetry_without_birth", at)
+                self._ask_rebirth(out, dev, at)
+            if row.replayed:
+                continue
+            dev.last_seen_ms = max(dev.last_seen_ms, at)
+            if row.bd_seq != dev.bd_seq:
+                self._ask_rebirth(out, dev, at)  # a birth we never saw, or telemetry of a dead session
+            else:
+                if dev.last_seq is not None and row.seq != dev.last_seq:
+                    if row.seq != (dev.last_seq + 1) & 0xFF:
+                        dev.gap_count += 1
+                        out.gaps += 1
+                        self._ask_rebirth(out, dev, at)
+                dev.last_seq = row.seq
+                if dev.state != "online":
+                    self._event(out, dev, "online", "telemetry", at)
+            if row.ts_ms >= dev.latest_ts:
+                dev.latest_ts = row.ts_ms
+                self._latest(dev, row)
+        if batch.rejections:
+            counts = Counter(batch.rejections)
+            conn.executemany(
+                """INSERT INTO rejections VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, topic, reason)
+                   DO UPDATE SET count = count + excluded.count, last_ms = excluded.last_ms""",
+                [(d or "", t, r, n, at) for (d, t, r), n in counts.items()],
+            )
+            for (device_id, _, _), n in counts.items():
+                dev = self.devices.get(device_id or "")
+                if dev is not None:
+                    dev.rejected_count += n
+                    touched[dev.device_id] = dev
+        if batch.command_results:
+            conn.executemany(
+                "INSERT OR REPLACE INTO command_results VALUES (?, ?, ?, ?, ?, ?)",
+                [(r.id, r.device_id, r.status, r.message, json.dumps(dict(r.data)), r.ts_ms or at)
+                 for r in batch.command_results],
+            )
+        self._flush(conn, touched.values(), out)
+        return out
+
+    @staticmethod
+    def _latest(dev: _Dev, r: TelemetryRow) -> None:
+        dev.cpu_percent, dev.ram_available_mb, dev.temp_max_c = r.cpu_percent, r.ram_available_mb, r.temp_max_c
+        dev.thermal_level, dev.throttled, dev.queue_depth = r.thermal_level, int(r.throttled), r.queue_depth
+        dev.battery_pct, dev.charging = r.battery_pct, None if r.charging is None else int(r.charging)
+        if r.ram_total_mb:
+            dev.ram_total_mb = r.ram_total_mb
+        if r.policy_version:
+            dev.policy_version = r.policy_version
+        if r.route_counts is not None:
+            dev.route_counts = json.dumps(r.route_counts, sort_keys=True)
+        if r.model_name is not None:
+            dev.model_name, dev.model_availability = r.model_name, r.model_availability or "unspecified"
+
+    def _status(self, out: BatchOutcome, dev: _Dev, s: fleet_pb2.DeviceStatus, at: int, created: bool) -> bool:
+        """Apply a birth or death; False when it is stale (an older session's) and changes nothing."""
+        if s.bd_seq < dev.bd_seq:
+            return False
+        new_session = s.bd_seq != dev.bd_seq
+        dev.bd_seq = s.bd_seq
+        dev.last_seen_ms = max(dev.last_seen_ms, at)
+        if s.online:
+            dev.birth_ms = s.ts_ms or at
+            dev.last_seq = None
+            dev.agent_version = s.agent_version
+            if s.HasField("model"):
+                dev.model_name, dev.model_availability = s.model.name, availability_name(s.model.availability)
+            if s.hardware.ram_total_mb:
+                dev.ram_total_mb = s.hardware.ram_total_mb
+            if s.policy_version:
+                dev.policy_version = s.policy_version
+            if s.telemetry_interval_s:
+                dev.telemetry_interval_s = float(s.telemetry_interval_s)
+            dev.status_json = json.dumps({"capabilities": list(s.capabilities), "board": s.hardware.board,
+                                          "machine": s.hardware.machine, "cpu_count": s.hardware.cpu_count})
+            if dev.state != "online" or new_session:
+                self._event(out, dev, "online", "birth", at)
+        elif dev.state != "offline" or new_session or created:
+            self._event(out, dev, "offline", s.reason or "last_will", at)
+        return True
+
+    def _flush(self, conn: sqlite3.Connection, devs: Any, out: BatchOutcome) -> None:
+        rows = [d.row() for d in devs]
+        if rows:
+            conn.executemany(_UPSERT, rows)
+        if out.events:
+            conn.executemany(
+                "INSERT INTO device_events (device_id, ts_ms, state, reason, bd_seq) VALUES (?, ?, ?, ?, ?)",
+                [(e.device_id, e.ts_ms, e.state, e.reason, e.bd_seq) for e in out.events],
+            )
+
+    def sweep_stale(self, conn: sqlite3.Connection, at: int, factor: float) -> list[DeviceEvent]:
+        out = BatchOutcome()
+        stale = [d for d in self.devices.values()
+                 if d.state == "online" and at - d.last_seen_ms > factor * d.telemetry_interval_s * 1000]
+        for dev in stale:
+            self._event(out, dev, "stale", "silent", at)
+        self._flush(conn, stale, out)
+        return out.events
+
+    def mark_all(self, conn: sqlite3.Connection, state: str, reason: str, at: int) -> list[DeviceEvent]:
+        out = BatchOutcome()
+        devs = [d for d in self.devices.values() if d.state == "online"]
+        for dev in devs:
+            self._event(out, dev, state, reason, at)
+        self._flush(conn, devs, out)
+        return out.events

@@ -1,0 +1,133 @@
+"""Named, ordered schema migrations of the controller store; each runs once, recorded in `_migrations`.
+
+Append new steps at the end; never edit a step that has shipped.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+Migration = tuple[str, Callable[[sqlite3.Connection], None]]
+
+
+def _m001_initial(conn: sqlite3.Connection) -> None:
+    _run_script(
+        conn,
+        """
+        CREATE TABLE devices (
+            device_id TEXT PRIMARY KEY,
+            fleet TEXT NOT NULL,
+            state TEXT NOT NULL DEFAULT 'online',
+            last_seen_ms INTEGER NOT NULL DEFAULT 0,
+            birth_ms INTEGER NOT NULL DEFAULT 0,
+            bd_seq INTEGER NOT NULL DEFAULT 0,
+            agent_version TEXT NOT NULL DEFAULT '',
+            model_name TEXT NOT NULL DEFAULT '',
+            model_availability TEXT NOT NULL DEFAULT 'unspecified',
+            policy_version INTEGER NOT NULL DEFAULT 0,
+            cpu_percent REAL NOT NULL DEFAULT 0,
+            ram_total_mb INTEGER NOT NULL DEFAULT 0,
+            ram_available_mb INTEGER NOT NULL DEFAULT 0,
+            temp_max_c REAL,
+            thermal_level INTEGER NOT NULL DEFAULT 0,
+            throttled INTEGER NOT NULL DEFAULT 0,
+            battery_pct REAL,
+            charging INTEGER,
+            queue_depth INTEGER NOT NULL DEFAULT 0,
+            route_counts TEXT NOT NULL DEFAULT '{}',
+            rejected_count INTEGER NOT NULL DEFAULT 0,
+            gap_count INTEGER NOT NULL DEFAULT 0,
+            telemetry_interval_s REAL NOT NULL DEFAULT 10,
+            status_json TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE TABLE device_groups (device_id TEXT PRIMARY KEY, grp TEXT);
+        CREATE TABLE telemetry (
+            device_id TEXT NOT NULL,
+            ts_ms INTEGER NOT NULL,
+            bd_seq INTEGER NOT NULL,
+            seq INTEGER NOT NULL,
+            received_ms INTEGER NOT NULL,
+            cpu_percent REAL NOT NULL,
+            load1 REAL NOT NULL,
+            ram_available_mb INTEGER NOT NULL,
+            temp_max_c REAL,
+            thermal_level INTEGER NOT NULL,
+            throttle_ratio REAL NOT NULL,
+            queue_depth INTEGER NOT NULL,
+            battery_pct REAL,
+            replayed INTEGER NOT NULL,
+            PRIMARY KEY (device_id, ts_ms, bd_seq, seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE rollup_1m (
+            device_id TEXT NOT NULL, ts_ms INTEGER NOT NULL, n INTEGER NOT NULL,
+            cpu_avg REAL NOT NULL, cpu_max REAL NOT NULL, temp_avg REAL, temp_max REAL,
+            ram_available_min INTEGER NOT NULL,
+            PRIMARY KEY (device_id, ts_ms)
+        ) WITHOUT ROWID;
+        CREATE TABLE rollup_1h (
+            device_id TEXT NOT NULL, ts_ms INTEGER NOT NULL, n INTEGER NOT NULL,
+            cpu_avg REAL NOT NULL, cpu_max REAL NOT NULL, temp_avg REAL, temp_max REAL,
+            ram_available_min INTEGER NOT NULL,
+            PRIMARY KEY (device_id, ts_ms)
+        ) WITHOUT ROWID;
+        CREATE TABLE rejections (
+            device_id TEXT NOT NULL,   -- '' when the topic named no device
+            topic TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            last_ms INTEGER NOT NULL,
+            PRIMARY KEY (device_id, topic, reason)
+        );
+        CREATE TABLE device_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            device_id TEXT NOT NULL, ts_ms INTEGER NOT NULL, state TEXT NOT NULL,
+            reason TEXT NOT NULL, bd_seq INTEGER NOT NULL
+        );
+        CREATE INDEX device_events_device ON device_events (device_id, id);
+        CREATE TABLE policies (
+            device_id TEXT PRIMARY KEY,
+            version INTEGER NOT NULL,
+            content_hash TEXT NOT NULL,
+            policy_json TEXT NOT NULL,
+            published_ms INTEGER NOT NULL
+        );
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE command_results (
+            id TEXT NOT NULL, device_id TEXT NOT NULL, status TEXT NOT NULL, message TEXT NOT NULL,
+            data_json TEXT NOT NULL, ts_ms INTEGER NOT NULL, PRIMARY KEY (id, status)
+        );
+        """
+    )
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    # executescript() would COMMIT the surrounding migration transaction, so statements run one by one.
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+MIGRATIONS: list[Migration] = [
+    ("001_initial", _m001_initial),
+]
+
+
+def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration] = MIGRATIONS) -> list[str]:
+    """Run the migrations not yet recorded, each in its own transaction; return the names applied."""
+    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_ms INTEGER NOT NULL)")
+    done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
+    applied = []
+    for name, step in migrations:
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            step(conn)
+            conn.execute("INSERT INTO _migrations VALUES (?, CAST(strftime('%s','now') AS INTEGER) * 1000)", (name,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied

@@ -1,0 +1,376 @@
+"""The controller's SQLite store: devices with their latest state, telemetry, rollups, rejections, policies.
+
+One writer thread owns the only write connection (WAL, synchronous=NORMAL); every write is a job run inside one
+`BEGIN IMMEDIATE` transaction, answered through a future, so ingest commits a whole batch per fsync. The device
+state machine (birth / death / telemetry / stale, Sparkplug bdSeq + seq checks) lives here, in the writer, so the
+contract methods and the ingest fast path share one implementation. Readers use one connection per thread.
+
+Exceptions: StoreError (root) ← StoreClosed.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from nanofleet.controller import _devstate as ds
+from nanofleet.controller.migrations import apply_migrations
+from nanofleet.controller.views import (
+    DeviceEvent,
+    DeviceView,
+    PublishedPolicy,
+    Rejection,
+    RollupPoint,
+    TelemetryPoint,
+)
+from nanofleet.protos import fleet_pb2
+
+from ._devstate import Batch, BatchOutcome, TelemetryRow, row_from_pb
+
+__all__ = ["Batch", "BatchOutcome", "Store", "StoreClosed", "StoreError", "TelemetryRow", "row_from_pb"]
+
+T = TypeVar("T")
+_ROLLUP_EVERY_S = 2.0
+_PRUNE_EVERY_S = 600.0
+
+
+class StoreError(Exception):
+    """Root of the store's errors."""
+
+
+class StoreClosed(StoreError):
+    """The store was closed; nothing more can be written."""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Store:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        raw_retention_s: float = 7 * 86_400,
+        rollup_1m_retention_s: float = 31 * 86_400,
+        rollup_1h_retention_s: float = 400 * 86_400,
+        stale_factor: float = 2.5,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._retention = (raw_retention_s, rollup_1m_retention_s, rollup_1h_retention_s)
+        self.stale_factor = stale_factor
+        self._jobs: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._local = threading.local()
+        self._closed = False
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        conn = self._connect()
+        apply_migrations(conn)
+        self._state = ds.DeviceStates.load(conn)
+        self._touched: set[tuple[str, int]] = set()
+        self._writer = threading.Thread(target=self._run, args=(conn,), name="store-writer", daemon=True)
+        self._writer.start()
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _run(self, conn: sqlite3.Connection) -> None:
+        last_rollup = last_prune = time.monotonic()
+        while True:
+            try:
+                item = self._jobs.get(timeout=0.5)
+            except queue.Empty:
+                item = ()  # idle tick: housekeeping below
+            if item is None:
+                break
+            if item:
+                fn, fut = item
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(self._in_tx(conn, fn))
+                    except BaseException as exc:
+                        fut.set_exception(exc)
+            mono = time.monotonic()
+            if self._touched and mono - last_rollup >= _ROLLUP_EVERY_S:
+                last_rollup = mono
+                self._safe(conn, self._flush_rollups)
+            if mono - last_prune >= _PRUNE_EVERY_S:
+                last_prune = mono
+                self._safe(conn, lambda c: self._prune(c, now_ms()))
+        if self._touched:
+            self._safe(conn, self._flush_rollups)
+        conn.close()
+
+    def _safe(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> None:
+        try:
+            self._in_tx(conn, fn)
+        except sqlite3.Error:  # housekeeping retries on the next tick
+            pass
+
+    @staticmethod
+    def _in_tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
+        """Run `fn(conn)` on the writer thread inside one transaction; the future answers after COMMIT."""
+        if self._closed:
+            raise StoreClosed(f"store {self.path} is closed")
+        fut: Future[T] = Future()
+        self._jobs.put((fn, fut))
+        return fut
+
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return self.submit(fn).result()
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise StoreClosed(f"store {self.path} is closed")
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._writer.join()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- write side ---------------------------------------------------------------------------------------------
+    def submit_batch(self, batch: Batch) -> Future[BatchOutcome]:
+        """Ingest's path: statuses, telemetry rows, rejections and command results of one batch, one transaction."""
+        return self.submit(lambda conn: self._apply(conn, batch))
+
+    def apply(self, batch: Batch) -> BatchOutcome:
+        return self.submit_batch(batch).result()
+
+    def write_status(self, fleet: str, status: fleet_pb2.DeviceStatus, received_ms: int) -> None:
+        self.apply(Batch(fleet, received_ms, statuses=[status]))
+
+    def write_telemetry(self, fleet: str, items: list[fleet_pb2.Telemetry], received_ms: int) -> None:
+        self.apply(Batch(fleet, received_ms, telemetry=[row_from_pb(t) for t in items]))
+
+    def _apply(self, conn: sqlite3.Connection, batch: Batch) -> BatchOutcome:
+        outcome = self._state.apply(conn, batch)
+        if batch.telemetry:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [
+                    (r.device_id, r.ts_ms, r.bd_seq, r.seq, batch.received_ms, r.cpu_percent, r.load1,
+                     r.ram_available_mb, r.temp_max_c, r.thermal_level, r.throttle_ratio, r.queue_depth,
+                     r.battery_pct, r.replayed)
+                    for r in batch.telemetry
+                ],
+            )
+            outcome.inserted = conn.total_changes - before
+            outcome.duplicates = len(batch.telemetry) - outcome.inserted
+            self._touched.update((r.device_id, r.ts_ms - r.ts_ms % 60_000) for r in batch.telemetry)
+        return outcome
+
+    def sweep_stale(self, at_ms: int | None = None) -> list[DeviceEvent]:
+        """Mark online devices silent for more than stale_factor x their telemetry interval as stale."""
+        at = now_ms() if at_ms is None else at_ms
+        return self._call(lambda conn: self._state.sweep_stale(conn, at, self.stale_factor))
+
+    def mark_all(self, state: Literal["offline", "stale"], reason: str, at_ms: int | None = None) -> list[DeviceEvent]:
+        """Mark every online device `state` (e.g. the controller lost the broker and cannot vouch for any)."""
+        at = now_ms() if at_ms is None else at_ms
+        return self._call(lambda conn: self._state.mark_all(conn, state, reason, at))
+
+    def record_rejection(self, device_id: str | None, topic: str, reason: str, at_ms: int | None = None) -> None:
+        self.apply(Batch("", now_ms() if at_ms is None else at_ms, rejections=[(device_id, topic, reason)]))
+
+    def set_groups(self, groups: dict[str, str | None]) -> None:
+        """Device -> group, from fleet.yaml (the store shows it; devices report no group themselves)."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM device_groups")
+            conn.executemany("INSERT INTO device_groups VALUES (?, ?)", list(groups.items()))
+
+        self._call(run)
+
+    def flush_rollups(self) -> None:
+        self._call(self._flush_rollups)
+
+    def prune(self, at_ms: int | None = None) -> None:
+        self._call(lambda conn: self._prune(conn, now_ms() if at_ms is None else at_ms))
+
+    def _flush_rollups(self, conn: sqlite3.Connection) -> None:
+        touched, self._touched = self._touched, set()
+        if not touched:
+            return
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS _touched (device_id TEXT, ts_ms INTEGER)")
+        conn.execute("DELETE FROM _touched")
+        conn.executemany("INSERT INTO _touched VALUES (?, ?)", touched)
+        conn.execute(
+            """INSERT OR REPLACE INTO rollup_1m
+               SELECT b.device_id, b.ts_ms, count(*), avg(t.cpu_percent), max(t.cpu_percent), avg(t.temp_max_c),
+                      max(t.temp_max_c), min(t.ram_available_mb)
+               FROM _touched b JOIN telemetry t
+                 ON t.device_id = b.device_id AND t.ts_ms >= b.ts_ms AND t.ts_ms < b.ts_ms + 60000
+               GROUP BY b.device_id, b.ts_ms"""
+        )
+        hours = {(d, ts - ts % 3_600_000) for d, ts in touched}
+        conn.execute("DELETE FROM _touched")
+        conn.executemany("INSERT INTO _touched VALUES (?, ?)", hours)
+        conn.execute(
+            """INSERT OR REPLACE INTO rollup_1h
+               SELECT b.device_id, b.ts_ms, sum(r.n), sum(r.cpu_avg * r.n) / sum(r.n), max(r.cpu_max),
+                      sum(r.temp_avg * r.n) / sum(CASE WHEN r.temp_avg IS NULL THEN 0 ELSE r.n END),
+                      max(r.temp_max), min(r.ram_available_min)
+               FROM _touched b JOIN rollup_1m r
+                 ON r.device_id = b.device_id AND r.ts_ms >= b.ts_ms AND r.ts_ms < b.ts_ms + 3600000
+               GROUP BY b.device_id, b.ts_ms"""
+        )
+
+    def _prune(self, conn: sqlite3.Connection, at_ms: int) -> None:
+        raw, m1, h1 = self._retention
+        conn.execute("DELETE FROM telemetry WHERE ts_ms < ?", (at_ms - int(raw * 1000),))
+        conn.execute("DELETE FROM rollup_1m WHERE ts_ms < ?", (at_ms - int(m1 * 1000),))
+        conn.execute("DELETE FROM rollup_1h WHERE ts_ms < ?", (at_ms - int(h1 * 1000),))
+        conn.execute(
+            "DELETE FROM device_events WHERE id < (SELECT coalesce(max(id), 0) - 100000 FROM device_events)"
+        )
+
+    # -- policies -----------------------------------------------------------------------------------------------
+    def next_policy_version(self) -> int:
+        """Allocate the fleet's next policy version (monotonic, persisted)."""
+
+        def run(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'policy_version'").fetchone()
+            version = (int(row[0]) if row else 0) + 1
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('policy_version', ?)", (str(version),))
+            return version
+
+        return self._call(run)
+
+    def record_policies(self, published: Iterable[PublishedPolicy]) -> None:
+        rows = [(p.device_id, p.version, p.content_hash, p.policy_json, p.published_ms) for p in published]
+        self._call(lambda conn: conn.executemany("INSERT OR REPLACE INTO policies VALUES (?,?,?,?,?)", rows))
+
+    def published_policies(self) -> dict[str, PublishedPolicy]:
+        rows = self._reader().execute("SELECT * FROM policies").fetchall()
+        return {r[0]: PublishedPolicy(*r) for r in rows}
+
+    # -- read side ------------------------------------------------------------------------------------------------
+    _DEVICE_SQL = """SELECT d.device_id, d.fleet, g.grp, d.state, d.last_seen_ms, d.birth_ms, d.bd_seq,
+        d.agent_version, d.model_name, d.model_availability, d.policy_version, d.cpu_percent, d.ram_total_mb,
+        d.ram_available_mb, d.temp_max_c, d.thermal_level, d.throttled, d.battery_pct, d.charging, d.queue_depth,
+        d.route_counts, d.rejected_count, d.gap_count, d.telemetry_interval_s
+        FROM devices d LEFT JOIN device_groups g ON g.device_id = d.device_id"""
+
+    @staticmethod
+    def _device(row: tuple[Any, ...]) -> DeviceView:
+        r = list(row)
+        r[15] = ds.thermal_name(r[15])
+        r[16] = bool(r[16])
+        r[18] = None if r[18] is None else bool(r[18])
+        r[20] = json.loads(r[20] or "{}")
+        return DeviceView(*r)
+
+    def list_devices(self) -> list[DeviceView]:
+        rows = self._reader().execute(self._DEVICE_SQL + " ORDER BY d.device_id").fetchall()
+        return [self._device(r) for r in rows]
+
+    def get_device(self, device_id: str) -> DeviceView | None:
+        row = self._reader().execute(self._DEVICE_SQL + " WHERE d.device_id = ?", (device_id,)).fetchone()
+        return self._device(row) if row else None
+
+    def telemetry(self, device_id: str, since_ms: int | None = None, limit: int = 1000) -> list[TelemetryPoint]:
+        """Newest `limit` points at or after `since_ms`, oldest first."""
+        rows = self._reader().execute(
+            """SELECT ts_ms, cpu_percent, ram_available_mb, temp_max_c, thermal_level, throttle_ratio, queue_depth,
+                      battery_pct FROM telemetry WHERE device_id = ? AND ts_ms >= ?
+               ORDER BY ts_ms DESC LIMIT ?""",
+            (device_id, since_ms or 0, limit),
+        ).fetchall()
+        return [TelemetryPoint(r[0], r[1], r[2], r[3], ds.thermal_name(r[4]), r[5], r[6], r[7]) for r in reversed(rows)]
+
+    def telemetry_keys(self, device_id: str | None = None) -> list[tuple[str, int, int, int]]:
+        """(device_id, bd_seq, seq, ts_ms) of every stored row: what tests use to prove nothing is stored twice."""
+        sql = "SELECT device_id, bd_seq, seq, ts_ms FROM telemetry"
+        args: tuple[Any, ...] = ()
+        if device_id is not None:
+            sql, args = sql + " WHERE device_id = ?", (device_id,)
+        return [tuple(r) for r in self._reader().execute(sql + " ORDER BY device_id, ts_ms", args)]
+
+    def telemetry_count(self) -> int:
+        return self._reader().execute("SELECT count(*) FROM telemetry").fetchone()[0]
+
+    def rollups(
+        self, device_id: str, resolution: Literal["1m", "1h"], since_ms: int | None = None
+    ) -> list[RollupPoint]:
+        if resolution not in ("1m", "1h"):
+            raise StoreError(f"resolution must be '1m' or '1h', got {resolution!r}")
+        rows = self._reader().execute(
+            f"SELECT ts_ms, n, cpu_avg, cpu_max, temp_avg, temp_max, ram_available_min FROM rollup_{resolution} "
+            "WHERE device_id = ? AND ts_ms >= ? ORDER BY ts_ms",
+            (device_id, since_ms or 0),
+        ).fetchall()
+        return [RollupPoint(*r) for r in rows]
+
+    def policy_convergence(self) -> dict[int, int]:
+        rows = self._reader().execute("SELECT policy_version, count(*) FROM devices GROUP BY policy_version")
+        return {int(v): int(n) for v, n in rows}
+
+    def rejections(self, limit: int = 100) -> list[Rejection]:
+        rows = self._reader().execute(
+            "SELECT device_id, topic, reason, count, last_ms FROM rejections ORDER BY last_ms DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [Rejection(r[0] or None, r[1], r[2], r[3], r[4]) for r in rows]
+
+    def rejection_total(self) -> int:
+        return self._reader().execute("SELECT coalesce(sum(count), 0) FROM rejections").fetchone()[0]
+
+    def device_events(self, device_id: str | None = None, limit: int = 1000) -> list[DeviceEvent]:
+        """State changes, oldest first."""
+        sql = "SELECT device_id, ts_ms, state, reason, bd_seq FROM device_events"
+        args: tuple[Any, ...] = ()
+        if device_id is not None:
+            sql, args = sql + " WHERE device_id = ?", (device_id,)
+        rows = self._reader().execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [DeviceEvent(*r) for r in reversed(rows)]
+
+    def command_results(self, command_id: str) -> list[tuple[str, str, dict[str, str]]]:
+        rows = self._reader().execute(
+            "SELECT status, message, data_json FROM command_results WHERE id = ? ORDER BY ts_ms", (command_id,)
+        ).fetchall()
+        return [(r[0], r[1], json.loads(r[2])) for r in rows]

@@ -1,0 +1,186 @@
+"""The store contract: devices, telemetry, rollups, convergence, rejections, dedupe, births/deaths/staleness."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from nanofleet.controller.store import Batch, Store, TelemetryRow
+from nanofleet.controller.views import PublishedPolicy
+from nanofleet.protos import fleet_pb2
+
+T0 = 1_700_000_000_000 - 1_700_000_000_000 % 3_600_000  # an hour boundary
+
+
+def birth(device: str, bd_seq: int, *, interval: int = 10, policy: int = 0) -> fleet_pb2.DeviceStatus:
+    return fleet_pb2.DeviceStatus(
+        fleet="f", device_id=device, online=True, bd_seq=bd_seq, ts_ms=T0, agent_version="0.1.0",
+        model=fleet_pb2.ModelState(name="tiny", availability=fleet_pb2.MODEL_AVAILABILITY_AVAILABLE),
+        hardware=fleet_pb2.Hardware(ram_total_mb=4096), policy_version=policy, telemetry_interval_s=interval,
+    )
+
+
+def death(device: str, bd_seq: int, reason: str = "last_will") -> fleet_pb2.DeviceStatus:
+    return fleet_pb2.DeviceStatus(fleet="f", device_id=device, online=False, bd_seq=bd_seq, reason=reason)
+
+
+def tel(device: str, bd_seq: int, seq: int, ts: int, **kw: object) -> fleet_pb2.Telemetry:
+    t = fleet_pb2.Telemetry(device_id=device, bd_seq=bd_seq, seq=seq, ts_ms=ts, cpu_percent=10.0 + seq,
+                            ram_total_mb=4096, ram_available_mb=2000 - seq, temp_max_c=50.0 + seq,
+                            temperatures_c={"cpu": 50.0 + seq}, thermal_level=1, throttle_ratio=0.9, **kw)
+    return t
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    s = Store(tmp_path / "store.db")
+    yield s
+    s.close()
+
+
+def test_birth_telemetry_death_shape_the_device_view(store: Store) -> None:
+    store.write_status("f", birth("d1", 3, policy=7), T0)
+    d = store.get_device("d1")
+    assert d is not None and d.state == "online" and d.bd_seq == 3 and d.model_availability == "available"
+    assert d.ram_total_mb == 4096 and d.policy_version == 7 and d.agent_version == "0.1.0"
+    store.write_telemetry("f", [tel("d1", 3, i, T0 + i * 1000, battery=fleet_pb2.Battery(present=True, percent=55,
+                                                                                       charging=True),
+                                    route_counts={"local": 4}) for i in range(3)], T0 + 3000)
+    d = store.get_device("d1")
+    assert d.cpu_percent == 12.0 and d.temp_max_c == 52.0 and d.thermal_level == "light"
+    assert d.battery_pct == 55 and d.charging is True and d.route_counts == {"local": 4}
+    assert d.last_seen_ms == T0 + 3000 and d.gap_count == 0
+    pts = store.telemetry("d1")
+    assert [p.ts_ms for p in pts] == [T0, T0 + 1000, T0 + 2000]
+    assert store.telemetry("d1", since_ms=T0 + 1000, limit=1)[0].ts_ms == T0 + 2000
+    store.write_status("f", death("d1", 3), T0 + 4000)
+    assert store.get_device("d1").state == "offline"
+    assert [(e.state, e.reason) for e in store.device_events("d1")] == [("online", "birth"), ("offline", "last_will")]
+
+
+def test_stale_death_of_an_older_session_is_ignored(store: Store) -> None:
+    store.write_status("f", birth("d1", 5), T0)
+    store.write_status("f", death("d1", 4), T0 + 1)
+    assert store.get_device("d1").state == "online"
+    store.write_status("f", death("d1", 5, "shutdown"), T0 + 2)
+    assert store.get_device("d1").state == "offline"
+    assert store.device_events("d1")[-1].reason == "shutdown"
+
+
+def test_duplicates_are_stored_once(store: Store) -> None:
+    store.write_status("f", birth("d1", 1), T0)
+    items = [tel("d1", 1, i, T0 + i) for i in range(10)]
+    store.write_telemetry("f", items, T0)
+    out = store.apply(Batch("f", T0, telemetry=[TelemetryRow("d1", 1, i, T0 + i, replayed=True) for i in range(10)]))
+    assert out.inserted == 0 and out.duplicates == 10
+    assert len(store.telemetry_keys("d1")) == 10
+
+
+def test_seq_gap_and_stale_birth_ask_for_rebirth(store: Store) -> None:
+    store.write_status("f", birth("d1", 1), T0)
+    out = store.apply(Batch("f", T0, telemetry=[TelemetryRow("d1", 1, s, T0 + s) for s in (0, 1, 2, 5)]))
+    assert out.gaps == 1 and out.rebirth == ["d1"]
+    assert store.get_device("d1").gap_count == 1
+    # wrap-around 255 -> 0 is not a gap
+    out = store.apply(Batch("f", T0 + 20_000, telemetry=[TelemetryRow("d1", 1, s, T0 + 100 + s) for s in
+                                                        (*range(6, 256), 0, 1)]))
+    assert out.gaps == 0 and out.rebirth == []
+    out = store.apply(Batch("f", T0 + 40_000, telemetry=[TelemetryRow("d1", 2, 0, T0 + 99_000)]))
+    assert out.rebirth == ["d1"]  # telemetry of a birth the controller never saw
+    out = store.apply(Batch("f", T0 + 41_000, telemetry=[TelemetryRow("new", 0, 0, T0)]))
+    assert out.rebirth == ["new"] and out.new_devices == ["new"]
+
+
+def test_replayed_telemetry_does_not_move_latest_state(store: Store) -> None:
+    store.write_status("f", birth("d1", 2), T0)
+    store.write_telemetry("f", [tel("d1", 2, 0, T0 + 10_000)], T0 + 10_000)
+    store.write_telemetry("f", [tel("d1", 1, 9, T0 - 50_000, replayed=True)], T0 + 11_000)
+    d = store.get_device("d1")
+    assert d.cpu_percent == 10.0 and d.gap_count == 0
+    assert len(store.telemetry_keys("d1")) == 2
+
+
+def test_stale_after_interval_then_online_on_telemetry(store: Store) -> None:
+    store.write_status("f", birth("d1", 1, interval=2), T0)
+    store.write_status("f", birth("d2", 1, interval=100), T0)
+    assert store.sweep_stale(T0 + 4_000) == []
+    events = store.sweep_stale(T0 + 5_001)
+    assert [(e.device_id, e.state) for e in events] == [("d1", "stale")]
+    assert store.get_device("d1").state == "stale" and store.get_device("d2").state == "online"
+    store.write_telemetry("f", [tel("d1", 1, 0, T0 + 6000)], T0 + 6000)
+    assert store.get_device("d1").state == "online"
+
+
+def test_rollups_1m_and_1h(store: Store) -> None:
+    store.write_status("f", birth("d1", 1), T0)
+    rows = [TelemetryRow("d1", 1, i % 256, T0 + i * 30_000, cpu_percent=float(i), ram_available_mb=100 - i,
+                         temp_max_c=40.0 + i) for i in range(4)]  # minutes 0,0,1,1
+    store.apply(Batch("f", T0, telemetry=rows))
+    store.flush_rollups()
+    m = store.rollups("d1", "1m")
+    assert [(r.ts_ms, r.n, r.cpu_avg, r.cpu_max, r.ram_available_min) for r in m] == [
+        (T0, 2, 0.5, 1.0, 99), (T0 + 60_000, 2, 2.5, 3.0, 97)]
+    h = store.rollups("d1", "1h")
+    assert len(h) == 1 and h[0].n == 4 and h[0].cpu_avg == 1.5 and h[0].temp_max == 43.0 and h[0].temp_avg == 41.5
+    with pytest.raises(Exception, match="resolution"):
+        store.rollups("d1", "5m")  # type: ignore[arg-type]
+
+
+def test_retention_prunes_old_rows(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db", raw_retention_s=60) as s:
+        s.apply(Batch("f", T0, telemetry=[TelemetryRow("d1", 0, 0, T0), TelemetryRow("d1", 0, 1, T0 + 120_000)]))
+        s.prune(T0 + 150_000)
+        assert [k[3] for k in s.telemetry_keys()] == [T0 + 120_000]
+
+
+def test_convergence_rejections_policies_and_groups(store: Store) -> None:
+    store.write_status("f", birth("a", 1, policy=2), T0)
+    store.write_status("f", birth("b", 1, policy=2), T0)
+    store.write_status("f", birth("c", 1, policy=3), T0)
+    assert store.policy_convergence() == {2: 2, 3: 1}
+    store.record_rejection("a", "t/a", "invalid json", T0)
+    store.record_rejection("a", "t/a", "invalid json", T0 + 5)
+    store.record_rejection(None, "junk", "not a nanofleet topic", T0 + 1)
+    rej = {(r.device_id, r.reason): r for r in store.rejections()}
+    assert rej[("a", "invalid json")].count == 2 and rej[("a", "invalid json")].last_ms == T0 + 5
+    assert rej[(None, "not a nanofleet topic")].count == 1
+    assert store.get_device("a").rejected_count == 2
+    assert store.next_policy_version() == 1 and store.next_policy_version() == 2
+    store.record_policies([PublishedPolicy("a", 2, "h", "{}", T0)])
+    assert store.published_policies()["a"].version == 2
+    store.set_groups({"a": "kiosks"})
+    assert store.get_device("a").group == "kiosks" and store.get_device("b").group is None
+
+
+def test_reopen_keeps_state_and_policy_counter(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.db") as s:
+        s.write_status("f", birth("d1", 4), T0)
+        s.next_policy_version()
+    with Store(tmp_path / "s.db") as s:
+        assert s.get_device("d1").bd_seq == 4 and s.next_policy_version() == 2
+        s.write_status("f", death("d1", 3), T0)  # older session's will: still ignored after a restart
+        assert s.get_device("d1").state == "online"
+
+
+def test_readers_from_many_threads_while_writing(store: Store) -> None:
+    store.write_status("f", birth("d1", 1), T0)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for _ in range(50):
+                store.list_devices()
+                store.telemetry("d1")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(20):
+        store.write_telemetry("f", [tel("d1", 1, i, T0 + i)], T0 + i)
+    for t in threads:
+        t.join()
+    assert not errors and len(store.telemetry_keys()) == 20
