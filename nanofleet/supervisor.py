@@ -38,15 +38,20 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     ready_timeout: float = 60.0
     stop_timeout: float = 10.0
+    restart_delay: float | None = None  # restart after this many seconds when it dies (doubling, max 60 s)
     proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
 
-    def start(self) -> None:
+    def spawn(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
             )
+
+    def start(self) -> None:
+        self.spawn()
         deadline = time.monotonic() + self.ready_timeout
         while not self.ready():
             if self.proc.poll() is not None:
@@ -123,15 +128,33 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop_signal = signum
 
-    def wait(self) -> Child | None:
-        """Block until SIGINT/SIGTERM (returns None) or until a child dies (returns it)."""
+    def wait(self, report: Callable[[str], None] = print) -> Child | None:
+        """Block until SIGINT/SIGTERM (returns None) or until a child without a restart policy dies (returns it).
+
+        A child with `restart_delay` (the agents) is restarted after a growing delay, like systemd's
+        Restart=on-failure: a crashed agent must not take the controller down with it.
+        """
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        restart_at: dict[str, float] = {}
         while self._stop_signal is None:
+            now = time.monotonic()
             for child in self.children:
-                if not child.alive():
+                if child.alive():
+                    continue
+                if child.restart_delay is None:
                     return child
-            time.sleep(0.2)
+                if child.name not in restart_at:
+                    delay = min(60.0, child.restart_delay * 2 ** min(child.restarts, 5))
+                    restart_at[child.name] = now + delay
+                    code = child.proc.returncode if child.proc else None
+                    report(f"{child.name} exited (code {code}); restarting in {delay:.0f}s")
+                elif now >= restart_at[child.name]:
+                    del restart_at[child.name]
+                    child.restarts += 1
+                    child.spawn()
+                    report(f"{child.name} restarted")
+            time.sleep(0.1)
         return None
 
     def stop_all(self) -> dict[str, int | None]:

@@ -56,7 +56,9 @@ def _nanofleet(*args: str) -> list[str]:
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
               help="the agent's unix socket (default: $XDG_RUNTIME_DIR/nanofleet/agent.sock)")
 @click.option("--free-ports", is_flag=True, help="use free loopback ports instead of those in fleet.yaml")
-def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports: bool) -> None:
+@click.option("--restart-delay", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="seconds before a crashed agent is restarted (doubling on each crash)")
+def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports: bool, restart_delay: float) -> None:
     """Start the broker, controller, gateway and one agent on this machine; Ctrl-C stops them all."""
     try:
         cfg = load_fleet(config_path)
@@ -101,7 +103,7 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
         settings = agent_yaml.settings
         sup.start(Child(f"agent {device_id}", _nanofleet("agent", "--config", str(agent_yaml.path)),
                         logs / f"agent-{device_id}.log", http_ok("/v1/status", uds=str(settings.socket_path)),
-                        ready_timeout=120))
+                        ready_timeout=120, restart_delay=restart_delay))
     except StartError as exc:
         sup.stop_all()
         raise click.ClickException(str(exc)) from None
@@ -121,7 +123,7 @@ Try it:
   curl --unix-socket {sock} http://localhost/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'
 Ctrl-C stops everything.""", nl=True)
     sys.stdout.flush()
-    died = sup.wait()
+    died = sup.wait(report=lambda line: click.echo(line, err=True))
     if died is not None:
         click.echo(f"\n{died.name} exited unexpectedly (code {died.proc.returncode if died.proc else '?'}):\n"
                    f"{died.tail()}\nstopping the rest.", err=True)
