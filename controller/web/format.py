@@ -1,0 +1,70 @@
+"""Pure formatting for the dashboard: relative times, numbers with units, state badges. Returns escaped HTML or
+plain text as each function says; nothing here does I/O."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from html import escape
+
+__all__ = ["STATE_LABELS", "THERMAL_ORDER", "fmt_mb", "fmt_num", "iso_utc", "relative_time", "state_badge"]
+
+STATE_LABELS = {"online": "online", "offline": "offline", "stale": "stale"}
+THERMAL_ORDER = ("none", "light", "moderate", "severe", "critical", "emergency", "shutdown")
+
+
+def relative_time(ts_ms: int | None, now_ms: int) -> str:
+    """ "12 s ago", "3 min ago", "2 h ago", "4 d ago"; "never" without a time; "in the future" for clock skew."""
+    if ts_ms is None or ts_ms <= 0:
+        return "never"
+    delta = (now_ms - ts_ms) / 1000
+    if delta < -5:
+        return "in the future"
+    delta = max(delta, 0.0)
+    if delta < 1:
+        return "just now"
+    if delta < 60:
+        return f"{int(delta)} s ago"
+    if delta < 3600:
+        return f"{int(delta // 60)} min ago"
+    if delta < 86400:
+        return f"{int(delta // 3600)} h ago"
+    return f"{int(delta // 86400)} d ago"
+
+
+def iso_utc(ts_ms: int | None) -> str:
+    if ts_ms is None or ts_ms <= 0:
+        return ""
+    try:
+        return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return ""
+
+
+def fmt_num(value: float | None, unit: str = "", digits: int = 1) -> str:
+    """A number with its unit, or an em dash when unknown or not finite."""
+    if value is None:
+        return "—"
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    if not math.isfinite(f):
+        return "—"
+    text = f"{f:.{digits}f}"
+    return f"{text} {unit}".rstrip() if unit else text
+
+
+def fmt_mb(value: float | None) -> str:
+    """Megabytes, switching to GB past 10 GB so columns stay narrow."""
+    if value is None:
+        return "—"
+    if value >= 10_240:
+        return f"{value / 1024:.1f} GB"
+    return f"{int(value)} MB"
+
+
+def state_badge(state: str) -> str:
+    """HTML for a device state: colour by class, the word always visible (never colour alone)."""
+    known = state if state in STATE_LABELS else "unknown"
+    return f'<span class="badge state-{known}" data-state="{escape(state)}">{escape(state or "unknown")}</span>'

@@ -1,0 +1,129 @@
+"""JSON shapes of the REST API (they document themselves in /openapi.json). Built from the store's frozen view
+dataclasses by attribute, so a field the store adds later is simply not exposed until it is listed here."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "CommandIn",
+    "CommandOut",
+    "ConvergenceOut",
+    "DeviceOut",
+    "ErrorOut",
+    "RejectionOut",
+    "TelemetryOut",
+    "TelemetryPointOut",
+    "UsageOut",
+    "UsageRowOut",
+]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="machine-readable code, e.g. unauthorized, device_not_found")
+    detail: str = Field(description="what went wrong, for a person")
+
+
+class DeviceOut(_Out):
+    device_id: str
+    fleet: str
+    group: str | None = None
+    state: Literal["online", "offline", "stale"]
+    last_seen_ms: int | None = None
+    birth_ms: int | None = None
+    bd_seq: int | None = None
+    agent_version: str | None = None
+    model_name: str | None = None
+    model_availability: str | None = None
+    policy_version: int | None = None
+    cpu_percent: float | None = None
+    ram_total_mb: int | None = None
+    ram_available_mb: int | None = None
+    temp_max_c: float | None = None
+    thermal_level: str | None = None
+    throttled: bool | None = None
+    battery_pct: float | None = None
+    charging: bool | None = None
+    queue_depth: int | None = None
+    route_counts: dict[str, int] = {}
+    rejected_count: int = 0
+    gap_count: int = 0
+
+
+class TelemetryPointOut(_Out):
+    ts_ms: int
+    n: int | None = Field(None, description="samples in the bucket (rollups only)")
+    cpu_percent: float | None = None
+    cpu_max: float | None = Field(None, description="rollups only")
+    ram_available_mb: float | None = None
+    temp_max_c: float | None = None
+    temp_avg_c: float | None = Field(None, description="rollups only")
+    thermal_level: str | None = None
+    throttle_ratio: float | None = None
+    queue_depth: int | None = None
+    battery_pct: float | None = None
+
+
+class TelemetryOut(BaseModel):
+    device_id: str
+    resolution: Literal["raw", "1m", "1h"]
+    since_ms: int | None
+    points: list[TelemetryPointOut]
+
+
+class ConvergenceVersion(BaseModel):
+    version: int
+    devices: int
+
+
+class ConvergenceOut(BaseModel):
+    latest: int | None = Field(description="highest policy version any device reports")
+    converged: int = Field(description="devices running `latest`")
+    total: int
+    versions: list[ConvergenceVersion] = Field(description="highest version first")
+
+
+class RejectionOut(_Out):
+    device_id: str | None = None
+    topic: str
+    reason: str
+    count: int
+    last_ms: int
+
+
+class UsageRowOut(_Out):
+    day: str
+    device_id: str
+    app_id: str
+    model: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+
+
+class UsageOut(BaseModel):
+    day: str | None
+    rows: list[UsageRowOut]
+    total_tokens: int
+    total_cost_usd: float
+
+
+class CommandIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["ping", "rebirth", "drain-queue", "unload-model", "reload-policy"]
+    args: dict[str, str] = {}
+
+
+class CommandOut(BaseModel):
+    device_id: str
+    kind: str
+    status: str
+    message: str = ""
+    data: dict[str, str] = {}
