@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py
 	@touch $(STAMP)
 
 system-deps:
-	@sh deploy/system-deps.sh mosquitto chromium
+	@sh deploy/system-deps.sh mosquitto chromium curl
 
 run: $(STAMP)
 	@sh deploy/system-deps.sh --optional mosquitto

@@ -10,6 +10,7 @@ for tool in "$@"; do
   case "$tool" in
     mosquitto) command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto mosquitto-clients" ;;
     chromium)  command -v chromium >/dev/null 2>&1 || missing="$missing chromium" ;;
+    curl)      command -v curl >/dev/null 2>&1 || missing="$missing curl" ;;
     *) echo "system-deps: unknown tool $tool" >&2; exit 2 ;;
   esac
 done
