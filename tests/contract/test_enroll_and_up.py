@@ -1,0 +1,92 @@
+"""`nanofleet enroll` and the pieces of `nanofleet up` that stand alone: ports, the supervisor."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import psutil
+import yaml
+from click.testing import CliRunner
+
+from nanofleet.cli import main
+from nanofleet.config import load_fleet
+from nanofleet.supervisor import Child, StartError, Supervisor, tcp_open
+from nanofleet.tcp import free_port
+from nanofleet.up import choose_ports
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_enroll_writes_a_private_agent_yaml_with_broker_account_and_gateway_token(tmp_path: Path) -> None:
+    from nanofleet.controller.gateway.auth import list_tokens
+
+    result = CliRunner().invoke(main, ["enroll", "pi-lab-01", "--config", str(ROOT / "fleet.yaml"),
+                                       "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    agent_yaml = tmp_path / "devices" / "pi-lab-01" / "agent.yaml"
+    assert agent_yaml.stat().st_mode & 0o777 == 0o600
+    settings = yaml.safe_load(agent_yaml.read_text())
+    assert settings["device_id"] == settings["mqtt_username"] == "pi-lab-01"
+    assert len(settings["mqtt_password"]) >= 24 and len(settings["gateway_token"]) >= 24
+    accounts = yaml.safe_load((tmp_path / "broker" / "accounts.json").read_text())
+    assert accounts["pi-lab-01"] == {"role": "device", "password": settings["mqtt_password"]}
+    tokens = list_tokens(tmp_path / "gateway" / "gateway.db")
+    assert [(t.device_id, t.group) for t in tokens] == [("pi-lab-01", "kiosks")]
+    # Enrolling again keeps the same credentials (a re-run must not lock a deployed device out).
+    again = CliRunner().invoke(main, ["enroll", "pi-lab-01", "--config", str(ROOT / "fleet.yaml"),
+                                      "--state-dir", str(tmp_path)])
+    assert again.exit_code == 0
+    assert yaml.safe_load(agent_yaml.read_text())["mqtt_password"] == settings["mqtt_password"]
+
+
+def test_enroll_refuses_a_device_id_that_could_escape_its_acl(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["enroll", "a/#", "--config", str(ROOT / "fleet.yaml"),
+                                       "--state-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "invalid device 'a/#'" in result.output
+
+
+def test_a_busy_configured_port_is_replaced_and_reported() -> None:
+    import socket
+
+    cfg = load_fleet(ROOT / "fleet.yaml")
+    busy = socket.socket()
+    busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        cfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(update={"listen": f"127.0.0.1:{port}"})})
+        ports, notes = choose_ports(cfg, free=False)
+    finally:
+        busy.close()
+    assert ports.controller != port
+    assert notes == [f"port {port} for the controller is in use; using {ports.controller}"]
+
+
+def test_a_child_that_dies_while_starting_is_reported_with_its_log(tmp_path: Path) -> None:
+    child = Child("broken", [sys.executable, "-c", "import sys; print('cannot bind'); sys.exit(3)"],
+                  tmp_path / "broken.log", ready=lambda: False)
+    try:
+        Supervisor().start(child)
+    except StartError as exc:
+        assert "broken exited with code 3 while starting" in str(exc)
+        assert "cannot bind" in str(exc)
+    else:
+        raise AssertionError("StartError not raised")
+
+
+def test_children_are_stopped_in_reverse_order_and_leave_no_orphans(tmp_path: Path) -> None:
+    sup = Supervisor()
+    ports = [free_port(), free_port()]
+    for i, port in enumerate(ports):
+        server = (f"import socket,signal,sys,time; s=socket.socket(); s.bind(('127.0.0.1',{port})); s.listen(); "
+                  f"signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1],'a').write('{i}'), sys.exit(0))); "
+                  "time.sleep(600)")
+        sup.start(Child(f"c{i}", [sys.executable, "-c", server, str(tmp_path / "order")], tmp_path / f"c{i}.log",
+                        tcp_open("127.0.0.1", port)))
+    pids = [c.proc.pid for c in sup.children if c.proc]
+    assert sup.stop_all() == {"c1": 0, "c0": 0}
+    assert (tmp_path / "order").read_text() == "10"
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
