@@ -17,7 +17,6 @@ COMMANDS: dict[str, str] = {
     "devices": "nanofleet.controller.cli:devices",
     "policy": "nanofleet.controller.cli:policy",
     "enroll": "nanofleet.enroll:enroll",
-    "rollout": "nanofleet.controller.cli:rollout",
     "gateway": "nanofleet.controller.gateway.cli:gateway",
     "sim": "nanofleet.sim:sim",
 }
@@ -55,3 +54,16 @@ class _LazyGroup(click.Group):
 @click.version_option(package_name="nanofleet")
 def main() -> None:
     """Run small language models on fleets of edge devices."""
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+def bench(names: tuple[str, ...]) -> None:
+    """Run the benchmarks in ./bench (a source checkout) and write bench/report.md; NAMES filter them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not (Path.cwd() / "bench" / "__main__.py").exists():
+        raise click.ClickException("no bench/ folder here: run `nanofleet bench` from a nanofleet source checkout")
+    sys.exit(subprocess.call([sys.executable, "-m", "bench", *names]))
