@@ -34,12 +34,13 @@ def _available(target: str) -> bool:
 
 class _LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name, target in COMMANDS.items() if _available(target))
+        lazy = {name for name, target in COMMANDS.items() if _available(target)}
+        return sorted(lazy | set(super().list_commands(ctx)))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         target = COMMANDS.get(cmd_name)
         if target is None or not _available(target):
-            return None
+            return super().get_command(ctx, cmd_name)
         module, attr = target.split(":")
         try:
             return getattr(importlib.import_module(module), attr, None)
