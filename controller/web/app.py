@@ -6,9 +6,11 @@ the API, or the session cookie set by ``/login`` for the browser. Store reads ar
 handlers that make them are plain ``def`` (FastAPI runs those in its thread pool, off the event loop).
 """
 
+import contextlib
 import dataclasses
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from html import escape
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
@@ -78,7 +80,13 @@ def create_app(
 
     signer = SessionSigner(session_secret, ttl_s=session_ttl_s)
     auth = OperatorAuth(operator_token_hash, signer, now_ms)
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        _close_usage()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="nanofleet controller",
         summary="Fleet state, telemetry, policy convergence and usage. Authenticate with 'Bearer <operator token>'.",
         version="1",
@@ -146,18 +154,25 @@ def create_app(
                 return dataclasses.replace(view, group=group)
         return view
 
+    usage_lock = threading.Lock()
+    usage_store: list[Any] = []  # opened on first use (opening migrates, which takes the gateway db's write lock)
+
     def _usage_rows(day: str | None = None) -> list[Any] | None:
         if usage_db is None:
             return None
-        from nanofleet.controller.gateway.usage import UsageStore  # only when the gateway runs beside us
+        with usage_lock:
+            if not usage_store:
+                from nanofleet.controller.gateway.usage import UsageStore  # only when the gateway runs beside us
 
-        usage = UsageStore(usage_db)
-        try:
-            return list(usage.summary(day))
-        finally:
-            close = getattr(usage, "close", None)
-            if close is not None:
-                close()
+                usage_store.append(UsageStore(usage_db))
+        return list(usage_store[0].summary(day))
+
+    def _close_usage() -> None:
+        with usage_lock:
+            while usage_store:
+                usage_store.pop().close()
+
+    app.state.close = _close_usage  # for a parent app that mounts us (a mounted app's lifespan does not run)
 
     def _convergence() -> schemas.ConvergenceOut:
         conv = store.policy_convergence()
@@ -232,7 +247,9 @@ def create_app(
         charts = pages.device_charts(points, source, start_ms=start, end_ms=end,
                                      ram_total_mb=getattr(device, "ram_total_mb", None))
         csrf = signer.csrf_token(operator.session) if operator.session else ""
-        return pages.device_page(device, charts, window=window, now_ms=end, csrf=csrf,
+        events_of = getattr(store, "device_events", None)  # beyond the contract: shown when the store has it
+        events = events_of(device_id, limit=10) if events_of is not None else []
+        return pages.device_page(device, charts, window=window, now_ms=end, csrf=csrf, events=events,
                                  command_kinds=COMMAND_KINDS if commands is not None else (), flash=flash)
 
     Window = Literal["15m", "1h", "6h", "24h", "7d"]

@@ -207,8 +207,21 @@ def _facts(d: Any, now_ms: int) -> str:
     return '<dl class="facts">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows) + "</dl>"
 
 
+def _events_html(events: Sequence[Any], now_ms: int) -> str:
+    if not events:
+        return ""
+    rows = "".join(
+        f'<tr><td>{_time(_g(e, "ts_ms"), now_ms)}</td><td>{state_badge(_g(e, "state", ""))}</td>'
+        f'<td>{escape(_g(e, "reason", "") or "")}</td><td class="num">{escape(_s(_g(e, "bd_seq")))}</td></tr>'
+        for e in reversed(events)
+    )
+    return ('<h2>State changes</h2><table class="events"><thead><tr><th>When</th><th>State</th><th>Why</th>'
+            f'<th class="num">bdSeq</th></tr></thead><tbody>{rows}</tbody></table>')
+
+
 def device_page(d: Any, charts: Iterable[str], *, window: str, now_ms: int, csrf: str | None,
-                command_kinds: Sequence[str] = (), flash: tuple[str, str] | None = None) -> str:
+                command_kinds: Sequence[str] = (), flash: tuple[str, str] | None = None,
+                events: Sequence[Any] = ()) -> str:
     did = _g(d, "device_id", "")
     url = device_url(did)
     windows = " ".join(
@@ -228,7 +241,7 @@ def device_page(d: Any, charts: Iterable[str], *, window: str, now_ms: int, csrf
         f'<p><a href="/">← Fleet</a></p><h1>{escape(did)} {state_badge(_g(d, "state", "unknown"))}</h1>{flash_html}'
         f"{_facts(d, now_ms)}"
         f'<h2>History</h2><p class="windows">Window: {windows} <span class="muted">(UTC)</span></p>'
-        f'<div class="charts">{"".join(charts)}</div>{commands}'
+        f'<div class="charts">{"".join(charts)}</div>{commands}{_events_html(events, now_ms)}'
     )
 
 

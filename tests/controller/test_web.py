@@ -1,0 +1,344 @@
+"""Dashboard + REST API in-process (httpx.ASGITransport) over a real SQLite store filled through its write API."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from nanofleet.config import parse_fleet
+from nanofleet.controller.auth import ensure_operator_token
+from nanofleet.controller.store import Store
+from nanofleet.controller.web import create_app
+from nanofleet.controller.web.security import COOKIE
+from nanofleet.protos import fleet_pb2
+
+FLEET = parse_fleet("fleet: demo\ngroups: {kiosks: {}}\ndevices: {pi-1: {group: kiosks}}\n"
+                    "alerts: {thermal_at: severe, min_free_ram_mb: 256, queue_depth: 500}\n")
+EVIL_ID = "<img src=x onerror=alert(1)>"
+EVIL_MODEL = "</script><script>alert('m')</script>"
+
+
+def birth(device: str, bd_seq: int = 1, *, policy: int = 7, model: str = "tiny-test",
+          ts: int | None = None) -> fleet_pb2.DeviceStatus:
+    return fleet_pb2.DeviceStatus(
+        fleet="demo", device_id=device, online=True, bd_seq=bd_seq, ts_ms=ts or int(time.time() * 1000),
+        agent_version="0.1.0",
+        model=fleet_pb2.ModelState(name=model, availability=fleet_pb2.MODEL_AVAILABILITY_AVAILABLE),
+        hardware=fleet_pb2.Hardware(ram_total_mb=4096), policy_version=policy, telemetry_interval_s=10,
+    )
+
+
+def death(device: str, bd_seq: int = 1) -> fleet_pb2.DeviceStatus:
+    return fleet_pb2.DeviceStatus(fleet="demo", device_id=device, online=False, bd_seq=bd_seq, reason="last_will")
+
+
+def samples(device: str, n: int, *, start_ms: int, bd_seq: int = 1, step_ms: int = 10_000) -> list[fleet_pb2.Telemetry]:
+    return [
+        fleet_pb2.Telemetry(device_id=device, bd_seq=bd_seq, seq=i % 256, ts_ms=start_ms + i * step_ms,
+                            cpu_percent=20.0 + i, ram_total_mb=4096, ram_available_mb=3000 - 10 * i,
+                            temp_max_c=45.0 + i / 2, thermal_level=fleet_pb2.THERMAL_LEVEL_LIGHT, throttle_ratio=1.0,
+                            queue_depth=i, policy_version=7)
+        for i in range(n)
+    ]
+
+
+@pytest.fixture
+def token_and_hash(tmp_path: Path) -> tuple[str, str]:
+    token, token_hash = ensure_operator_token(tmp_path / "data")
+    assert token is not None
+    return token, token_hash
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "store.db")
+    now = int(time.time() * 1000)
+    s.write_status("demo", birth("pi-1"), now - 60_000)
+    s.write_telemetry("demo", samples("pi-1", 6, start_ms=now - 55_000), now)
+    s.write_status("demo", birth("pi-2", policy=7), now - 30_000)
+    s.write_status("demo", birth("pi-3", policy=6), now - 30_000)
+    s.write_status("demo", death("pi-3"), now - 20_000)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+async def client(store: Store, token_and_hash: tuple[str, str]) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(store, FLEET, operator_token_hash=token_and_hash[1])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8080") as c:
+        yield c
+
+
+def bearer(token_and_hash: tuple[str, str]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token_and_hash[0]}"}
+
+
+async def login(client: httpx.AsyncClient, token: str, next_path: str = "/") -> httpx.Response:
+    return await client.post("/login", data={"token": token, "next": next_path})
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert match, "page has no CSRF field"
+    return match.group(1)
+
+
+# ---- auth ------------------------------------------------------------------------------------------------------
+async def test_healthz_is_the_only_open_route(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"ok": True}
+    for path in ["/api/devices", "/api/devices/pi-1", "/api/policy/convergence", "/api/rejections", "/api/usage",
+                 "/openapi.json", "/api/devices/pi-1/telemetry"]:
+        r = await client.get(path)
+        assert r.status_code == 401, path
+        assert r.json()["error"] == "missing_token" and "Bearer" in r.json()["detail"]
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    for path in ["/", "/devices/pi-1", "/api"]:
+        r = await client.get(path)
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=" + quote(path, safe=""), path
+
+
+async def test_docs_pages_that_load_from_a_cdn_are_absent(client: httpx.AsyncClient, token_and_hash) -> None:
+    for path in ["/docs", "/redoc"]:
+        assert (await client.get(path, headers=bearer(token_and_hash))).status_code == 404
+
+
+async def test_wrong_and_malformed_tokens_get_clear_401(client: httpx.AsyncClient, token_and_hash) -> None:
+    r = await client.get("/api/devices", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json() == {"error": "invalid_token", "detail": "the operator token is not valid"}
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
+    r = await client.get("/api/devices", headers={"Authorization": f"Basic {token_and_hash[0]}"})
+    assert r.status_code == 401 and r.json()["error"] == "malformed_authorization"
+    r = await client.get("/api/devices", headers={"Authorization": "Bearer " + "x" * 5000})
+    assert r.status_code == 401
+
+
+async def test_cookie_login_then_logout(client: httpx.AsyncClient, token_and_hash) -> None:
+    bad = await login(client, "wrong-token")
+    assert bad.status_code == 401 and "That operator token is not valid." in bad.text
+    assert COOKIE not in bad.cookies
+    good = await login(client, token_and_hash[0], "/devices/pi-1?window=15m")
+    assert good.status_code == 303 and good.headers["location"] == "/devices/pi-1?window=15m"
+    set_cookie = good.headers["set-cookie"]
+    assert "HttpOnly" in set_cookie and "SameSite=strict" in set_cookie and "Max-Age=" in set_cookie
+    cookie = good.cookies[COOKIE]
+    page = await client.get("/")
+    assert page.status_code == 200 and "pi-1" in page.text
+    assert (await client.get("/api/devices")).status_code == 200  # the session also opens the API for reads
+
+    refused = await client.post("/logout", data={"csrf": "forged"})
+    assert refused.status_code == 403 and (await client.get("/")).status_code == 200
+    out = await client.post("/logout", data={"csrf": csrf_of(page.text)})
+    assert out.status_code == 303 and out.headers["location"] == "/login"
+    assert (await client.get("/")).status_code == 303
+    # The old cookie, replayed after logout, is dead (revoked server-side, not only deleted in the browser).
+    client.cookies.set(COOKIE, cookie)
+    r = await client.get("/api/devices")
+    assert r.status_code == 401 and r.json()["error"] == "session_expired"
+
+
+async def test_login_refuses_cross_site_post_and_open_redirect(client: httpx.AsyncClient, token_and_hash) -> None:
+    r = await client.post("/login", data={"token": token_and_hash[0]}, headers={"Origin": "https://evil.example"})
+    assert r.status_code == 403 and COOKIE not in r.cookies
+    r = await login(client, token_and_hash[0], "https://evil.example/")
+    assert r.status_code == 303 and r.headers["location"] == "/"
+
+
+async def test_session_expires(store: Store, token_and_hash) -> None:
+    now = [1_000_000.0]
+    app = create_app(store, FLEET, operator_token_hash=token_and_hash[1], session_ttl_s=60, clock=lambda: now[0])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+        await login(c, token_and_hash[0])
+        assert (await c.get("/")).status_code == 200
+        now[0] += 61
+        r = await c.get("/")
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+
+
+# ---- REST API ----------------------------------------------------------------------------------------------------
+async def test_api_devices(client: httpx.AsyncClient, token_and_hash) -> None:
+    r = await client.get("/api/devices", headers=bearer(token_and_hash))
+    assert r.status_code == 200
+    devices = {d["device_id"]: d for d in r.json()}
+    assert set(devices) == {"pi-1", "pi-2", "pi-3"}
+    d1 = devices["pi-1"]
+    assert d1["state"] == "online" and d1["group"] == "kiosks" and d1["model_name"] == "tiny-test"
+    assert d1["cpu_percent"] == 25.0 and d1["ram_available_mb"] == 2950 and d1["ram_total_mb"] == 4096
+    assert d1["thermal_level"] == "light" and d1["queue_depth"] == 5 and d1["policy_version"] == 7
+    assert devices["pi-3"]["state"] == "offline"
+    one = await client.get("/api/devices/pi-1", headers=bearer(token_and_hash))
+    assert one.json() == d1
+
+
+async def test_unknown_device_is_a_clear_404(client: httpx.AsyncClient, token_and_hash) -> None:
+    for path in ["/api/devices/ghost", "/api/devices/ghost/telemetry"]:
+        r = await client.get(path, headers=bearer(token_and_hash))
+        assert r.status_code == 404
+        assert r.json() == {"error": "device_not_found", "detail": "no device 'ghost' has reported to this controller"}
+    await login(client, token_and_hash[0])
+    page = await client.get("/devices/ghost")
+    assert page.status_code == 404 and "no device &#x27;ghost&#x27; has reported" in page.text
+
+
+async def test_api_telemetry_raw_and_rollups(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
+    r = await client.get("/api/devices/pi-1/telemetry", headers=bearer(token_and_hash))
+    body = r.json()
+    assert body["resolution"] == "raw" and [p["cpu_percent"] for p in body["points"]] == [20, 21, 22, 23, 24, 25]
+    ts = [p["ts_ms"] for p in body["points"]]
+    assert ts == sorted(ts)
+    r = await client.get("/api/devices/pi-1/telemetry", params={"since_ms": ts[3], "limit": 2},
+                         headers=bearer(token_and_hash))
+    assert [p["ts_ms"] for p in r.json()["points"]] == ts[4:]
+    store.flush_rollups()
+    r = await client.get("/api/devices/pi-1/telemetry", params={"resolution": "1m"}, headers=bearer(token_and_hash))
+    points = r.json()["points"]
+    assert points and sum(p["n"] for p in points) == 6
+    assert max(p["cpu_max"] for p in points) == 25.0
+    assert min(p["ram_available_mb"] for p in points) == 2950
+
+
+async def test_bad_query_names_the_field(client: httpx.AsyncClient, token_and_hash) -> None:
+    r = await client.get("/api/devices/pi-1/telemetry", params={"limit": 0, "resolution": "5m"},
+                         headers=bearer(token_and_hash))
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    assert "query.limit" in r.json()["detail"] and "query.resolution" in r.json()["detail"]
+
+
+async def test_api_convergence_and_rejections(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
+    r = await client.get("/api/policy/convergence", headers=bearer(token_and_hash))
+    assert r.json() == {"latest": 7, "converged": 2, "total": 3,
+                        "versions": [{"version": 7, "devices": 2}, {"version": 6, "devices": 1}]}
+    store.record_rejection("pi-2", "nanofleet/v1/demo/pi-2/telemetry", "telemetry.cpu_percent: not a number")
+    store.record_rejection("pi-2", "nanofleet/v1/demo/pi-2/telemetry", "telemetry.cpu_percent: not a number")
+    rej = (await client.get("/api/rejections", headers=bearer(token_and_hash))).json()
+    assert rej == [{"device_id": "pi-2", "topic": "nanofleet/v1/demo/pi-2/telemetry",
+                    "reason": "telemetry.cpu_percent: not a number", "count": 2, "last_ms": rej[0]["last_ms"]}]
+
+
+async def test_openapi_documents_the_api(client: httpx.AsyncClient, token_and_hash) -> None:
+    schema = (await client.get("/openapi.json", headers=bearer(token_and_hash))).json()
+    for path in ["/api/devices", "/api/devices/{device_id}", "/api/devices/{device_id}/telemetry",
+                 "/api/policy/convergence", "/api/rejections", "/api/usage"]:
+        assert "get" in schema["paths"][path], path
+    assert "404" in schema["paths"]["/api/devices/{device_id}"]["get"]["responses"]
+    assert "/login" not in schema["paths"]
+    await login(client, token_and_hash[0])
+    page = await client.get("/api")
+    assert "/api/policy/convergence" in page.text
+
+
+async def test_usage_not_configured_is_404(client: httpx.AsyncClient, token_and_hash) -> None:
+    r = await client.get("/api/usage", headers=bearer(token_and_hash))
+    assert r.status_code == 404 and r.json()["error"] == "usage_not_configured"
+
+
+async def test_usage_from_the_gateway_db(tmp_path: Path, store: Store, token_and_hash) -> None:
+    from nanofleet.config import DEFAULT_PRICES
+    from nanofleet.controller.gateway.db import Database
+    from nanofleet.controller.gateway.usage import UsageLedger
+
+    db = Database(tmp_path / "gateway.db")
+    ledger = UsageLedger(db, DEFAULT_PRICES)
+    now = time.time()
+    await ledger.record("pi-1", "com.example.notes", "gemini-2.5-flash", 1000, 200, now)
+    await ledger.record("pi-1", "com.example.notes", "gemini-2.5-flash", 1000, 200, now)
+    await ledger.record("pi-2", "<b>app</b>", "gemini-2.5-flash", 10, 1, now - 86_400 * 2)
+    db.close()
+    app = create_app(store, FLEET, operator_token_hash=token_and_hash[1], usage_db=tmp_path / "gateway.db")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+        body = (await c.get("/api/usage", headers=bearer(token_and_hash))).json()
+        assert len(body["rows"]) == 2 and body["total_tokens"] == 2 * 1200 + 11
+        notes = next(r for r in body["rows"] if r["app_id"] == "com.example.notes")
+        assert notes["requests"] == 2 and notes["cost_usd"] == pytest.approx(2 * (1000 * 0.30 + 200 * 2.50) / 1e6)
+        today = time.strftime("%Y-%m-%d", time.gmtime(now))
+        day = (await c.get("/api/usage", params={"day": today}, headers=bearer(token_and_hash))).json()
+        assert [r["device_id"] for r in day["rows"]] == ["pi-1"]
+        bad = await c.get("/api/usage", params={"day": "yesterday"}, headers=bearer(token_and_hash))
+        assert bad.status_code == 422 and "query.day" in bad.json()["detail"]
+        await login(c, token_and_hash[0])
+        page = (await c.get("/")).text
+        assert "Gateway usage" in page and "com.example.notes" in page and "&lt;b&gt;app&lt;/b&gt;" in page
+        assert "<b>app</b>" not in page
+    app.state.close()
+
+
+# ---- pages -------------------------------------------------------------------------------------------------------
+async def test_overview_page(client: httpx.AsyncClient, token_and_hash) -> None:
+    await login(client, token_and_hash[0])
+    r = await client.get("/")
+    assert r.status_code == 200
+    html = r.text
+    rows = dict(re.findall(r'<tr class="row-\w+" data-device="([^"]+)">(.*?)</tr>', html))
+    assert set(rows) == {"pi-1", "pi-2", "pi-3"}
+    assert 'data-state="online"' in rows["pi-1"] and ">online<" in rows["pi-1"]
+    assert 'data-state="offline"' in rows["pi-3"] and ">offline<" in rows["pi-3"]
+    assert "kiosks" in rows["pi-1"] and "47.5 °C" in rows["pi-1"] and "2950 MB / 4096 MB" in rows["pi-1"]
+    assert "25.0 %" in rows["pi-1"] and "tiny-test" in rows["pi-1"]
+    assert re.search(r"<time [^>]*>(just now|\d+ s ago)</time>", rows["pi-1"])
+    assert "2 of 3 devices run the latest policy (v7)" in html
+    assert "No malformed payloads rejected." in html
+    assert 'data-refresh="3"' in html
+
+
+async def test_pages_carry_a_strict_csp_with_matching_nonce(client: httpx.AsyncClient, token_and_hash) -> None:
+    await login(client, token_and_hash[0])
+    r = await client.get("/")
+    csp = r.headers["content-security-policy"]
+    nonce = re.search(r"'nonce-([^']+)'", csp).group(1)
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+    assert f'<style nonce="{nonce}">' in r.text and f'<script nonce="{nonce}">' in r.text
+    assert not re.search(r"(src|href|action)=\"(https?:)?//|url\(|@import", r.text)  # no external asset at all
+    assert r.headers["x-frame-options"] == "DENY" and r.headers["cache-control"] == "no-store"
+
+
+async def test_fragment_refresh(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
+    r = await client.get("/", headers={"X-Fragment": "1"})
+    assert r.status_code == 401  # a background fetch gets 401, not a login page to paste into the table
+    await login(client, token_and_hash[0])
+    r = await client.get("/", headers={"X-Fragment": "1"})
+    assert r.status_code == 200 and not r.text.startswith("<!doctype") and "<h1>Fleet</h1>" in r.text
+    store.write_status("demo", death("pi-1"), int(time.time() * 1000))
+    r = await client.get("/", headers={"X-Fragment": "1"})
+    assert 'data-device="pi-1"' in r.text and re.search(r'data-device="pi-1">.*?data-state="offline"', r.text)
+
+
+async def test_device_page_has_svg_charts(client: httpx.AsyncClient, token_and_hash) -> None:
+    await login(client, token_and_hash[0])
+    r = await client.get("/devices/pi-1", params={"window": "15m"})
+    assert r.status_code == 200
+    svgs = re.findall(r"<svg class=\"chart\".*?</svg>", r.text)
+    assert len(svgs) == 3 and all("<polyline" in s for s in svgs)
+    assert "CPU — last 25.0 %" in r.text and "bdSeq 1" in r.text and "State changes" in r.text
+    assert (await client.get("/devices/pi-1", params={"window": "2y"})).status_code == 422
+    empty = await client.get("/devices/pi-2")
+    assert empty.text.count("no data in this window") == 3
+
+
+async def test_device_controlled_strings_are_escaped(tmp_path: Path, token_and_hash) -> None:
+    s = Store(tmp_path / "evil.db")
+    try:
+        now = int(time.time() * 1000)
+        s.write_status("demo", birth(EVIL_ID, model=EVIL_MODEL), now)
+        s.write_telemetry("demo", samples(EVIL_ID, 3, start_ms=now - 30_000), now)
+        s.record_rejection(EVIL_ID, "nanofleet/v1/demo/<x>/telemetry", "<script>alert(2)</script>")
+        app = create_app(s, FLEET, operator_token_hash=token_and_hash[1])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            await login(c, token_and_hash[0])
+            overview = (await c.get("/")).text
+            device = await c.get("/devices/" + quote(EVIL_ID, safe=""))
+            assert device.status_code == 200
+            for html in (overview, device.text):
+                assert EVIL_ID not in html and EVIL_MODEL not in html and "<script>alert" not in html
+                assert "&lt;img src=x onerror=alert(1)&gt;" in html
+                assert "&lt;/script&gt;&lt;script&gt;alert(&#x27;m&#x27;)&lt;/script&gt;" in html
+            assert 'href="/devices/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E"' in overview
+            assert "&lt;script&gt;alert(2)&lt;/script&gt;" in overview
+            api = (await c.get("/api/devices/" + quote(EVIL_ID, safe=""))).json()
+            assert api["device_id"] == EVIL_ID and api["model_name"] == EVIL_MODEL
+    finally:
+        s.close()
