@@ -13,9 +13,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from html import escape
+from html import escape as _escape
 
 __all__ = ["Series", "bar_chart", "format_tick", "line_chart", "meter", "nice_ticks", "split_segments"]
+
+
+_CONTROL = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, 0xFFFE, 0xFFFF]}
+
+
+def escape(text: str) -> str:
+    """HTML-escape and drop control characters, which XML (so standalone SVG) does not allow at all."""
+    return _escape(str(text).translate(_CONTROL))
 
 
 @dataclass(frozen=True)
@@ -27,6 +35,9 @@ class Series:
     color: str = "#2563eb"
 
 
+_LIMIT = 1e15  # far beyond any telemetry value; keeps tick arithmetic away from float overflow
+
+
 def _finite(v: float | None) -> float | None:
     if v is None:
         return None
@@ -34,7 +45,7 @@ def _finite(v: float | None) -> float | None:
         f = float(v)
     except (TypeError, ValueError):
         return None
-    return f if math.isfinite(f) else None
+    return min(max(f, -_LIMIT), _LIMIT) if math.isfinite(f) else None
 
 
 def _nice(x: float, round_: bool) -> float:
@@ -51,6 +62,7 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     """Round tick values covering [lo, hi] (Heckbert's nice numbers): first <= lo, last >= hi, increasing."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return [0.0, 1.0]
+    lo, hi = min(max(lo, -_LIMIT), _LIMIT), min(max(hi, -_LIMIT), _LIMIT)
     if lo > hi:
         lo, hi = hi, lo
     if hi - lo < max(abs(lo), abs(hi), 1e-9) * 1e-9:
@@ -83,7 +95,7 @@ def split_segments(
 
     Without `gap_ms` the limit is three times the median sampling interval (at least one second).
     """
-    clean = sorted((int(t), _finite(v)) for t, v in points)
+    clean = sorted(((int(t), _finite(v)) for t, v in points), key=lambda p: p[0])
     if gap_ms is None:
         deltas = sorted(b[0] - a[0] for a, b in itertools.pairwise(clean) if b[0] > a[0])
         gap_ms = max(3 * deltas[len(deltas) // 2], 1000) if deltas else 0
