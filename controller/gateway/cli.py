@@ -1,0 +1,143 @@
+"""`nanofleet gateway …`: serve, manage device tokens, check health, read usage. Each command is a few lines over
+one library call."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import signal
+from pathlib import Path
+
+import click
+
+from nanofleet.config import ConfigError, load_fleet
+
+from .auth import issue_token, list_tokens, revoke_token
+from .errors import GatewayError
+from .server import DB_NAME
+
+_data_dir = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("gateway-data"),
+                         show_default=True, help="Folder of the gateway's SQLite file (tokens, usage).")
+
+
+@click.group()
+def gateway() -> None:
+    """The gRPC gateway to Gemini Flash: device auth, policy, budgets, usage."""
+
+
+@gateway.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("fleet.yaml"),
+              show_default=True, help="The fleet.yaml to enforce.")
+@_data_dir
+@click.option("--listen", default=None, help="host:port (default: gateway.listen in fleet.yaml).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM certificate chain.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None, help="PEM private key.")
+@click.option("--grace", type=float, default=10.0, show_default=True,
+              help="Seconds calls in flight may take to finish on SIGTERM/SIGINT.")
+def serve(config_path: Path, data_dir: Path, listen: str | None, tls_cert: str | None, tls_key: str | None,
+          grace: float) -> None:
+    """Serve Inference until SIGTERM/SIGINT, then shut down gracefully."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_fleet(config_path)
+        asyncio.run(_serve(config, data_dir, listen, tls_cert, tls_key, grace))
+    except (ConfigError, GatewayError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+async def _serve(config, data_dir, listen, tls_cert, tls_key, grace) -> None:  # type: ignore[no-untyped-def]
+    from .server import Gateway
+
+    gw = Gateway(config, data_dir, listen=listen, tls_cert=tls_cert, tls_key=tls_key, grace=grace)
+    await gw.start()
+    click.echo(f"gateway listening on {gw.address}; {gw.upstream_detail}", err=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    click.echo("gateway stopping: letting calls in flight finish", err=True)
+    await gw.stop()
+
+
+@gateway.group()
+def token() -> None:
+    """Device tokens (stored hashed; issuing a new one revokes the old)."""
+
+
+@token.command("issue")
+@click.argument("device")
+@click.option("--group", default=None, help="The device's group (used when fleet.yaml does not list the device).")
+@click.option("--fleet", default=None, help="Fleet name (default: `fleet` of --config).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=Path("fleet.yaml"),
+              show_default=True)
+@_data_dir
+def token_issue(device: str, group: str | None, fleet: str | None, config_path: Path, data_dir: Path) -> None:
+    """Issue a token for DEVICE and print it (shown once; only its hash is kept)."""
+    try:
+        fleet = fleet or load_fleet(config_path).fleet
+        click.echo(issue_token(data_dir / DB_NAME, device, fleet, group))
+    except (ConfigError, GatewayError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@token.command("revoke")
+@click.argument("device")
+@_data_dir
+def token_revoke(device: str, data_dir: Path) -> None:
+    """Revoke DEVICE's token (a running gateway notices within its cache TTL, 2 s)."""
+    if revoke_token(data_dir / DB_NAME, device) == 0:
+        raise click.ClickException(f"device {device!r} has no active token")
+    click.echo(f"revoked {device}")
+
+
+@token.command("list")
+@_data_dir
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def token_list(data_dir: Path, as_json: bool) -> None:
+    """List issued tokens (device, fleet, group, issued, revoked) — never the tokens themselves."""
+    rows = list_tokens(data_dir / DB_NAME)
+    if as_json:
+        click.echo(json.dumps([r.__dict__ for r in rows]))
+        return
+    for r in rows:
+        issued = dt.datetime.fromtimestamp(r.created_ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        state = "active" if r.active else "revoked"
+        click.echo(f"{r.device_id}\t{r.fleet}\t{r.group or '-'}\t{issued}\t{state}")
+
+
+@gateway.command()
+@click.option("--address", default="127.0.0.1:50051", show_default=True, help="The gateway's host:port.")
+@click.option("--ca", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CA certificate (PEM) for a TLS gateway.")
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+def health(address: str, ca: str | None, timeout: float) -> None:
+    """Ask a running gateway for its health, with the reason when a service is NOT_SERVING (exit 1 then)."""
+    from .health import check
+
+    try:
+        report = check(address, ca, timeout)
+    except GatewayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    for service, (status, detail) in report.items():
+        click.echo(f"{service or '(server)'}: {status}" + (f" — {detail}" if detail else ""))
+    if any(status != "SERVING" for status, _ in report.values()):
+        raise SystemExit(1)
+
+
+@gateway.command()
+@_data_dir
+@click.option("--day", default=None, help="UTC day YYYY-MM-DD (default: all days).")
+def usage(data_dir: Path, day: str | None) -> None:
+    """Tokens and cost per day, device, app and model."""
+    from .usage import UsageStore
+
+    store = UsageStore(data_dir / DB_NAME)
+    try:
+        for r in store.summary(day):
+            click.echo(f"{r.day}\t{r.device_id}\t{r.app_id or '-'}\t{r.model}\t{r.requests}\t{r.input_tokens}\t"
+                       f"{r.output_tokens}\t${r.cost_usd:.6f}")
+    finally:
+        store.close()

@@ -1,0 +1,190 @@
+"""The gateway process: a grpc.aio server with `Inference`, the standard health service, TLS, graceful shutdown.
+
+Health services: "" (the process), "nanofleet.v1.Inference" and "nanofleet.gateway.Upstream"; the last two are
+NOT_SERVING while the upstream cannot serve (e.g. no API key), and every Check answer carries the reason in trailing
+metadata `nanofleet-detail` (shown by `nanofleet gateway health`) because the health proto has no message field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+
+from nanofleet.config import FleetConfig
+from nanofleet.config import Upstream as UpstreamConfig
+from nanofleet.protos import inference_pb2_grpc
+
+from .auth import Authenticator
+from .db import Database
+from .errors import GatewayError
+from .idempotency import Idempotency
+from .service import InferenceService
+from .upstreams.base import UnavailableUpstream, Upstream
+from .upstreams.retrying import RetryingUpstream
+from .usage import UsageLedger
+
+log = logging.getLogger("nanofleet.gateway")
+INFERENCE_SERVICE = "nanofleet.v1.Inference"
+UPSTREAM_SERVICE = "nanofleet.gateway.Upstream"
+DETAIL_KEY = "nanofleet-detail"
+DB_NAME = "gateway.sqlite"
+
+
+class ListenError(GatewayError):
+    """The gateway cannot listen as asked (port taken, plaintext on a non-loopback address, bad TLS files)."""
+
+
+def build_upstream(cfg: UpstreamConfig, env: Mapping[str, str] | None = None) -> Upstream:
+    """The configured upstream, or an `UnavailableUpstream` saying why not (the gateway still starts)."""
+    env = os.environ if env is None else env
+    key = env.get(cfg.api_key_env, "")
+    if cfg.kind == "gemini":
+        if not key:
+            return UnavailableUpstream(f"upstream unavailable: {cfg.api_key_env} not set")
+        from .upstreams.gemini import GeminiUpstream
+
+        return GeminiUpstream(key, base_url=cfg.base_url, timeout=cfg.timeout)
+    from .upstreams.openai_compat import OpenAICompatUpstream
+
+    if cfg.kind == "openai" and not cfg.base_url:
+        return UnavailableUpstream("upstream unavailable: gateway.upstream.base_url not set for kind openai")
+    return OpenAICompatUpstream(cfg.base_url or "http://127.0.0.1:8080/v1", api_key=key or None,
+                                timeout=cfg.timeout, llamacpp=cfg.kind == "llamacpp")
+
+
+class _DetailedHealth(HealthServicer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.details: dict[str, str] = {}
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        detail = self.details.get(request.service)
+        if detail:
+            context.set_trailing_metadata(((DETAIL_KEY, detail),))
+        return await super().Check(request, context)
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Gateway:
+    """One gateway: `async with Gateway(config, data_dir) as gw:` serves on `gw.address` until the block ends."""
+
+    def __init__(self, config: FleetConfig, data_dir: str | Path, *, listen: str | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                 upstream: Upstream | None = None, env: Mapping[str, str] | None = None, grace: float = 10.0,
+                 retry_base_delay: float = 0.25, auth_cache_ttl: float = 2.0) -> None:
+        self.config = config
+        self.data_dir = Path(data_dir)
+        self.listen = listen or config.gateway.listen
+        self.tls = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
+        if bool(tls_cert) != bool(tls_key):
+            raise ListenError("--tls-cert and --tls-key go together")
+        host = self.listen.rsplit(":", 1)[0]
+        if self.tls is None and not _is_loopback(host):
+            raise ListenError(f"refusing to serve device tokens in plaintext on {self.listen}: "
+                              "give --tls-cert/--tls-key or listen on a loopback address")
+        self.grace = grace
+        cfg = config.gateway.upstream
+        inner = upstream if upstream is not None else build_upstream(cfg, env)
+        self.upstream = RetryingUpstream(inner, max_retries=cfg.max_retries, base_delay=retry_base_delay)
+        self._auth_ttl = auth_cache_ttl
+        self.port = 0
+        self.db: Database | None = None
+        self.service: InferenceService | None = None
+        self.health = _DetailedHealth()
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / DB_NAME
+
+    @property
+    def address(self) -> str:
+        return f"{self.listen.rsplit(':', 1)[0]}:{self.port}"
+
+    @property
+    def upstream_detail(self) -> str:
+        return self.upstream.unavailable or f"upstream {self.upstream.name} configured"
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = db = await asyncio.to_thread(Database, self.db_path)
+        gw = self.config.gateway
+        ledger = UsageLedger(db, gw.prices_per_million)
+        idem = Idempotency(db, gw.idempotency_window)
+        now = time.time()
+        await asyncio.to_thread(ledger.load, now)
+        await asyncio.to_thread(idem.load, now)
+        self.service = InferenceService(self.config, self.upstream, Authenticator(db, self.config.fleet,
+                                        self._auth_ttl), ledger, idem)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)])
+        inference_pb2_grpc.add_InferenceServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        state = serving if not self.upstream.unavailable else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in (INFERENCE_SERVICE, UPSTREAM_SERVICE):
+            await self.health.set(name, state)
+            self.health.details[name] = self.upstream_detail
+        try:
+            if self.tls:
+                creds = grpc.ssl_server_credentials([(self.tls[1].read_bytes(), self.tls[0].read_bytes())])
+                self.port = server.add_secure_port(self.listen, creds)
+            else:
+                self.port = server.add_insecure_port(self.listen)
+        except (OSError, RuntimeError) as exc:
+            await self._close_storage()
+            raise ListenError(f"cannot listen on {self.listen}: {exc}") from exc
+        await server.start()
+        self._server = server
+        if self.upstream.unavailable:
+            log.warning("gateway NOT_SERVING inference: %s", self.upstream.unavailable)
+        log.info("gateway for fleet %s listening on %s (%s), upstream: %s", self.config.fleet, self.address,
+                 "TLS" if self.tls else "plaintext, loopback", self.upstream_detail)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, let calls in flight finish within `grace` seconds, then cancel the rest."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        await self.health.enter_graceful_shutdown()
+        await server.stop(self.grace if grace is None else grace)
+        if self.service is not None:
+            await self.service.drain()
+        await self.upstream.close()
+        await self._close_storage()
+        self._stopped.set()
+
+    async def _close_storage(self) -> None:
+        if self.db is not None:
+            await asyncio.to_thread(self.db.close)
+            self.db = None
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()

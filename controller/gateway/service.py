@@ -1,0 +1,281 @@
+"""The `Inference` servicer: auth → request check → policy → idempotency → budget → upstream → usage.
+
+Every call runs under a deadline: the caller's, capped by the upstream timeout (a call without one gets the cap).
+A unary call with a request_id runs in its own task, so an answer the device gave up on still completes once,
+is charged once and is returned to the device's retry for free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from nanofleet.config import FleetConfig, Profile
+from nanofleet.protos import inference_pb2, inference_pb2_grpc
+
+from . import rules
+from .auth import Authenticator, DeviceIdentity
+from .errors import BudgetExceeded, DeadlineExceeded, GatewayError, PolicyRefused, UpstreamError
+from .idempotency import Idempotency
+from .requests import count_request, pick_model, to_upstream
+from .upstreams.base import UpstreamChunk, UpstreamRequest, UpstreamResult
+from .upstreams.retrying import RetryingUpstream
+from .usage import UsageLedger
+
+log = logging.getLogger("nanofleet.gateway")
+T = TypeVar("T")
+
+
+class InferenceService(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, config: FleetConfig, upstream: RetryingUpstream, auth: Authenticator, ledger: UsageLedger,
+                 idempotency: Idempotency, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.auth = auth
+        self.ledger = ledger
+        self.idem = idempotency
+        self.clock = clock
+        self.refusals: collections.Counter[str] = collections.Counter()  # status code name -> count
+        self.upstream_calls = 0
+        self._profiles: dict[tuple[str, str | None], Profile] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        gw = config.gateway
+        self._timeout = gw.upstream.timeout
+        self._offered = frozenset(gw.prices_per_million)
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+
+    def profile_of(self, identity: DeviceIdentity) -> Profile:
+        """fleet.yaml's profile for the device; an unlisted device gets its token's group (else the defaults)."""
+        key = (identity.device_id, identity.group)
+        profile = self._profiles.get(key)
+        if profile is None:
+            cfg = self.config
+            if identity.device_id not in cfg.devices and identity.group in cfg.groups:
+                data = cfg.model_dump()
+                data["devices"] = {identity.device_id: {"group": identity.group}}
+                cfg = FleetConfig.model_validate(data)
+            profile = cfg.profile_for(identity.device_id)
+            self._profiles[key] = profile
+        return profile
+
+    def _budget_left(self, timeout: float | None) -> float:
+        return self._timeout if timeout is None else max(0.0, min(timeout, self._timeout))
+
+    async def _within(self, seconds: float, awaitable: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(seconds):
+                return await awaitable
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline exceeded after {seconds:.3f}s waiting for the upstream") from None
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: GatewayError) -> None:
+        self.refusals[exc.code.name] += 1
+        message = str(exc)
+        trailing: tuple[tuple[str, str], ...] = ()
+        if exc.retry_after is not None:
+            seconds = max(1, math.ceil(exc.retry_after))
+            trailing = (("retry-after", str(seconds)),)
+            if "retry in" not in message.lower():
+                message = f"{message}; retry in {seconds}s"
+        log.info("refused %s: %s", exc.code.name, message)
+        await context.abort(exc.code, message, trailing_metadata=trailing)
+
+    async def _internal(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        self.refusals["INTERNAL"] += 1
+        log.exception("internal gateway error")
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal gateway error: {type(exc).__name__} (logged)")
+
+    async def _admit(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
+                     ) -> tuple[DeviceIdentity, UpstreamRequest]:
+        identity = await self.auth.authenticate(context.invocation_metadata())
+        up = self.config.gateway.upstream
+        model = pick_model(request.model, up.model, self._offered)
+        upstream_request = to_upstream(request, model, up.thinking_budget)
+        reason = rules.check_policy(self.profile_of(identity), identity.device_id, request.app_id, request.sensitive)
+        if reason is not None:
+            raise PolicyRefused(reason)
+        if self.upstream.unavailable:
+            raise UpstreamError(self.upstream.unavailable)
+        return identity, upstream_request
+
+    def _check_budget(self, identity: DeviceIdentity, app_id: str) -> None:
+        now = self.clock()
+        budgets = self.config.gateway.budgets
+        limits = rules.limits_for(self.profile_of(identity), app_id, budgets.app_tokens_per_day,
+                                  budgets.fleet_tokens_per_day)
+        refusal = rules.check_budget(self.ledger.used(identity.device_id, app_id, now), limits, now)
+        if refusal is not None:
+            raise BudgetExceeded(refusal.message, refusal.retry_after)
+
+    def _spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- Generate ------------------------------------------------------------------------------------------------
+
+    async def Generate(self, request: inference_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
+        seconds = self._budget_left(context.time_remaining())
+        try:
+            identity, up_req = await self._admit(request, context)
+            if not request.request_id:
+                return await self._within(seconds, self._generate(identity, request, up_req, seconds, None))
+            key = (identity.device_id, request.request_id)
+            found = await self.idem.lookup(key, self.clock())
+            if isinstance(found, inference_pb2.GenerateResponse):
+                return found
+            if found is None:
+                self.idem.start(key)
+                found = self.idem.peek(key, self.clock())
+                self._spawn(self._generate(identity, request, up_req, seconds, key))
+            assert isinstance(found, asyncio.Future)
+            return await self._within(seconds, asyncio.shield(found))
+        except GatewayError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        except Exception as exc:
+            await self._internal(context, exc)
+            raise AssertionError("unreachable") from exc
+
+    async def _generate(self, identity: DeviceIdentity, request: inference_pb2.GenerateRequest,
+                        up_req: UpstreamRequest, seconds: float, key: tuple[str, str] | None,
+                        ) -> inference_pb2.GenerateResponse:
+        try:
+            self._check_budget(identity, request.app_id)
+            self.upstream_calls += 1
+            deadline = time.monotonic() + seconds
+            result = await self._within(seconds, self.upstream.generate(up_req, deadline=deadline))
+            response = _response(request.request_id, result)
+            await self._account(identity, request.app_id, result, response, key)
+            return response
+        except BaseException as exc:
+            if key is not None:
+                self.idem.fail(key, exc)
+            raise
+
+    async def _account(self, identity: DeviceIdentity, app_id: str, result: UpstreamResult,
+                       response: inference_pb2.GenerateResponse | None, key: tuple[str, str] | None) -> None:
+        now = self.clock()
+        also = self.idem.committer(key, response, now) if key is not None and response is not None else None
+        await self.ledger.record(identity.device_id, app_id, result.model, result.input_tokens, result.output_tokens,
+                                 now, also)
+        if key is not None and response is not None:
+            self.idem.finish(key, response, now)
+
+    # -- GenerateStream ------------------------------------------------------------------------------------------
+
+    async def GenerateStream(self, request: inference_pb2.GenerateRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        seconds = self._budget_left(context.time_remaining())
+        deadline = time.monotonic() + seconds
+        try:
+            identity, up_req = await self._admit(request, context)
+            key = (identity.device_id, request.request_id) if request.request_id else None
+            if key is not None:
+                found = await self.idem.lookup(key, self.clock())
+                if isinstance(found, asyncio.Future):
+                    found = await self._within(seconds, asyncio.shield(found))
+                if found is not None:
+                    yield _replay(found)
+                    return
+                self.idem.start(key)
+            async for chunk in self._stream(identity, request, up_req, deadline, key):
+                yield chunk
+        except GatewayError as exc:
+            await self._abort(context, exc)
+        except Exception as exc:
+            await self._internal(context, exc)
+
+    async def _stream(self, identity: DeviceIdentity, request: inference_pb2.GenerateRequest,
+                      up_req: UpstreamRequest, deadline: float, key: tuple[str, str] | None,
+                      ) -> AsyncIterator[inference_pb2.GenerateChunk]:
+        seen: list[UpstreamChunk] = []
+        finished = False
+        try:
+            self._check_budget(identity, request.app_id)
+            self.upstream_calls += 1
+            chunks = self.upstream.stream(up_req, deadline=deadline)
+            try:
+                while True:
+                    left = deadline - time.monotonic()
+                    try:
+                        chunk = await self._within(max(left, 0.0), anext(chunks))
+                    except StopAsyncIteration:
+                        break
+                    seen.append(chunk)
+                    yield inference_pb2.GenerateChunk(request_id=request.request_id, text=chunk.text,
+                                                      model=chunk.model or up_req.model)
+            finally:
+                await chunks.aclose()
+            result = _fold(seen, up_req.model)
+            response = _response(request.request_id, result)
+            yield inference_pb2.GenerateChunk(request_id=request.request_id, finish_reason=result.finish_reason,
+                                              usage=response.usage, model=result.model)
+            finished = True
+            await self._account(identity, request.app_id, result, response, key)
+        except BaseException as exc:
+            if key is not None:
+                self.idem.fail(key, exc if isinstance(exc, GatewayError) else UpstreamError(
+                    "the original stream with this request_id was interrupted"))
+            if not finished and seen:  # charged upstream even if the device went away: count what we know
+                partial = _fold(seen, up_req.model)
+                self._spawn(self.ledger.record(identity.device_id, request.app_id, partial.model,
+                                               partial.input_tokens, partial.output_tokens, self.clock()))
+            raise
+
+    # -- CountTokens ---------------------------------------------------------------------------------------------
+
+    async def CountTokens(self, request: inference_pb2.CountTokensRequest,
+                          context: grpc.aio.ServicerContext) -> inference_pb2.CountTokensResponse:
+        seconds = self._budget_left(context.time_remaining())
+        try:
+            await self.auth.authenticate(context.invocation_metadata())
+            up = self.config.gateway.upstream
+            up_req = count_request(request, pick_model(request.model, up.model, self._offered))
+            if self.upstream.unavailable:
+                raise UpstreamError(self.upstream.unavailable)
+            deadline = time.monotonic() + seconds
+            total = await self._within(seconds, self.upstream.count_tokens(up_req, deadline=deadline))
+            return inference_pb2.CountTokensResponse(total_tokens=total)
+        except GatewayError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        except Exception as exc:
+            await self._internal(context, exc)
+            raise AssertionError("unreachable") from exc
+
+    async def drain(self) -> None:
+        """Wait for detached upstream calls (idempotent unary calls, partial-usage writes) to finish."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _fold(chunks: list[UpstreamChunk], model: str) -> UpstreamResult:
+    from .upstreams.base import collect
+
+    return collect(chunks, model)
+
+
+def _response(request_id: str, result: UpstreamResult) -> inference_pb2.GenerateResponse:
+    return inference_pb2.GenerateResponse(
+        request_id=request_id, text=result.text, finish_reason=result.finish_reason, model=result.model,
+        usage=inference_pb2.Usage(input_tokens=result.input_tokens, output_tokens=result.output_tokens,
+                                  total_tokens=result.input_tokens + result.output_tokens))
+
+
+def _replay(response: inference_pb2.GenerateResponse) -> inference_pb2.GenerateChunk:
+    return inference_pb2.GenerateChunk(request_id=response.request_id, text=response.text,
+                                       finish_reason=response.finish_reason, usage=response.usage,
+                                       model=response.model)
