@@ -1,0 +1,235 @@
+"""The agent's local socket API (DESIGN.md "Local socket API"): OpenAI-compatible chat completions, models,
+Prompt-API sessions and status, every response tagged with `X-Nanofleet-Route` / `X-Nanofleet-Reason`.
+
+Bodies are read as bytes (bounded by `max_body_bytes`) and parsed straight into pydantic models, so invalid JSON,
+wrong types and oversize bodies all become OpenAI-style 4xx errors naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from pydantic import TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nanofleet.agent.api.dispatch import Dispatcher
+from nanofleet.agent.api.errors import ApiError, from_validation
+from nanofleet.agent.api.schemas import CHAT, ChatCompletionBody, SessionCreateBody, SessionPromptBody, route_request
+from nanofleet.agent.runtime.base import BackendError, ChatRequest, Chunk
+from nanofleet.agent.sessions import SessionStore
+
+DEFAULT_MAX_TOKENS = 512
+_JSON = "application/json"
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def json_response(obj: Any, route: str, reason: str, status: int = 200) -> Response:
+    return Response(dumps(obj), status, {"x-nanofleet-route": route, "x-nanofleet-reason": reason}, _JSON)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"request body of {length} bytes is over the limit of {limit} bytes",
+                       code="body_too_large")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def parse(adapter: TypeAdapter[Any], raw: bytes) -> Any:
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        return adapter.validate_json(raw)
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+
+
+class RouteHeaders:
+    """Tags responses that did not pass through the router (metadata, errors) with route `agent`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def tagged(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                if not any(k == b"x-nanofleet-route" for k, _ in headers):
+                    headers += [(b"x-nanofleet-route", b"agent"), (b"x-nanofleet-reason", b"not_routed")]
+                    message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, tagged)
+
+
+def chat_request(body: ChatCompletionBody, window: int) -> ChatRequest:
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is not None and max_tokens >= window:
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        raise ApiError(400, f"{param}: {max_tokens} is more than the context window of {window} tokens",
+                       param=param, code="invalid_max_tokens")
+    options: dict[str, Any] = {}
+    if body.seed is not None:
+        options["seed"] = body.seed
+    if body.ignore_eos is not None:
+        options["ignore_eos"] = body.ignore_eos
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    return ChatRequest([m.as_dict() for m in body.messages], max_tokens or min(DEFAULT_MAX_TOKENS, window // 2),
+                       body.temperature, body.top_p, body.top_k, stop, options=options)
+
+
+def create_app(
+    dispatcher: Dispatcher, sessions: SessionStore | None = None, *, max_body_bytes: int = 1 << 20,
+    status_extra: Callable[[], dict[str, Any]] | None = None,
+) -> FastAPI:
+    from nanofleet.agent.api import session_routes
+
+    app = FastAPI(title="nanofleet agent", version="1", summary="Local model API of a nanofleet device",
+                  docs_url=None, redoc_url=None)
+    app.state.dispatcher = dispatcher
+    app.state.sessions = sessions if sessions is not None else SessionStore()
+    app.state.max_body_bytes = max_body_bytes
+    models = dispatcher.models
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> Response:
+        if exc.status < 500 and exc.code not in ("busy",):
+            dispatcher.counts["bad_request"] += 1
+        return Response(dumps(exc.body()), exc.status, exc.headers(), _JSON)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                       code="not_found" if exc.status_code == 404 else "method_not_allowed")
+        return Response(dumps(err.body()), exc.status_code, {**err.headers(), **(exc.headers or {})}, _JSON)
+
+    @app.post("/v1/chat/completions", tags=["openai"], openapi_extra=_body_doc(ChatCompletionBody),
+              summary="OpenAI-compatible chat completion (stream: true → server-sent events)")
+    async def chat_completions(request: Request) -> Response:
+        body: ChatCompletionBody = parse(CHAT, await read_body(request, max_body_bytes))
+        chat = chat_request(body, models.spec.n_ctx)
+        req = route_request(body.nanofleet, request.headers)
+        chat.app_id, chat.sensitive = req.app_id, req.sensitive
+        chat.request_id = request.headers.get("idempotency-key", "")
+        cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
+        if body.stream:
+            route, reason, chunks = await dispatcher.open_stream(chat, req)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse_chat(chunks, cid, created, include_usage), 200, {
+                "x-nanofleet-route": route, "x-nanofleet-reason": reason, "cache-control": "no-cache"},
+                media_type="text/event-stream")
+        completion, route, reason = await dispatcher.generate(chat, req)
+        return json_response({
+            "id": cid, "object": "chat.completion", "created": created, "model": completion.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                         "finish_reason": completion.finish_reason}],
+            "usage": completion.usage.as_openai(),
+        }, route, reason)
+
+    @app.get("/v1/models", tags=["openai"], summary="Models this agent serves (OpenAI list format)")
+    async def list_models() -> Response:
+        st = models.status()
+        data = [{"id": st.name, "object": "model", "created": 0, "owned_by": "nanofleet",
+                 "route": "local", "availability": st.availability, "context_window": st.context_window}]
+        if dispatcher.cloud is not None:
+            data.append({"id": "cloud", "object": "model", "created": 0, "owned_by": "nanofleet-gateway",
+                         "route": "cloud", "availability": "available", "context_window": None})
+        return json_response({"object": "list", "data": data}, "agent", "metadata")
+
+    @app.get("/v1/status", tags=["nanofleet"], summary="Model availability, route health, queue depth, device")
+    async def status() -> Response:
+        st = models.status()
+        dev, conn, adm = dispatcher.device(), dispatcher.connectivity(), dispatcher.admission
+        body = {
+            "model": {"name": st.name, "availability": st.availability, "progress": round(st.progress, 4),
+                      "loaded": st.loaded, "reason": st.reason, "tokens_per_s": round(st.tokens_per_s, 1),
+                      "context_window": st.context_window, "slots": st.n_parallel,
+                      "keep_alive": models.spec.keep_alive},
+            "routes": {
+                "local": {"healthy": st.availability != "unavailable" and not st.reason, "reason": st.reason},
+                "cloud": {"configured": conn.gateway_configured, "reachable": conn.gateway_reachable,
+                          "circuit_open": conn.circuit_open, "tokens_today": conn.cloud_tokens_used_today},
+                "queue": {"available": False, "reason": "the offline queue is not available in this agent yet"},
+            },
+            "queue_depth": adm.waiting,
+            "concurrency": {"active": adm.active, "waiting": adm.waiting, "slots": adm.slots,
+                            "max_waiting": adm.max_waiting},
+            "device": {"thermal_level": dev.thermal_level, "ram_available_mb": dev.ram_available_mb,
+                       "battery_pct": dev.battery_pct, "charging": dev.charging, "metered": dev.metered},
+            "policy_version": dispatcher.policy.version,
+            "route_counts": dict(dispatcher.counts),
+            "sessions": len(app.state.sessions),
+        }
+        if status_extra is not None:
+            body.update(status_extra())
+        return json_response(body, "agent", "status")
+
+    session_routes.install(app)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ChatCompletionBody, SessionCreateBody, SessionPromptBody):
+                doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(doc.pop("$defs", {}))
+                components[model.__name__] = doc
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(RouteHeaders)
+    return app
+
+
+def _body_doc(model: type) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {_JSON: {"schema": ref}}}}
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+async def _sse_chat(chunks: AsyncIterator[Chunk], cid: str, created: int, include_usage: bool) -> AsyncIterator[bytes]:
+    first = True
+    model = ""
+
+    def frame(delta: dict[str, Any], finish: str | None) -> bytes:
+        return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    try:
+        async for chunk in chunks:
+            model = chunk.model or model
+            if chunk.text:
+                yield frame({"role": "assistant", "content": chunk.text} if first else {"content": chunk.text}, None)
+                first = False
+            if chunk.finish_reason:
+                yield frame({}, chunk.finish_reason)
+            if chunk.usage is not None and include_usage:
+                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": chunk.usage.as_openai()})
+    except BackendError as exc:  # after the first token there is no fallback: say so in the stream (as Ollama)
+        yield ApiError(exc.status, exc.message, code=exc.code).sse()
+    yield b"data: [DONE]\n\n"

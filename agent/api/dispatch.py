@@ -1,0 +1,201 @@
+"""Runs one request on the route the router picks: admission to local slots, fallback before the first token,
+route counts. The HTTP layer (`app.py`) only parses, calls this, and formats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import psutil
+
+from nanofleet.agent.api.errors import ApiError, from_backend
+from nanofleet.agent.router import Connectivity, Decision, DeviceState, Policy, Route, RouteRequest, decide, next_route
+from nanofleet.agent.runtime.base import (
+    Backend,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    Busy,
+    ChatRequest,
+    Chunk,
+    Completion,
+)
+from nanofleet.agent.runtime.lifecycle import ModelManager
+
+_FALLBACK_ON = (BackendUnavailable, BackendTimeout, Busy)
+
+
+class Admission:
+    """`slots` requests run at once; up to `max_waiting` more wait in FIFO order; past that: Busy (→ 429)."""
+
+    def __init__(self, slots: int, max_waiting: int) -> None:
+        self.slots = slots
+        self.max_waiting = max_waiting
+        self.active = 0
+        self.waiting = 0
+        self._sem = asyncio.Semaphore(slots)
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.active >= self.slots or self.waiting:
+            if self.waiting >= self.max_waiting:
+                raise Busy(f"the local model is busy: {self.active} running, {self.waiting} waiting; retry later",
+                           retry_after=1)
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+            self._sem.release()
+
+
+def default_device_state() -> DeviceState:
+    return DeviceState(ram_available_mb=int(psutil.virtual_memory().available >> 20))
+
+
+class Dispatcher:
+    def __init__(
+        self, models: ModelManager, cloud: Backend | None = None, *, max_waiting: int = 8,
+        device_state: Callable[[], DeviceState] = default_device_state,
+    ) -> None:
+        self.models = models
+        self.cloud = cloud
+        self.policy = Policy()
+        self.admission = Admission(models.spec.n_parallel, max_waiting)
+        self.counts: Counter[str] = Counter()
+        self.device_state = device_state
+        self._device: tuple[float, DeviceState] | None = None
+        self._cloud_day = ""
+        self.cloud_tokens_today = 0
+
+    # -- inputs of the router --------------------------------------------------------------------------------
+    def device(self) -> DeviceState:
+        now = time.monotonic()
+        if self._device is None or now - self._device[0] > 1.0:  # psutil reads /proc: at most once a second
+            self._device = (now, self.device_state())
+        dev = self._device[1]
+        st = self.models
+        return DeviceState(dev.thermal_level, dev.ram_available_mb, dev.battery_pct, dev.charging, dev.metered,
+                           st.availability, st.reason.startswith("insufficient_ram"))
+
+    def connectivity(self) -> Connectivity:
+        cloud: Any = self.cloud
+        if cloud is None:
+            return Connectivity()
+        today = dt.date.today().isoformat()
+        if today != self._cloud_day:
+            self._cloud_day, self.cloud_tokens_today = today, 0
+        return Connectivity(True, bool(getattr(cloud, "reachable", True)), bool(getattr(cloud, "circuit_open", False)),
+                            self.cloud_tokens_today)
+
+    def decide(self, req: RouteRequest) -> Decision:
+        decision = decide(req, self.policy, self.device(), self.connectivity())
+        if decision.route == "queue":
+            self.counts["queue_unavailable"] += 1
+            raise ApiError(503, f"no route can serve this request now ({decision.reason}) and the offline queue is "
+                           "not available in this agent yet; retry later", code="queue_unavailable",
+                           route="queue", reason=decision.reason, retry_after=5)
+        if decision.route == "reject":
+            self.counts["rejected"] += 1
+            raise ApiError(503, f"no route may serve this request: {decision.reason}", code="no_route",
+                           route="reject", reason=decision.reason)
+        return decision
+
+    def _count(self, route: str, completion_tokens: int = 0, prompt_tokens: int = 0) -> None:
+        self.counts[route] += 1
+        if route == "cloud":
+            self.cloud_tokens_today += completion_tokens + prompt_tokens
+
+    async def count_tokens(self, messages: list[dict[str, str]]) -> int:
+        """Exact with the local model; a byte estimate when it cannot load."""
+        try:
+            async with self.models.use() as backend:
+                return await backend.count_tokens(messages)
+        except BackendError:
+            return sum(len(m["content"].encode()) // 3 + 4 for m in messages)
+
+    # -- running ---------------------------------------------------------------------------------------------
+    async def generate(self, chat: ChatRequest, req: RouteRequest) -> tuple[Completion, Route, str]:
+        decision = self.decide(req)
+        route, reason, tried = decision.route, decision.reason, ()
+        while True:
+            try:
+                completion = await self._generate_on(route, chat)
+            except _FALLBACK_ON as exc:
+                tried += (route,)
+                nxt = next_route(decision, tried, 0)
+                if nxt is None:
+                    raise from_backend(exc, route) from exc
+                route, reason = nxt, f"fallback_{exc.code}"
+                continue
+            except BackendError as exc:
+                raise from_backend(exc, route) from exc
+            self._count(route, completion.usage.completion_tokens, completion.usage.prompt_tokens)
+            return completion, route, reason
+
+    async def _generate_on(self, route: Route, chat: ChatRequest) -> Completion:
+        if route == "cloud":
+            assert self.cloud is not None
+            return await self.cloud.generate(chat)
+        async with self.admission.slot(), self.models.use() as backend:
+            completion = await backend.generate(chat)
+        self.models.record_speed(completion.tokens_per_s)
+        return completion
+
+    async def open_stream(self, chat: ChatRequest, req: RouteRequest) -> tuple[Route, str, AsyncIterator[Chunk]]:
+        """Start streaming; falls back only until the first chunk arrives, so the route is known for the headers."""
+        decision = self.decide(req)
+        route, reason, tried = decision.route, decision.reason, ()
+        while True:
+            gen = self._stream_on(route, chat)
+            try:
+                first = await anext(gen)
+            except StopAsyncIteration:
+                first = None
+            except _FALLBACK_ON as exc:
+                await gen.aclose()
+                tried += (route,)
+                nxt = next_route(decision, tried, 0)
+                if nxt is None:
+                    raise from_backend(exc, route) from exc
+                route, reason = nxt, f"fallback_{exc.code}"
+                continue
+            except BackendError as exc:
+                await gen.aclose()
+                raise from_backend(exc, route) from exc
+            self.counts[route] += 1
+            return route, reason, self._chain(first, gen)
+
+    async def _stream_on(self, route: Route, chat: ChatRequest) -> AsyncIterator[Chunk]:
+        if route == "cloud":
+            assert self.cloud is not None
+            async with contextlib.aclosing(self.cloud.stream(chat)) as chunks:
+                async for chunk in chunks:
+                    if chunk.usage:
+                        self.cloud_tokens_today += chunk.usage.total_tokens
+                    yield chunk
+            return
+        async with self.admission.slot(), self.models.use() as backend, contextlib.aclosing(
+                backend.stream(chat)) as chunks:
+            async for chunk in chunks:
+                if chunk.tokens_per_s:
+                    self.models.record_speed(chunk.tokens_per_s)
+                yield chunk
+
+    @staticmethod
+    async def _chain(first: Chunk | None, gen: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        async with contextlib.aclosing(gen):  # type: ignore[type-var]
+            if first is not None:
+                yield first
+            async for chunk in gen:
+                yield chunk

@@ -1,0 +1,137 @@
+"""Download a model file: resumable (HTTP Range), verified (sha256), atomic (never a half file under the final name).
+
+Errors::
+
+    ModelFileError             root
+    └── DownloadError          HTTP error, gave up after retries, bad server answer
+        └── ChecksumMismatch   the bytes are not the ones the sha256 names; the partial file is deleted
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+import httpx
+
+from nanofleet.agent.models.files import human_size, part_path
+
+Progress = Callable[[int, int | None], None]  # (bytes done, total bytes or None)
+_CHUNK = 1 << 16
+
+
+class ModelFileError(Exception):
+    pass
+
+
+class DownloadError(ModelFileError):
+    pass
+
+
+class ChecksumMismatch(DownloadError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def pull(
+    url: str, dest: Path, sha256: str, *, progress: Progress | None = None, retries: int = 5,
+    timeout: float = 30.0, backoff: float = 0.2,
+) -> Path:
+    """Fetch `url` into `dest` unless it is already there. A cut connection resumes from the partial file."""
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = part_path(dest)
+    failures = 0
+    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+        while True:
+            try:
+                if _fetch(client, url, part, progress):
+                    break
+            except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+                failures += 1
+                if failures > retries:
+                    raise DownloadError(f"{url}: gave up after {failures} failed attempts: {exc}") from exc
+                time.sleep(backoff * 2 ** (failures - 1))
+    got = sha256_file(part)
+    if got != sha256.lower():
+        part.unlink(missing_ok=True)
+        raise ChecksumMismatch(f"{url}: sha256 mismatch: expected {sha256.lower()}, got {got}; download deleted")
+    with open(part, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(part, dest)
+    return dest
+
+
+def _fetch(client: httpx.Client, url: str, part: Path, progress: Progress | None) -> bool:
+    """One attempt; True when the server has sent everything. Raises transport errors for the retry loop."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    with client.stream("GET", url, headers=headers) as r:
+        if r.status_code == 416 and offset:  # nothing left to send: the partial file is whole (the hash decides)
+            return True
+        if r.status_code == 200:
+            offset = 0
+        elif r.status_code == 206:
+            start = r.headers.get("content-range", "").removeprefix("bytes ").split("-")[0]
+            if start != str(offset):
+                raise DownloadError(f"{url}: server resumed at {start!r}, expected byte {offset}")
+        else:
+            raise DownloadError(f"{url}: HTTP {r.status_code}")
+        length = r.headers.get("content-length")
+        total = offset + int(length) if length and length.isdigit() else None
+        done = offset
+        with open(part, "r+b" if offset else "wb") as f:
+            f.seek(offset)
+            f.truncate()
+            for block in r.iter_bytes(_CHUNK):
+                f.write(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+        if total is not None and done < total:
+            raise httpx.RemoteProtocolError(f"connection closed after {done} of {total} bytes")
+    return True
+
+
+class ProgressPrinter:
+    """A bar with size, speed and ETA on a terminal; a plain line every few seconds otherwise."""
+
+    def __init__(self, out: TextIO | None = None, tty: bool | None = None, every_s: float = 2.0) -> None:
+        self.out = out or sys.stderr
+        self.tty = self.out.isatty() if tty is None else tty
+        self.every_s = every_s
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        final = total is not None and done >= total
+        if not final and now - self.last < (0.1 if self.tty else self.every_s):
+            return
+        self.last = now
+        speed = done / max(now - self.start, 1e-6)
+        if total:
+            eta = (total - done) / speed if speed > 0 else 0
+            frac = done / total
+            text = f"{frac:6.1%} {human_size(done)} / {human_size(total)} {human_size(speed)}/s ETA {eta:.0f}s"
+        else:
+            text = f"{human_size(done)} {human_size(speed)}/s"
+        if self.tty:
+            bar = "#" * int(30 * done / total) if total else ""
+            self.out.write(f"\r[{bar:<30}] {text}" + ("\n" if final else ""))
+        else:
+            self.out.write(f"downloaded {text}\n")
+        self.out.flush()

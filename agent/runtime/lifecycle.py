@@ -1,0 +1,225 @@
+"""The local model as a scarce resource: availability, lazy load, warm-up, idle unload, reload, RAM guard.
+
+Availability follows the Prompt API: `unavailable | downloadable | downloading | available` (+ progress). The model
+is loaded on first use, warmed up with a one-token generation, and unloaded after `keep_alive` seconds idle
+(0: as soon as the last request ends; -1: never). A load that would not fit in free RAM is refused with a reason
+that `/v1/status` shows, instead of letting the OOM killer end the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from nanofleet.agent.models.download import ModelFileError, pull
+from nanofleet.agent.models.files import ModelFile, resolve
+from nanofleet.agent.models.memory import estimate_bytes
+from nanofleet.agent.runtime.base import Backend, BackendUnavailable, ChatRequest, InsufficientMemory
+from nanofleet.agent.runtime.llama import LlamaBackend
+from nanofleet.config import ModelSpec
+
+BackendFactory = Callable[[ModelFile, ModelSpec], Backend]
+
+
+def free_ram_bytes() -> int:
+    return int(psutil.virtual_memory().available)
+
+
+@dataclass(slots=True)
+class ModelStatus:
+    name: str
+    availability: str  # unavailable | downloadable | downloading | available
+    progress: float    # 0..1 while downloading
+    loaded: bool
+    reason: str        # why unavailable / not loaded ("" when fine)
+    tokens_per_s: float
+    context_window: int
+    n_parallel: int
+
+
+class _Loaded:
+    """A loaded backend and how many requests hold it; closed when unloaded and the last user lets go."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.users = 0
+        self.retired = False
+
+
+class ModelManager:
+    def __init__(
+        self, spec: ModelSpec, cache_dir: Path, private_dir: Path, *, free_ram: Callable[[], int] = free_ram_bytes,
+        backend_factory: BackendFactory | None = None, warmup: bool = True,
+    ) -> None:
+        self.spec = spec
+        self.cache_dir = cache_dir
+        self.private_dir = private_dir
+        self.free_ram = free_ram
+        self.warmup = warmup
+        self._factory = backend_factory or self._llama
+        self._loaded: _Loaded | None = None
+        self._lock = asyncio.Lock()
+        self._idle: asyncio.TimerHandle | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._progress: float | None = None
+        self.reason = ""
+        self.tokens_per_s = 0.0
+        self.loads = 0
+        self.file = resolve(spec, cache_dir)
+
+    def _llama(self, file: ModelFile, spec: ModelSpec) -> Backend:
+        return LlamaBackend(file.path, model_name=file.name, private_dir=self.private_dir, n_ctx=spec.n_ctx,
+                            n_parallel=spec.n_parallel)
+
+    # -- what /v1/status, /v1/models and telemetry show ------------------------------------------------------
+    @property
+    def availability(self) -> str:
+        if self._progress is not None:
+            return "downloading"
+        if self.file.path.exists():
+            return "available"
+        if self.file.url or self.file.builtin:
+            return "downloadable"
+        return "unavailable"
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded is not None
+
+    def status(self) -> ModelStatus:
+        avail = self.availability
+        reason = self.reason or ("" if avail != "unavailable" else f"model file not found: {self.file.path}")
+        return ModelStatus(self.file.name, avail, self._progress or (1.0 if avail == "available" else 0.0),
+                           self.loaded, reason, self.tokens_per_s, self.spec.n_ctx, self.spec.n_parallel)
+
+    def record_speed(self, tokens_per_s: float) -> None:
+        if tokens_per_s > 0:
+            self.tokens_per_s = tokens_per_s if not self.tokens_per_s else 0.8 * self.tokens_per_s + 0.2 * tokens_per_s
+
+    # -- use -------------------------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[Backend]:
+        """Hold the loaded backend for one request (loading it first if needed)."""
+        loaded = self._loaded if self._loaded is not None and not self._loaded.retired else await self._load()
+        loaded.users += 1
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        try:
+            yield loaded.backend
+        finally:
+            loaded.users -= 1
+            self._released(loaded)
+
+    async def _load(self) -> _Loaded:
+        async with self._lock:
+            if self._loaded is not None:
+                return self._loaded
+            path = await self._ensure_file()
+            need = await asyncio.to_thread(estimate_bytes, path, self.spec.n_ctx, self.spec.n_parallel)
+            free = self.free_ram()
+            if free < need:
+                self.reason = (f"insufficient_ram: model needs about {need >> 20} MB, "
+                               f"{free >> 20} MB free; not loaded")
+                raise InsufficientMemory(self.reason)
+            backend = await asyncio.to_thread(self._factory, self.file, self.spec)
+            if self.warmup:
+                with contextlib.suppress(Exception):
+                    await backend.generate(ChatRequest([{"role": "user", "content": "hi"}], max_tokens=1))
+            self.reason = ""
+            self.loads += 1
+            self._loaded = _Loaded(backend)
+            return self._loaded
+
+    async def _ensure_file(self) -> Path:
+        file = self.file
+        if file.path.exists():
+            return file.path
+        if file.builtin:
+            from nanofleet.agent.tiny_model import make_tiny_gguf
+
+            return await asyncio.to_thread(make_tiny_gguf, file.path)
+        if not file.url or not file.sha256:
+            self.reason = f"model file not found: {file.path}"
+            raise BackendUnavailable(self.reason)
+        self._progress = 0.0
+        loop = asyncio.get_running_loop()
+
+        def progress(done: int, total: int | None) -> None:
+            if total:
+                loop.call_soon_threadsafe(setattr, self, "_progress", min(done / total, 0.999))
+
+        try:
+            return await asyncio.to_thread(pull, file.url, file.path, file.sha256, progress=progress)
+        except ModelFileError as exc:
+            self.reason = f"download failed: {exc}"
+            raise BackendUnavailable(self.reason) from exc
+        finally:
+            self._progress = None
+
+    def _released(self, loaded: _Loaded) -> None:
+        if loaded.users:
+            return
+        if loaded.retired:
+            self._retire(loaded)
+            return
+        keep = self.spec.keep_alive
+        if keep == -1 or loaded is not self._loaded:
+            return
+        if keep == 0:
+            self._start_unload("idle")
+        else:
+            self._idle = asyncio.get_running_loop().call_later(keep, self._start_unload, "idle")
+
+    def _start_unload(self, why: str) -> None:
+        loaded = self._loaded
+        if loaded is None or loaded.users:
+            return
+        self._loaded = None
+        loaded.retired = True
+        self._retire(loaded)
+
+    def _retire(self, loaded: _Loaded) -> None:
+        task = asyncio.get_running_loop().create_task(loaded.backend.close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    # -- commands --------------------------------------------------------------------------------------------
+    async def unload(self) -> bool:
+        """Unload now; requests in flight finish first (their backend closes when they end). False if not loaded."""
+        async with self._lock:
+            loaded, self._loaded = self._loaded, None
+        if loaded is None:
+            return False
+        loaded.retired = True
+        if not loaded.users:
+            self._retire(loaded)
+        await self.settle()
+        return True
+
+    async def reload(self, spec: ModelSpec | None = None) -> None:
+        """Switch to `spec` (or reload the same model) and load it now."""
+        await self.unload()
+        if spec is not None:
+            self.spec = spec
+            self.file = resolve(spec, self.cache_dir)
+        self.reason = ""
+        await self._load()
+
+    async def settle(self) -> None:
+        """Wait until backends being unloaded are closed."""
+        while self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
+    async def close(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        await self.unload()
+        await self.settle()
+
+

@@ -1,0 +1,155 @@
+"""The agent process: model runtime + router + socket API, and the MQTT device session when a broker is set.
+
+`AgentService` is also the `AgentHooks` the device session calls (model state, metrics, policy, commands).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import uvicorn
+
+from nanofleet.agent.api import Dispatcher, create_app
+from nanofleet.agent.hooks import AgentMetrics
+from nanofleet.agent.router import Policy
+from nanofleet.agent.runtime.base import Backend, BackendError
+from nanofleet.agent.runtime.grpc_backend import GrpcBackend
+from nanofleet.agent.runtime.lifecycle import BackendFactory, ModelManager, free_ram_bytes
+from nanofleet.agent.sessions import SessionStore
+from nanofleet.agent.settings import AgentSettings
+from nanofleet.agent.unix_socket import bind_tcp, bind_unix, remove_socket
+from nanofleet.protos import fleet_pb2
+
+_AVAILABILITY = {
+    "unavailable": fleet_pb2.MODEL_AVAILABILITY_UNAVAILABLE,
+    "downloadable": fleet_pb2.MODEL_AVAILABILITY_DOWNLOADABLE,
+    "downloading": fleet_pb2.MODEL_AVAILABILITY_DOWNLOADING,
+    "available": fleet_pb2.MODEL_AVAILABILITY_AVAILABLE,
+}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service decides when to stop."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class AgentService:
+    def __init__(
+        self, settings: AgentSettings, *, free_ram: Callable[[], int] = free_ram_bytes,
+        backend_factory: BackendFactory | None = None, cloud: Backend | None = None, max_waiting: int = 8,
+        warmup: bool = True,
+    ) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(settings.data_dir, 0o700)
+        self.models = ModelManager(settings.model, settings.cache_dir, settings.data_dir / "private",
+                                   free_ram=free_ram, backend_factory=backend_factory, warmup=warmup)
+        if cloud is None and settings.gateway_address:
+            cloud = GrpcBackend(settings.gateway_address, token=settings.gateway_token, ca=settings.gateway_ca)
+        self.dispatcher = Dispatcher(self.models, cloud, max_waiting=max_waiting)
+        self.sessions = SessionStore()
+        self.app = create_app(self.dispatcher, self.sessions, max_body_bytes=settings.max_body_bytes)
+        self.device_session: Any = None
+        self._server: _Server | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+        self._inode: int | None = None
+        self.started_at = time.time()
+
+    # -- process ---------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        sockets = [bind_unix(self.settings.socket_path)]
+        self._inode = self.settings.socket_path.stat().st_ino
+        if self.settings.tcp_listen:
+            sockets.append(bind_tcp(self.settings.tcp_listen))
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=3, server_header=False, date_header=False)
+        self._server = _Server(config)
+        self._serve_task = asyncio.create_task(self._server.serve(sockets=sockets))
+        while not self._server.started:
+            if self._serve_task.done():
+                self._serve_task.result()
+                raise RuntimeError("the socket server stopped during startup")
+            await asyncio.sleep(0.01)
+        if self.settings.broker_url:
+            from nanofleet.agent.device_session import DeviceSession
+
+            self.device_session = DeviceSession(self.settings, self)
+            await self.device_session.start()
+
+    async def stop(self) -> None:
+        if self.device_session is not None:
+            with contextlib.suppress(Exception):
+                await self.device_session.stop()
+        if self._server is not None and self._serve_task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._serve_task
+        remove_socket(self.settings.socket_path, self._inode)
+        await self.models.close()
+        if self.dispatcher.cloud is not None:
+            await self.dispatcher.cloud.close()
+
+    async def run(self, ready: Callable[[str], None] | None = None) -> None:
+        """Start, announce the socket, serve until SIGINT/SIGTERM, stop cleanly."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            line = f"nanofleet agent {self.settings.device_id} serving on unix:{self.settings.socket_path}"
+            if self.settings.tcp_listen:
+                line += f" and http://{self.settings.tcp_listen}"
+            (ready or (lambda s: print(s, file=sys.stdout, flush=True)))(line)
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+    # -- AgentHooks ------------------------------------------------------------------------------------------
+    def model_state(self) -> fleet_pb2.ModelState:
+        st = self.models.status()
+        return fleet_pb2.ModelState(
+            name=st.name, sha256=self.models.spec.sha256 or "", availability=_AVAILABILITY[st.availability],
+            download_progress=st.progress, loaded=st.loaded, reason=st.reason, tokens_per_s=st.tokens_per_s)
+
+    def agent_metrics(self) -> AgentMetrics:
+        counts = self.dispatcher.counts
+        conn = self.dispatcher.connectivity()
+        return AgentMetrics(
+            route_counts={"local": counts["local"], "cloud": counts["cloud"], "queued": 0,
+                          "rejected": counts["rejected"] + counts["queue_unavailable"]},
+            queue_depth=self.dispatcher.admission.waiting,
+            policy_version=self.dispatcher.policy.version,
+            gateway_reachable=conn.gateway_configured and conn.gateway_reachable and not conn.circuit_open,
+        )
+
+    async def apply_policy(self, policy: fleet_pb2.RoutingPolicy) -> None:
+        self.dispatcher.policy = Policy.from_proto(policy)
+
+    async def handle_command(self, command: fleet_pb2.Command) -> fleet_pb2.CommandResult:
+        def result(status: str, message: str, **data: str) -> fleet_pb2.CommandResult:
+            return fleet_pb2.CommandResult(id=command.id, device_id=self.settings.device_id, status=status,
+                                           message=message, data=data, ts_ms=int(time.time() * 1000))
+
+        try:
+            if command.kind == "unload-model":
+                was = await self.models.unload()
+                return result("ok", "model unloaded" if was else "model was not loaded", loaded="false")
+            if command.kind == "reload-model":
+                await self.models.reload()
+                return result("ok", f"model {self.models.file.name} reloaded", loaded="true")
+        except BackendError as exc:
+            return result("error", f"{command.kind} failed: {exc.message}")
+        return result("error", f"unknown command {command.kind!r}")
