@@ -173,7 +173,8 @@ def line_chart(
         return round(top + ph - _clamp((v - lo) / (hi - lo), 0.0, 1.0) * ph, 1)
 
     last = next((seg[-1][1] for _, segs in reversed(runs) for seg in reversed(segs)), None)
-    caption = f"{title}" + (f" — last {last:.1f} {unit}".rstrip() if last is not None and len(series) == 1 else "")
+    last_text = "" if last is None else f"{last:.1f}" if abs(last) < 100 else f"{last:.0f}"
+    caption = title + (f" — last {last_text} {unit}".rstrip() if last_text and len(series) == 1 else "")
     out = [
         f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
         f'width="{width}" height="{height}" role="img" aria-label="{escape(title)}">',

@@ -46,7 +46,7 @@ def page(*, title: str, content: str, nonce: str, fleet: str, csrf: str | None =
         "<!doctype html>"
         '<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f'<meta name="referrer" content="no-referrer">{noscript}'
+        f'<meta name="referrer" content="same-origin"><link rel="icon" href="data:,">{noscript}'
         f"<title>{escape(title)} · nanofleet</title>"
         f'<style nonce="{nonce}">{_CSS}</style></head><body>'
         '<header class="top"><a class="brand" href="/">nanofleet</a>'

@@ -255,7 +255,7 @@ def login_page(*, next_path: str, error: str | None = None) -> str:
         f'<input type="hidden" name="next" value="{escape(next_path)}">'
         '<button class="primary" type="submit">Log in</button>'
         '<p class="muted">The token was printed once when the controller first started. '
-        "<code>nanofleet controller rotate-token</code> makes a new one.</p></form>"
+        "Lost it? Rotate it on the controller host (<code>nanofleet controller --help</code>).</p></form>"
     )
 
 

@@ -113,7 +113,7 @@ def check_same_origin(request: Request) -> None:
 _HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # no-referrer makes browsers send "Origin: null" on our own POSTs
     (b"cache-control", b"no-store"),
 ]
 _DEFAULT_CSP = (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'")
