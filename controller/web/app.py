@@ -179,7 +179,16 @@ def create_app(
         versions = [schemas.ConvergenceVersion(version=v, devices=n) for v, n in sorted(conv.items(), reverse=True)]
         latest = versions[0].version if versions else None
         return schemas.ConvergenceOut(latest=latest, converged=versions[0].devices if versions else 0,
-                                      total=sum(conv.values()), versions=versions)
+                                      total=sum(conv.values()), versions=versions, behind=_behind())
+
+    def _behind() -> list[schemas.PolicyLag]:
+        published_of = getattr(store, "published_policies", None)  # beyond the contract: used when present
+        if published_of is None:
+            return []
+        published = published_of()
+        return [schemas.PolicyLag(device_id=d.device_id, applied=d.policy_version, published=p.version)
+                for d in store.list_devices()
+                if (p := published.get(d.device_id)) is not None and d.policy_version != p.version]
 
     async def _send_command(device_id: str, kind: str, args: dict[str, str]) -> schemas.CommandOut:
         if commands is None:
@@ -233,7 +242,7 @@ def create_app(
     def overview(request: Request, operator: Authed) -> HTMLResponse:
         devices = [_with_group(d) for d in store.list_devices()]
         content = pages.overview_page(devices, store.policy_convergence(), store.rejections(50), _usage_rows(),
-                                      alerts=config.alerts, now_ms=now_ms())
+                                      alerts=config.alerts, now_ms=now_ms(), behind=_behind())
         return _html(request, content, title="Fleet", operator=operator, refresh=True)
 
     def _device_content(device_id: str, window: str, operator: Operator,

@@ -85,6 +85,16 @@ def _device_row(d: Any, alerts: Alerts, now_ms: int) -> str:
     )
 
 
+def _behind_html(behind: Sequence[Any], limit: int = 20) -> str:
+    if not behind:
+        return ""
+    items = ", ".join(f'<a href="{escape(device_url(b.device_id))}">{escape(b.device_id)}</a> '
+                      f'(runs v{int(b.applied)}, published v{int(b.published)})' for b in behind[:limit])
+    more = f" and {len(behind) - limit} more" if len(behind) > limit else ""
+    return (f'<p class="behind"><span class="warn">{len(behind)} device{"s" if len(behind) != 1 else ""} '
+            f"not yet on the policy published for {'them' if len(behind) != 1 else 'it'}:</span> {items}{more}</p>")
+
+
 def _convergence_html(convergence: dict[int, int]) -> str:
     versions = sorted(convergence.items(), reverse=True)
     latest = versions[0][0] if versions else None
@@ -133,7 +143,8 @@ def _usage_html(rows: Sequence[Any] | None) -> str:
 
 
 def overview_page(devices: Sequence[Any], convergence: dict[int, int], rejections: Sequence[Any],
-                  usage_rows: Sequence[Any] | None, *, alerts: Alerts, now_ms: int) -> str:
+                  usage_rows: Sequence[Any] | None, *, alerts: Alerts, now_ms: int,
+                  behind: Sequence[Any] = ()) -> str:
     counts = {s: sum(1 for d in devices if _g(d, "state") == s) for s in ("online", "offline", "stale")}
     cards = "".join(
         f'<div class="card" data-count="{key}"><div class="n">{n}</div><div class="l">{label}</div></div>'
@@ -153,7 +164,7 @@ def overview_page(devices: Sequence[Any], convergence: dict[int, int], rejection
     return (
         f'<h1>Fleet</h1><div class="cards">{cards}</div>'
         f"<h2>Devices</h2>{table}"
-        f"<h2>Policy convergence</h2>{_convergence_html(convergence)}"
+        f"<h2>Policy convergence</h2>{_convergence_html(convergence)}{_behind_html(behind)}"
         f"<h2>Rejected payloads</h2>{_rejections_html(rejections, now_ms)}"
         f"{_usage_html(usage_rows)}"
     )

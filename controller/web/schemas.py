@@ -13,6 +13,7 @@ __all__ = [
     "ConvergenceOut",
     "DeviceOut",
     "ErrorOut",
+    "PolicyLag",
     "RejectionOut",
     "TelemetryOut",
     "TelemetryPointOut",
@@ -82,11 +83,19 @@ class ConvergenceVersion(BaseModel):
     devices: int
 
 
+class PolicyLag(BaseModel):
+    device_id: str
+    applied: int
+    published: int
+
+
 class ConvergenceOut(BaseModel):
     latest: int | None = Field(description="highest policy version any device reports")
     converged: int = Field(description="devices running `latest`")
     total: int
     versions: list[ConvergenceVersion] = Field(description="highest version first")
+    behind: list[PolicyLag] = Field([], description="devices whose applied version differs from the one published "
+                                                    "for them (empty when the controller has published nothing)")
 
 
 class RejectionOut(_Out):

@@ -212,12 +212,50 @@ async def test_bad_query_names_the_field(client: httpx.AsyncClient, token_and_ha
 async def test_api_convergence_and_rejections(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
     r = await client.get("/api/policy/convergence", headers=bearer(token_and_hash))
     assert r.json() == {"latest": 7, "converged": 2, "total": 3,
-                        "versions": [{"version": 7, "devices": 2}, {"version": 6, "devices": 1}]}
+                        "versions": [{"version": 7, "devices": 2}, {"version": 6, "devices": 1}], "behind": []}
     store.record_rejection("pi-2", "nanofleet/v1/demo/pi-2/telemetry", "telemetry.cpu_percent: not a number")
     store.record_rejection("pi-2", "nanofleet/v1/demo/pi-2/telemetry", "telemetry.cpu_percent: not a number")
     rej = (await client.get("/api/rejections", headers=bearer(token_and_hash))).json()
     assert rej == [{"device_id": "pi-2", "topic": "nanofleet/v1/demo/pi-2/telemetry",
                     "reason": "telemetry.cpu_percent: not a number", "count": 2, "last_ms": rej[0]["last_ms"]}]
+
+
+async def test_convergence_names_devices_behind_their_published_policy(client: httpx.AsyncClient, store: Store,
+                                                                       token_and_hash) -> None:
+    from nanofleet.controller.views import PublishedPolicy
+
+    store.record_policies([PublishedPolicy(d, 7, "h", "{}", 0) for d in ("pi-1", "pi-2", "pi-3")])
+    body = (await client.get("/api/policy/convergence", headers=bearer(token_and_hash))).json()
+    assert body["behind"] == [{"device_id": "pi-3", "applied": 6, "published": 7}]
+    await login(client, token_and_hash[0])
+    assert "1 device not yet on the policy published for it:" in (await client.get("/")).text
+
+
+async def test_stale_device_and_alert_thresholds_are_visible(tmp_path: Path, token_and_hash) -> None:
+    s = Store(tmp_path / "alerts.db")
+    try:
+        now = int(time.time() * 1000)
+        s.write_status("demo", birth("hot"), now)
+        s.write_telemetry("demo", [fleet_pb2.Telemetry(
+            device_id="hot", bd_seq=1, seq=0, ts_ms=now, cpu_percent=99, ram_total_mb=4096, ram_available_mb=100,
+            temp_max_c=91.5, thermal_level=fleet_pb2.THERMAL_LEVEL_CRITICAL, queue_depth=900)], now)
+        s.write_status("demo", birth("quiet"), now - 600_000)
+        s.sweep_stale(now)  # quiet: 10 s interval, silent for 10 min
+        app = create_app(s, FLEET, operator_token_hash=token_and_hash[1])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            devices = {d["device_id"]: d for d in (await c.get("/api/devices", headers=bearer(token_and_hash))).json()}
+            assert devices["quiet"]["state"] == "stale" and devices["hot"]["state"] == "online"
+            await login(c, token_and_hash[0])
+            html = (await c.get("/")).text
+            rows = dict(re.findall(r'<tr class="row-\w+" data-device="([^"]+)">(.*?)</tr>', html))
+            assert 'data-state="stale"' in rows["quiet"] and ">stale<" in rows["quiet"]
+            hot = rows["hot"]
+            assert hot.count('class="warn"') == 4  # temperature, thermal level, RAM, queue depth
+            assert "91.5 °C ⚠" in hot and "critical ⚠" in hot and "900 ⚠" in hot
+            assert 'title="below 256 MB free"' in hot
+            assert re.search(r'data-count="stale"><div class="n">1<', html)
+    finally:
+        s.close()
 
 
 async def test_openapi_documents_the_api(client: httpx.AsyncClient, token_and_hash) -> None:
