@@ -181,13 +181,15 @@ def create_app(
         return schemas.ConvergenceOut(latest=latest, converged=versions[0].devices if versions else 0,
                                       total=sum(conv.values()), versions=versions, behind=_behind())
 
-    def _behind() -> list[schemas.PolicyLag]:
+    def _behind(devices: Sequence[Any] | None = None) -> list[schemas.PolicyLag]:
         published_of = getattr(store, "published_policies", None)  # beyond the contract: used when present
         if published_of is None:
             return []
         published = published_of()
+        if not published:
+            return []
         return [schemas.PolicyLag(device_id=d.device_id, applied=d.policy_version, published=p.version)
-                for d in store.list_devices()
+                for d in (store.list_devices() if devices is None else devices)
                 if (p := published.get(d.device_id)) is not None and d.policy_version != p.version]
 
     async def _send_command(device_id: str, kind: str, args: dict[str, str]) -> schemas.CommandOut:
@@ -239,10 +241,12 @@ def create_app(
 
     # ---- pages --------------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
-    def overview(request: Request, operator: Authed) -> HTMLResponse:
+    def overview(request: Request, operator: Authed, q: Annotated[str, Query(max_length=200)] = "",
+                 state: Literal["", "online", "offline", "stale"] = "") -> HTMLResponse:
         devices = [_with_group(d) for d in store.list_devices()]
         content = pages.overview_page(devices, store.policy_convergence(), store.rejections(50), _usage_rows(),
-                                      alerts=config.alerts, now_ms=now_ms(), behind=_behind())
+                                      alerts=config.alerts, now_ms=now_ms(), behind=_behind(devices),
+                                      query=q, state=state)
         return _html(request, content, title="Fleet", operator=operator, refresh=True)
 
     def _device_content(device_id: str, window: str, operator: Operator,

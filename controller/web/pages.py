@@ -142,28 +142,56 @@ def _usage_html(rows: Sequence[Any] | None) -> str:
             f'<th class="num">Cost</th></tr></thead><tbody>{body}</tbody></table>')
 
 
+MAX_ROWS = 500  # past this the table is a scroll, not an overview: filter instead
+
+
+def _matches(d: Any, query: str, state: str) -> bool:
+    if state and _g(d, "state") != state:
+        return False
+    if not query:
+        return True
+    q = query.casefold()
+    return any(q in (_g(d, name) or "").casefold() for name in ("device_id", "group", "model_name"))
+
+
+def _filter_form(query: str, state: str) -> str:
+    options = "".join(f'<option value="{v}"{" selected" if v == state else ""}>{label}</option>'
+                      for v, label in (("", "any state"), ("online", "online"), ("offline", "offline"),
+                                       ("stale", "stale")))
+    return ('<form class="filter" method="get" action="/">'
+            f'<input type="search" name="q" value="{escape(query)}" placeholder="device, group or model" '
+            f'aria-label="filter devices"> <select name="state" aria-label="state">{options}</select> '
+            '<button type="submit">Filter</button></form>')
+
+
 def overview_page(devices: Sequence[Any], convergence: dict[int, int], rejections: Sequence[Any],
                   usage_rows: Sequence[Any] | None, *, alerts: Alerts, now_ms: int,
-                  behind: Sequence[Any] = ()) -> str:
+                  behind: Sequence[Any] = (), query: str = "", state: str = "", max_rows: int = MAX_ROWS) -> str:
     counts = {s: sum(1 for d in devices if _g(d, "state") == s) for s in ("online", "offline", "stale")}
     cards = "".join(
-        f'<div class="card" data-count="{key}"><div class="n">{n}</div><div class="l">{label}</div></div>'
-        for key, n, label in (("total", len(devices), "devices"), ("online", counts["online"], "online"),
+        f'<a class="card" href="/?state={key}" data-count="{key or "total"}"><div class="n">{n}</div>'
+        f'<div class="l">{label}</div></a>'
+        for key, n, label in (("", len(devices), "devices"), ("online", counts["online"], "online"),
                               ("offline", counts["offline"], "offline"), ("stale", counts["stale"], "stale"))
     )
-    if devices:
-        rows = "".join(_device_row(d, alerts, now_ms) for d in sorted(devices, key=lambda d: _g(d, "device_id", "")))
+    shown = sorted((d for d in devices if _matches(d, query, state)), key=lambda d: _g(d, "device_id", ""))
+    if shown:
+        rows = "".join(_device_row(d, alerts, now_ms) for d in shown[:max_rows])
+        note = (f'<p class="muted">Showing {max_rows} of {len(shown)} devices; filter to narrow.</p>'
+                if len(shown) > max_rows else "")
         table = (
             '<table class="devices"><thead><tr><th>Device</th><th>Group</th><th>State</th><th>Last seen</th>'
             '<th class="num">Temp</th><th>Thermal</th><th class="num">RAM avail / total</th><th class="num">CPU</th>'
             '<th>Model</th><th class="num">Policy</th><th class="num">Queue</th></tr></thead>'
-            f"<tbody>{rows}</tbody></table>"
+            f"<tbody>{rows}</tbody></table>{note}"
         )
+    elif devices:
+        table = '<p class="muted">No device matches this filter.</p>'
     else:
         table = '<p class="muted">No device has reported yet. Start an agent or <code>nanofleet sim</code>.</p>'
     return (
         f'<h1>Fleet</h1><div class="cards">{cards}</div>'
-        f"<h2>Devices</h2>{table}"
+        f"<h2>Devices</h2>{_filter_form(query, state) if devices else ''}{table}"
         f"<h2>Policy convergence</h2>{_convergence_html(convergence)}{_behind_html(behind)}"
         f"<h2>Rejected payloads</h2>{_rejections_html(rejections, now_ms)}"
         f"{_usage_html(usage_rows)}"

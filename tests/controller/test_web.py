@@ -253,7 +253,7 @@ async def test_stale_device_and_alert_thresholds_are_visible(tmp_path: Path, tok
             assert hot.count('class="warn"') == 4  # temperature, thermal level, RAM, queue depth
             assert "91.5 °C ⚠" in hot and "critical ⚠" in hot and "900 ⚠" in hot
             assert 'title="below 256 MB free"' in hot
-            assert re.search(r'data-count="stale"><div class="n">1<', html)
+            assert re.search(r'data-count="stale"><div class="n">1<', html)  # cards count all devices
     finally:
         s.close()
 
@@ -321,6 +321,23 @@ async def test_overview_page(client: httpx.AsyncClient, token_and_hash) -> None:
     assert "2 of 3 devices run the latest policy (v7)" in html
     assert "No malformed payloads rejected." in html
     assert 'data-refresh="3"' in html
+
+
+async def test_overview_filters_and_caps_rows(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
+    from nanofleet.controller.web import pages
+
+    await login(client, token_and_hash[0])
+
+    def shown(html: str) -> list[str]:
+        return re.findall(r'<tr class="row-\w+" data-device="([^"]+)">', html)
+
+    assert shown((await client.get("/", params={"state": "offline"})).text) == ["pi-3"]
+    assert shown((await client.get("/", params={"q": "KIOSK"})).text) == ["pi-1"]  # group, case-insensitive
+    html = (await client.get("/", params={"q": '"><script>'})).text
+    assert "No device matches this filter." in html and 'value="&quot;&gt;&lt;script&gt;"' in html
+    assert (await client.get("/", params={"state": "exploded"})).status_code == 422
+    capped = pages.overview_page(store.list_devices(), {}, [], None, alerts=FLEET.alerts, now_ms=0, max_rows=2)
+    assert shown(capped) == ["pi-1", "pi-2"] and "Showing 2 of 3 devices" in capped
 
 
 async def test_pages_carry_a_strict_csp_with_matching_nonce(client: httpx.AsyncClient, token_and_hash) -> None:

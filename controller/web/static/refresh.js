@@ -5,6 +5,11 @@
   var every = main ? parseInt(main.getAttribute("data-refresh") || "0", 10) : 0;
   if (!every) return;
   function tick() {
+    var active = document.activeElement;
+    if (active && main.contains(active) && /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName)) {
+      setTimeout(tick, every * 1000);  // do not swap the form out from under someone typing in it
+      return;
+    }
     fetch(location.pathname + location.search, {
       headers: { "X-Fragment": "1" }, credentials: "same-origin", cache: "no-store", redirect: "error"
     }).then(function (r) {
