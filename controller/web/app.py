@@ -160,6 +160,8 @@ def create_app(
     def _usage_rows(day: str | None = None) -> list[Any] | None:
         if usage_db is None:
             return None
+        if not usage_store and not Path(usage_db).exists():
+            return []  # the gateway has not written anything yet; do not create its file for it
         with usage_lock:
             if not usage_store:
                 from nanofleet.controller.gateway.usage import UsageStore  # only when the gateway runs beside us

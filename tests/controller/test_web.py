@@ -275,6 +275,15 @@ async def test_usage_not_configured_is_404(client: httpx.AsyncClient, token_and_
     assert r.status_code == 404 and r.json()["error"] == "usage_not_configured"
 
 
+async def test_usage_db_not_yet_written_reads_as_empty(tmp_path: Path, store: Store, token_and_hash) -> None:
+    app = create_app(store, FLEET, operator_token_hash=token_and_hash[1], usage_db=tmp_path / "absent.db")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+        body = (await c.get("/api/usage", headers=bearer(token_and_hash))).json()
+        assert body == {"day": None, "rows": [], "total_tokens": 0, "total_cost_usd": 0.0}
+        assert "No cloud requests recorded." in (await c.get("/", headers=bearer(token_and_hash))).text
+    assert not (tmp_path / "absent.db").exists()
+
+
 async def test_usage_from_the_gateway_db(tmp_path: Path, store: Store, token_and_hash) -> None:
     from nanofleet.config import DEFAULT_PRICES
     from nanofleet.controller.gateway.db import Database
