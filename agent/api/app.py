@@ -82,6 +82,11 @@ class RouteHeaders:
         await self.app(scope, receive, tagged)
 
 
+def estimate_tokens(messages: list[dict[str, str]]) -> int:
+    """A cheap prompt size for the router (about 3 characters a token); exact counts are for sessions."""
+    return sum(len(m["content"]) // 3 + 4 for m in messages)
+
+
 def chat_request(body: ChatCompletionBody, window: int) -> ChatRequest:
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is not None and max_tokens >= window:
@@ -96,6 +101,20 @@ def chat_request(body: ChatCompletionBody, window: int) -> ChatRequest:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return ChatRequest([m.as_dict() for m in body.messages], max_tokens or min(DEFAULT_MAX_TOKENS, window // 2),
                        body.temperature, body.top_p, body.top_k, stop, options=options)
+
+
+class EventStream(StreamingResponse):
+    """SSE response that always closes its generator, so a client that disconnects stops generation at once
+    (rather than whenever the abandoned generator is garbage-collected)."""
+
+    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        super().__init__(content, 200, {**headers, "cache-control": "no-cache"}, media_type="text/event-stream")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
 def create_app(
@@ -121,6 +140,7 @@ def create_app(
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                        code="not_found" if exc.status_code == 404 else "method_not_allowed")
+        dispatcher.counts["bad_request"] += 1
         return Response(dumps(err.body()), exc.status_code, {**err.headers(), **(exc.headers or {})}, _JSON)
 
     @app.post("/v1/chat/completions", tags=["openai"], openapi_extra=_body_doc(ChatCompletionBody),
@@ -128,16 +148,15 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         body: ChatCompletionBody = parse(CHAT, await read_body(request, max_body_bytes))
         chat = chat_request(body, models.spec.n_ctx)
-        req = route_request(body.nanofleet, request.headers)
+        req = route_request(body.nanofleet, request.headers, estimate_tokens(chat.messages))
         chat.app_id, chat.sensitive = req.app_id, req.sensitive
         chat.request_id = request.headers.get("idempotency-key", "")
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
         if body.stream:
             route, reason, chunks = await dispatcher.open_stream(chat, req)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse_chat(chunks, cid, created, include_usage), 200, {
-                "x-nanofleet-route": route, "x-nanofleet-reason": reason, "cache-control": "no-cache"},
-                media_type="text/event-stream")
+            return EventStream(_sse_chat(chunks, cid, created, include_usage),
+                               {"x-nanofleet-route": route, "x-nanofleet-reason": reason})
         completion, route, reason = await dispatcher.generate(chat, req)
         return json_response({
             "id": cid, "object": "chat.completion", "created": created, "model": completion.model,

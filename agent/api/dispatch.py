@@ -86,7 +86,7 @@ class Dispatcher:
         dev = self._device[1]
         st = self.models
         return DeviceState(dev.thermal_level, dev.ram_available_mb, dev.battery_pct, dev.charging, dev.metered,
-                           st.availability, st.reason.startswith("insufficient_ram"))
+                           st.availability, st.recently_refused())
 
     def connectivity(self) -> Connectivity:
         cloud: Any = self.cloud

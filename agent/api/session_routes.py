@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from nanofleet.agent.api.app import (
     DEFAULT_MAX_TOKENS,
+    EventStream,
     _body_doc,
     json_response,
     parse,
@@ -98,16 +99,16 @@ def install(app: FastAPI) -> None:
         if reserve >= win:
             raise ApiError(400, f"max_tokens: {reserve} is more than the context window of {win} tokens",
                            param="max_tokens", code="invalid_max_tokens")
-        req = route_request(body.nanofleet, request.headers)
         new = {"role": "user", "content": body.text()}
         await session.lock.acquire()
         try:
             try:
-                messages, dropped, _ = await fit(session, new, reserve, win, dispatcher.count_tokens)
+                messages, dropped, tokens = await fit(session, new, reserve, win, dispatcher.count_tokens)
             except ContextOverflow as exc:
                 raise ApiError(400, exc.message, param="prompt", code="context_length_exceeded") from None
             except BackendError as exc:
                 raise from_backend(exc, "local") from None
+            req = route_request(body.nanofleet, request.headers, tokens)
             options: dict[str, Any] = {}
             if body.seed is not None:
                 options["seed"] = body.seed
@@ -119,9 +120,8 @@ def install(app: FastAPI) -> None:
                      "dropped_messages": dropped}
             if body.stream:
                 route, reason, chunks = await dispatcher.open_stream(chat, req)
-                return StreamingResponse(_stream(session, new, chunks, extra), 200,
-                                         {"x-nanofleet-route": route, "x-nanofleet-reason": reason},
-                                         media_type="text/event-stream")
+                return EventStream(_stream(session, new, chunks, extra),
+                                   {"x-nanofleet-route": route, "x-nanofleet-reason": reason})
             completion, route, reason = await dispatcher.generate(chat, req)
         except BaseException:
             session.lock.release()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ class ModelManager:
         self._retiring: set[asyncio.Task[None]] = set()
         self._progress: float | None = None
         self.reason = ""
+        self.refused_at = 0.0  # monotonic time of the last refusal to load (insufficient RAM)
         self.tokens_per_s = 0.0
         self.loads = 0
         self.file = resolve(spec, cache_dir)
@@ -86,6 +88,10 @@ class ModelManager:
         if self.file.url or self.file.builtin:
             return "downloadable"
         return "unavailable"
+
+    def recently_refused(self, within: float = 5.0) -> bool:
+        """A load was refused for lack of RAM moments ago: routes elsewhere until it is worth another try."""
+        return bool(self.refused_at) and time.monotonic() - self.refused_at < within
 
     @property
     def loaded(self) -> bool:
@@ -126,6 +132,7 @@ class ModelManager:
             if free < need:
                 self.reason = (f"insufficient_ram: model needs about {need >> 20} MB, "
                                f"{free >> 20} MB free; not loaded")
+                self.refused_at = time.monotonic()
                 raise InsufficientMemory(self.reason)
             backend = await asyncio.to_thread(self._factory, self.file, self.spec)
             if self.warmup:

@@ -1,0 +1,92 @@
+"""Bad input on the socket API: each case a 4xx with an OpenAI-style error body naming the problem."""
+
+from __future__ import annotations
+
+import httpx
+
+from tests.agent.conftest import CHAT
+
+
+def assert_error(r: httpx.Response, status: int, *, param: str | None = None, says: str = "") -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == ("invalid_request_error" if status in (400, 413) else err["type"])
+    if param is not None:
+        assert err["param"] == param
+    assert says.lower() in err["message"].lower()
+    assert "x-nanofleet-route" in r.headers and "x-nanofleet-reason" in r.headers
+    return err
+
+
+async def test_invalid_json(asgi: httpx.AsyncClient) -> None:
+    r = await asgi.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    assert assert_error(r, 400, says="invalid JSON")["code"] == "invalid_json"
+
+
+async def test_body_not_an_object(asgi: httpx.AsyncClient) -> None:
+    assert_error(await asgi.post("/v1/chat/completions", json=[1, 2]), 400, says="JSON object")
+
+
+async def test_wrong_type(asgi: httpx.AsyncClient) -> None:
+    r = await asgi.post("/v1/chat/completions", json={**CHAT, "temperature": "hot"})
+    assert_error(r, 400, param="temperature", says="temperature")
+
+
+async def test_wrong_message_shape(asgi: httpx.AsyncClient) -> None:
+    r = await asgi.post("/v1/chat/completions", json={"messages": [{"role": "robot", "content": "x"}]})
+    assert_error(r, 400, param="messages.0.role", says="messages.0.role")
+
+
+async def test_unknown_session(asgi: httpx.AsyncClient) -> None:
+    r = await asgi.post("/v1/sessions/sess_nope/prompt", json={"prompt": "hi"})
+    assert assert_error(r, 404, param="session_id", says="sess_nope")["code"] == "session_not_found"
+    assert_error(await asgi.delete("/v1/sessions/sess_nope"), 404, param="session_id")
+
+
+async def test_negative_max_tokens(asgi: httpx.AsyncClient) -> None:
+    r = await asgi.post("/v1/chat/completions", json={**CHAT, "max_tokens": -5})
+    assert_error(r, 400, param="max_tokens", says="greater than or equal to 1")
+
+
+async def test_huge_max_tokens(asgi: httpx.AsyncClient) -> None:
+    r = await asgi.post("/v1/chat/completions", json={**CHAT, "max_tokens": 100_000})
+    assert_error(r, 400, param="max_tokens", says="context window of 512")
+    r = await asgi.post("/v1/chat/completions", json={**CHAT, "max_tokens": 10**12})
+    assert_error(r, 400, param="max_tokens")
+
+
+async def test_empty_messages(asgi: httpx.AsyncClient) -> None:
+    r = await asgi.post("/v1/chat/completions", json={"messages": []})
+    assert_error(r, 400, param="messages", says="at least 1")
+    r = await asgi.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
+    assert_error(r, 400, param="messages", says="user")
+
+
+async def test_missing_messages(asgi: httpx.AsyncClient) -> None:
+    assert_error(await asgi.post("/v1/chat/completions", json={"max_tokens": 3}), 400, param="messages",
+                 says="required")
+
+
+async def test_body_over_the_limit(asgi: httpx.AsyncClient) -> None:
+    big = {"messages": [{"role": "user", "content": "x" * (1 << 20)}]}
+    err = assert_error(await asgi.post("/v1/chat/completions", json=big), 413, says="over the limit")
+    assert err["code"] == "body_too_large"
+
+
+async def test_bad_routing_hint(asgi: httpx.AsyncClient) -> None:
+    r = await asgi.post("/v1/chat/completions", json=CHAT, headers={"X-Nanofleet-Mode": "sideways"})
+    assert_error(r, 400, param="X-Nanofleet-Mode", says="prefer_local")
+    r = await asgi.post("/v1/chat/completions", json={**CHAT, "nanofleet": {"privacy": "secret"}})
+    assert_error(r, 400, param="nanofleet.privacy")
+
+
+async def test_empty_session_prompt(asgi: httpx.AsyncClient) -> None:
+    sid = (await asgi.post("/v1/sessions", json={})).json()["id"]
+    assert_error(await asgi.post(f"/v1/sessions/{sid}/prompt", json={"prompt": ""}), 400, param="prompt")
+
+
+async def test_unknown_path_and_rejections_counted(asgi: httpx.AsyncClient) -> None:
+    assert_error(await asgi.get("/v1/nothing"), 404, says="/v1/nothing")
+    await asgi.post("/v1/chat/completions", json={"max_tokens": 3})
+    assert asgi.service.dispatcher.counts["bad_request"] == 2  # type: ignore[attr-defined]

@@ -1,0 +1,82 @@
+"""A client that disconnects mid-stream stops generation within a few tokens; slots, fair waiting, 429 past the
+bound. Over the real unix socket (uvicorn), because in-process transports buffer whole responses."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from nanofleet.agent.service import AgentService
+from tests.agent.conftest import uds_client
+
+LONG = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": True, "ignore_eos": True}
+
+
+async def until(predicate: Callable[[], object], within: float = 10.0, what: str = "") -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def small_queue(make_settings) -> AsyncIterator[AgentService]:
+    svc = AgentService(make_settings(), warmup=False, max_waiting=1)
+    await svc.start()
+    yield svc
+    await svc.stop()
+
+
+async def test_disconnect_mid_stream_stops_generation(service: AgentService) -> None:
+    async with uds_client(service.settings.socket_path) as c:
+        async with c.stream("POST", "/v1/chat/completions", json=LONG) as r:
+            assert r.status_code == 200
+            received = 0
+            async for line in r.aiter_lines():
+                received += line.startswith("data: ")
+                if received >= 5:
+                    break
+            backend = service.models._loaded.backend  # type: ignore[union-attr]
+            at_disconnect = backend.tokens_generated
+    await until(lambda: backend.active_streams == 0 and service.dispatcher.admission.active == 0,
+                what="generation to stop")
+    after = backend.tokens_generated - at_disconnect
+    assert after <= 8, f"{after} tokens generated after the client went away"
+    assert backend.tokens_generated < 100  # of the 480 asked for
+    # llama.cpp's own slot is idle again (asked on its private socket)
+    import httpx
+
+    async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(backend.socket_path)),
+                                 base_url="http://llama") as llama:
+        await until(lambda: True)
+        slots = (await llama.get("/slots")).json()
+    assert not any(s["is_processing"] for s in slots)
+
+
+async def test_parallel_slots_then_fair_wait_then_429(small_queue: AgentService) -> None:
+    svc = small_queue
+    async with uds_client(svc.settings.socket_path) as c:
+        streams = []
+        for _ in range(2):  # both slots busy, each holding a stream open
+            cm = c.stream("POST", "/v1/chat/completions", json=LONG)
+            r = await cm.__aenter__()
+            assert r.status_code == 200
+            streams.append((cm, r))
+        assert svc.dispatcher.admission.active == 2
+        waiter = asyncio.create_task(c.post("/v1/chat/completions", json={**LONG, "stream": False,
+                                                                          "max_tokens": 4}))
+        await until(lambda: svc.dispatcher.admission.waiting == 1, what="third request to wait")
+        status = (await c.get("/v1/status")).json()
+        assert status["queue_depth"] == 1 and status["concurrency"]["active"] == 2
+        r = await c.post("/v1/chat/completions", json={**LONG, "stream": False})
+        assert r.status_code == 429
+        assert r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "busy"
+        assert r.headers["x-nanofleet-route"] == "local"
+        for cm, _r in streams:
+            await cm.__aexit__(None, None, None)
+        served = await asyncio.wait_for(waiter, 10)
+        assert served.status_code == 200 and served.json()["usage"]["completion_tokens"] == 4

@@ -1,0 +1,137 @@
+"""Model lifecycle with the real tiny model: lazy load, keep_alive (0 / N s / -1), RAM guard, unload and reload
+commands, builtin generation, and the hooks the MQTT device session calls."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import httpx
+
+from nanofleet.agent.runtime.base import ChatRequest
+from nanofleet.agent.runtime.lifecycle import ModelManager
+from nanofleet.agent.service import AgentService
+from nanofleet.config import ModelSpec
+from nanofleet.protos import fleet_pb2
+from tests.agent.conftest import CHAT
+from tests.agent.test_cancel_concurrency import until
+
+HI = ChatRequest([{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def manager(tmp_path: Path, tiny_gguf: Path, **spec) -> ModelManager:
+    return ModelManager(ModelSpec(source=f"file:{tiny_gguf}", n_ctx=256, **spec), tmp_path / "cache",
+                        tmp_path / "private", warmup=False)
+
+
+async def test_lazy_load_and_keep_alive_zero_unloads_at_once(tmp_path: Path, tiny_gguf: Path) -> None:
+    m = manager(tmp_path, tiny_gguf, keep_alive=0)
+    assert not m.loaded and m.status().availability == "available"
+    async with m.use() as backend:
+        assert m.loaded
+        assert (await backend.generate(HI)).usage.completion_tokens == 2
+    await until(lambda: not m.loaded, what="unload")
+    await m.settle()
+    async with m.use() as backend:  # loads again on the next use
+        await backend.generate(HI)
+    assert m.loads == 2
+    await m.close()
+
+
+async def test_idle_keep_alive_unloads_after_the_delay(tmp_path: Path, tiny_gguf: Path) -> None:
+    m = manager(tmp_path, tiny_gguf, keep_alive=0.2)
+    async with m.use() as backend:
+        await backend.generate(HI)
+    assert m.loaded  # still warm right after the request
+    await until(lambda: not m.loaded, within=5, what="idle unload")
+    await m.close()
+
+
+async def test_keep_alive_minus_one_never_schedules_unload(tmp_path: Path, tiny_gguf: Path) -> None:
+    m = manager(tmp_path, tiny_gguf, keep_alive=-1)
+    async with m.use() as backend:
+        await backend.generate(HI)
+    assert m.loaded and m._idle is None
+    await m.close()
+    assert not m.loaded
+
+
+async def test_unload_waits_for_requests_in_flight(tmp_path: Path, tiny_gguf: Path) -> None:
+    m = manager(tmp_path, tiny_gguf, keep_alive=-1)
+    async with m.use() as backend:
+        unloading = asyncio.create_task(m.unload())
+        await asyncio.sleep(0)
+        assert not m.loaded  # new requests would load afresh...
+        assert (await backend.generate(HI)).usage.completion_tokens == 2  # ...but this one finishes
+    assert await unloading is True
+    await m.close()
+
+
+async def test_refuses_to_load_without_enough_free_ram(make_settings) -> None:
+    free = {"bytes": 8 << 20}
+    svc = AgentService(make_settings(), warmup=False, free_ram=lambda: free["bytes"])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503
+        assert r.json()["error"]["code"] == "insufficient_ram"
+        assert "MB free" in r.json()["error"]["message"]
+        status = (await c.get("/v1/status")).json()
+        assert status["model"]["loaded"] is False
+        assert status["model"]["reason"].startswith("insufficient_ram: model needs about")
+        assert status["routes"]["local"]["healthy"] is False
+        assert svc.model_state().reason.startswith("insufficient_ram")
+        free["bytes"] = 64 << 30
+        svc.models.refused_at = 0.0  # as if the retry delay had passed
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200
+        assert (await c.get("/v1/status")).json()["model"]["reason"] == ""
+    await svc.models.close()
+
+
+async def test_builtin_tiny_model_is_generated_on_first_use(tmp_path: Path) -> None:
+    m = ModelManager(ModelSpec(source="builtin:tiny-test", n_ctx=256), tmp_path / "cache", tmp_path / "p",
+                     warmup=True)
+    assert m.status().availability == "downloadable"
+    async with m.use() as backend:
+        await backend.generate(HI)
+    assert m.status().availability == "available" and (tmp_path / "cache" / "tiny-test.gguf").exists()
+    await m.close()
+
+
+async def test_reload_switches_to_a_new_model(tmp_path: Path, tiny_gguf: Path) -> None:
+    m = manager(tmp_path, tiny_gguf, keep_alive=-1)
+    other = tmp_path / "other.gguf"
+    await asyncio.to_thread(shutil.copy, tiny_gguf, other)
+    await m.reload(ModelSpec(source=f"file:{other}", n_ctx=256))
+    assert m.loaded and m.status().name == "other"
+    async with m.use() as backend:
+        assert backend.model_name == "other"
+    await m.close()
+
+
+async def test_hooks_commands_policy_and_metrics(make_settings) -> None:
+    svc = AgentService(make_settings(model={"keep_alive": -1}), warmup=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
+        assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        state = svc.model_state()
+        assert state.loaded and state.availability == fleet_pb2.MODEL_AVAILABILITY_AVAILABLE
+        assert state.name == Path(svc.settings.model.source[5:]).stem
+        assert svc.agent_metrics().route_counts["local"] == 1
+        res = await svc.handle_command(fleet_pb2.Command(id="c1", kind="unload-model"))
+        assert (res.id, res.status, res.device_id) == ("c1", "ok", "dev-test") and not svc.models.loaded
+        res = await svc.handle_command(fleet_pb2.Command(id="c2", kind="reload-model"))
+        assert res.status == "ok" and svc.models.loaded
+        res = await svc.handle_command(fleet_pb2.Command(id="c3", kind="self-destruct"))
+        assert res.status == "error" and "unknown command" in res.message
+        await svc.apply_policy(fleet_pb2.RoutingPolicy(version=9, prefer="local", cloud_allowed=True,
+                                                       thermal_limit=fleet_pb2.THERMAL_LEVEL_SEVERE,
+                                                       max_local_prompt_tokens=10))
+        assert svc.agent_metrics().policy_version == 9
+        assert (await c.get("/v1/status")).json()["policy_version"] == 9
+        long = {**CHAT, "messages": [{"role": "user", "content": "x" * 100}]}
+        r = await c.post("/v1/chat/completions", json=long)  # the prompt is too large for local, no cloud
+        assert r.status_code == 503 and r.headers["x-nanofleet-reason"] == "prompt_too_large"
+        assert r.headers["x-nanofleet-route"] == "queue" and "offline queue is not available" in r.text
+        assert svc.agent_metrics().route_counts["rejected"] == 1
+    await svc.models.close()

@@ -1,0 +1,115 @@
+"""The pure router: examples for each rule, and hypothesis for the invariants over every input combination."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nanofleet.agent.router import (
+    MODES,
+    AppRule,
+    Connectivity,
+    Decision,
+    DeviceState,
+    Policy,
+    RouteRequest,
+    decide,
+    next_route,
+)
+from nanofleet.protos import fleet_pb2
+
+UP = Connectivity(gateway_configured=True, gateway_reachable=True)
+OK = DeviceState()
+
+requests = st.builds(RouteRequest, mode=st.sampled_from([None, *MODES]), sensitive=st.booleans(),
+                     queue_allowed=st.booleans(), prompt_tokens=st.integers(0, 20_000),
+                     app_id=st.sampled_from(["", "notes", "other"]))
+policies = st.builds(Policy, prefer=st.sampled_from(["local", "cloud"]), cloud_allowed=st.booleans(),
+                     thermal_limit=st.integers(1, 6), min_free_ram_mb=st.integers(0, 4096),
+                     battery_floor_pct=st.integers(0, 100), metered_local_only=st.booleans(),
+                     max_local_prompt_tokens=st.integers(1, 10_000), cloud_tokens_per_day=st.integers(0, 1000),
+                     apps=st.sampled_from([{}, {"notes": AppRule(privacy="sensitive")},
+                                           {"notes": AppRule(mode="cloud_only")}]))
+devices = st.builds(DeviceState, thermal_level=st.integers(0, 6), ram_available_mb=st.integers(0, 8192),
+                    battery_pct=st.none() | st.floats(0, 100), charging=st.booleans(), metered=st.booleans(),
+                    model_availability=st.sampled_from(["unavailable", "downloadable", "downloading", "available"]),
+                    model_refused=st.booleans())
+conns = st.builds(Connectivity, gateway_configured=st.booleans(), gateway_reachable=st.booleans(),
+                  circuit_open=st.booleans(), cloud_tokens_used_today=st.integers(0, 2000))
+
+
+def routes(d: Decision) -> set[str]:
+    return {d.route, *d.fallbacks}
+
+
+@given(requests, policies, devices, conns)
+def test_sensitive_and_local_only_never_reach_the_cloud(req, policy, dev, conn) -> None:
+    d = decide(req, policy, dev, conn)
+    sensitive = req.sensitive or policy.apps.get(req.app_id, AppRule()).privacy == "sensitive"
+    if sensitive or req.mode == "local_only":
+        assert "cloud" not in routes(d)
+
+
+@given(requests, policies, devices, conns)
+def test_cloud_denied_policy_never_yields_cloud(req, policy, dev, conn) -> None:
+    if not policy.cloud_allowed:
+        assert "cloud" not in routes(decide(req, policy, dev, conn))
+
+
+@given(requests, policies, devices, conns)
+def test_decision_is_well_formed(req, policy, dev, conn) -> None:
+    d = decide(req, policy, dev, conn)
+    assert d.route in ("local", "cloud", "queue", "reject")
+    assert d.reason
+    assert d.route not in d.fallbacks
+    assert set(d.fallbacks) <= {"local", "cloud"}
+    if d.route == "queue":
+        assert req.queue_allowed
+    if "cloud" in routes(d):
+        assert conn.gateway_configured and conn.gateway_reachable and not conn.circuit_open
+    if "local" in routes(d):
+        assert dev.thermal_level < policy.thermal_limit and dev.model_availability != "unavailable"
+
+
+@given(st.lists(st.sampled_from(["local", "cloud"]), unique=True, max_size=2), st.integers(0, 100),
+       st.lists(st.sampled_from(["local", "cloud"]), max_size=2))
+def test_no_fallback_after_the_first_token(fallbacks, tokens, tried) -> None:
+    d = Decision("local", "x", tuple(f for f in fallbacks if f != "local"))
+    nxt = next_route(d, ("local", *tried), tokens)
+    if tokens > 0:
+        assert nxt is None
+    elif nxt is not None:
+        assert nxt in d.fallbacks and nxt not in tried
+
+
+def test_examples() -> None:
+    p = Policy()
+    assert decide(RouteRequest(), p, OK, UP) == Decision("local", "prefer_local", ("cloud",))
+    assert decide(RouteRequest(), p, OK, Connectivity()) == Decision("local", "prefer_local", ())
+    hot = DeviceState(thermal_level=3)
+    assert decide(RouteRequest(), p, hot, UP) == Decision("cloud", "thermal_severe")
+    assert decide(RouteRequest(sensitive=True), p, hot, UP) == Decision("queue", "thermal_severe")
+    assert decide(RouteRequest(sensitive=True, queue_allowed=False), p, hot, UP).route == "reject"
+    assert decide(RouteRequest(mode="cloud_only", sensitive=True), p, OK, UP) == Decision("reject", "sensitive")
+    assert decide(RouteRequest(mode="prefer_cloud"), p, OK, UP) == Decision("cloud", "prefer_cloud", ("local",))
+    low = DeviceState(battery_pct=5, charging=False)
+    assert decide(RouteRequest(), p, low, UP).route == "cloud"
+    assert decide(RouteRequest(), p, DeviceState(ram_available_mb=100), UP) == Decision("cloud", "low_ram")
+    assert decide(RouteRequest(prompt_tokens=7000), p, OK, UP).reason == "prompt_too_large"
+    assert decide(RouteRequest(), p, DeviceState(metered=True, thermal_level=5), UP).reason == "thermal_emergency"
+    assert decide(RouteRequest(), p, DeviceState(model_availability="downloading"), UP).route == "cloud"
+    assert decide(RouteRequest(mode="local_only"), p, DeviceState(model_availability="downloading"), UP).route == \
+        "local"
+    apps = Policy(apps={"notes": AppRule(privacy="sensitive")})
+    assert decide(RouteRequest(app_id="notes", mode="cloud_only"), apps, OK, UP).route == "reject"
+
+
+def test_policy_from_proto() -> None:
+    proto = fleet_pb2.RoutingPolicy(version=7, prefer="cloud", cloud_allowed=False, thermal_limit=2,
+                                    min_free_ram_mb=256, metered_network="allowed", max_local_prompt_tokens=100,
+                                    apps={"notes": fleet_pb2.AppPolicy(privacy="sensitive")})
+    p = Policy.from_proto(proto)
+    assert (p.version, p.prefer, p.cloud_allowed, p.thermal_limit, p.metered_local_only) == (7, "cloud", False, 2,
+                                                                                              False)
+    assert p.apps["notes"].privacy == "sensitive"
+    assert decide(RouteRequest(), p, OK, UP).route == "local"  # cloud denied: prefer=cloud cannot apply
