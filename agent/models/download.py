@@ -22,7 +22,6 @@ import httpx
 from nanofleet.agent.models.files import human_size, part_path
 
 Progress = Callable[[int, int | None], None]  # (bytes done, total bytes or None)
-_CHUNK = 1 << 16
 
 
 class ModelFileError(Exception):
@@ -96,7 +95,7 @@ def _fetch(client: httpx.Client, url: str, part: Path, progress: Progress | None
         with open(part, "r+b" if offset else "wb") as f:
             f.seek(offset)
             f.truncate()
-            for block in r.iter_bytes(_CHUNK):
+            for block in r.iter_bytes():
                 f.write(block)
                 done += len(block)
                 if progress:
