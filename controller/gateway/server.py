@@ -53,13 +53,15 @@ def build_upstream(cfg: UpstreamConfig, env: Mapping[str, str] | None = None) ->
             return UnavailableUpstream(f"upstream unavailable: {cfg.api_key_env} not set")
         from .upstreams.gemini import GeminiUpstream
 
-        return GeminiUpstream(key, base_url=cfg.base_url, timeout=cfg.timeout)
+        # the HTTP timeout sits past the call deadline (also cfg.timeout) so the deadline, not a retryable read
+        # timeout, ends a call that takes too long
+        return GeminiUpstream(key, base_url=cfg.base_url, timeout=cfg.timeout + 1)
     from .upstreams.openai_compat import OpenAICompatUpstream
 
     if cfg.kind == "openai" and not cfg.base_url:
         return UnavailableUpstream("upstream unavailable: gateway.upstream.base_url not set for kind openai")
     return OpenAICompatUpstream(cfg.base_url or "http://127.0.0.1:8080/v1", api_key=key or None,
-                                timeout=cfg.timeout, llamacpp=cfg.kind == "llamacpp")
+                                timeout=cfg.timeout + 1, llamacpp=cfg.kind == "llamacpp")
 
 
 class _DetailedHealth(HealthServicer):

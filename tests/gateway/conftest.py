@@ -27,7 +27,7 @@ FLEET_YAML = """
 fleet: test
 gateway:
   listen: 127.0.0.1:0
-  upstream: {{kind: gemini, model: gemini-2.5-flash, base_url: "{base_url}", thinking_budget: 0, timeout: 5,
+  upstream: {{kind: gemini, model: gemini-2.5-flash, base_url: "{base_url}", thinking_budget: 0, timeout: {timeout},
               max_retries: 2}}
   budgets: {{fleet_tokens_per_day: {fleet_budget}}}
 defaults:
@@ -145,9 +145,9 @@ async def make_gateway(tmp_path: Path, fake_gemini: FakeGemini) -> AsyncIterator
     started: list[Running] = []
 
     async def make(device_budget: int = 1_000_000, fleet_budget: int = 10_000_000, env: dict[str, str] | None = None,
-                   **kw: Any) -> Running:
+                   upstream_timeout: float = 5, **kw: Any) -> Running:
         text = FLEET_YAML.format(base_url=fake_gemini.base_url, device_budget=device_budget,
-                                 fleet_budget=fleet_budget)
+                                 fleet_budget=fleet_budget, timeout=upstream_timeout)
         kw.setdefault("retry_base_delay", 0.01)
         kw.setdefault("auth_cache_ttl", 0.0)
         gw = Gateway(parse_fleet(text), tmp_path / f"gw{len(started)}",

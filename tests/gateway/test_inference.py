@@ -12,7 +12,7 @@ import pytest
 from nanofleet.controller.gateway.usage import UsageStore
 from nanofleet.protos import inference_pb2
 
-from .conftest import MakeGateway
+from .conftest import MakeGateway, request
 from .fake_gemini import Reply, answer, error, rate_limited
 
 
@@ -282,6 +282,34 @@ async def test_deadline_is_honoured(make_gateway: MakeGateway) -> None:
     assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert time.monotonic() - started < 2
     assert (await client.generate("next")).text == "echo: next"
+
+
+async def test_gateway_caps_every_call_at_the_upstream_timeout(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(upstream_timeout=0.5)
+    gw.fake.push(Reply(delay=3), Reply(chunks=[answer("a ", finish=None), answer("b")], chunk_delay=3))
+    client = gw.client("dev-1")
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as late:  # no client deadline at all: the gateway's cap applies
+        await client.stub.Generate(request("x"), metadata=client.metadata)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "deadline exceeded" in late.value.details()
+    call = client.stub.GenerateStream(request("x"), metadata=client.metadata, timeout=30)
+    assert (await call.read()).text == "a "
+    with pytest.raises(grpc.aio.AioRpcError) as late_stream:
+        await call.read()
+    assert late_stream.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 2.5
+    assert len(gw.fake.calls()) == 2  # a deadline is not retried
+
+
+async def test_concurrent_duplicate_streams_share_one_upstream_call(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway()
+    gw.fake.push(Reply(chunks=[answer("one ", finish=None), answer("two", output_tokens=2)], chunk_delay=0.2))
+    client = gw.client("dev-1")
+    both = await asyncio.gather(client.stream("x", request_id="dup"), client.stream("x", request_id="dup"))
+    follower, leader = sorted(both, key=len)  # whichever came first streamed live; the other got the replay
+    assert [c.text for c in leader if c.text] == ["one ", "two"]
+    assert [c.text for c in follower] == ["one two"] and follower[0].usage == leader[-1].usage
+    assert len(gw.fake.calls()) == 1
 
 
 async def test_tls(make_gateway: MakeGateway, tls) -> None:  # type: ignore[no-untyped-def]
