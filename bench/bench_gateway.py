@@ -152,7 +152,7 @@ def run() -> dict[str, Any]:
                 "fleet: bench\ngateway:\n  upstream: {kind: gemini, model: gemini-2.5-flash, thinking_budget: 0, "
                 f'base_url: "{base_url}"}}\n'
                 "defaults: {routing: {cloud_budget: {tokens_per_day: 1000000000}}}\n")
-            token = issue_token(Path(tmp) / "gw" / "gateway.sqlite", "bench-device", "bench")
+            token = issue_token(Path(tmp) / "gw" / "gateway.db", "bench-device", "bench")
             gateway = subprocess.Popen([sys.executable, "-m", "nanofleet", "gateway", "serve", "--config", str(fleet),
                                         "--data-dir", str(Path(tmp) / "gw"), "--listen", f"127.0.0.1:{port}"],
                                        cwd=ROOT, env=env, stderr=subprocess.DEVNULL)

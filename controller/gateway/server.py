@@ -37,7 +37,7 @@ log = logging.getLogger("nanofleet.gateway")
 INFERENCE_SERVICE = "nanofleet.v1.Inference"
 UPSTREAM_SERVICE = "nanofleet.gateway.Upstream"
 DETAIL_KEY = "nanofleet-detail"
-DB_NAME = "gateway.sqlite"
+DB_NAME = "gateway.db"  # `nanofleet enroll` / `up` issue tokens into DATA_DIR/gateway.db
 
 
 class ListenError(GatewayError):

@@ -101,8 +101,8 @@ def test_token_cli_issue_list_revoke(tmp_path: Path) -> None:
     assert issued.exit_code == 0, issued.output
     token = issued.output.strip()
     assert token.startswith("nft_") and len(token) > 40
-    assert token not in (tmp_path / "gw" / "gateway.sqlite").read_bytes().decode("latin-1")  # stored hashed
-    assert oct((tmp_path / "gw" / "gateway.sqlite").stat().st_mode & 0o777) == "0o600"
+    assert token not in (tmp_path / "gw" / "gateway.db").read_bytes().decode("latin-1")  # stored hashed
+    assert oct((tmp_path / "gw" / "gateway.db").stat().st_mode & 0o777) == "0o600"
     listed = json.loads(runner.invoke(main, ["gateway", "token", "list", "--json", "--data-dir", data]).output)
     assert [(r["device_id"], r["fleet"], r["group"], r["revoked_ms"]) for r in listed] == [
         ("pi-01", "demo", "kiosks", None)]
