@@ -139,7 +139,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if found is None:
                 self.idem.start(key)
                 found = self.idem.peek(key, self.clock())
-                self._spawn(self._generate(identity, request, up_req, seconds, key))
+                # the upstream call gets the gateway's cap, not this caller's deadline: if the device gives up,
+                # the answer still lands once and its retry (same request_id) gets it without a second charge
+                self._spawn(self._generate(identity, request, up_req, self._timeout, key))
             assert isinstance(found, asyncio.Future)
             return await self._within(seconds, asyncio.shield(found))
         except GatewayError as exc:
@@ -162,7 +164,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             return response
         except BaseException as exc:
             if key is not None:
-                self.idem.fail(key, exc)
+                self.idem.fail(key, exc if isinstance(exc, GatewayError) else UpstreamError(
+                    "the original call with this request_id was interrupted"))
             raise
 
     async def _account(self, identity: DeviceIdentity, app_id: str, result: UpstreamResult,
@@ -256,10 +259,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await self._internal(context, exc)
             raise AssertionError("unreachable") from exc
 
-    async def drain(self) -> None:
-        """Wait for detached upstream calls (idempotent unary calls, partial-usage writes) to finish."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+    async def drain(self, within: float = 1.0) -> None:
+        """Give detached work (idempotent unary calls, partial-usage writes) `within` seconds, then cancel it."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(list(self._tasks), timeout=within)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
 
 
 def _fold(chunks: list[UpstreamChunk], model: str) -> UpstreamResult:

@@ -259,6 +259,17 @@ async def test_same_request_id_one_upstream_call_even_concurrently(make_gateway:
     assert sum(r.requests for r in rows) == 2  # charged once per upstream call
 
 
+async def test_retry_after_a_deadline_gets_the_answer_without_a_second_call(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway()
+    gw.fake.push(Reply(delay=0.8))
+    client = gw.client("dev-1")
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await client.generate("slow", request_id="slow-1", deadline=0.3)
+    assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    retried = await client.generate("slow", request_id="slow-1", deadline=5)
+    assert retried.text == "echo: slow" and len(gw.fake.calls()) == 1
+
+
 async def test_idempotency_survives_restart(make_gateway: MakeGateway, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from nanofleet.controller.gateway.server import Gateway
 
