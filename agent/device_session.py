@@ -1,0 +1,357 @@
+"""The agent's MQTT session with the controller: birth/death, telemetry, policy, commands (after Sparkplug B).
+
+- Every connection gets a new bdSeq (persisted in the data dir); its last will is a retained offline DeviceStatus
+  carrying that bdSeq (reason "last_will"), set before the CONNECT. After CONNACK the session publishes the
+  retained birth with the same bdSeq, and telemetry restarts at seq 0 (0..255, wrapping).
+- A persistent MQTT session (fixed client id, clean_session False) keeps policy and commands queued at the broker.
+- While the broker is unreachable (or the buffer still holds older samples) telemetry goes to a bounded disk
+  buffer and is replayed in order with its original timestamps, flagged `replayed`, each batch deleted only once
+  the broker acknowledged it.
+- Policy: a retained RoutingPolicy newer than the applied one goes to `hooks.apply_policy`; the session then
+  re-publishes its birth so the controller sees the new version at once. Commands: ack first, then the result;
+  rebirth, ping and reload-policy are the session's own, the rest go to `hooks.handle_command`.
+Nothing here publishes from a paho callback: everything runs on the event loop.
+
+Exceptions: DeviceSessionError (root).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Protocol
+
+from google.protobuf import json_format
+from google.protobuf.message import Message as PbMessage
+
+from nanofleet.agent.hooks import AgentHooks
+from nanofleet.agent.settings import AgentSettings
+from nanofleet.agent.telemetry_buffer import TelemetryBuffer
+from nanofleet.mqtt import MqttClient, Will
+from nanofleet.protos import fleet_pb2, topics
+
+log = logging.getLogger(__name__)
+SESSION_COMMANDS = ("rebirth", "ping", "reload-policy")
+CAPABILITIES = ("telemetry", "policy", "commands", "offline-buffer")
+
+try:
+    AGENT_VERSION = version("nanofleet")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+    AGENT_VERSION = "0.0.0"
+
+
+class DeviceSessionError(Exception):
+    """Root of the device session's errors."""
+
+
+class SampleSource(Protocol):
+    def sample(self) -> fleet_pb2.Telemetry: ...
+
+
+def to_json(msg: PbMessage) -> bytes:
+    return json_format.MessageToJson(msg, indent=None).encode()
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class DeviceSession:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        hooks: AgentHooks,
+        *,
+        collector: SampleSource | None = None,
+        buffer_max: int = 10_000,
+        keepalive: int = 30,
+        backoff: tuple[float, float] = (0.5, 30.0),
+        follow_policy_interval: bool = True,
+        hardware: fleet_pb2.Hardware | None = None,
+    ) -> None:
+        if not settings.broker_url:
+            raise DeviceSessionError("settings.broker_url is not set: the agent runs without a controller")
+        self.settings = settings
+        self.hooks = hooks
+        self.fleet, self.device_id = settings.fleet, settings.device_id
+        if collector is None:
+            from nanofleet.agent.telemetry import Collector
+
+            collector = Collector(settings.sysfs_root, disk_path=settings.data_dir)
+        self.collector = collector
+        self.interval_s = float(settings.telemetry_interval_s)
+        self._follow_interval = follow_policy_interval
+        self._keepalive, self._backoff, self._buffer_max = keepalive, backoff, buffer_max
+        self._hardware = hardware
+        self._state_path = settings.data_dir / "device_session.json"
+        self.bd_seq = self._load_bd_seq()
+        self.seq = 0
+        self.policy_version = 0
+        self.policy: fleet_pb2.RoutingPolicy | None = None
+        self.paused = False  # tests/simulator: stop telemetry without dropping the connection (no last will)
+        self.sent = 0
+        self.buffer: TelemetryBuffer | None = None
+        self.client: MqttClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake = asyncio.Event()
+        self._replay = asyncio.Event()
+        self._t_status = topics.status(self.fleet, self.device_id)
+        self._t_telemetry = topics.telemetry(self.fleet, self.device_id)
+        self._t_result = topics.cmd_result(self.fleet, self.device_id)
+
+    # -- bdSeq ---------------------------------------------------------------------------------------------------
+    def _load_bd_seq(self) -> int:
+        try:
+            return int(json.loads(self._state_path.read_text())["bd_seq"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+    def _next_will(self) -> Will:
+        """Called by the MQTT client before every connection attempt (network thread): a new bdSeq, its will."""
+        self.bd_seq += 1
+        try:
+            tmp = self._state_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"bd_seq": self.bd_seq}))
+            os.replace(tmp, self._state_path)
+        except OSError as exc:
+            log.warning("cannot persist bd_seq: %s", exc)
+        death = fleet_pb2.DeviceStatus(fleet=self.fleet, device_id=self.device_id, online=False, bd_seq=self.bd_seq,
+                                       reason="last_will", ts_ms=now_ms())
+        return Will(self._t_status, to_json(death), qos=1, retain=True)
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.buffer = await asyncio.to_thread(TelemetryBuffer, s.data_dir / "telemetry_buffer.db", self._buffer_max)
+        metrics = self.hooks.agent_metrics()
+        self.policy_version = metrics.policy_version
+        self.client = MqttClient(
+            s.broker_url or "", client_id=f"nanofleet-{self.fleet}-{self.device_id}", clean_session=False,
+            username=s.mqtt_username, password=s.mqtt_password, keepalive=self._keepalive, will=self._next_will,
+            backoff=self._backoff, on_connect=self._on_connect,
+        )
+        self.client.subscribe([(topics.policy(self.fleet, self.device_id), 1),
+                               (topics.cmd(self.fleet, self.device_id), 1)])
+        await self.client.start()
+        self._tasks = [asyncio.create_task(self._telemetry_loop(), name=f"telemetry:{self.device_id}"),
+                       asyncio.create_task(self._replay_loop(), name=f"replay:{self.device_id}"),
+                       asyncio.create_task(self._message_loop(), name=f"messages:{self.device_id}")]
+
+    async def stop(self) -> None:
+        """Graceful: a retained offline status (reason shutdown) with this bdSeq, then a clean disconnect."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        if self.client is not None:
+            if self.client.connected:
+                bye = fleet_pb2.DeviceStatus(fleet=self.fleet, device_id=self.device_id, online=False,
+                                             bd_seq=self.bd_seq, reason="shutdown", ts_ms=now_ms())
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.client.publish(self._t_status, to_json(bye), 1, retain=True), 3)
+            await self.client.stop()
+            self.client = None
+        if self.buffer is not None:
+            await asyncio.to_thread(self.buffer.close)
+            self.buffer = None
+
+    @property
+    def connected(self) -> bool:
+        return self.client is not None and self.client.connected
+
+    # -- birth -----------------------------------------------------------------------------------------------------
+    def birth(self) -> fleet_pb2.DeviceStatus:
+        hw = self._hardware or _hardware(self.settings.sysfs_root)
+        return fleet_pb2.DeviceStatus(
+            fleet=self.fleet, device_id=self.device_id, online=True, bd_seq=self.bd_seq, ts_ms=now_ms(),
+            agent_version=AGENT_VERSION, model=self.hooks.model_state(), capabilities=list(CAPABILITIES),
+            hardware=hw, policy_version=self.policy_version, telemetry_interval_s=max(1, round(self.interval_s)),
+        )
+
+    async def publish_birth(self) -> None:
+        assert self.client is not None
+        self.seq = 0
+        await asyncio.wait_for(self.client.publish(self._t_status, to_json(self.birth()), 1, retain=True), 10)
+
+    async def _on_connect(self, session_present: bool) -> None:
+        try:
+            await self.publish_birth()
+        except (TimeoutError, asyncio.CancelledError):
+            return
+        self._replay.set()
+        self._wake.set()
+
+    # -- telemetry -------------------------------------------------------------------------------------------------
+    async def sample(self) -> fleet_pb2.Telemetry:
+        t = await asyncio.to_thread(self.collector.sample)
+        m = self.hooks.agent_metrics()
+        t.device_id, t.bd_seq, t.seq = self.device_id, self.bd_seq, self.seq
+        self.seq = (self.seq + 1) & 0xFF
+        if not t.ts_ms:
+            t.ts_ms = now_ms()
+        t.model.CopyFrom(self.hooks.model_state())
+        for route, n in m.route_counts.items():
+            t.route_counts[route] = n
+        t.queue_depth = m.queue_depth
+        t.policy_version = self.policy_version or m.policy_version
+        t.gateway_reachable = m.gateway_reachable
+        return t
+
+    async def _telemetry_loop(self) -> None:
+        assert self.buffer is not None and self.client is not None
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            self._wake.clear()
+            if not self.paused:
+                t = await self.sample()
+                if self.connected and not self._replay.is_set() and not len(self.buffer):
+                    try:
+                        self.client.publish_nowait(self._t_telemetry, to_json(t), qos=1)
+                        self.sent += 1
+                    except Exception:  # lost the connection between the check and the publish
+                        await asyncio.to_thread(self.buffer.push, t.SerializeToString())
+                else:
+                    dropped = await asyncio.to_thread(self.buffer.push, t.SerializeToString())
+                    if dropped:
+                        log.warning("%s: telemetry buffer full, dropped %d oldest", self.device_id, dropped)
+                    if self.connected:
+                        self._replay.set()
+            next_at = max(next_at + self.interval_s, loop.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), next_at - loop.time())
+            if self._wake.is_set() and loop.time() < next_at:
+                next_at = loop.time()  # interval changed or reconnected: sample now
+
+    async def _replay_loop(self) -> None:
+        assert self.buffer is not None and self.client is not None
+        while True:
+            await self._replay.wait()
+            try:
+                while self.connected:
+                    batch = await asyncio.to_thread(self.buffer.peek, 200)
+                    if not batch:
+                        break
+                    futs = []
+                    for _, payload in batch:
+                        t = fleet_pb2.Telemetry.FromString(payload)
+                        t.replayed = True
+                        futs.append(self.client.publish(self._t_telemetry, to_json(t), qos=1))
+                    try:
+                        await asyncio.wait_for(asyncio.gather(*futs), 15)
+                    except (TimeoutError, asyncio.CancelledError):
+                        if not self.connected:
+                            break
+                        raise
+                    await asyncio.to_thread(self.buffer.delete, [i for i, _ in batch])
+                    self.sent += len(batch)
+            except Exception as exc:
+                log.warning("%s: replay interrupted: %r", self.device_id, exc)
+                await asyncio.sleep(0.5)
+                continue
+            if self.connected:
+                self._replay.clear()
+            else:
+                await asyncio.sleep(0.1)
+
+    # -- policy and commands --------------------------------------------------------------------------------------
+    async def _message_loop(self) -> None:
+        assert self.client is not None
+        async for msg in self.client.messages():
+            try:
+                kind = topics.parse(msg.topic).kind
+            except topics.TopicError:
+                continue
+            if kind == "policy" and msg.payload:
+                await self._on_policy(msg.payload)
+            elif kind == "cmd":
+                task = asyncio.create_task(self._on_command(msg.payload))
+                self._tasks.append(task)
+                task.add_done_callback(lambda t: t in self._tasks and self._tasks.remove(t))
+
+    async def _on_policy(self, payload: bytes) -> None:
+        try:
+            policy = json_format.Parse(payload, fleet_pb2.RoutingPolicy(), ignore_unknown_fields=True)
+        except (json_format.ParseError, UnicodeDecodeError) as exc:
+            log.warning("%s: ignoring malformed policy: %s", self.device_id, exc)
+            return
+        if policy.version <= self.policy_version:
+            return
+        await self._apply(policy)
+
+    async def _apply(self, policy: fleet_pb2.RoutingPolicy) -> None:
+        await self.hooks.apply_policy(policy)
+        self.policy, self.policy_version = policy, policy.version
+        if self._follow_interval and policy.telemetry_interval_s and policy.telemetry_interval_s != self.interval_s:
+            self.interval_s = float(policy.telemetry_interval_s)
+            self._wake.set()
+        if self.connected:
+            with contextlib.suppress(TimeoutError):
+                await self.publish_birth()  # the controller sees the applied version at once
+
+    async def _result(self, cmd: fleet_pb2.Command, status: str, message: str = "",
+                      data: dict[str, str] | None = None) -> None:
+        assert self.client is not None
+        r = fleet_pb2.CommandResult(id=cmd.id, device_id=self.device_id, status=status, message=message,
+                                    data=data or {}, ts_ms=now_ms())
+        await asyncio.wait_for(self.client.publish(self._t_result, to_json(r), qos=1), 10)
+
+    async def _on_command(self, payload: bytes) -> None:
+        try:
+            cmd = json_format.Parse(payload, fleet_pb2.Command(), ignore_unknown_fields=True)
+        except (json_format.ParseError, UnicodeDecodeError) as exc:
+            log.warning("%s: ignoring malformed command: %s", self.device_id, exc)
+            return
+        try:
+            await self._result(cmd, "ack")
+            if cmd.kind == "ping":
+                await self._result(cmd, "ok", "pong", {"bd_seq": str(self.bd_seq), "ts_ms": str(now_ms())})
+            elif cmd.kind == "rebirth":
+                await self.publish_birth()
+                await self._result(cmd, "ok", "reborn", {"bd_seq": str(self.bd_seq)})
+            elif cmd.kind == "reload-policy":
+                if self.policy is None:
+                    await self._result(cmd, "error", "no policy received yet")
+                else:
+                    await self.hooks.apply_policy(self.policy)
+                    await self._result(cmd, "ok", f"policy {self.policy_version} re-applied")
+            else:
+                result = await asyncio.wait_for(self.hooks.handle_command(cmd), cmd.timeout_s or 30)
+                result.id, result.device_id = cmd.id, self.device_id
+                result.ts_ms = result.ts_ms or now_ms()
+                assert self.client is not None
+                await asyncio.wait_for(self.client.publish(self._t_result, to_json(result), qos=1), 10)
+        except asyncio.CancelledError:
+            raise
+        except TimeoutError:
+            await self._safe_result(cmd, "error", f"timed out after {cmd.timeout_s or 30}s")
+        except Exception as exc:
+            await self._safe_result(cmd, "error", f"{type(exc).__name__}: {exc}")
+
+    async def _safe_result(self, cmd: fleet_pb2.Command, status: str, message: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._result(cmd, status, message)
+
+
+def _hardware(sysfs_root: Path) -> fleet_pb2.Hardware:
+    board = ""
+    with contextlib.suppress(OSError):
+        board = (sysfs_root / "firmware/devicetree/base/model").read_text(errors="replace").strip("\x00\n ")
+    try:
+        import psutil
+
+        ram = psutil.virtual_memory().total // (1024 * 1024)
+    except ImportError:  # pragma: no cover
+        ram = 0
+    return fleet_pb2.Hardware(platform=platform.system().lower(), machine=platform.machine(),
+                              cpu_count=os.cpu_count() or 1, ram_total_mb=ram, board=board)

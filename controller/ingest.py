@@ -1,0 +1,207 @@
+"""MQTT ingest: status, telemetry and command results of a fleet into the store, in batches.
+
+paho's network thread only appends (topic, payload) to a deque (the cheapest hand-over there is); one ingest
+thread takes up to `max_batch` messages or `batch_ms` worth, decodes and validates them (controller.decode), and
+hands the batch to the store's writer thread as one transaction — decoding the next batch overlaps the commit of
+the previous one. A malformed payload is counted per device and reason in the store, logged once, and skipped.
+With `share_group`, the subscriptions go through `$share/<group>/...` so several controllers split the load.
+
+Exceptions: IngestError (root).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from nanofleet.controller.decode import PayloadError, decode_result, decode_status, decode_telemetry
+from nanofleet.controller.store import Batch, BatchOutcome, Store
+from nanofleet.mqtt import MqttClient
+from nanofleet.protos import fleet_pb2, topics
+
+log = logging.getLogger(__name__)
+_PREFIX = topics.ROOT + "/"
+
+
+class IngestError(Exception):
+    """Root of ingest's errors."""
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    telemetry: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    batches: int = 0
+    gaps: int = 0
+    rejected_by_reason: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+class Ingest:
+    def __init__(
+        self,
+        store: Store,
+        fleet: str,
+        broker_url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        client_id: str = "",
+        share_group: str | None = None,
+        telemetry_qos: int = 1,
+        batch_ms: float = 100.0,
+        max_batch: int = 5000,
+        on_outcome: Callable[[BatchOutcome], None] | None = None,
+        on_result: Callable[[fleet_pb2.CommandResult], None] | None = None,
+        on_connection: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.store, self.fleet = store, topics.check_id(fleet, "fleet")
+        self.stats = IngestStats()
+        self._batch_s, self._max_batch = batch_ms / 1000, max_batch
+        self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._on_outcome, self._on_result, self._on_connection = on_outcome, on_result, on_connection
+        self._logged: set[tuple[str | None, str]] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        prefix = f"$share/{topics.check_id(share_group, 'share group')}/" if share_group else ""
+        self.filters = [(prefix + topics.fleet_filter(fleet, "status"), 1),
+                        (prefix + topics.fleet_filter(fleet, "telemetry"), telemetry_qos),
+                        (prefix + topics.fleet_filter(fleet, "cmd/result"), 1)]
+        self.client = MqttClient(broker_url, client_id=client_id, username=username, password=password,
+                                 sink=self._inbox.append, on_connect=self._connected,
+                                 on_disconnect=self._disconnected, max_queued=100_000)
+
+    async def start(self) -> Ingest:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name=f"ingest:{self.fleet}", daemon=True)
+        self._thread.start()
+        self.client.subscribe(self.filters)
+        await self.client.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.client.stop()
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._loop = None
+
+    def _connected(self, session_present: bool) -> None:
+        if self._on_connection:
+            self._on_connection(True)
+
+    def _disconnected(self) -> None:
+        if self._on_connection:
+            self._on_connection(False)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._inbox)
+
+    # -- the ingest thread --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        inflight: collections.deque[Future[BatchOutcome]] = collections.deque()
+        inbox = self._inbox
+        while True:
+            if not inbox:
+                if self._stop.is_set():
+                    break
+                self._reap(inflight, block=False)
+                time.sleep(0.002)
+                continue
+            deadline = time.monotonic() + self._batch_s
+            items: list[tuple[str, bytes]] = []
+            while len(items) < self._max_batch:
+                if inbox:
+                    items.append(inbox.popleft())
+                elif time.monotonic() >= deadline or self._stop.is_set():
+                    break
+                else:
+                    time.sleep(0.001)
+            batch = self.decode(items)
+            while len(inflight) >= 2:  # bound the work queued at the writer: backpressure into the inbox
+                self._reap(inflight, block=True)
+            inflight.append(self.store.submit_batch(batch))
+            self._reap(inflight, block=False)
+        while inflight:
+            self._reap(inflight, block=True)
+
+    def _reap(self, inflight: collections.deque[Future[BatchOutcome]], block: bool) -> None:
+        while inflight and (block or inflight[0].done()):
+            fut = inflight.popleft()
+            block = False
+            try:
+                outcome = fut.result()
+            except Exception as exc:  # a failed transaction loses that batch; say so loudly, keep going
+                log.error("ingest: store write failed: %r", exc)
+                continue
+            self.stats.stored += outcome.inserted
+            self.stats.duplicates += outcome.duplicates
+            self.stats.gaps += outcome.gaps
+            self.stats.batches += 1
+            if self._on_outcome and (outcome.rebirth or outcome.new_devices or outcome.events):
+                self._call_soon(self._on_outcome, outcome)
+
+    def _call_soon(self, fn: Callable[..., None], *args: object) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:
+                pass
+
+    def decode(self, items: list[tuple[str, bytes]]) -> Batch:
+        """Validate raw (topic, payload) pairs into one store batch; rejections are part of the batch."""
+        batch = Batch(self.fleet, int(time.time() * 1000))
+        telemetry, reject = batch.telemetry, batch.rejections
+        fleet_prefix = f"{_PREFIX}{self.fleet}/"
+        n = len(fleet_prefix)
+        for topic, payload in items:
+            device: str | None = None
+            try:
+                # fast split for the common shape; topics.parse for anything unusual
+                if topic.startswith(fleet_prefix) and topic.endswith("/telemetry") and topic.count("/") == 4:
+                    device = topic[n:-10]
+                    telemetry.append(decode_telemetry(payload, topics.check_id(device, "device")))
+                    continue
+                t = topics.parse(topic)
+                device = t.device
+                if t.fleet != self.fleet:
+                    raise PayloadError("topic of another fleet")
+                if t.kind == "status":
+                    if payload:  # an empty retained message clears the topic: nothing to ingest
+                        batch.statuses.append(decode_status(payload, t.fleet, t.device))
+                elif t.kind == "telemetry":
+                    telemetry.append(decode_telemetry(payload, t.device))
+                elif t.kind == "cmd/result":
+                    result = decode_result(payload, t.device)
+                    batch.command_results.append(result)
+                    if self._on_result:
+                        self._call_soon(self._on_result, result)
+                else:
+                    raise PayloadError(f"unexpected topic kind {t.kind}")
+            except PayloadError as exc:
+                self._reject(reject, device, topic, exc.reason)
+            except topics.TopicError as exc:
+                self._reject(reject, device, topic, "bad topic: " + str(exc).split(":")[0][:80])
+        self.stats.received += len(items)
+        self.stats.telemetry += len(telemetry)
+        return batch
+
+    def _reject(self, out: list[tuple[str | None, str, str]], device: str | None, topic: str, reason: str) -> None:
+        out.append((device, topic if device else topic[:200], reason))
+        self.stats.rejected += 1
+        self.stats.rejected_by_reason[reason] += 1
+        key = (device, reason)
+        if key not in self._logged and len(self._logged) < 10_000:
+            self._logged.add(key)
+            log.warning("ingest: rejected a payload from %s on %s: %s", device or "?", topic[:200], reason)
