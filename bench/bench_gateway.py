@@ -199,4 +199,7 @@ def _markdown(f: dict[str, Any]) -> str:
               "|---|---|---|---|"]
     for c in CONCURRENCY:
         lines.append(f"| {c} | {f[f'direct_cps_c{c}']} | {f[f'gateway_cps_c{c}']} | {f[f'gateway_to_direct_c{c}']} |")
+    lines += ["", "Both client paths run in this one process: on the direct path it also does google-genai's work "
+              "(request building, pydantic parsing), which on the gateway path happens in the gateway's process — "
+              "so at high concurrency the direct path can be the slower one on a small machine."]
     return "\n".join(lines)
