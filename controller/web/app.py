@@ -200,13 +200,16 @@ def create_app(
         await run_in_threadpool(_device, device_id)
         try:
             result = await commands.send(device_id, kind, args)
-        except TimeoutError as exc:
-            raise WebError(504, "command_timeout", f"{kind} to {device_id!r}: no answer in time") from exc
+        except TimeoutError as exc:  # the service says whether the device at least acknowledged
+            raise WebError(504, "command_timeout", str(exc) or f"{kind} to {device_id}: no answer in time") from exc
         except Exception as exc:  # the command service's own errors, shown to the operator rather than a 500
-            raise WebError(502, "command_failed", f"{kind} to {device_id!r} failed: {exc}") from exc
-        return schemas.CommandOut(device_id=device_id, kind=kind, status=str(getattr(result, "status", "")),
+            raise WebError(502, "command_failed", f"{kind} to {device_id} failed: {exc}") from exc
+        elapsed = getattr(result, "elapsed_ms", None)
+        return schemas.CommandOut(device_id=device_id, kind=kind, id=str(getattr(result, "id", "")),
+                                  status=str(getattr(result, "status", "")),
                                   message=str(getattr(result, "message", "")),
-                                  data={str(k): str(v) for k, v in dict(getattr(result, "data", {}) or {}).items()})
+                                  data={str(k): str(v) for k, v in dict(getattr(result, "data", {}) or {}).items()},
+                                  elapsed_ms=None if elapsed is None else round(float(elapsed), 1))
 
     # ---- unauthenticated ----------------------------------------------------------------------------------
     @app.get("/healthz", include_in_schema=False)
@@ -281,7 +284,8 @@ def create_app(
             raise WebError(422, "invalid_request", f"kind: expected one of {', '.join(COMMAND_KINDS)}")
         try:
             out = await _send_command(device_id, kind, {})
-            flash = ("ok", f"{kind}: {out.status} {out.message}".strip())
+            took = f" in {out.elapsed_ms:.0f} ms" if out.elapsed_ms is not None else ""
+            flash = ("ok" if out.status == "ok" else "error", f"{kind}: {out.status}{took} {out.message}".strip())
         except WebError as exc:
             if exc.code == "device_not_found":
                 raise

@@ -133,6 +133,8 @@ class CommandIn(BaseModel):
 class CommandOut(BaseModel):
     device_id: str
     kind: str
-    status: str
+    id: str = Field("", description="command id, as on the MQTT cmd topic")
+    status: str = Field(description="the device's final answer: ok | error")
     message: str = ""
     data: dict[str, str] = {}
+    elapsed_ms: float | None = Field(None, description="publish to result")

@@ -379,6 +379,9 @@ async def test_device_page_has_svg_charts(client: httpx.AsyncClient, token_and_h
     assert len(svgs) == 3 and all("<polyline" in s for s in svgs)
     assert "CPU — last 25.0 %" in r.text and "bdSeq 1" in r.text and "State changes" in r.text
     assert (await client.get("/devices/pi-1", params={"window": "2y"})).status_code == 422
+    assert "<h2>Commands</h2>" not in r.text  # no command service given: no buttons and no endpoint
+    r = await client.post("/api/devices/pi-1/commands", json={"kind": "ping"}, headers=bearer(token_and_hash))
+    assert r.status_code in (404, 405)
     empty = await client.get("/devices/pi-2")
     assert empty.text.count("no data in this window") == 3
 
