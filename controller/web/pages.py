@@ -294,7 +294,8 @@ def login_page(*, next_path: str, error: str | None = None) -> str:
         f'<input type="hidden" name="next" value="{escape(next_path)}">'
         '<button class="primary" type="submit">Log in</button>'
         '<p class="muted">The token was printed once when the controller first started. '
-        "Lost it? Rotate it on the controller host (<code>nanofleet controller --help</code>).</p></form>"
+        "Lost it? <code>nanofleet controller rotate-token</code> on the controller host prints a new one "
+        "(restart the controller to apply it).</p></form>"
     )
 
 
