@@ -98,6 +98,7 @@ class DeviceSession:
         self.paused = False  # tests/simulator: stop telemetry without dropping the connection (no last will)
         self.sent = 0
         self.buffer: TelemetryBuffer | None = None
+        self._buffered = 0  # items in the buffer, mirrored here so the loop never asks SQLite
         self.client: MqttClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
@@ -131,6 +132,7 @@ class DeviceSession:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.buffer = await asyncio.to_thread(TelemetryBuffer, s.data_dir / "telemetry_buffer.db", self._buffer_max)
+        self._buffered = await asyncio.to_thread(len, self.buffer)
         metrics = self.hooks.agent_metrics()
         self.policy_version = metrics.policy_version
         self.client = MqttClient(
@@ -215,14 +217,13 @@ class DeviceSession:
             self._wake.clear()
             if not self.paused:
                 t = await self.sample()
-                if self.connected and not self._replay.is_set() and not len(self.buffer):
-                    try:
-                        self.client.publish_nowait(self._t_telemetry, to_json(t), qos=1)
+                if self.connected and not self._replay.is_set() and not self._buffered:
+                    if self.client.publish_nowait(self._t_telemetry, to_json(t), qos=1):
                         self.sent += 1
-                    except Exception:  # lost the connection between the check and the publish
-                        await asyncio.to_thread(self.buffer.push, t.SerializeToString())
+                    else:  # lost the connection between the check and the publish
+                        await self._push(t)
                 else:
-                    dropped = await asyncio.to_thread(self.buffer.push, t.SerializeToString())
+                    dropped = await self._push(t)
                     if dropped:
                         log.warning("%s: telemetry buffer full, dropped %d oldest", self.device_id, dropped)
                     if self.connected:
@@ -232,6 +233,12 @@ class DeviceSession:
                 await asyncio.wait_for(self._wake.wait(), next_at - loop.time())
             if self._wake.is_set() and loop.time() < next_at:
                 next_at = loop.time()  # interval changed or reconnected: sample now
+
+    async def _push(self, t: fleet_pb2.Telemetry) -> int:
+        assert self.buffer is not None
+        dropped = await asyncio.to_thread(self.buffer.push, t.SerializeToString())
+        self._buffered = self._buffered + 1 - dropped
+        return dropped
 
     async def _replay_loop(self) -> None:
         assert self.buffer is not None and self.client is not None
@@ -254,6 +261,7 @@ class DeviceSession:
                             break
                         raise
                     await asyncio.to_thread(self.buffer.delete, [i for i, _ in batch])
+                    self._buffered = max(0, self._buffered - len(batch))
                     self.sent += len(batch)
             except Exception as exc:
                 log.warning("%s: replay interrupted: %r", self.device_id, exc)

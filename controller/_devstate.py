@@ -88,6 +88,8 @@ class Batch:
     received_ms: int
     statuses: list[fleet_pb2.DeviceStatus] = field(default_factory=list)
     telemetry: list[TelemetryRow] = field(default_factory=list)
+    # arrival order: statuses[i] came after telemetry[:status_pos[i]] (empty: statuses first)
+    status_pos: list[int] = field(default_factory=list)
     rejections: list[tuple[str | None, str, str]] = field(default_factory=list)
     command_results: list[fleet_pb2.CommandResult] = field(default_factory=list)
 
@@ -156,34 +158,15 @@ class DeviceStates:
         out = BatchOutcome()
         touched: dict[str, _Dev] = {}
         at = batch.received_ms
-        for status in batch.statuses:
-            dev, created = self._get(out, status.device_id, status.fleet or batch.fleet)
-            if self._status(out, dev, status, at, created):
-                touched[dev.device_id] = dev
-        for row in batch.telemetry:
-            dev, created = self._get(out, row.device_id, batch.fleet)
-            touched[dev.device_id] = dev
-            if created:
-                dev.bd_seq = row.bd_seq
-                self._event(out, dev, "online", "telemetry_without_birth", at)
-                self._ask_rebirth(out, dev, at)
-            if row.replayed:
-                continue
-            dev.last_seen_ms = max(dev.last_seen_ms, at)
-            if row.bd_seq != dev.bd_seq:
-                self._ask_rebirth(out, dev, at)  # a birth we never saw, or telemetry of a dead session
-            else:
-                if dev.last_seq is not None and row.seq != dev.last_seq:
-                    if row.seq != (dev.last_seq + 1) & 0xFF:
-                        dev.gap_count += 1
-                        out.gaps += 1
-                        self._ask_rebirth(out, dev, at)
-                dev.last_seq = row.seq
-                if dev.state != "online":
-                    self._event(out, dev, "online", "telemetry", at)
-            if row.ts_ms >= dev.latest_ts:
-                dev.latest_ts = row.ts_ms
-                self._latest(dev, row)
+        statuses, pos = batch.statuses, batch.status_pos or [0] * len(batch.statuses)
+        si = 0
+        for i, row in enumerate(batch.telemetry):
+            while si < len(statuses) and pos[si] <= i:
+                self._status_in(out, statuses[si], batch, touched)
+                si += 1
+            self._row(out, row, batch, touched)
+        for status in statuses[si:]:
+            self._status_in(out, status, batch, touched)
         if batch.rejections:
             counts = Counter(batch.rejections)
             conn.executemany(
@@ -204,6 +187,37 @@ class DeviceStates:
             )
         self._flush(conn, touched.values(), out)
         return out
+
+    def _status_in(self, out: BatchOutcome, status: fleet_pb2.DeviceStatus, batch: Batch,
+                   touched: dict[str, _Dev]) -> None:
+        dev, created = self._get(out, status.device_id, status.fleet or batch.fleet)
+        if self._status(out, dev, status, batch.received_ms, created):
+            touched[dev.device_id] = dev
+
+    def _row(self, out: BatchOutcome, row: TelemetryRow, batch: Batch, touched: dict[str, _Dev]) -> None:
+        at = batch.received_ms
+        dev, created = self._get(out, row.device_id, batch.fleet)
+        touched[dev.device_id] = dev
+        if created:
+            dev.bd_seq = row.bd_seq
+            self._event(out, dev, "online", "telemetry_without_birth", at)
+            self._ask_rebirth(out, dev, at)
+        if row.replayed:
+            return
+        dev.last_seen_ms = max(dev.last_seen_ms, at)
+        if row.bd_seq != dev.bd_seq:
+            self._ask_rebirth(out, dev, at)  # a birth we never saw, or telemetry of a dead session
+        else:
+            if dev.last_seq is not None and row.seq != dev.last_seq and row.seq != (dev.last_seq + 1) & 0xFF:
+                dev.gap_count += 1
+                out.gaps += 1
+                self._ask_rebirth(out, dev, at)
+            dev.last_seq = row.seq
+            if dev.state != "online":
+                self._event(out, dev, "online", "telemetry", at)
+        if row.ts_ms >= dev.latest_ts:
+            dev.latest_ts = row.ts_ms
+            self._latest(dev, row)
 
     @staticmethod
     def _latest(dev: _Dev, r: TelemetryRow) -> None:

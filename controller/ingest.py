@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from nanofleet.controller.decode import PayloadError, decode_result, decode_status, decode_telemetry
 from nanofleet.controller.store import Batch, BatchOutcome, Store
@@ -66,7 +67,7 @@ class Ingest:
         self.store, self.fleet = store, topics.check_id(fleet, "fleet")
         self.stats = IngestStats()
         self._batch_s, self._max_batch = batch_ms / 1000, max_batch
-        self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
+        self._inbox: collections.deque[Any] = collections.deque()  # paho MQTTMessage (has .topic, .payload)
         self._on_outcome, self._on_result, self._on_connection = on_outcome, on_result, on_connection
         self._logged: set[tuple[str | None, str]] = set()
         self._stop = threading.Event()
@@ -119,7 +120,7 @@ class Ingest:
                 time.sleep(0.002)
                 continue
             deadline = time.monotonic() + self._batch_s
-            items: list[tuple[str, bytes]] = []
+            items: list[Any] = []
             while len(items) < self._max_batch:
                 if inbox:
                     items.append(inbox.popleft())
@@ -159,13 +160,14 @@ class Ingest:
             except RuntimeError:
                 pass
 
-    def decode(self, items: list[tuple[str, bytes]]) -> Batch:
-        """Validate raw (topic, payload) pairs into one store batch; rejections are part of the batch."""
+    def decode(self, items: list[Any]) -> Batch:
+        """Validate raw messages (anything with .topic and .payload) into one store batch, rejections included."""
         batch = Batch(self.fleet, int(time.time() * 1000))
         telemetry, reject = batch.telemetry, batch.rejections
         fleet_prefix = f"{_PREFIX}{self.fleet}/"
         n = len(fleet_prefix)
-        for topic, payload in items:
+        for item in items:
+            topic, payload = item.topic, item.payload
             device: str | None = None
             try:
                 # fast split for the common shape; topics.parse for anything unusual
@@ -180,6 +182,7 @@ class Ingest:
                 if t.kind == "status":
                     if payload:  # an empty retained message clears the topic: nothing to ingest
                         batch.statuses.append(decode_status(payload, t.fleet, t.device))
+                        batch.status_pos.append(len(telemetry))
                 elif t.kind == "telemetry":
                     telemetry.append(decode_telemetry(payload, t.device))
                 elif t.kind == "cmd/result":

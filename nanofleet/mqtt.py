@@ -1,9 +1,10 @@
 """paho-mqtt 2.x behind an async face, shared by the agent, the controller and the simulator.
 
 paho runs its own network thread (`loop_start`); its callbacks only hand events to the asyncio loop
-(`call_soon_threadsafe`) or to a caller-supplied `sink` that must be cheap and must never publish (publishing or
-`wait_for_publish()` inside a paho callback can deadlock: paho #354, #527, #531). Reconnects use exponential
-backoff with full jitter; the last will can be recomputed before every connection attempt (Sparkplug's bdSeq).
+(`call_soon_threadsafe`) or to a caller-supplied `sink(paho_message)` that must be cheap and never publish
+(publishing or `wait_for_publish()` inside a paho callback can deadlock: paho #354, #527, #531). Reconnects use
+exponential backoff with full jitter; the last will can be recomputed before every connection attempt
+(Sparkplug's bdSeq).
 
 Exceptions: MqttError (root) ← MqttUrlError, MqttNotConnected, MqttPublishError.
 """
@@ -94,7 +95,7 @@ class MqttClient:
         keepalive: int = 30,
         will: WillSource = None,
         backoff: tuple[float, float] = (0.2, 10.0),
-        sink: Callable[[str, bytes], None] | None = None,
+        sink: Callable[[paho.MQTTMessage], None] | None = None,
         on_connect: ConnectHook | None = None,
         on_disconnect: Callable[[], Awaitable[None] | None] | None = None,
         max_inflight: int = 100,
@@ -178,6 +179,13 @@ class MqttClient:
         self._connected.clear()
         self._fail_pending()
         self._loop = None
+
+    def drop(self) -> None:
+        """Cut the TCP connection without DISCONNECT but keep reconnecting (a flaky network): the will fires."""
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     async def __aenter__(self) -> MqttClient:
         return await self.start()
@@ -267,7 +275,7 @@ class MqttClient:
 
     def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self._sink is not None:
-            self._sink(msg.topic, msg.payload)
+            self._sink(msg)
         else:
             self._call_soon(self._queue.put_nowait, Message(msg.topic, msg.payload, msg.qos, msg.retain))
 

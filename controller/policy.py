@@ -1,0 +1,127 @@
+"""Routing policy: `fleet.yaml` compiled per device (pure), diffed against what was last published, published.
+
+`compile_policy` is pure: defaults ← group ← device (FleetConfig.profile_for) into a RoutingPolicy. A device's
+policy is republished only when its content changed (a hash over everything but version and issue time); each
+publishing round takes the fleet's next version from the store, so versions only ever increase. Policies are
+retained, so a device that connects later (or reconnects after a broker restart, once `republish` ran) gets its
+policy without asking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import json_format
+
+from nanofleet.config import THERMAL_LEVELS, FleetConfig
+from nanofleet.controller.store import Store
+from nanofleet.controller.views import PublishedPolicy
+from nanofleet.mqtt import MqttClient
+from nanofleet.protos import fleet_pb2, topics
+
+_VOLATILE = ("version", "issued_at_ms")
+
+
+def compile_policy(config: FleetConfig, device_id: str, version: int, issued_at_ms: int = 0) -> fleet_pb2.RoutingPolicy:
+    profile = config.profile_for(device_id)
+    r = profile.routing
+    return fleet_pb2.RoutingPolicy(
+        fleet=config.fleet, device_id=device_id, group=config.group_of(device_id) or "", version=version,
+        issued_at_ms=issued_at_ms, prefer=r.prefer, cloud_allowed=r.cloud == "allowed",
+        thermal_limit=THERMAL_LEVELS.index(r.thermal_limit), min_free_ram_mb=r.min_free_ram_mb,
+        battery_floor_pct=r.battery_floor_pct, metered_network=r.metered_network,
+        max_local_prompt_tokens=r.max_local_prompt_tokens,
+        cloud_budget=fleet_pb2.CloudBudget(tokens_per_day=r.cloud_budget.tokens_per_day),
+        apps={name: fleet_pb2.AppPolicy(privacy="" if rule.privacy == "normal" else rule.privacy, mode=rule.mode or "")
+              for name, rule in r.apps.items()},
+        telemetry_interval_s=max(1, round(profile.telemetry_interval_s)), model_source=profile.model.source,
+        model_sha256=profile.model.sha256 or "", queue_max_items=profile.queue.max_items,
+        queue_ttl_s=int(profile.queue.ttl),
+    )
+
+
+def content_of(policy: fleet_pb2.RoutingPolicy) -> dict[str, Any]:
+    d = json_format.MessageToDict(policy, preserving_proto_field_name=True)
+    for key in _VOLATILE:
+        d.pop(key, None)
+    return d
+
+
+def content_hash(policy: fleet_pb2.RoutingPolicy) -> str:
+    p = fleet_pb2.RoutingPolicy()
+    p.CopyFrom(policy)
+    for key in _VOLATILE:
+        p.ClearField(key)
+    return hashlib.sha256(p.SerializeToString(deterministic=True)).hexdigest()
+
+
+@dataclass(frozen=True)
+class PolicyChange:
+    device_id: str
+    old_version: int | None  # None: never published
+    changes: tuple[str, ...]  # "routing field: old -> new"
+    policy: fleet_pb2.RoutingPolicy
+
+
+def diff(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, ...]:
+    if old is None:
+        return ("(new)",)
+    keys = sorted(set(old) | set(new))
+    return tuple(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+
+
+def plan(config: FleetConfig, device_ids: Iterable[str], published: dict[str, PublishedPolicy]) -> list[PolicyChange]:
+    """Pure: which devices need a new policy, and what changed for each (version still 0)."""
+    out = []
+    for device_id in sorted(set(device_ids)):
+        policy = compile_policy(config, device_id, 0)
+        last = published.get(device_id)
+        if last is not None and last.content_hash == content_hash(policy):
+            continue
+        old = content_of(json_format.Parse(last.policy_json, fleet_pb2.RoutingPolicy())) if last else None
+        out.append(PolicyChange(device_id, last.version if last else None, diff(old, content_of(policy)), policy))
+    return out
+
+
+def target_devices(config: FleetConfig, store: Store) -> set[str]:
+    """Devices listed in fleet.yaml and every device the controller has seen."""
+    return set(config.devices) | {d.device_id for d in store.list_devices() if d.fleet in ("", config.fleet)}
+
+
+async def publish(client: MqttClient, store: Store, changes: list[PolicyChange], *, within: float = 10) -> int:
+    """Give `changes` the fleet's next version, publish them retained (QoS 1), record them. Returns the version."""
+    if not changes:
+        return 0
+    version = await asyncio.to_thread(store.next_policy_version)
+    now = int(time.time() * 1000)
+    records, futs = [], []
+    for ch in changes:
+        ch.policy.version, ch.policy.issued_at_ms = version, now
+        body = json_format.MessageToJson(ch.policy, indent=None)
+        futs.append(client.publish(topics.policy(ch.policy.fleet, ch.device_id), body, qos=1, retain=True))
+        records.append(PublishedPolicy(ch.device_id, version, content_hash(ch.policy), body, now))
+    await asyncio.wait_for(asyncio.gather(*futs), within)
+    await asyncio.to_thread(store.record_policies, records)
+    return version
+
+
+async def republish(client: MqttClient, store: Store, fleet: str, *, within: float = 10) -> int:
+    """Publish every last-published policy again (retained messages vanish when a broker restarts empty)."""
+    published = await asyncio.to_thread(store.published_policies)
+    futs = [client.publish(topics.policy(fleet, p.device_id), p.policy_json, qos=1, retain=True)
+            for p in published.values()]
+    await asyncio.wait_for(asyncio.gather(*futs), within)
+    return len(futs)
+
+
+async def apply(client: MqttClient, store: Store, config: FleetConfig,
+                device_ids: Iterable[str] | None = None) -> tuple[int, list[PolicyChange]]:
+    ids = target_devices(config, store) if device_ids is None else set(device_ids)
+    published = await asyncio.to_thread(store.published_policies)
+    changes = plan(config, ids, published)
+    return await publish(client, store, changes), changes
