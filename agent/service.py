@@ -12,18 +12,22 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import psutil
 import uvicorn
 
+from nanofleet.agent import thermal
 from nanofleet.agent.api import Dispatcher, create_app
 from nanofleet.agent.hooks import AgentMetrics
-from nanofleet.agent.router import Policy
+from nanofleet.agent.router import DeviceState, Policy
 from nanofleet.agent.runtime.base import Backend, BackendError
 from nanofleet.agent.runtime.grpc_backend import GrpcBackend
 from nanofleet.agent.runtime.lifecycle import BackendFactory, ModelManager, free_ram_bytes
 from nanofleet.agent.sessions import SessionStore
 from nanofleet.agent.settings import AgentSettings
+from nanofleet.agent.telemetry import sysfs
 from nanofleet.agent.unix_socket import bind_tcp, bind_unix, remove_socket
 from nanofleet.protos import fleet_pb2
 
@@ -33,6 +37,20 @@ _AVAILABILITY = {
     "downloading": fleet_pb2.MODEL_AVAILABILITY_DOWNLOADING,
     "available": fleet_pb2.MODEL_AVAILABILITY_AVAILABLE,
 }
+
+
+DEVICE_SAMPLE_S = 2.0
+
+
+def sample_device(root: Path) -> DeviceState:
+    """What the router needs from the hardware: thermal level, free RAM, battery (blocking: sysfs reads)."""
+    zones = sysfs.thermal_zones(root) + sysfs.hwmon_sensors(root)
+    freq = sysfs.cpufreq(root)
+    throttled = bool((freq and freq.capped) or sysfs.cooling_active(root))
+    level = thermal.classify_device(((z.temp_c, z.trips) for z in zones), throttled=throttled)
+    bat = sysfs.battery(root)
+    return DeviceState(thermal_level=level, ram_available_mb=int(psutil.virtual_memory().available >> 20),
+                       battery_pct=bat.percent if bat else None, charging=bat.charging if bat else True)
 
 
 class _Server(uvicorn.Server):
@@ -56,7 +74,9 @@ class AgentService:
                                    free_ram=free_ram, backend_factory=backend_factory, warmup=warmup)
         if cloud is None and settings.gateway_address:
             cloud = GrpcBackend(settings.gateway_address, token=settings.gateway_token, ca=settings.gateway_ca)
-        self.dispatcher = Dispatcher(self.models, cloud, max_waiting=max_waiting)
+        self._device = sample_device(settings.sysfs_root)
+        self.dispatcher = Dispatcher(self.models, cloud, max_waiting=max_waiting, device_state=lambda: self._device)
+        self._sampler: asyncio.Task[None] | None = None
         self.sessions = SessionStore()
         self.app = create_app(self.dispatcher, self.sessions, max_body_bytes=settings.max_body_bytes)
         self.device_session: Any = None
@@ -66,7 +86,15 @@ class AgentService:
         self.started_at = time.time()
 
     # -- process ---------------------------------------------------------------------------------------------
+    async def _sample_forever(self) -> None:
+        """Refresh the device state off the request path, so routing never waits on sysfs."""
+        while True:
+            await asyncio.sleep(DEVICE_SAMPLE_S)
+            with contextlib.suppress(OSError):
+                self._device = await asyncio.to_thread(sample_device, self.settings.sysfs_root)
+
     async def start(self) -> None:
+        self._sampler = asyncio.create_task(self._sample_forever())
         sockets = [bind_unix(self.settings.socket_path)]
         self._inode = self.settings.socket_path.stat().st_ino
         if self.settings.tcp_listen:
@@ -87,6 +115,10 @@ class AgentService:
             await self.device_session.start()
 
     async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampler
         if self.device_session is not None:
             with contextlib.suppress(Exception):
                 await self.device_session.stop()

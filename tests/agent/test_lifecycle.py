@@ -135,3 +135,20 @@ async def test_hooks_commands_policy_and_metrics(make_settings) -> None:
         assert r.headers["x-nanofleet-route"] == "queue" and "offline queue is not available" in r.text
         assert svc.agent_metrics().route_counts["rejected"] == 1
     await svc.models.close()
+
+
+async def test_hot_device_stops_local_serving(make_settings, tmp_path: Path) -> None:
+    zone = tmp_path / "sys" / "class" / "thermal" / "thermal_zone0"
+    zone.mkdir(parents=True)
+    for name, value in {"type": "cpu-thermal", "temp": "91000", "trip_point_0_temp": "80000",
+                        "trip_point_0_type": "passive", "trip_point_1_temp": "100000",
+                        "trip_point_1_type": "critical"}.items():
+        (zone / name).write_text(value + "\n")
+    svc = AgentService(make_settings(sysfs_root=tmp_path / "sys"), warmup=False)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
+        status = (await c.get("/v1/status")).json()
+        assert status["device"]["thermal_level"] >= fleet_pb2.THERMAL_LEVEL_SEVERE
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and r.headers["x-nanofleet-reason"].startswith("thermal_")
+        assert not svc.models.loaded  # never touched the model
+    await svc.models.close()
