@@ -1,0 +1,101 @@
+"""Commands with ack, result and timeout; and the CLI around a real controller process and a real sim process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import free_port, wait_for
+from ctl_helpers import fleet, until
+
+from nanofleet.cli import main
+from nanofleet.controller.commands import UnknownCommand
+from nanofleet.controller.service import ControllerService
+from nanofleet.sim import Simulation
+
+
+async def test_commands_ack_result_timeout(broker, tmp_path: Path) -> None:
+    svc = await ControllerService(fleet("cmd1", broker.url), tmp_path / "ctl").start()
+    sim = await Simulation(broker.url, 1, fleet="cmd1", interval_s=0.2, data_dir=tmp_path / "sim").start()
+    try:
+        await sim.wait_connected(10)
+        await svc.ingest.client.wait_connected(5)
+        dev = sim.devices[0]
+        out = await svc.commands.send("sim-0000", "ping", timeout_s=5)
+        assert out.acked and out.status == "ok" and out.message == "pong"
+        assert out.data["bd_seq"] == str(dev.session.bd_seq)
+        dev.hooks.metrics.queue_depth = 9
+        out = await svc.commands.send("sim-0000", "drain-queue", {"max": "10"}, timeout_s=5)
+        assert out.status == "ok" and dev.hooks.commands[-1] == "drain-queue"
+        out = await svc.commands.send("sim-0000", "unload-model", timeout_s=5)
+        assert out.status == "ok"
+        await until(lambda: svc.store.get_device("sim-0000").model_availability == "downloadable", 5, "unloaded")
+        births = len(svc.store.device_events("sim-0000"))
+        out = await svc.commands.send("sim-0000", "rebirth", timeout_s=5)
+        assert out.status == "ok" and len(svc.store.device_events("sim-0000")) == births  # same bd_seq: no new event
+        await until(lambda: dev.session.policy is not None, 5, "policy received")
+        out = await svc.commands.send("sim-0000", "reload-policy", timeout_s=5)
+        assert out.status == "ok" and "re-applied" in out.message
+        await until(lambda: [r[0] for r in svc.store.command_results(out.id)] == ["ack", "ok"], 5, "results stored")
+        with pytest.raises(UnknownCommand, match="unknown command 'format-disk'"):
+            await svc.commands.send("sim-0000", "format-disk")
+        with pytest.raises(TimeoutError, match=r"no acknowledgement within 0\.5s"):
+            await svc.commands.send("nobody-here", "ping", timeout_s=0.5)
+    finally:
+        await sim.stop()
+        await svc.stop()
+
+
+def _nanofleet(*args: str, **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "nanofleet", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)  # type: ignore[call-overload]
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0, out
+    return out
+
+
+def test_cli_controller_sim_devices_list_and_cmd(broker, tmp_path: Path) -> None:
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(f"fleet: cli1\nbroker: {{url: {broker.url}}}\ndefaults: {{telemetry_interval_s: 1}}\n")
+    data = tmp_path / "ctl"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ctl = _nanofleet("controller", "--config", str(cfg), "--data-dir", str(data), "--listen",
+                     f"127.0.0.1:{free_port()}", env=env)
+    sim = _nanofleet("sim", "--devices", "2", "--broker-url", broker.url, "--fleet", "cli1", "--interval", "0.2",
+                     "--data-dir", str(tmp_path / "sim"), env=env)
+    try:
+        runner = CliRunner()
+
+        def listed() -> str | None:
+            if not (data / "controller.db").exists():
+                return None
+            r = runner.invoke(main, ["devices", "list", "--data-dir", str(data)])
+            return r.output if r.output.count(" online ") == 2 else None
+
+        out = str(wait_for(listed, 20, what="two simulated devices online in `devices list`"))
+        assert "sim-0000" in out and "sim-0001" in out
+        r = runner.invoke(main, ["devices", "cmd", "sim-0001", "drain-queue", "limit=5", "--config", str(cfg)])
+        assert r.exit_code == 0, r.output
+        assert "sim-0001 drain-queue: ok drained" in r.output and "drained = " in r.output
+        r = runner.invoke(main, ["devices", "cmd", "sim-0001", "ping", "oops", "--config", str(cfg)])
+        assert r.exit_code == 2 and "expected key=value" in r.output
+        r = runner.invoke(main, ["devices", "cmd", "ghost", "ping", "--config", str(cfg), "--timeout", "0.5"])
+        assert r.exit_code == 1 and "no acknowledgement" in r.output
+    finally:
+        sim_out = _stop(sim)
+        time.sleep(0.3)  # the shutdown statuses reach the controller before it stops (asserted below)
+        ctl_out = _stop(ctl)
+    assert "simulating 2 devices" in sim_out
+    assert "operator token: " in ctl_out and "dashboard: http://127.0.0.1:" in ctl_out
+    r = CliRunner().invoke(main, ["devices", "list", "--data-dir", str(data)])
+    assert r.output.count(" offline ") == 2, r.output
