@@ -6,7 +6,9 @@
 - A persistent MQTT session (fixed client id, clean_session False) keeps policy and commands queued at the broker.
 - While the broker is unreachable (or the buffer still holds older samples) telemetry goes to a bounded disk
   buffer and is replayed in order with its original timestamps, flagged `replayed`, each batch deleted only once
-  the broker acknowledged it.
+  the broker acknowledged it. Live telemetry and replay wait until the controller is known to listen (a live,
+  not retained, policy message after this connection's birth), with `replay_grace_s` as the fallback: telemetry
+  published while no controller is subscribed would be dropped by the broker.
 - Policy: a retained RoutingPolicy newer than the applied one goes to `hooks.apply_policy`; the session then
   re-publishes its birth so the controller sees the new version at once. Commands: ack first, then the result;
   rebirth, ping and reload-policy are the session's own, the rest go to `hooks.handle_command`.
@@ -75,6 +77,7 @@ class DeviceSession:
         backoff: tuple[float, float] = (0.5, 30.0),
         follow_policy_interval: bool = True,
         hardware: fleet_pb2.Hardware | None = None,
+        replay_grace_s: float = 10.0,
     ) -> None:
         if not settings.broker_url:
             raise DeviceSessionError("settings.broker_url is not set: the agent runs without a controller")
@@ -90,6 +93,7 @@ class DeviceSession:
         self._follow_interval = follow_policy_interval
         self._keepalive, self._backoff, self._buffer_max = keepalive, backoff, buffer_max
         self._hardware = hardware
+        self.replay_grace_s = replay_grace_s
         self._state_path = settings.data_dir / "device_session.json"
         self.bd_seq = self._load_bd_seq()
         self.seq = 0
@@ -103,6 +107,7 @@ class DeviceSession:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._replay = asyncio.Event()
+        self._controller_listening = asyncio.Event()  # set by a live policy message on this connection
         self._t_status = topics.status(self.fleet, self.device_id)
         self._t_telemetry = topics.telemetry(self.fleet, self.device_id)
         self._t_result = topics.cmd_result(self.fleet, self.device_id)
@@ -186,6 +191,7 @@ class DeviceSession:
         await asyncio.wait_for(self.client.publish(self._t_status, to_json(self.birth()), 1, retain=True), 10)
 
     async def _on_connect(self, session_present: bool) -> None:
+        self._controller_listening.clear()
         try:
             await self.publish_birth()
         except (TimeoutError, asyncio.CancelledError):
@@ -217,7 +223,8 @@ class DeviceSession:
             self._wake.clear()
             if not self.paused:
                 t = await self.sample()
-                if self.connected and not self._replay.is_set() and not self._buffered:
+                live = self.connected and self._controller_listening.is_set()
+                if live and not self._replay.is_set() and not self._buffered:
                     if self.client.publish_nowait(self._t_telemetry, to_json(t), qos=1):
                         self.sent += 1
                     else:  # lost the connection between the check and the publish
@@ -244,6 +251,8 @@ class DeviceSession:
         assert self.buffer is not None and self.client is not None
         while True:
             await self._replay.wait()
+            with contextlib.suppress(TimeoutError):  # replay once the controller listens (see _message_loop)
+                await asyncio.wait_for(self._controller_listening.wait(), self.replay_grace_s)
             try:
                 while self.connected:
                     batch = await asyncio.to_thread(self.buffer.peek, 200)
@@ -281,6 +290,12 @@ class DeviceSession:
             except topics.TopicError:
                 continue
             if kind == "policy" and msg.payload:
+                if not msg.retain:
+                    # A live policy (not the broker's stored copy) means the controller is connected and
+                    # subscribed now: telemetry sent from here on reaches it. It republishes on every new birth
+                    # (after Sparkplug's primary host STATE), so a device waits for it before replaying.
+                    self._controller_listening.set()
+                    self._wake.set()
                 await self._on_policy(msg.payload)
             elif kind == "cmd":
                 task = asyncio.create_task(self._on_command(msg.payload))

@@ -110,11 +110,13 @@ async def publish(client: MqttClient, store: Store, changes: list[PolicyChange],
     return version
 
 
-async def republish(client: MqttClient, store: Store, fleet: str, *, within: float = 10) -> int:
-    """Publish every last-published policy again (retained messages vanish when a broker restarts empty)."""
+async def republish(client: MqttClient, store: Store, fleet: str, *, only: Iterable[str] | None = None,
+                    within: float = 10) -> int:
+    """Publish last-published policies again, all or `only` some (retained messages vanish when a broker restarts
+    empty; a live copy also tells a device the controller is listening)."""
     published = await asyncio.to_thread(store.published_policies)
-    futs = [client.publish(topics.policy(fleet, p.device_id), p.policy_json, qos=1, retain=True)
-            for p in published.values()]
+    wanted = published.keys() if only is None else set(only) & published.keys()
+    futs = [client.publish(topics.policy(fleet, d), published[d].policy_json, qos=1, retain=True) for d in wanted]
     await asyncio.wait_for(asyncio.gather(*futs), within)
     return len(futs)
 

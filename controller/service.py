@@ -109,11 +109,14 @@ class ControllerService:
         for device_id in outcome.rebirth:
             if self.ingest.client.connected:
                 self.commands.fire(device_id, "rebirth")
-        if outcome.new_devices:
+        # a new device needs its first policy; a new birth gets its policy again, live, which also tells the
+        # device the controller listens (it replays its buffer then) and restores a retained copy a broker lost
+        fresh = set(outcome.new_devices) | {e.device_id for e in outcome.events if e.reason == "birth"}
+        if fresh:
             first = not self._pending_policy
-            self._pending_policy.update(outcome.new_devices)
+            self._pending_policy.update(fresh)
             if first:
-                self._spawn(self._publish_policies(delay=0.2))
+                self._spawn(self._publish_policies(delay=0.05))
 
     async def _publish_policies(self, republish: bool = False, delay: float = 0.0) -> None:
         assert self.store is not None and self.ingest is not None
@@ -122,10 +125,12 @@ class ControllerService:
         try:
             if republish:
                 await policy.republish(client, self.store, self.config.fleet)
-                ids = None
+                version, changes = await policy.apply(client, self.store, self.config)
             else:
                 ids, self._pending_policy = self._pending_policy, set()
-            version, changes = await policy.apply(client, self.store, self.config, ids)
+                version, changes = await policy.apply(client, self.store, self.config, ids)
+                changed = {c.device_id for c in changes}
+                await policy.republish(client, self.store, self.config.fleet, only=ids - changed)
         except (TimeoutError, asyncio.CancelledError):
             return  # the connection went away; the next connect publishes again
         if changes:

@@ -1,0 +1,167 @@
+"""Fault tests against real mosquitto, bounded in time: broker restart under 50 devices, malformed payloads on every
+topic (hypothesis), a device that goes silent without a last will."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from ctl_helpers import fleet, until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nanofleet.controller.service import ControllerService
+from nanofleet.protos import fleet_pb2, topics
+from nanofleet.sim import Simulation
+
+
+async def test_broker_restart_under_50_devices(make_broker, tmp_path: Path) -> None:
+    b = make_broker()
+    svc = await ControllerService(fleet("flt1", b.url), tmp_path / "ctl", sweep_every_s=0.2).start()
+    sim = await Simulation(b.url, 50, fleet="flt1", interval_s=0.2, data_dir=tmp_path / "sim",
+                           backoff=(0.1, 1.0)).start()
+    store = svc.store
+    ids = [d.device_id for d in sim.devices]
+    try:
+        await until(lambda: sum(d.state == "online" for d in store.list_devices()) == 50, 20, "50 online")
+        b.stop()
+        await until(lambda: all(d.state == "offline" for d in store.list_devices()), 10, "all offline")
+        await until(lambda: all(d.session._buffered >= 2 for d in sim.devices), 10, "samples buffered on disk")
+        buffered: dict[str, set[int]] = {}
+        for d in sim.devices:
+            items = await asyncio.to_thread(d.session.buffer.peek, 1000)
+            buffered[d.device_id] = {fleet_pb2.Telemetry.FromString(p).ts_ms for _, p in items}
+        b.start()
+        await until(lambda: sum(d.state == "online" for d in store.list_devices()) == 50, 30, "50 online again")
+
+        def replayed() -> bool:
+            have: dict[str, set[int]] = {}
+            for dev, _, _, ts in store.telemetry_keys():
+                have.setdefault(dev, set()).add(ts)
+            return all(buffered[d] <= have.get(d, set()) for d in ids)
+
+        await until(replayed, 30, "every buffered sample stored")
+        for device_id in ids:
+            states = [(e.state, e.reason) for e in store.device_events(device_id)]
+            lost = states.index(("offline", "controller_lost_broker"))
+            assert ("online", "birth") in states[lost + 1:], (device_id, states)
+        keys = store.telemetry_keys()
+        assert len({(d, ts) for d, _, _, ts in keys}) == len(keys)  # no sample stored twice
+        assert all(d.session.client.connects == 2 for d in sim.devices)
+    finally:
+        await sim.stop()
+        await svc.stop()
+
+
+async def test_silent_device_without_last_will_goes_stale(broker, tmp_path: Path) -> None:
+    svc = await ControllerService(fleet("flt3", broker.url), tmp_path / "ctl", sweep_every_s=0.1).start()
+    sim = await Simulation(broker.url, 2, fleet="flt3", interval_s=0.2, data_dir=tmp_path / "sim").start()
+    store = svc.store
+    try:
+        await until(lambda: sum(d.state == "online" for d in store.list_devices()) == 2, 10, "2 online")
+        interval = store.get_device("sim-0000").telemetry_interval_s
+        sim.devices[0].session.paused = True  # connection stays up (pings continue): no last will
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await until(lambda: store.get_device("sim-0000").state == "stale", 4 * interval + 2, "stale")
+        assert loop.time() - start >= 2.5 * interval - 0.5
+        assert store.device_events("sim-0000")[-1].reason == "silent"
+        assert store.get_device("sim-0001").state == "online"
+        sim.devices[0].session.paused = False
+        await until(lambda: store.get_device("sim-0000").state == "online", 5, "back online")
+    finally:
+        await sim.stop()
+        await svc.stop()
+
+
+class _Controller:
+    """A ControllerService on its own event loop thread, so a synchronous hypothesis test can drive it."""
+
+    def __init__(self, broker_url: str, data_dir: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.svc = self._run(ControllerService(fleet("flt2", broker_url), data_dir).start())
+        self._run(self.svc.ingest.client.wait_connected(5))
+
+    def _run(self, coro):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def close(self) -> None:
+        self._run(self.svc.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def controller(broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Controller]:
+    c = _Controller(broker.url, tmp_path_factory.mktemp("flt2"))
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def publisher(broker) -> Iterator[paho.Client]:
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    c.connect("127.0.0.1", broker.port)
+    c.loop_start()
+    yield c
+    c.disconnect()
+    c.loop_stop()
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                  max_size=3),
+                     max_leaves=5)
+malformed = st.one_of(
+    st.binary(min_size=1, max_size=64).filter(lambda b: not _is_object(b)),  # not JSON, or JSON but not an object
+    st.builds(lambda d, k, v: json.dumps({**d, f"x_{k}": v}).encode(),  # an unknown field
+              st.dictionaries(st.sampled_from(["tsMs", "bdSeq", "id"]), st.integers(1, 9), max_size=2),
+              st.text("abc", min_size=1, max_size=4), _json),
+    st.builds(lambda k, v: json.dumps({k: v}).encode(),  # a known field with a value of the wrong type
+              st.sampled_from(["bdSeq", "tsMs", "deviceId", "online", "status"]), st.lists(st.integers(), max_size=2)),
+)
+
+
+def _is_object(b: bytes) -> bool:
+    try:
+        return isinstance(json.loads(b), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+class _Count:
+    n = 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(["status", "telemetry", "cmd/result"]), payload=malformed,
+       device=st.sampled_from(["m1", "m2", "m3"]))
+def test_malformed_payloads_on_every_topic_are_rejected_and_counted(controller: _Controller, publisher: paho.Client,
+                                                                    kind: str, payload: bytes, device: str) -> None:
+    publisher.publish(topics.topic("flt2", device, kind), payload, qos=1).wait_for_publish(5)  # type: ignore[arg-type]
+    _Count.n += 1
+
+
+def test_after_the_malformed_flood_every_payload_was_counted_and_ingest_still_works(
+        controller: _Controller, publisher: paho.Client) -> None:
+    assert _Count.n > 0, "run with the hypothesis test above (same module)"
+    store, stats = controller.svc.store, controller.svc.ingest.stats
+    good = json.dumps({"tsMs": "1000", "seq": 0, "cpuPercent": 5}).encode()
+    publisher.publish(topics.telemetry("flt2", "m1"), good, qos=1).wait_for_publish(5)
+    import time
+
+    deadline = time.monotonic() + 10
+    while not (store.telemetry_keys("m1") and store.rejection_total() == _Count.n):
+        assert time.monotonic() < deadline, (store.rejection_total(), _Count.n, stats)
+        time.sleep(0.02)
+    assert stats.rejected == _Count.n and stats.stored == 1
+    assert {r.device_id for r in store.rejections(1000)} <= {"m1", "m2", "m3"}
+    assert store.get_device("m1").cpu_percent == 5
