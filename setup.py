@@ -1,9 +1,9 @@
 """Installs the top-level folders as `nanofleet.*` (DESIGN.md): agent/ → nanofleet.agent, and so on.
 
-Packages are found, not listed, so a new subfolder with an __init__.py is installed without touching this file.
+Packages (and data folders) are found, not listed, so a new subfolder with an __init__.py is installed without touching this file.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 ROOTS = {"nanofleet": "nanofleet", "nanofleet.agent": "agent", "nanofleet.controller": "controller",
          "nanofleet.protos": "protos"}
@@ -11,6 +11,7 @@ ROOTS = {"nanofleet": "nanofleet", "nanofleet.agent": "agent", "nanofleet.contro
 packages = []
 for name, folder in ROOTS.items():
     packages.append(name)
-    packages += [f"{name}.{sub}" for sub in find_packages(folder)]
+    # Namespace discovery so data-only folders (web/static) ship too, without setuptools' "ambiguous" warning.
+    packages += [f"{name}.{sub}" for sub in find_namespace_packages(folder, exclude=["*__pycache__*"])]
 
 setup(packages=packages, package_dir=ROOTS)
