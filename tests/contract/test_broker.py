@@ -25,8 +25,9 @@ def _client(port: int, user: str | None, password: str | None) -> tuple[mqtt.Cli
     result: dict[str, int] = {}
     c.on_connect = lambda _c, _u, _f, reason, _p: result.setdefault("rc", reason.value)
     c.connect("127.0.0.1", port)
-    c.loop_start()
-    wait_for(lambda: "rc" in result, timeout=10, what="CONNACK")
+    wait_for(lambda: c.loop(timeout=0.05) is not None and "rc" in result, timeout=10, interval=0, what="CONNACK")
+    if result["rc"] == 0:
+        c.loop_start()
     return c, result["rc"]
 
 
@@ -75,13 +76,14 @@ def test_a_device_reaches_only_its_own_topics(closed_broker: tuple[int, BrokerAc
     ctl, rc = _client(port, CONTROLLER_USER, pw[CONTROLLER_USER]["password"])
     assert rc == 0
     got: list[str] = []
-    seen = threading.Event()
-    ctl.on_message = lambda _c, _u, m: (got.append(m.topic), seen.set())
+    ctl.on_message = lambda _c, _u, m: got.append(m.topic)
+    subscribed = threading.Event()
+    ctl.on_subscribe = lambda *_a: subscribed.set()
     ctl.subscribe("nanofleet/v1/demo/#", qos=1)
+    assert subscribed.wait(10), "no SUBACK"
     dev, rc = _client(port, "dev-1", pw["dev-1"]["password"])
     assert rc == 0
     try:
-        wait_for(lambda: ctl.is_connected(), what="controller subscribed")
         # A publish the ACL forbids is dropped by the broker; the allowed one that follows proves delivery works.
         dev.publish(topics.telemetry("demo", "dev-2"), b"spoofed", qos=1).wait_for_publish(5)
         dev.publish(topics.policy("demo", "dev-1"), b"self-granted policy", qos=1).wait_for_publish(5)
