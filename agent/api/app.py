@@ -8,6 +8,7 @@ wrong types and oversize bodies all become OpenAI-style 4xx errors naming the pr
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from nanofleet.agent.runtime.base import BackendError, ChatRequest, Chunk
 from nanofleet.agent.sessions import SessionStore
 
 DEFAULT_MAX_TOKENS = 512
+logger = logging.getLogger("nanofleet.agent.api")
 _JSON = "application/json"
 
 
@@ -120,7 +122,7 @@ class EventStream(StreamingResponse):
 def create_app(
     dispatcher: Dispatcher, sessions: SessionStore | None = None, *, max_body_bytes: int = 1 << 20,
     status_extra: Callable[[], dict[str, Any]] | None = None,
-) -> FastAPI:
+) -> HotPath:
     from nanofleet.agent.api import session_routes
 
     app = FastAPI(title="nanofleet agent", version="1", summary="Local model API of a nanofleet device",
@@ -143,8 +145,6 @@ def create_app(
         dispatcher.counts["bad_request"] += 1
         return Response(dumps(err.body()), exc.status_code, {**err.headers(), **(exc.headers or {})}, _JSON)
 
-    @app.post("/v1/chat/completions", tags=["openai"], openapi_extra=_body_doc(ChatCompletionBody),
-              summary="OpenAI-compatible chat completion (stream: true → server-sent events)")
     async def chat_completions(request: Request) -> Response:
         body: ChatCompletionBody = parse(CHAT, await read_body(request, max_body_bytes))
         chat = chat_request(body, models.spec.n_ctx)
@@ -164,6 +164,12 @@ def create_app(
                          "finish_reason": completion.finish_reason}],
             "usage": completion.usage.as_openai(),
         }, route, reason)
+
+    # Registered for the OpenAPI schema (and reached through it by the ASGITransport-free path too), but served by
+    # `HotPath` below, which skips FastAPI's routing, dependency and middleware layers on the hot path.
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], tags=["openai"],
+                      openapi_extra=_body_doc(ChatCompletionBody),
+                      summary="OpenAI-compatible chat completion (stream: true → server-sent events)")
 
     @app.get("/v1/models", tags=["openai"], summary="Models this agent serves (OpenAI list format)")
     async def list_models() -> Response:
@@ -218,7 +224,35 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(RouteHeaders)
-    return app
+
+    async def api_error(exc: ApiError) -> Response:
+        return await _api_error(None, exc)  # type: ignore[arg-type]
+
+    return HotPath(app, chat_completions, api_error)
+
+
+class HotPath:
+    """The ASGI app served: `POST /v1/chat/completions` goes straight to its handler (about 0.1 ms less per request
+    than through FastAPI's router, dependencies and middleware); everything else goes to the FastAPI app."""
+
+    def __init__(self, api: FastAPI, chat: Callable[[Request], Any], on_error: Callable[[ApiError], Any]) -> None:
+        self.api = api
+        self.state = api.state
+        self._chat = chat
+        self._on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions" or scope["method"] != "POST":
+            return await self.api(scope, receive, send)
+        try:
+            response = await self._chat(Request(scope, receive))
+        except ApiError as exc:
+            response = await self._on_error(exc)
+        except Exception:
+            logger.exception("chat completion failed")
+            response = await self._on_error(ApiError(500, "internal error in the agent; see its log",
+                                                     code="internal_error"))
+        await response(scope, receive, send)
 
 
 def _body_doc(model: type) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -75,12 +76,16 @@ class ModelManager:
         self.file = resolve(spec, cache_dir)
 
     def _llama(self, file: ModelFile, spec: ModelSpec) -> Backend:
+        # NANOFLEET_LLAMA_THREADS: llama.cpp threads (default: every core); 1 suits tiny models on shared CPUs.
+        threads = int(os.environ.get("NANOFLEET_LLAMA_THREADS", "0") or 0) or None
         return LlamaBackend(file.path, model_name=file.name, private_dir=self.private_dir, n_ctx=spec.n_ctx,
-                            n_parallel=spec.n_parallel)
+                            n_parallel=spec.n_parallel, threads=threads)
 
     # -- what /v1/status, /v1/models and telemetry show ------------------------------------------------------
     @property
     def availability(self) -> str:
+        if self._loaded is not None:
+            return "available"
         if self._progress is not None:
             return "downloading"
         if self.file.path.exists():

@@ -69,6 +69,10 @@ class LlamaBackend(Backend):
         params.cache_prompt = True
         params.hostnames = [str(self.socket_path)]
         params.verbosity = -1
+        # No busy-waiting between graphs: on a 2-4 core device a spinning threadpool burns battery and steals the
+        # CPU from everything else (the API, telemetry); measured here: no loss in latency or tokens/s.
+        params.cpuparams.poll = 0
+        params.cpuparams_batch.poll = 0
         if threads:
             params.cpuparams.n_threads = threads
             params.cpuparams_batch.n_threads = threads
