@@ -65,15 +65,22 @@ class BrokerAccounts:
         except FileNotFoundError:
             return {}
 
-    def ensure(self, username: str, role: str) -> str:
+    def ensure(self, username: str, role: str, password: str | None = None) -> str:
         """Return the password of `username`, creating the account (role `controller` or `device`) if new."""
+        return self.ensure_many([username], role, password)[username]
+
+    def ensure_many(self, usernames: list[str], role: str, password: str | None = None) -> dict[str, str]:
+        """`ensure` for many accounts in one write (simulated devices share `password` when it is given)."""
         if role == "device":
-            topics.check_id(username, "device")
+            for username in usernames:
+                topics.check_id(username, "device")
         accounts = self.load()
-        if username not in accounts:
-            accounts[username] = {"role": role, "password": secrets.token_urlsafe(24)}
+        new = [u for u in usernames if u not in accounts]
+        for username in new:
+            accounts[username] = {"role": role, "password": password or secrets.token_urlsafe(24)}
+        if new:
             _write_private(self.path, json.dumps(accounts, indent=2, sort_keys=True))
-        return accounts[username]["password"]
+        return {u: accounts[u]["password"] for u in usernames}
 
     def remove(self, username: str) -> bool:
         accounts = self.load()

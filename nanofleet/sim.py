@@ -118,8 +118,10 @@ class Simulation:
         for i in range(n):
             device_id = f"{prefix}-{i:04d}"
             rng = random.Random(seed * 1_000_003 + i)
+            # "{device}" in the username gives each simulated device its own broker account, as the ACL expects.
             settings = AgentSettings(fleet=fleet, device_id=device_id, data_dir=base / device_id,
-                                     broker_url=broker_url, mqtt_username=username, mqtt_password=password,
+                                     broker_url=broker_url, mqtt_password=password,
+                                     mqtt_username=username.format(device=device_id) if username else None,
                                      telemetry_interval_s=interval_s)
             hooks, collector = SimHooks(rng), SimCollector(scenario, rng)
             session = DeviceSession(settings, hooks, collector=collector, buffer_max=buffer_max,

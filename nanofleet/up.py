@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import shlex
 import sys
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import click
 from nanofleet.broker import CONTROLLER_USER, BrokerAccounts, broker_command
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
 from nanofleet.enroll import enroll_device
+from nanofleet.sim import argv as sim_argv
 from nanofleet.supervisor import Child, StartError, Supervisor, http_ok, tcp_open
 from nanofleet.tcp import free_port, port_free
 
@@ -56,9 +58,12 @@ def _nanofleet(*args: str) -> list[str]:
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=None,
               help="the agent's unix socket (default: $XDG_RUNTIME_DIR/nanofleet/agent.sock)")
 @click.option("--free-ports", is_flag=True, help="use free loopback ports instead of those in fleet.yaml")
+@click.option("--simulate", type=click.IntRange(0, 100_000), default=0, show_default=True,
+              help="also run N simulated devices (each its own MQTT session and broker account)")
 @click.option("--restart-delay", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="seconds before a crashed agent is restarted (doubling on each crash)")
-def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports: bool, restart_delay: float) -> None:
+def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports: bool, simulate: int,
+       restart_delay: float) -> None:
     """Start the broker, controller, gateway and one agent on this machine; Ctrl-C stops them all."""
     try:
         cfg = load_fleet(config_path)
@@ -78,6 +83,10 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
     device_id = next(iter(cfg.devices), "dev-01")
     agent_yaml = enroll_device(cfg, state_dir, device_id, broker_url=broker_url,
                                gateway_address=f"{host}:{ports.gateway}", socket_path=socket_path)
+    sim_password = ""
+    if simulate:
+        sim_ids = [f"sim-{i:04d}" for i in range(simulate)]
+        sim_password = accounts.ensure_many(sim_ids, "device", password=secrets.token_urlsafe(24))[sim_ids[0]]
     broker_argv, broker_desc = broker_command(accounts, host, ports.broker)
 
     sup = Supervisor()
@@ -104,6 +113,13 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
         sup.start(Child(f"agent {device_id}", _nanofleet("agent", "--config", str(agent_yaml.path)),
                         logs / f"agent-{device_id}.log", http_ok("/v1/status", uds=str(settings.socket_path)),
                         ready_timeout=120, restart_delay=restart_delay))
+        if simulate:
+            sup.start(Child(f"simulator ({simulate} devices)",
+                            _nanofleet(*sim_argv(broker_url, simulate, fleet=cfg.fleet,
+                                                 interval_s=cfg.defaults.telemetry_interval_s),
+                                       "--mqtt-username", "{device}"),
+                            logs / "sim.log", ready=lambda: True, env={"NANOFLEET_MQTT_PASSWORD": sim_password},
+                            restart_delay=restart_delay))
     except StartError as exc:
         sup.stop_all()
         raise click.ClickException(str(exc)) from None
@@ -114,8 +130,9 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
     token_line = _operator_token_line(state_dir / "controller", logs / "controller.log")
     sock = shlex.quote(str(settings.socket_path))
     body = '{"messages":[{"role":"user","content":"Say hello"}],"max_tokens":24}'
+    simulated = f" and {simulate} simulated devices" if simulate else ""
     click.echo(f"""
-nanofleet is up (fleet {cfg.fleet!r}, device {device_id!r}).
+nanofleet is up (fleet {cfg.fleet!r}, device {device_id!r}{simulated}).
   dashboard:  http://{host}:{ports.controller}/   {token_line}
   socket:     {settings.socket_path}
   logs:       {logs}/

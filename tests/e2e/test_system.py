@@ -75,7 +75,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     sock = tmp / "run" / "agent.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanofleet", "up", "--config", str(tmp / "fleet.yaml"), "--state-dir",
-         str(tmp / "state"), "--free-ports", "--socket", str(sock), "--restart-delay", "3"],
+         str(tmp / "state"), "--free-ports", "--socket", str(sock), "--restart-delay", "3", "--simulate", "3"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp,
     )
     system = System(proc, tmp / "state", sock)
@@ -149,6 +149,13 @@ def test_the_controller_shows_the_device_online_with_telemetry(system: System) -
     assert all(p["ram_available_mb"] > 0 and p["cpu_percent"] is not None for p in points)
     page = httpx.get(system.dashboard + "/", headers={"Authorization": f"Bearer {system.token}"}, timeout=10)
     assert page.status_code == 200 and "dev-01" in page.text
+
+
+def test_simulated_devices_join_with_their_own_broker_accounts(system: System) -> None:
+    wanted = {"sim-0000", "sim-0001", "sim-0002"}
+    wait_for(lambda: wanted <= {d["device_id"] for d in system.api("/api/devices").json() if d["state"] == "online"},
+             timeout=30, what="three simulated devices online")
+    assert "and 3 simulated devices" in system.output()
 
 
 def test_kill_9_of_the_agent_shows_offline_then_the_supervisor_restarts_it(system: System) -> None:
