@@ -248,3 +248,51 @@ def test_the_openai_example_runs_against_a_real_agent(tmp_path: Path, tiny_gguf:
         agent.terminate()
         agent.wait(timeout=15)
     assert not sock.exists()
+
+
+# -- command lines in the docs and the systemd units -----------------------------------------------------------------
+
+def _command_lines() -> list[tuple[str, str]]:
+    """(where, args) for every `nanofleet …` command in the docs' code blocks and the units' ExecStart lines."""
+    found: list[tuple[str, str]] = []
+    command = re.compile(r"^(?:ExecStart=)?(?:sudo -u \S+ )?(?:/opt/nanofleet/bin/)?nanofleet (.*)$")
+    for path in sorted(DOCS.glob("*.md")) + sorted((ROOT / "deploy" / "systemd").glob("*.service")):
+        text = path.read_text(encoding="utf-8").replace("\\\n", " ")
+        if path.suffix == ".md":
+            blocks = re.findall(r"^```(\w*)\n(.*?)^```$", text, re.S | re.M)
+            text = "\n".join(body for lang, body in blocks if lang in ("", "sh"))
+        for line in text.splitlines():
+            if (m := command.match(line.strip())) and "[" not in line:  # not a usage synopsis
+                found.append((path.name, m.group(1)))
+    return found
+
+
+def test_every_documented_command_line_parses() -> None:
+    """Each command names real (sub)commands and options: click parses it without running it."""
+    import shlex
+
+    import click
+
+    from nanofleet.cli import main
+
+    lines = _command_lines()
+    assert len(lines) >= 10, lines
+    bad = []
+    for where, line in lines:
+        args = ["x" if a.startswith("$") else a for a in shlex.split(line.split("  #")[0])]
+        cmd: click.Command = main
+        ctx = click.Context(main)
+        try:
+            while isinstance(cmd, click.Group) and args and args[0] in cmd.list_commands(ctx):
+                name, args = args[0], args[1:]
+                cmd = cmd.get_command(ctx, name)  # type: ignore[assignment]
+                assert cmd is not None
+            cmd.make_context(cmd.name or "nanofleet", list(args), resilient_parsing=False)
+        except click.BadParameter as exc:
+            if "does not exist" not in exc.format_message():  # paths of a production host
+                bad.append(f"{where}: nanofleet {line}: {exc.format_message()}")
+        except click.UsageError as exc:
+            bad.append(f"{where}: nanofleet {line}: {exc.format_message()}")
+        except click.exceptions.Exit:
+            pass
+    assert not bad, "\n".join(bad)
