@@ -20,6 +20,7 @@ import uvicorn
 
 from nanofleet.agent import thermal
 from nanofleet.agent.api import Dispatcher, create_app
+from nanofleet.agent.api.coalesce import CoalescingHttpToolsProtocol
 from nanofleet.agent.hooks import AgentMetrics
 from nanofleet.agent.router import DeviceState, Policy
 from nanofleet.agent.runtime.base import Backend, BackendError
@@ -99,7 +100,8 @@ class AgentService:
         self._inode = self.settings.socket_path.stat().st_ino
         if self.settings.tcp_listen:
             sockets.append(bind_tcp(self.settings.tcp_listen))
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+        config = uvicorn.Config(self.app, http=CoalescingHttpToolsProtocol, log_level="warning", access_log=False,
+                                lifespan="off",
                                 timeout_graceful_shutdown=3, server_header=False, date_header=False)
         self._server = _Server(config)
         self._serve_task = asyncio.create_task(self._server.serve(sockets=sockets))
