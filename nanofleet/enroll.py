@@ -28,8 +28,12 @@ def gateway_db(state_dir: Path) -> Path:
 
 
 def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_url: str,
-                  gateway_address: str | None, socket_path: Path | None = None) -> AgentYaml:
-    """Create (or refresh the addresses of) a device's credentials and agent.yaml under state/devices/<id>/."""
+                  gateway_address: str | None, local: bool = False, socket_path: Path | None = None) -> AgentYaml:
+    """Create (or refresh the addresses of) a device's credentials and agent.yaml under state/devices/<id>/.
+
+    `local` is for an agent on this machine (`nanofleet up`): its data folder and socket are paths here. For a real
+    device they are left out of agent.yaml, so the agent uses the device's own defaults (XDG folders).
+    """
     from nanofleet.controller.gateway.auth import issue_token  # controller side only
 
     topics.check_id(device_id, "device")
@@ -43,17 +47,25 @@ def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_u
         gateway_db(state_dir).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         token = issue_token(gateway_db(state_dir), device_id, cfg.fleet, cfg.group_of(device_id))
     profile = cfg.profile_for(device_id)
+    paths: dict[str, Path] = {}
+    if local:
+        paths["data_dir"] = folder / "data"
+        if socket_path:
+            paths["socket_path"] = socket_path
     settings = AgentSettings(
-        fleet=cfg.fleet, device_id=device_id, data_dir=folder / "data",
+        fleet=cfg.fleet, device_id=device_id,
         broker_url=broker_url, mqtt_username=device_id, mqtt_password=accounts.ensure(device_id, "device"),
         gateway_address=gateway_address, gateway_token=token, model=profile.model,
-        telemetry_interval_s=profile.telemetry_interval_s,
-        **({"socket_path": socket_path} if socket_path else {}),
+        telemetry_interval_s=profile.telemetry_interval_s, **paths,
     )
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True), f, sort_keys=False)
+        yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True, exclude=_DEVICE_LOCAL - set(paths)),
+                       f, sort_keys=False)
     return AgentYaml(path, settings)
+
+
+_DEVICE_LOCAL = {"data_dir", "socket_path", "sysfs_root"}  # the device's own defaults, unless running here
 
 
 def reload_broker(state_dir: Path, fleet: str) -> bool:
@@ -87,6 +99,7 @@ def enroll(config_path: Path, state_dir: Path, device_id: str, broker_url: str |
         topics.check_id(device_id, "device")
     except (ConfigError, topics.TopicError) as exc:
         raise click.ClickException(str(exc)) from None
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     result = enroll_device(cfg, state_dir.resolve(), device_id, broker_url=broker_url or cfg.broker.url,
                            gateway_address=gateway_address or cfg.gateway.listen)
     reloaded = reload_broker(state_dir.resolve(), cfg.fleet)

@@ -82,7 +82,7 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
     controller_password = accounts.ensure(CONTROLLER_USER, "controller")
     device_id = next(iter(cfg.devices), "dev-01")
     agent_yaml = enroll_device(cfg, state_dir, device_id, broker_url=broker_url,
-                               gateway_address=f"{host}:{ports.gateway}", socket_path=socket_path)
+                               gateway_address=f"{host}:{ports.gateway}", local=True, socket_path=socket_path)
     sim_password = ""
     if simulate:
         sim_ids = [f"sim-{i:04d}" for i in range(simulate)]

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_enroll_writes_a_private_agent_yaml_with_broker_account_and_gateway_token(tmp_path: Path) -> None:
     from nanofleet.controller.gateway.auth import list_tokens
 
+    tmp_path = tmp_path / "state"  # does not exist yet: enroll creates it private
+
     result = CliRunner().invoke(main, ["enroll", "pi-lab-01", "--config", str(ROOT / "fleet.yaml"),
                                        "--state-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -29,6 +31,8 @@ def test_enroll_writes_a_private_agent_yaml_with_broker_account_and_gateway_toke
     settings = yaml.safe_load(agent_yaml.read_text())
     assert settings["device_id"] == settings["mqtt_username"] == "pi-lab-01"
     assert len(settings["mqtt_password"]) >= 24 and len(settings["gateway_token"]) >= 24
+    assert not {"data_dir", "socket_path", "sysfs_root"} & set(settings), "controller-host paths leaked to the device"
+    assert tmp_path.stat().st_mode & 0o077 == 0
     accounts = yaml.safe_load((tmp_path / "broker" / "accounts.json").read_text())
     assert accounts["pi-lab-01"] == {"role": "device", "password": settings["mqtt_password"]}
     tokens = list_tokens(tmp_path / "gateway" / "gateway.db")
