@@ -9,6 +9,7 @@ threads; a streaming callback that returns True cancels the task inside llama.cp
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import tempfile
 import threading
@@ -30,6 +31,7 @@ from nanofleet.agent.runtime.base import (
 )
 
 _END = object()
+_serial = itertools.count(1)
 _MAX_UDS_PATH = 100  # sun_path is 108 bytes on Linux, keep a margin
 
 
@@ -37,7 +39,7 @@ def private_socket_path(private_dir: Path) -> Path:
     """Where llama.cpp's own listener goes: in `private_dir` (0700) if the path is short enough for AF_UNIX."""
     private_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(private_dir, 0o700)
-    path = private_dir / f"llm-{os.getpid()}-{threading.get_ident() % 10_000}.sock"
+    path = private_dir / f"llm-{os.getpid()}-{next(_serial)}.sock"  # unique: an old model may still be closing
     if len(os.fsencode(path)) <= _MAX_UDS_PATH:
         return path
     return Path(tempfile.mkdtemp(prefix="nanofleet-llm-")) / "llm.sock"  # mkdtemp makes it 0700

@@ -52,7 +52,8 @@ async def test_agent_with_broker_births_applies_policy_and_runs_commands(broker,
         await until(lambda: svc.dispatcher.policy.version == 5, what="policy applied")
         cmd = fleet_pb2.Command(id="u1", kind="unload-model", issued_at_ms=1)
         sub.publish(topics.cmd("agt", "svc-1"), json_format.MessageToJson(cmd), qos=1)
-        result = await next_on(topics.cmd_result("agt", "svc-1"), lambda m: m.get("id") == "u1" and m.get("status") != "ack")
+        result = await next_on(topics.cmd_result("agt", "svc-1"),
+                               lambda m: m.get("id") == "u1" and m.get("status") != "ack")
         assert result["status"] == "ok" and not svc.models.loaded
         async with uds_client(settings.socket_path) as c:
             status = (await c.get("/v1/status")).json()

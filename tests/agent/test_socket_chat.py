@@ -42,13 +42,17 @@ async def test_streaming_sse_ends_with_done(client: httpx.AsyncClient) -> None:
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
 
 
-async def test_socket_is_0660_in_a_0700_folder(service) -> None:
+async def test_socket_is_0660_in_a_0700_folder(service, client: httpx.AsyncClient) -> None:
     path = service.settings.socket_path
     assert stat.S_ISSOCK(path.stat().st_mode)
     assert stat.S_IMODE(path.stat().st_mode) == 0o660
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    private = list((service.settings.data_dir / "private").glob("*.sock"))
-    assert private == [] or all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in private)
+    r = await client.post("/v1/chat/completions", json=CHAT)  # loads the model: llama.cpp's own listener opens
+    assert r.status_code == 200
+    private_dir = service.settings.data_dir / "private"
+    assert stat.S_IMODE(private_dir.stat().st_mode) == 0o700
+    private = list(private_dir.glob("*.sock"))
+    assert len(private) == 1 and stat.S_IMODE(private[0].stat().st_mode) & 0o077 == 0
 
 
 def test_nanofleet_agent_subprocess_serves_and_stops_cleanly(tmp_path: Path, tiny_gguf: Path) -> None:
