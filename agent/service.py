@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ from typing import Any
 
 import psutil
 import uvicorn
+from pydantic import ValidationError
 
 from nanofleet.agent import thermal
 from nanofleet.agent.api import Dispatcher, create_app
@@ -30,7 +32,10 @@ from nanofleet.agent.sessions import SessionStore
 from nanofleet.agent.settings import AgentSettings
 from nanofleet.agent.telemetry import sysfs
 from nanofleet.agent.unix_socket import bind_tcp, bind_unix, remove_socket
+from nanofleet.config import ModelSpec
 from nanofleet.protos import fleet_pb2
+
+log = logging.getLogger("nanofleet.agent")
 
 _AVAILABILITY = {
     "unavailable": fleet_pb2.MODEL_AVAILABILITY_UNAVAILABLE,
@@ -171,6 +176,17 @@ class AgentService:
 
     async def apply_policy(self, policy: fleet_pb2.RoutingPolicy) -> None:
         self.dispatcher.policy = Policy.from_proto(policy)
+        if policy.model_source:
+            current = self.models.spec
+            try:
+                spec = ModelSpec.model_validate({**current.model_dump(), "source": policy.model_source,
+                                                 "sha256": policy.model_sha256 or None})
+            except ValidationError as exc:
+                log.warning("policy v%s: model %r ignored: %s", policy.version, policy.model_source,
+                            exc.errors()[0]["msg"])
+                return
+            if await self.models.switch(spec):
+                log.info("policy v%s: now serving model %s", policy.version, spec.source)
 
     async def handle_command(self, command: fleet_pb2.Command) -> fleet_pb2.CommandResult:
         def result(status: str, message: str, **data: str) -> fleet_pb2.CommandResult:

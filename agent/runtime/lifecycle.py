@@ -223,6 +223,15 @@ class ModelManager:
         self.reason = ""
         await self._load()
 
+    async def switch(self, spec: ModelSpec) -> bool:
+        """Serve `spec` from now on (a new model pushed by policy): unload the old one, load the new lazily.
+        False when it is the model already in use."""
+        if (spec.source, spec.sha256) == (self.spec.source, self.spec.sha256):
+            return False
+        await self.unload()
+        self.spec, self.file, self.reason, self.refused_at = spec, resolve(spec, self.cache_dir), "", 0.0
+        return True
+
     async def settle(self) -> None:
         """Wait until backends being unloaded are closed."""
         while self._retiring:

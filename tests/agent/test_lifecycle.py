@@ -152,3 +152,17 @@ async def test_hot_device_stops_local_serving(make_settings, tmp_path: Path) -> 
         assert r.status_code == 503 and r.headers["x-nanofleet-reason"].startswith("thermal_")
         assert not svc.models.loaded  # never touched the model
     await svc.models.close()
+
+
+async def test_policy_with_a_new_model_switches_to_it(make_settings, tmp_path: Path, tiny_gguf: Path) -> None:
+    svc = AgentService(make_settings(model={"keep_alive": -1}), warmup=False)
+    other = tmp_path / "fleet-model.gguf"
+    await asyncio.to_thread(shutil.copy, tiny_gguf, other)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
+        assert (await c.post("/v1/chat/completions", json=CHAT)).json()["model"] == tiny_gguf.stem
+        await svc.apply_policy(fleet_pb2.RoutingPolicy(version=2, prefer="local", model_source=f"file:{other}"))
+        assert not svc.models.loaded  # the old model is gone; the new one loads on first use
+        assert (await c.post("/v1/chat/completions", json=CHAT)).json()["model"] == "fleet-model"
+        await svc.apply_policy(fleet_pb2.RoutingPolicy(version=3, prefer="local", model_source="ftp://nope"))
+        assert svc.models.spec.source == f"file:{other}" and svc.dispatcher.policy.version == 3
+    await svc.models.close()
