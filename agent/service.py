@@ -107,7 +107,8 @@ class AgentService:
             sockets.append(bind_tcp(self.settings.tcp_listen))
         config = uvicorn.Config(self.app, http=CoalescingHttpToolsProtocol, log_level="warning", access_log=False,
                                 lifespan="off",
-                                timeout_graceful_shutdown=3, server_header=False, date_header=False)
+                                timeout_graceful_shutdown=3, server_header=False, date_header=False,
+                                proxy_headers=False)  # a local socket: no proxy in front, one layer less
         self._server = _Server(config)
         self._serve_task = asyncio.create_task(self._server.serve(sockets=sockets))
         while not self._server.started:

@@ -48,8 +48,13 @@ class GrpcBackend(Backend):
         self.failure_threshold = failure_threshold
         self.cooldown = cooldown
         self.failures = 0
-        self.reachable = True  # optimistic until a call fails
+        self._failed_at: float | None = None  # last transport failure; None: optimistic until a call fails
         self._open_until = 0.0
+
+    @property
+    def reachable(self) -> bool:
+        """No transport failure in the last `cooldown` seconds (after that the router may try again)."""
+        return self._failed_at is None or time.monotonic() - self._failed_at >= self.cooldown
 
     @property
     def circuit_open(self) -> bool:
@@ -68,14 +73,14 @@ class GrpcBackend(Backend):
 
     def _ok(self) -> None:
         self.failures = 0
-        self.reachable = True
+        self._failed_at = None
 
     def _error(self, exc: grpc.aio.AioRpcError) -> BackendError:
         code, detail = exc.code(), exc.details() or ""
         where = f"{self.name} ({self.address})"
         if code in _TRANSPORT:
             self.failures += 1
-            self.reachable = False
+            self._failed_at = time.monotonic()
             if self.failures >= self.failure_threshold:
                 self._open_until = time.monotonic() + self.cooldown
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:

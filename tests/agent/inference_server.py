@@ -23,8 +23,10 @@ def to_chat(req: inference_pb2.GenerateRequest) -> ChatRequest:
 
 
 class Servicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, backend: Backend, token: str | None = None, delay: float = 0.0) -> None:
+    def __init__(self, backend: Backend, token: str | None = None, delay: float = 0.0,
+                 fail_after: int | None = None) -> None:
         self.backend, self.token, self.delay = backend, token, delay
+        self.fail_after = fail_after  # GenerateStream: abort UNAVAILABLE after this many chunks
         self.calls = 0
         self.seen_metadata: list[dict[str, str]] = []
 
@@ -50,7 +52,11 @@ class Servicer(inference_pb2_grpc.InferenceServicer):
     async def GenerateStream(self, request, context) -> AsyncIterator[inference_pb2.GenerateChunk]:
         await self._check(request, context)
         async with contextlib.aclosing(self.backend.stream(to_chat(request))) as chunks:
+            sent = 0
             async for c in chunks:
+                if self.fail_after is not None and sent >= self.fail_after:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "bridge lost its model mid-stream")
+                sent += 1
                 chunk = inference_pb2.GenerateChunk(request_id=request.request_id, text=c.text, model="bridge-tiny",
                                                     finish_reason=c.finish_reason or "")
                 if c.usage is not None:

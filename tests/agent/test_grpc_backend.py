@@ -131,3 +131,28 @@ async def test_agent_routes_to_the_gateway_and_falls_back(bridge, make_settings)
         assert status["routes"]["cloud"]["configured"] and status["routes"]["cloud"]["reachable"]
         assert status["route_counts"]["cloud"] == 3
     await svc.stop()
+
+
+async def test_stream_falls_back_before_the_first_token_never_after(llama: LlamaBackend, make_settings) -> None:
+    servicer = inference_server.Servicer(llama, fail_after=0)
+    server, port = await inference_server.start(servicer)
+    cloud = GrpcBackend(f"127.0.0.1:{port}", timeout=10, cooldown=0.0)  # retry the cloud at once after a failure
+    svc = AgentService(make_settings(), warmup=False, cloud=cloud)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
+            body = {**CHAT, "stream": True, "nanofleet": {"mode": "prefer_cloud"}}
+            r = await c.post("/v1/chat/completions", json=body)  # the cloud fails before any token: local serves
+            assert (r.headers["x-nanofleet-route"], r.headers["x-nanofleet-reason"]) == (
+                "local", "fallback_backend_unavailable")
+            assert r.text.endswith("data: [DONE]\n\n") and '"error"' not in r.text
+            await svc.models.unload()
+            servicer.fail_after = 2  # now the cloud fails after two tokens: no fallback, an error event instead
+            r = await c.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200 and r.headers["x-nanofleet-route"] == "cloud"
+            events = [e for e in r.text.split("\n\n") if e]
+            assert events[-1] == "data: [DONE]" and '"error"' in events[-2] and "mid-stream" in events[-2]
+            assert sum('"content"' in e for e in events) == 2
+            assert not svc.models.loaded  # the local model was never asked
+    finally:
+        await svc.stop()
+        await server.stop(None)
