@@ -98,7 +98,9 @@ def _llama_server(model: Path, where: str) -> subprocess.Popen[str]:
 
 
 def _litellm_bin() -> str | None:
-    return os.environ.get("LITELLM_BIN") or shutil.which("litellm")
+    """$LITELLM_BIN, or `litellm` beside this interpreter (pip install -e '.[bench]'), or on PATH."""
+    beside = Path(sys.executable).parent / "litellm"
+    return os.environ.get("LITELLM_BIN") or (str(beside) if beside.exists() else None) or shutil.which("litellm")
 
 
 def run() -> dict[str, Any]:
@@ -172,7 +174,8 @@ def run() -> dict[str, Any]:
             except RuntimeError as exc:
                 litellm_note = f"LiteLLM proxy not measured: {exc}"
         else:
-            litellm_note = "LiteLLM proxy not measured: `litellm` is not installed (pip install 'litellm[proxy]')"
+            litellm_note = ("LiteLLM proxy not measured: `litellm` is not installed (pip install -e '.[bench]', "
+                            "or set LITELLM_BIN)")
 
         import psutil
 
