@@ -15,9 +15,11 @@ from nanofleet.agent.runtime.base import (
     Refused,
     Usage,
 )
+from nanofleet.agent.runtime.fake import FunctionBackend
 from nanofleet.agent.runtime.lifecycle import ModelManager, ModelStatus
 
 __all__ = [
     "Backend", "BackendError", "BackendTimeout", "BackendUnavailable", "BadRequest", "Busy", "ChatRequest", "Chunk",
-    "Completion", "ContextOverflow", "InsufficientMemory", "ModelManager", "ModelStatus", "Refused", "Usage",
+    "Completion", "ContextOverflow", "FunctionBackend", "InsufficientMemory", "ModelManager", "ModelStatus", "Refused",
+    "Usage",
 ]
