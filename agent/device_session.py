@@ -108,6 +108,7 @@ class DeviceSession:
         self._wake = asyncio.Event()
         self._replay = asyncio.Event()
         self._controller_listening = asyncio.Event()  # set by a live policy message on this connection
+        self._listening_conn = -1  # the connection (client.connects) on which the controller was seen listening
         self._t_status = topics.status(self.fleet, self.device_id)
         self._t_telemetry = topics.telemetry(self.fleet, self.device_id)
         self._t_result = topics.cmd_result(self.fleet, self.device_id)
@@ -165,7 +166,8 @@ class DeviceSession:
                 bye = fleet_pb2.DeviceStatus(fleet=self.fleet, device_id=self.device_id, online=False,
                                              bd_seq=self.bd_seq, reason="shutdown", ts_ms=now_ms())
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.client.publish(self._t_status, to_json(bye), 1, retain=True), 3)
+                    async with asyncio.timeout(3):
+                        await self.client.publish(self._t_status, to_json(bye), 1, retain=True)
             await self.client.stop()
             self.client = None
         if self.buffer is not None:
@@ -188,7 +190,8 @@ class DeviceSession:
     async def publish_birth(self) -> None:
         assert self.client is not None
         self.seq = 0
-        await asyncio.wait_for(self.client.publish(self._t_status, to_json(self.birth()), 1, retain=True), 10)
+        async with asyncio.timeout(10):
+            await self.client.publish(self._t_status, to_json(self.birth()), 1, retain=True)
 
     async def _on_connect(self, session_present: bool) -> None:
         self._controller_listening.clear()
@@ -223,7 +226,7 @@ class DeviceSession:
             self._wake.clear()
             if not self.paused:
                 t = await self.sample()
-                live = self.connected and self._controller_listening.is_set()
+                live = self._listening()
                 if live and not self._replay.is_set() and not self._buffered:
                     if self.client.publish_nowait(self._t_telemetry, to_json(t), qos=1):
                         self.sent += 1
@@ -237,9 +240,29 @@ class DeviceSession:
                         self._replay.set()
             next_at = max(next_at + self.interval_s, loop.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), next_at - loop.time())
+                async with asyncio.timeout(next_at - loop.time()):  # unlike 3.11's wait_for, never eats a cancel
+                    await self._wake.wait()
             if self._wake.is_set() and loop.time() < next_at:
                 next_at = loop.time()  # interval changed or reconnected: sample now
+
+    def _listening(self) -> bool:
+        """Connected, and the controller was seen listening on this very connection (not a previous one)."""
+        return self.client is not None and self.client.connected and self._listening_conn == self.client.connects
+
+    async def _await_listener(self) -> None:
+        """Until the controller listens on this connection; after replay_grace_s, assume it does."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.replay_grace_s
+        while not self._listening() and self.connected:
+            self._controller_listening.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                assert self.client is not None
+                self._listening_conn = self.client.connects
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, 0.5)):
+                    await self._controller_listening.wait()
 
     async def _push(self, t: fleet_pb2.Telemetry) -> int:
         assert self.buffer is not None
@@ -251,24 +274,29 @@ class DeviceSession:
         assert self.buffer is not None and self.client is not None
         while True:
             await self._replay.wait()
-            with contextlib.suppress(TimeoutError):  # replay once the controller listens (see _message_loop)
-                await asyncio.wait_for(self._controller_listening.wait(), self.replay_grace_s)
+            await self._await_listener()
             try:
-                while self.connected:
+                while self._listening():  # not merely connected: the controller must be subscribed (see above)
                     batch = await asyncio.to_thread(self.buffer.peek, 200)
                     if not batch:
                         break
                     futs = []
+                    conn = self.client.connects
                     for _, payload in batch:
                         t = fleet_pb2.Telemetry.FromString(payload)
                         t.replayed = True
                         futs.append(self.client.publish(self._t_telemetry, to_json(t), qos=1))
                     try:
-                        await asyncio.wait_for(asyncio.gather(*futs), 15)
-                    except (TimeoutError, asyncio.CancelledError):
+                        async with asyncio.timeout(15):
+                            await asyncio.gather(*futs)
+                    except TimeoutError:
                         if not self.connected:
-                            break
+                            break  # paho resends them after reconnecting; the buffer keeps them meanwhile
                         raise
+                    if self.client.connects != conn:
+                        # acked only after paho resent them on a new connection, possibly before the controller
+                        # subscribed there: keep them and send again (the controller drops duplicates)
+                        continue
                     await asyncio.to_thread(self.buffer.delete, [i for i, _ in batch])
                     self._buffered = max(0, self._buffered - len(batch))
                     self.sent += len(batch)
@@ -276,7 +304,7 @@ class DeviceSession:
                 log.warning("%s: replay interrupted: %r", self.device_id, exc)
                 await asyncio.sleep(0.5)
                 continue
-            if self.connected:
+            if self._listening() and not self._buffered:
                 self._replay.clear()
             else:
                 await asyncio.sleep(0.1)
@@ -290,10 +318,11 @@ class DeviceSession:
             except topics.TopicError:
                 continue
             if kind == "policy" and msg.payload:
-                if not msg.retain:
+                if not msg.retain and self.client is not None and msg.conn == self.client.connects:
                     # A live policy (not the broker's stored copy) means the controller is connected and
                     # subscribed now: telemetry sent from here on reaches it. It republishes on every new birth
                     # (after Sparkplug's primary host STATE), so a device waits for it before replaying.
+                    self._listening_conn = msg.conn
                     self._controller_listening.set()
                     self._wake.set()
                 await self._on_policy(msg.payload)
@@ -327,7 +356,8 @@ class DeviceSession:
         assert self.client is not None
         r = fleet_pb2.CommandResult(id=cmd.id, device_id=self.device_id, status=status, message=message,
                                     data=data or {}, ts_ms=now_ms())
-        await asyncio.wait_for(self.client.publish(self._t_result, to_json(r), qos=1), 10)
+        async with asyncio.timeout(10):
+            await self.client.publish(self._t_result, to_json(r), qos=1)
 
     async def _on_command(self, payload: bytes) -> None:
         try:
@@ -349,11 +379,13 @@ class DeviceSession:
                     await self.hooks.apply_policy(self.policy)
                     await self._result(cmd, "ok", f"policy {self.policy_version} re-applied")
             else:
-                result = await asyncio.wait_for(self.hooks.handle_command(cmd), cmd.timeout_s or 30)
+                async with asyncio.timeout(cmd.timeout_s or 30):
+                    result = await self.hooks.handle_command(cmd)
                 result.id, result.device_id = cmd.id, self.device_id
                 result.ts_ms = result.ts_ms or now_ms()
                 assert self.client is not None
-                await asyncio.wait_for(self.client.publish(self._t_result, to_json(result), qos=1), 10)
+                async with asyncio.timeout(10):
+                    await self.client.publish(self._t_result, to_json(result), qos=1)
         except asyncio.CancelledError:
             raise
         except TimeoutError:

@@ -5,13 +5,15 @@
   old connection arriving after the device was reborn is stale and must not mark it offline.
 - Live telemetry checks seq (0..255, wrapping) against the last one: a jump is a gap; a bd_seq that is not the
   current birth's is a stale birth. Both ask the device for a rebirth (at most once per REBIRTH_EVERY_MS).
-- Replayed telemetry (from a device's offline buffer) is stored but never moves the latest state.
+- Replayed telemetry (from a device's offline buffer) is stored; it updates the latest values only when nothing
+  newer is known, and never the state, last-seen time or seq.
 Pure bookkeeping over an in-memory cache, written back as whole rows of `devices` at the end of each batch.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
@@ -124,13 +126,13 @@ class _Dev:
             "rejected_count": 0, "gap_count": 0, "telemetry_interval_s": 10.0, "status_json": "{}",
         })
 
-    def row(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in _COLUMNS)
+    row = property(operator.attrgetter(*_COLUMNS))  # the devices-table row, in column order
 
 
 class DeviceStates:
     def __init__(self, devices: dict[str, _Dev]) -> None:
         self.devices = devices
+        self.check_gaps = True  # off when controllers split a device's messages through $share
 
     @classmethod
     def load(cls, conn: sqlite3.Connection) -> DeviceStates:
@@ -202,13 +204,17 @@ class DeviceStates:
             dev.bd_seq = row.bd_seq
             self._event(out, dev, "online", "telemetry_without_birth", at)
             self._ask_rebirth(out, dev, at)
-        if row.replayed:
+        if row.replayed:  # old news: stored, and the latest values only if nothing newer is known
+            if row.ts_ms > dev.latest_ts:
+                dev.latest_ts = row.ts_ms
+                self._latest(dev, row)
             return
         dev.last_seen_ms = max(dev.last_seen_ms, at)
         if row.bd_seq != dev.bd_seq:
             self._ask_rebirth(out, dev, at)  # a birth we never saw, or telemetry of a dead session
         else:
-            if dev.last_seq is not None and row.seq != dev.last_seq and row.seq != (dev.last_seq + 1) & 0xFF:
+            if (self.check_gaps and dev.last_seq is not None and row.seq != dev.last_seq
+                    and row.seq != (dev.last_seq + 1) & 0xFF):
                 dev.gap_count += 1
                 out.gaps += 1
                 self._ask_rebirth(out, dev, at)
@@ -229,7 +235,7 @@ class DeviceStates:
         if r.policy_version:
             dev.policy_version = r.policy_version
         if r.route_counts is not None:
-            dev.route_counts = json.dumps(r.route_counts, sort_keys=True)
+            dev.route_counts = json.dumps(r.route_counts)  # default settings: the C encoder
         if r.model_name is not None:
             dev.model_name, dev.model_availability = r.model_name, r.model_availability or "unspecified"
 
@@ -261,7 +267,7 @@ class DeviceStates:
         return True
 
     def _flush(self, conn: sqlite3.Connection, devs: Any, out: BatchOutcome) -> None:
-        rows = [d.row() for d in devs]
+        rows = [d.row for d in devs]
         if rows:
             conn.executemany(_UPSERT, rows)
         if out.events:

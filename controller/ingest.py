@@ -1,6 +1,7 @@
 """MQTT ingest: status, telemetry and command results of a fleet into the store, in batches.
 
-paho's network thread only appends (topic, payload) to a deque (the cheapest hand-over there is); one ingest
+The subscription is read by nanofleet.mqtt_subscriber.FastSubscriber (default; paho costs ~50 µs a message, see
+bench/bench_ingest.py) or by paho (`transport="paho"`); either appends (topic, payload) pairs to a deque; one ingest
 thread takes up to `max_batch` messages or `batch_ms` worth, decodes and validates them (controller.decode), and
 hands the batch to the store's writer thread as one transaction — decoding the next batch overlaps the commit of
 the previous one. A malformed payload is counted per device and reason in the store, logged once, and skipped.
@@ -19,11 +20,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
 from nanofleet.controller.decode import PayloadError, decode_result, decode_status, decode_telemetry
 from nanofleet.controller.store import Batch, BatchOutcome, Store
 from nanofleet.mqtt import MqttClient
+from nanofleet.mqtt_subscriber import AsyncPublisher, FastSubscriber
 from nanofleet.protos import fleet_pb2, topics
 
 log = logging.getLogger(__name__)
@@ -63,29 +65,52 @@ class Ingest:
         on_outcome: Callable[[BatchOutcome], None] | None = None,
         on_result: Callable[[fleet_pb2.CommandResult], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
+        transport: Literal["fast", "paho"] = "fast",
     ) -> None:
         self.store, self.fleet = store, topics.check_id(fleet, "fleet")
         self.stats = IngestStats()
         self._batch_s, self._max_batch = batch_ms / 1000, max_batch
-        self._inbox: collections.deque[Any] = collections.deque()  # paho MQTTMessage (has .topic, .payload)
+        self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
         self._on_outcome, self._on_result, self._on_connection = on_outcome, on_result, on_connection
         self._logged: set[tuple[str | None, str]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._subscribed = asyncio.Event()
         prefix = f"$share/{topics.check_id(share_group, 'share group')}/" if share_group else ""
         self.filters = [(prefix + topics.fleet_filter(fleet, "status"), 1),
                         (prefix + topics.fleet_filter(fleet, "telemetry"), telemetry_qos),
                         (prefix + topics.fleet_filter(fleet, "cmd/result"), 1)]
-        self.client = MqttClient(broker_url, client_id=client_id, username=username, password=password,
-                                 sink=self._inbox.append, on_connect=self._connected,
-                                 on_disconnect=self._disconnected, max_queued=100_000)
+        self.transport = transport
+        self.subscriber: FastSubscriber | None = None
+        self.client: MqttClient | AsyncPublisher
+        if transport == "fast":
+            # one connection both ways: publishes after a resubscription are ordered after the SUBSCRIBE
+            self.subscriber = FastSubscriber(broker_url, self.filters, self._inbox.extend, client_id=client_id,
+                                             username=username, password=password,
+                                             on_connection=self._threaded_connection)
+            self.client = AsyncPublisher(self.subscriber)
+        else:
+            inbox = self._inbox
+            self.client = MqttClient(broker_url, client_id=client_id, username=username, password=password,
+                                     sink=lambda m: inbox.append((m.topic, m.payload)),
+                                     on_connect=self._connected, on_disconnect=self._disconnected,
+                                     max_queued=100_000)
+
+    def _threaded_connection(self, up: bool) -> None:
+        self._call_soon(self._connected if up else self._disconnected, *((False,) if up else ()))
+
+    @property
+    def connected(self) -> bool:
+        """The subscription is up (what "the controller can see the fleet" means)."""
+        return self.subscriber.connected if self.subscriber is not None else self.client.connected
 
     async def start(self) -> Ingest:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name=f"ingest:{self.fleet}", daemon=True)
         self._thread.start()
-        self.client.subscribe(self.filters)
+        if not isinstance(self.client, AsyncPublisher):
+            self.client.subscribe(self.filters)
         await self.client.start()
         return self
 
@@ -96,11 +121,17 @@ class Ingest:
             await asyncio.to_thread(self._thread.join)
         self._loop = None
 
+    async def wait_subscribed(self, within: float | None = None) -> None:
+        """Until the subscription is in place (SUBACK with the fast reader)."""
+        await asyncio.wait_for(self._subscribed.wait(), within)
+
     def _connected(self, session_present: bool) -> None:
+        self._subscribed.set()
         if self._on_connection:
             self._on_connection(True)
 
     def _disconnected(self) -> None:
+        self._subscribed.clear()
         if self._on_connection:
             self._on_connection(False)
 
@@ -120,7 +151,7 @@ class Ingest:
                 time.sleep(0.002)
                 continue
             deadline = time.monotonic() + self._batch_s
-            items: list[Any] = []
+            items: list[tuple[str, bytes]] = []
             while len(items) < self._max_batch:
                 if inbox:
                     items.append(inbox.popleft())
@@ -160,14 +191,13 @@ class Ingest:
             except RuntimeError:
                 pass
 
-    def decode(self, items: list[Any]) -> Batch:
-        """Validate raw messages (anything with .topic and .payload) into one store batch, rejections included."""
+    def decode(self, items: list[tuple[str, bytes]]) -> Batch:
+        """Validate raw (topic, payload) pairs into one store batch, rejections included."""
         batch = Batch(self.fleet, int(time.time() * 1000))
         telemetry, reject = batch.telemetry, batch.rejections
         fleet_prefix = f"{_PREFIX}{self.fleet}/"
         n = len(fleet_prefix)
-        for item in items:
-            topic, payload = item.topic, item.payload
+        for topic, payload in items:
             device: str | None = None
             try:
                 # fast split for the common shape; topics.parse for anything unusual

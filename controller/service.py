@@ -19,6 +19,7 @@ from nanofleet.controller import policy
 from nanofleet.controller.commands import CommandService
 from nanofleet.controller.ingest import Ingest
 from nanofleet.controller.store import BatchOutcome, Store
+from nanofleet.mqtt import MqttError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class ControllerService:
     async def start(self) -> ControllerService:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = store = await asyncio.to_thread(Store, self.data_dir / "controller.db")
+        store.check_gaps = self.share_group is None  # with $share this controller sees only some of a device's seqs
         await asyncio.to_thread(store.set_groups, {d: e.group for d, e in self.config.devices.items()})
         self.ingest = Ingest(store, self.config.fleet, self.broker_url, username=self._mqtt[0],
                              password=self._mqtt[1], share_group=self.share_group, telemetry_qos=self.telemetry_qos,
@@ -108,7 +110,8 @@ class ControllerService:
         assert self.commands is not None and self.ingest is not None
         for device_id in outcome.rebirth:
             if self.ingest.client.connected:
-                self.commands.fire(device_id, "rebirth")
+                with contextlib.suppress(MqttError):
+                    self.commands.fire(device_id, "rebirth")
         # a new device needs its first policy; a new birth gets its policy again, live, which also tells the
         # device the controller listens (it replays its buffer then) and restores a retained copy a broker lost
         fresh = set(outcome.new_devices) | {e.device_id for e in outcome.events if e.reason == "birth"}
@@ -131,7 +134,7 @@ class ControllerService:
                 version, changes = await policy.apply(client, self.store, self.config, ids)
                 changed = {c.device_id for c in changes}
                 await policy.republish(client, self.store, self.config.fleet, only=ids - changed)
-        except (TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, MqttError):
             return  # the connection went away; the next connect publishes again
         if changes:
             self.policy_rounds += 1

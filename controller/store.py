@@ -81,6 +81,15 @@ class Store:
         self._writer = threading.Thread(target=self._run, args=(conn,), name="store-writer", daemon=True)
         self._writer.start()
 
+    @property
+    def check_gaps(self) -> bool:
+        """Sparkplug seq gap detection; off when several controllers share a fleet's messages ($share)."""
+        return self._state.check_gaps
+
+    @check_gaps.setter
+    def check_gaps(self, value: bool) -> None:
+        self._state.check_gaps = value
+
     # -- plumbing ---------------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)

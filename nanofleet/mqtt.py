@@ -61,6 +61,7 @@ class Message:
     payload: bytes
     qos: int = 0
     retain: bool = False
+    conn: int = 0  # which connection (MqttClient.connects at arrival) delivered it
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
@@ -277,7 +278,8 @@ class MqttClient:
         if self._sink is not None:
             self._sink(msg)
         else:
-            self._call_soon(self._queue.put_nowait, Message(msg.topic, msg.payload, msg.qos, msg.retain))
+            self._call_soon(self._queue.put_nowait,
+                            Message(msg.topic, msg.payload, msg.qos, msg.retain, self.connects))
 
     def _cb_publish(self, client: paho.Client, userdata: Any, mid: int, rc: Any, props: Any) -> None:
         self._call_soon(self._acked, mid)

@@ -25,8 +25,10 @@ async def test_commands_ack_result_timeout(broker, tmp_path: Path) -> None:
     sim = await Simulation(broker.url, 1, fleet="cmd1", interval_s=0.2, data_dir=tmp_path / "sim").start()
     try:
         await sim.wait_connected(10)
-        await svc.ingest.client.wait_connected(5)
+        await svc.ingest.wait_subscribed(5)
         dev = sim.devices[0]
+        # its policy arrived, so its subscriptions are in place (a command sent earlier could beat its SUBSCRIBE)
+        await until(lambda: dev.session.policy is not None, 10, "policy received")
         out = await svc.commands.send("sim-0000", "ping", timeout_s=5)
         assert out.acked and out.status == "ok" and out.message == "pong"
         assert out.data["bd_seq"] == str(dev.session.bd_seq)
@@ -39,7 +41,6 @@ async def test_commands_ack_result_timeout(broker, tmp_path: Path) -> None:
         births = len(svc.store.device_events("sim-0000"))
         out = await svc.commands.send("sim-0000", "rebirth", timeout_s=5)
         assert out.status == "ok" and len(svc.store.device_events("sim-0000")) == births  # same bd_seq: no new event
-        await until(lambda: dev.session.policy is not None, 5, "policy received")
         out = await svc.commands.send("sim-0000", "reload-policy", timeout_s=5)
         assert out.status == "ok" and "re-applied" in out.message
         await until(lambda: [r[0] for r in svc.store.command_results(out.id)] == ["ack", "ok"], 5, "results stored")

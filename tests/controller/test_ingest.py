@@ -53,7 +53,7 @@ async def test_births_telemetry_shutdown_and_last_will(broker, tmp_path: Path) -
 async def test_malformed_payloads_are_counted_and_ingest_keeps_going(broker, tmp_path: Path) -> None:
     cfg = fleet("ing2", broker.url)
     svc = await ControllerService(cfg, tmp_path / "ctl").start()
-    await svc.ingest.client.wait_connected(5)
+    await svc.ingest.wait_subscribed(5)
     async with MqttClient(broker.url) as pub:
         await pub.wait_connected(5)
         bad = [(topics.telemetry("ing2", "d1"), b"{oops"), (topics.status("ing2", "d1"), b"[]"),
@@ -75,7 +75,7 @@ async def test_share_group_splits_between_two_controllers(broker, tmp_path: Path
     cfg = fleet("ing3", broker.url)
     a = await ControllerService(cfg, tmp_path / "a", share_group="g").start()
     b = await ControllerService(cfg, tmp_path / "b", share_group="g").start()
-    await asyncio.gather(a.ingest.client.wait_connected(5), b.ingest.client.wait_connected(5))
+    await asyncio.gather(a.ingest.wait_subscribed(5), b.ingest.wait_subscribed(5))
     await asyncio.sleep(0.2)  # SUBACKs: both subscriptions in place before the burst
     async with MqttClient(broker.url) as pub:
         await pub.wait_connected(5)

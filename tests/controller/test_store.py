@@ -95,11 +95,14 @@ def test_seq_gap_and_stale_birth_ask_for_rebirth(store: Store) -> None:
 
 def test_replayed_telemetry_does_not_move_latest_state(store: Store) -> None:
     store.write_status("f", birth("d1", 2), T0)
+    store.write_telemetry("f", [tel("d1", 1, 3, T0 - 60_000, replayed=True)], T0 + 9_000)
+    d = store.get_device("d1")
+    assert d.cpu_percent == 13.0 and d.last_seen_ms == T0  # values: the newest known; last seen: unchanged
     store.write_telemetry("f", [tel("d1", 2, 0, T0 + 10_000)], T0 + 10_000)
     store.write_telemetry("f", [tel("d1", 1, 9, T0 - 50_000, replayed=True)], T0 + 11_000)
     d = store.get_device("d1")
-    assert d.cpu_percent == 10.0 and d.gap_count == 0
-    assert len(store.telemetry_keys("d1")) == 2
+    assert d.cpu_percent == 10.0 and d.gap_count == 0 and d.last_seen_ms == T0 + 10_000
+    assert len(store.telemetry_keys("d1")) == 3
 
 
 def test_stale_after_interval_then_online_on_telemetry(store: Store) -> None:

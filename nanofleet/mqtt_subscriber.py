@@ -1,0 +1,364 @@
+"""A receive-only MQTT 3.1.1 subscriber for the controller's ingest hot path.
+
+Why not paho here: paho reads each packet with several small `recv` calls after a `select`, builds an MQTTMessage
+and runs callbacks under locks — about 50 µs a message on a small server, more than the whole budget at 20,000
+msg/s. This reads the socket in large chunks and cuts PUBLISH packets out of the buffer in one loop, handing
+(topic, payload) pairs to `sink` a chunk at a time. It speaks only what a subscriber needs: CONNECT (user name,
+password, clean session, keepalive), SUBSCRIBE, PUBLISH both ways (QoS 0/1, PUBACK), PINGREQ, DISCONNECT; it
+reconnects with exponential backoff and full jitter. The controller also publishes on this connection, so what it
+publishes after a (re)subscription is ordered after the SUBSCRIBE, and nothing from a previous connection is
+resent later (a publish in flight when the connection drops fails instead).
+
+Runs in its own thread; `sink` and `on_connection` are called from that thread and must be cheap.
+
+Exceptions: MqttError (nanofleet.mqtt's root) ← SubscriberRefused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from nanofleet.mqtt import MqttError, parse_broker_url
+
+log = logging.getLogger(__name__)
+_PINGREQ, _DISCONNECT = b"\xc0\x00", b"\xe0\x00"
+
+
+class SubscriberRefused(MqttError):
+    """The broker refused the connection (CONNACK return code) or a subscription (SUBACK 0x80)."""
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return struct.pack("!H", len(b)) + b
+
+
+def connect_packet(client_id: str, *, clean_session: bool = True, keepalive: int = 30,
+                   username: str | None = None, password: str | None = None) -> bytes:
+    flags = (0x02 if clean_session else 0) | (0x80 if username is not None else 0) | (
+        0x40 if password is not None and username is not None else 0)
+    var = b"\x00\x04MQTT\x04" + bytes([flags]) + struct.pack("!H", keepalive)
+    payload = _str(client_id)
+    if username is not None:
+        payload += _str(username)
+        if password is not None:
+            payload += _str(password)
+    body = var + payload
+    return b"\x10" + _varint(len(body)) + body
+
+
+def subscribe_packet(packet_id: int, filters: Sequence[tuple[str, int]]) -> bytes:
+    body = struct.pack("!H", packet_id) + b"".join(_str(f) + bytes([q]) for f, q in filters)
+    return b"\x82" + _varint(len(body)) + body
+
+
+def publish_packet(topic: str, payload: bytes, qos: int = 0, retain: bool = False, packet_id: int = 0) -> bytes:
+    body = _str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return bytes([0x30 | (qos << 1) | int(retain)]) + _varint(len(body)) + body
+
+
+def parse(buf: bytearray, out: list[tuple[str, bytes]], acks: list[bytes],
+          pubacks: list[int] | None = None) -> tuple[int, list[int]]:
+    """Cut whole packets from `buf`: PUBLISH -> `out` (and a PUBACK into `acks` for QoS 1), PUBACK ids ->
+    `pubacks`. Returns how many bytes were consumed and the other packet types seen (9 SUBACK, -9 refused)."""
+    i, n = 0, len(buf)
+    other: list[int] = []
+    while n - i >= 2:
+        b0 = buf[i]
+        j, mult, rl = i + 1, 1, 0
+        while True:
+            if j >= n:
+                return i, other
+            d = buf[j]
+            rl += (d & 0x7F) * mult
+            j += 1
+            if not d & 0x80:
+                break
+            mult <<= 7
+            if mult > 0x200000:
+                raise ConnectionError("malformed remaining length")
+        end = j + rl
+        if end > n:
+            break
+        if b0 >> 4 == 3:
+            tl = (buf[j] << 8) | buf[j + 1]
+            k = j + 2 + tl
+            topic = buf[j + 2:k].decode("utf-8", "replace")
+            if b0 & 0x06:
+                acks.append(b"\x40\x02" + bytes(buf[k:k + 2]))
+                k += 2
+            out.append((topic, bytes(buf[k:end])))
+        elif b0 >> 4 == 4 and pubacks is not None and rl >= 2:
+            pubacks.append((buf[j] << 8) | buf[j + 1])
+        else:
+            other.append(b0 >> 4)
+            if b0 >> 4 == 9 and any(c == 0x80 for c in buf[j + 2:end]):
+                other.append(-9)  # a refused subscription
+        i = end
+    return i, other
+
+
+class FastSubscriber:
+    def __init__(
+        self,
+        url: str,
+        filters: Sequence[tuple[str, int]],
+        sink: Callable[[list[tuple[str, bytes]]], None],
+        *,
+        client_id: str = "",
+        clean_session: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+        keepalive: int = 30,
+        backoff: tuple[float, float] = (0.2, 10.0),
+        on_connection: Callable[[bool], None] | None = None,
+        recv_bytes: int = 1 << 18,
+    ) -> None:
+        self.host, self.port, self.tls = parse_broker_url(url)
+        self.url, self.filters, self.sink = url, list(filters), sink
+        self.client_id = client_id or f"nanofleet-sub-{random.getrandbits(40):010x}"
+        self._connect = connect_packet(self.client_id, clean_session=clean_session, keepalive=keepalive,
+                                       username=username, password=password)
+        self.keepalive, self.backoff, self.recv_bytes = keepalive, backoff, recv_bytes
+        self.on_connection = on_connection
+        self.connected = False
+        self.connects = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._next_id = 1
+        self._inflight: dict[int, Callable[[BaseException | None], None]] = {}
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-sub:{self.host}:{self.port}", daemon=True)
+
+    def start(self) -> FastSubscriber:
+        self._thread.start()
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Disconnect cleanly and join the thread (blocking: call it off the event loop)."""
+        self._stop.set()
+        self._thread.join(grace)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
+                on_done: Callable[[BaseException | None], None] | None = None) -> None:
+        """Send on the current connection (any thread). QoS 1: `on_done(None)` on PUBACK, `on_done(error)` if the
+        connection drops first; QoS 0: `on_done(None)` once written. MqttNotConnected when not subscribed."""
+        from nanofleet.mqtt import MqttNotConnected
+
+        data = payload.encode() if isinstance(payload, str) else payload
+        with self._send_lock:
+            sock = self._sock
+            if sock is None or not self.connected:
+                raise MqttNotConnected(f"not connected to {self.url}")
+            pid = 0
+            if qos:
+                while self._next_id in self._inflight or self._next_id == 1:  # id 1 is the SUBSCRIBE's
+                    self._next_id = self._next_id % 65535 + 1
+                pid, self._next_id = self._next_id, self._next_id % 65535 + 1
+                self._inflight[pid] = on_done or (lambda exc: None)
+            try:
+                sock.sendall(publish_packet(topic, data, 1 if qos else 0, retain, pid))
+            except OSError as exc:
+                self._inflight.pop(pid, None)
+                raise MqttNotConnected(f"connection to {self.url} failed: {exc}") from exc
+        if not qos and on_done is not None:
+            on_done(None)
+
+    def _settle(self, pids: list[int]) -> None:
+        with self._send_lock:
+            done = [self._inflight.pop(p) for p in pids if p in self._inflight]
+        for cb in done:
+            cb(None)
+
+    def _fail_inflight(self) -> None:
+        from nanofleet.mqtt import MqttNotConnected
+
+        with self._send_lock:
+            pending, self._inflight = self._inflight, {}
+        for cb in pending.values():
+            cb(MqttNotConnected("connection lost before PUBACK"))
+
+    # -- the thread ------------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                sock = self._open()
+            except (OSError, SubscriberRefused) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                lo, hi = self.backoff
+                self._stop.wait(random.uniform(0, min(hi, lo * 2**attempt)))
+                attempt = min(attempt + 1, 30)
+                continue
+            attempt = 0
+            try:
+                self._read(sock)
+            except (OSError, ConnectionError, SubscriberRefused) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+            finally:
+                with self._send_lock:
+                    was, self.connected, self._sock = self.connected, False, None
+                self._fail_inflight()
+                if self._stop.is_set():
+                    try:
+                        sock.sendall(_DISCONNECT)
+                    except OSError:
+                        pass
+                sock.close()
+                if was:
+                    self._notify(False)
+
+    def _notify(self, up: bool) -> None:
+        if self.on_connection is not None:
+            try:
+                self.on_connection(up)
+            except Exception:  # a broken observer must not kill ingest
+                log.exception("on_connection failed")
+
+    def _open(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=10)
+        try:
+            if self.tls:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.sendall(self._connect)
+            head = self._recv_exact(sock, 4)
+            if head[0] != 0x20 or head[3] != 0:
+                raise SubscriberRefused(f"broker {self.url} refused the connection (CONNACK code {head[3]})")
+            sock.sendall(subscribe_packet(1, self.filters))
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(0.25)
+        return sock
+
+    @staticmethod
+    def _recv_exact(sock: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError("connection closed during handshake")
+            data += chunk
+        return data
+
+    def _read(self, sock: socket.socket) -> None:
+        buf = bytearray()
+        last_sent = last_heard = time.monotonic()
+        ping_out = False
+        recv_into = sock.recv
+        while not self._stop.is_set():
+            try:
+                data = recv_into(self.recv_bytes)
+            except TimeoutError:
+                data = None
+            now = time.monotonic()
+            if data is not None:
+                if not data:
+                    raise ConnectionError("broker closed the connection")
+                buf += data
+                last_heard = now
+                out: list[tuple[str, bytes]] = []
+                acks: list[bytes] = []
+                pubacks: list[int] = []
+                used, other = parse(buf, out, acks, pubacks)
+                del buf[:used]
+                if out:
+                    self.sink(out)
+                if acks:
+                    with self._send_lock:
+                        sock.sendall(b"".join(acks))
+                    last_sent = now
+                if pubacks:
+                    self._settle(pubacks)
+                if -9 in other:
+                    raise SubscriberRefused(f"broker {self.url} refused a subscription of {self.filters}")
+                if 9 in other and not self.connected:  # SUBACK: from here on nothing published is missed
+                    with self._send_lock:
+                        self.connects += 1
+                        self.connected, self._sock = True, sock
+                    self._notify(True)
+                if 13 in other:
+                    ping_out = False
+            if now - last_sent >= self.keepalive / 2:
+                with self._send_lock:
+                    sock.sendall(_PINGREQ)
+                last_sent, ping_out = now, True
+            if ping_out and now - last_heard > self.keepalive:
+                raise ConnectionError("broker stopped answering pings")
+
+
+class AsyncPublisher:
+    """The publishing face of a FastSubscriber for asyncio code (the shape of MqttClient's publish side)."""
+
+    def __init__(self, sub: FastSubscriber) -> None:
+        self.sub = sub
+        self.url = sub.url
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.sub.connected
+
+    @property
+    def last_error(self) -> str | None:
+        return self.sub.last_error
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> asyncio.Future[None]:
+        loop = self.loop
+        assert loop is not None, "start() first"
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def done(exc: BaseException | None) -> None:
+            def settle() -> None:
+                if fut.done():
+                    return
+                if exc is not None:
+                    fut.set_exception(exc)
+                else:
+                    fut.set_result(None)
+
+            if threading.get_ident() == self._loop_thread:
+                settle()
+            else:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(settle)
+
+        self.sub.publish(topic, payload, qos, retain, done)
+        return fut
+
+    def publish_nowait(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool:
+        try:
+            self.sub.publish(topic, payload, qos, retain)
+        except MqttError:
+            return False
+        return True
+
+    async def start(self) -> AsyncPublisher:
+        self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self.sub.start()
+        return self
+
+    async def stop(self) -> None:
+        await asyncio.to_thread(self.sub.stop)
