@@ -24,8 +24,14 @@ run: $(STAMP)
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-bench: $(STAMP) system-deps
-	$(BIN)/python -m bench
+# LiteLLM (a baseline in bench_socket) gets a venv of its own: its pins must not move ours.
+LITELLM := .venv-litellm/bin/litellm
+$(LITELLM):
+	$(PYTHON) -m venv .venv-litellm
+	.venv-litellm/bin/python -m pip install -q 'litellm[proxy]>=1.60'
+
+bench: $(STAMP) system-deps $(LITELLM)
+	LITELLM_BIN=$(LITELLM) $(BIN)/python -m bench
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
@@ -34,4 +40,4 @@ lint: $(STAMP)
 	$(BIN)/python -m ruff check .
 
 clean:
-	rm -rf $(VENV) .pytest_cache bench/report.md bench/report.json
+	rm -rf $(VENV) .venv-litellm .pytest_cache bench/report.md bench/report.json
