@@ -66,6 +66,7 @@ class Ingest:
         on_result: Callable[[fleet_pb2.CommandResult], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
         transport: Literal["fast", "paho"] = "fast",
+        max_backlog: int = 200_000,
     ) -> None:
         self.store, self.fleet = store, topics.check_id(fleet, "fleet")
         self.stats = IngestStats()
@@ -88,7 +89,8 @@ class Ingest:
             # one connection both ways: publishes after a resubscription are ordered after the SUBSCRIBE
             self.subscriber = FastSubscriber(broker_url, self.filters, self._inbox.extend, client_id=client_id,
                                              username=username, password=password,
-                                             on_connection=self._threaded_connection)
+                                             on_connection=self._threaded_connection,
+                                             busy=lambda: len(self._inbox) > max_backlog)
             self.client = AsyncPublisher(self.subscriber)
         else:
             inbox = self._inbox

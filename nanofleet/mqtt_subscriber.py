@@ -131,6 +131,7 @@ class FastSubscriber:
         backoff: tuple[float, float] = (0.2, 10.0),
         on_connection: Callable[[bool], None] | None = None,
         recv_bytes: int = 1 << 18,
+        busy: Callable[[], bool] | None = None,
     ) -> None:
         self.host, self.port, self.tls = parse_broker_url(url)
         self.url, self.filters, self.sink = url, list(filters), sink
@@ -139,6 +140,7 @@ class FastSubscriber:
                                        username=username, password=password)
         self.keepalive, self.backoff, self.recv_bytes = keepalive, backoff, recv_bytes
         self.on_connection = on_connection
+        self.busy = busy  # True: the consumer is behind; stop reading so TCP pushes back to the broker
         self.connected = False
         self.connects = 0
         self.last_error: str | None = None
@@ -267,6 +269,11 @@ class FastSubscriber:
         ping_out = False
         recv_into = sock.recv
         while not self._stop.is_set():
+            if self.busy is not None and self.busy():
+                time.sleep(0.002)
+                data = None
+                if time.monotonic() - last_sent < self.keepalive / 2:
+                    continue
             try:
                 data = recv_into(self.recv_bytes)
             except TimeoutError:
