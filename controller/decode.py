@@ -121,6 +121,28 @@ def _fields(table: dict[str, tuple[str, int, Any]], d: dict[str, Any]) -> dict[s
         name, kind, arg = spec
         if name in out:
             raise _Slow
+        # the common scalar kinds inline (this loop is the hot path); the rest through _value
+        tv = type(v)
+        if kind == _FLOAT:
+            if (tv is float or tv is int) and (not arg or -_F32 <= v <= _F32):
+                out[name] = float(v)
+                continue
+            raise _Slow
+        if kind == _INT64 and tv is str:
+            if v.isascii() and v.isdigit() and len(v) < 21:
+                v, tv = int(v), int
+            else:
+                raise _Slow
+        if kind == _INT or kind == _INT64:
+            if tv is int and arg[0] <= v <= arg[1]:
+                out[name] = v
+                continue
+            raise _Slow
+        if kind == _BOOL or kind == _STR:
+            if tv is (bool if kind == _BOOL else str):
+                out[name] = v
+                continue
+            raise _Slow
         out[name] = _value(kind, arg, v)
     return out
 
