@@ -114,7 +114,8 @@ def _bare(port: int, expect: int, ready: Any, out: Any) -> None:
     out.put({"received": state["n"], "done": state["last"]})
 
 
-def _controller(port: int, expect: int, db: str, share: str | None, ready: Any, out: Any) -> None:
+def _controller(port: int, expect: int, db: str, share: str | None, ready: Any, out: Any,
+                transport: str = "paho") -> None:
     import asyncio
 
     from nanofleet.controller.ingest import Ingest
@@ -124,7 +125,7 @@ def _controller(port: int, expect: int, db: str, share: str | None, ready: Any, 
         store = Store(db)
         store.check_gaps = share is None
         ingest = Ingest(store, FLEET, f"mqtt://127.0.0.1:{port}", share_group=share, telemetry_qos=0,
-                        client_id=f"bench-ctl-{mp.current_process().pid}")
+                        client_id=f"bench-ctl-{mp.current_process().pid}", transport=transport)  # type: ignore[arg-type]
         await ingest.start()
         await ingest.wait_subscribed(10)
         await asyncio.sleep(0.3)  # SUBACK
@@ -198,7 +199,8 @@ def _round(kind: str, procs: int, port: int, packets: list[bytes], rate: float |
     for _ in range(procs):
         ready = ctx.Event()
         target, args = ((_bare, (port, len(packets), ready, out)) if kind == "bare"
-                        else (_controller, (port, len(packets) // procs, db, share, ready, out)))
+                        else (_controller, (port, len(packets) // procs, db, share, ready, out,
+                                            "fast" if kind == "ingest-fast" else "paho")))
         p = ctx.Process(target=target, args=args, daemon=True)
         p.start()
         readies.append(ready)
@@ -267,7 +269,7 @@ def run() -> dict[str, Any]:
                                    "per_message": _per_message_cost(capacity_pkts, tmp)}
         for phase, pkts, rate, queued in (("capacity", capacity_pkts, None, 0),
                                           ("sustained", sustained_pkts, float(RATE), 1000)):
-            for kind, procs in (("bare", 1), ("ingest", 1), ("ingest", 2)):
+            for kind, procs in (("bare", 1), ("ingest", 1), ("ingest-fast", 1), ("ingest", 2)):
                 broker = _Mosquitto(tmp, queued)
                 try:
                     figures[f"{phase}_{kind}_{procs}p"] = _round(kind, procs, broker.port, pkts, rate, tmp)
@@ -281,8 +283,9 @@ def _markdown(f: dict[str, Any]) -> str:
     rows = ["| phase | consumer | msg/s | vs bare paho | delivered | dropped | done after the publisher (s) |",
             "|---|---|---:|---:|---:|---:|---:|"]
     for phase in ("capacity", "sustained"):
-        for key, label in (("bare_1p", "bare paho subscriber (counts only)"), ("ingest_1p", "1 controller"),
-                           ("ingest_2p", "2 controllers ($share)")):
+        for key, label in (("bare_1p", "bare paho subscriber (counts only)"), ("ingest_1p", "1 controller (paho)"),
+                           ("ingest-fast_1p", "1 controller (own MQTT reader)"),
+                           ("ingest_2p", "2 controllers ($share, paho)")):
             r = f[f"{phase}_{key}"]
             ref = f[f"{phase}_bare_1p"]["msgs_per_s"] or bare
             rows.append(f"| {phase} | {label} | {r['msgs_per_s']:,} | {r['msgs_per_s'] / ref:.2f} | "
@@ -293,7 +296,8 @@ def _markdown(f: dict[str, Any]) -> str:
         f"capacity = a {N_CAPACITY:,}-message burst queued without limit (drain rate); sustained = paced at "
         f"{RATE:,} msg/s for {SUSTAIN_S:g} s with mosquitto's queue at 1000 per client (a consumer that keeps up "
         f"finishes with the publisher; ingest's reader drains the socket into a bounded in-process backlog, so lag "
-        f"shows as time, not drops, until that backlog is full). Controllers run the fast MQTT reader; the "
+        f"shows as time, not drops, until that backlog is full). Controllers use paho (DESIGN.md) unless the row says "
+        f"'own MQTT reader' (nanofleet/mqtt_subscriber.py, opt-in); the "
         f"2-process case shares one SQLite file (one writer at a time).\n\n"
         + "\n".join(rows)
         + f"\n\nPer message, in process (no MQTT): decode fast path {pm['decode_fast_us']} µs vs json_format.Parse "

@@ -1,7 +1,8 @@
 """MQTT ingest: status, telemetry and command results of a fleet into the store, in batches.
 
-The subscription is read by nanofleet.mqtt_subscriber.FastSubscriber (default; paho costs ~50 µs a message, see
-bench/bench_ingest.py) or by paho (`transport="paho"`); either appends (topic, payload) pairs to a deque; one ingest
+The subscription is read by paho (default, the client DESIGN.md fixes) or, opt-in, by
+nanofleet.mqtt_subscriber.FastSubscriber (`transport="fast"`: paho costs ~50 µs a message; bench/bench_ingest.py
+measures both side by side); either appends (topic, payload) pairs to a deque; one ingest
 thread takes up to `max_batch` messages or `batch_ms` worth, decodes and validates them (controller.decode), and
 hands the batch to the store's writer thread as one transaction — decoding the next batch overlaps the commit of
 the previous one. A malformed payload is counted per device and reason in the store, logged once, and skipped.
@@ -65,7 +66,7 @@ class Ingest:
         on_outcome: Callable[[BatchOutcome], None] | None = None,
         on_result: Callable[[fleet_pb2.CommandResult], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
-        transport: Literal["fast", "paho"] = "fast",
+        transport: Literal["fast", "paho"] = "paho",
         max_backlog: int = 200_000,
     ) -> None:
         self.store, self.fleet = store, topics.check_id(fleet, "fleet")
