@@ -4,7 +4,9 @@
 with hypothesis. Invariants:
 - a `sensitive` or `local_only` request never gets `cloud`, as the route or as a fallback;
 - a policy that denies the cloud never yields `cloud`;
-- fallback happens only before the first streamed token (`next_route`).
+- fallback happens only before the first streamed token (`next_route`);
+- `permanent` is set exactly when no change of device state or connectivity could open a route for this request
+  under this policy (then the route is `reject`: queueing or retrying cannot help).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from nanofleet.protos import fleet_pb2
 Route = Literal["local", "cloud", "queue", "reject"]
 Mode = Literal["prefer_local", "local_only", "cloud_only", "prefer_cloud"]
 MODES: tuple[str, ...] = ("prefer_local", "local_only", "cloud_only", "prefer_cloud")
+# Blocks that waiting cannot clear (only a new policy, or a different request, can): the rest pass with time.
+PERMANENT_BLOCKS = frozenset({"sensitive", "local_only", "cloud_denied", "no_gateway", "prompt_too_large"})
 THERMAL_NAMES = ("none", "light", "moderate", "severe", "critical", "emergency", "shutdown")
 
 
@@ -90,18 +94,19 @@ class Decision:
     route: Route
     reason: str
     fallbacks: tuple[Route, ...] = ()
+    permanent: bool = False       # `reject` that no retry can help (a 4xx, not a 503)
 
 
 def _local_block(req: RouteRequest, policy: Policy, dev: DeviceState) -> str | None:
-    """Why the local model cannot serve now, or None."""
+    """Why the local model cannot serve now, or None. A block for good comes before those that pass."""
+    if req.prompt_tokens > policy.max_local_prompt_tokens:
+        return "prompt_too_large"
     if dev.model_availability == "unavailable" or dev.model_refused:
         return "model_unavailable"
     if dev.thermal_level >= policy.thermal_limit:
         return f"thermal_{THERMAL_NAMES[min(max(dev.thermal_level, 0), 6)]}"
     if dev.ram_available_mb < policy.min_free_ram_mb:
         return "low_ram"
-    if req.prompt_tokens > policy.max_local_prompt_tokens:
-        return "prompt_too_large"
     return None
 
 
@@ -116,10 +121,10 @@ def _cloud_block(req: RouteRequest, mode: str, policy: Policy, dev: DeviceState,
         return "no_gateway"
     if dev.metered and policy.metered_local_only:
         return "metered_network"
-    if conn.circuit_open:
-        return "circuit_open"
     if not conn.gateway_reachable:
         return "gateway_unreachable"
+    if conn.circuit_open:
+        return "circuit_open"
     if policy.cloud_tokens_per_day and conn.cloud_tokens_used_today >= policy.cloud_tokens_per_day:
         return "cloud_budget_exhausted"
     return None
@@ -135,12 +140,16 @@ def decide(req: RouteRequest, policy: Policy, dev: DeviceState, conn: Connectivi
     local_why = _local_block(req, policy, dev)
     cloud_why = _cloud_block(req, mode, policy, dev, conn)
     local_ok, cloud_ok = local_why is None, cloud_why is None
-    def queue_or_reject(why: str) -> Decision:
-        return Decision("queue", why) if req.queue_allowed else Decision("reject", why)
+    def queue_or_reject(*blocks: str) -> Decision:
+        """Every route this request may take is blocked: by waiting (queue, or a retryable reject) or for good."""
+        transient = [b for b in blocks if b not in PERMANENT_BLOCKS]
+        if not transient:
+            return Decision("reject", blocks[0], permanent=True)
+        return Decision("queue", transient[0]) if req.queue_allowed else Decision("reject", transient[0])
 
     if mode == "cloud_only":
         if sensitive:
-            return Decision("reject", "sensitive")  # a sensitive request never leaves the device
+            return Decision("reject", "sensitive", permanent=True)  # a sensitive request never leaves the device
         return Decision("cloud", "cloud_only") if cloud_ok else queue_or_reject(cloud_why or "")
     if mode == "local_only" or sensitive:
         why = "sensitive" if sensitive else "local_only"
@@ -156,7 +165,7 @@ def decide(req: RouteRequest, policy: Policy, dev: DeviceState, conn: Connectivi
         return Decision("local", mode if not cloud_first else (cloud_why or mode), ("cloud",) if cloud_ok else ())
     if cloud_ok:
         return Decision("cloud", local_why or "", ())
-    return queue_or_reject(local_why or cloud_why or "")
+    return queue_or_reject(local_why or "", cloud_why or "")
 
 
 def next_route(decision: Decision, tried: tuple[Route, ...], tokens_sent: int) -> Route | None:

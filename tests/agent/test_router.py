@@ -71,6 +71,23 @@ def test_decision_is_well_formed(req, policy, dev, conn) -> None:
         assert dev.thermal_level < policy.thermal_limit and dev.model_availability != "unavailable"
 
 
+IDEAL_DEVICE = DeviceState()
+
+
+@given(requests, policies, devices, conns)
+def test_permanent_exactly_when_no_change_of_conditions_could_open_a_route(req, policy, dev, conn) -> None:
+    """4xx (permanent) vs 503 + Retry-After: waiting helps iff the same request under the same policy would be served
+    once the device and the connection were at their best (a gateway that is not configured stays unconfigured)."""
+    d = decide(req, policy, dev, conn)
+    if d.route in ("local", "cloud"):
+        assert not d.permanent
+        return
+    best = decide(req, policy, IDEAL_DEVICE, Connectivity(conn.gateway_configured, True))
+    assert d.permanent == (best.route not in ("local", "cloud")), (d, best)
+    if d.permanent:
+        assert d.route == "reject" and best.permanent
+
+
 @given(st.lists(st.sampled_from(["local", "cloud"]), unique=True, max_size=2), st.integers(0, 100),
        st.lists(st.sampled_from(["local", "cloud"]), max_size=2))
 def test_no_fallback_after_the_first_token(fallbacks, tokens, tried) -> None:
@@ -90,7 +107,19 @@ def test_examples() -> None:
     assert decide(RouteRequest(), p, hot, UP) == Decision("cloud", "thermal_severe")
     assert decide(RouteRequest(sensitive=True), p, hot, UP) == Decision("queue", "thermal_severe")
     assert decide(RouteRequest(sensitive=True, queue_allowed=False), p, hot, UP).route == "reject"
-    assert decide(RouteRequest(mode="cloud_only", sensitive=True), p, OK, UP) == Decision("reject", "sensitive")
+    assert decide(RouteRequest(mode="cloud_only", sensitive=True), p, OK, UP) == Decision("reject", "sensitive",
+                                                                                       permanent=True)
+    # the gateway away: cloud_only waits (queue), it is not refused for good
+    down = Connectivity(gateway_configured=True, gateway_reachable=False, circuit_open=True)
+    assert decide(RouteRequest(mode="cloud_only"), p, OK, down) == Decision("queue", "gateway_unreachable")
+    assert decide(RouteRequest(mode="cloud_only", queue_allowed=False), p, OK, down) == Decision(
+        "reject", "gateway_unreachable")
+    # too large for local and the gateway away: the block that can pass is the one reported
+    assert decide(RouteRequest(prompt_tokens=7000), p, OK, down) == Decision("queue", "gateway_unreachable")
+    assert decide(RouteRequest(prompt_tokens=7000), p, OK, Connectivity()) == Decision(
+        "reject", "prompt_too_large", permanent=True)
+    assert decide(RouteRequest(mode="cloud_only"), Policy(cloud_allowed=False), OK, UP) == Decision(
+        "reject", "cloud_denied", permanent=True)
     assert decide(RouteRequest(mode="prefer_cloud"), p, OK, UP) == Decision("cloud", "prefer_cloud", ("local",))
     low = DeviceState(battery_pct=5, charging=False)
     assert decide(RouteRequest(), p, low, UP).route == "cloud"
