@@ -193,7 +193,8 @@ def create_app(
             "routes": {
                 "local": {"healthy": st.availability != "unavailable" and not st.reason, "reason": st.reason},
                 "cloud": {"configured": conn.gateway_configured, "reachable": conn.gateway_reachable,
-                          "circuit_open": conn.circuit_open, "tokens_today": conn.cloud_tokens_used_today},
+                          "circuit_open": conn.circuit_open, "tokens_today": conn.cloud_tokens_used_today,
+                          "retry_in": round(float(getattr(dispatcher.cloud, "retry_in", 0.0) or 0.0), 1)},
                 "queue": {"available": False, "reason": "the offline queue is not available in this agent yet"},
             },
             "queue_depth": adm.waiting,

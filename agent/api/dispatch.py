@@ -24,10 +24,15 @@ from nanofleet.agent.runtime.base import (
     ChatRequest,
     Chunk,
     Completion,
+    Refused,
 )
 from nanofleet.agent.runtime.lifecycle import ModelManager
 
-_FALLBACK_ON = (BackendUnavailable, BackendTimeout, Busy)
+# Errors after which the next route is tried (before the first token): the route is down, slow, full, or the
+# gateway refused by policy (a cloud-denied device whose app said prefer_cloud is still served locally).
+_FALLBACK_ON = (BackendUnavailable, BackendTimeout, Busy, Refused)
+_CLOUD_DOWN = ("gateway_unreachable", "circuit_open")
+QUEUE_RETRY_AFTER = 5.0
 
 
 class Admission:
@@ -99,17 +104,27 @@ class Dispatcher:
                             self.cloud_tokens_today)
 
     def decide(self, req: RouteRequest) -> Decision:
+        """The router's decision, or the ApiError when no route serves now. The rule for the status: 4xx when no
+        retry can help (`permanent`), 503 + Retry-After when waiting can."""
         decision = decide(req, self.policy, self.device(), self.connectivity())
+        if decision.route in ("local", "cloud"):
+            return decision
+        self.counts["rejected" if decision.route == "reject" else "queue_unavailable"] += 1
+        if decision.permanent:
+            raise ApiError(403, f"no route may ever serve this request under the current policy: {decision.reason}",
+                           code="route_forbidden", route="reject", reason=decision.reason)
+        if decision.reason in _CLOUD_DOWN:  # the same answer as a call that just failed (GatewayUnreachable)
+            wait = float(getattr(self.cloud, "retry_in", 0.0) or 0.0)
+            raise ApiError(503, f"the cloud route is unavailable ({decision.reason}) and no other route may serve "
+                           f"this request; next try of the gateway in {wait:.0f}s", code="cloud_unavailable",
+                           route=decision.route, reason="gateway_unreachable", retry_after=max(wait, 1.0))
         if decision.route == "queue":
-            self.counts["queue_unavailable"] += 1
             raise ApiError(503, f"no route can serve this request now ({decision.reason}) and the offline queue is "
                            "not available in this agent yet; retry later", code="queue_unavailable",
-                           route="queue", reason=decision.reason, retry_after=5)
-        if decision.route == "reject":
-            self.counts["rejected"] += 1
-            raise ApiError(503, f"no route may serve this request: {decision.reason}", code="no_route",
-                           route="reject", reason=decision.reason)
-        return decision
+                           route="queue", reason=decision.reason, retry_after=QUEUE_RETRY_AFTER)
+        raise ApiError(503, f"no route can serve this request now ({decision.reason}) and queueing was denied; "
+                       "retry later", code="no_route", route="reject", reason=decision.reason,
+                       retry_after=QUEUE_RETRY_AFTER)
 
     def _count(self, route: str, completion_tokens: int = 0, prompt_tokens: int = 0) -> None:
         self.counts[route] += 1

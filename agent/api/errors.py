@@ -52,8 +52,9 @@ class ApiError(Exception):
 
 
 def from_backend(exc: BackendError, route: str) -> ApiError:
+    """The reason is the error's own `reason` when it has one (e.g. the gateway's `cloud_denied`), else its code."""
     return ApiError(exc.status, exc.message, param=exc.param, code=exc.code, retry_after=exc.retry_after,
-                    route=route, reason=exc.code)
+                    route=route, reason=getattr(exc, "reason", None) or exc.code)
 
 
 def from_validation(exc: ValidationError) -> ApiError:

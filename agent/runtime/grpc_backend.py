@@ -2,13 +2,24 @@
 Gemini Nano, a llama.cpp server on a Jetson) and the cloud route to the fleet gateway are both this class.
 
 Every call has a deadline; the device token goes in `authorization: Bearer …` metadata; TLS when a CA is given.
-A small circuit breaker opens after consecutive transport failures, so the router stops choosing a dead route.
+A circuit breaker (`breaker.py`) opens on a transport failure, so the router stops choosing a dead route, and lets
+one probe call through after its cooldown (doubling, capped, while probes keep failing), so the route comes back.
+
+gRPC status → our errors (`runtime/base.py` tree; three cloud-specific leaves are defined here)::
+
+    UNAVAILABLE, breaker open          GatewayUnreachable (BackendUnavailable, 503 cloud_unavailable)
+    DEADLINE_EXCEEDED                  BackendTimeout (504)
+    FAILED_PRECONDITION                CloudRefused (Refused, 403 cloud_refused): the gateway's policy said no
+    PERMISSION_DENIED, UNAUTHENTICATED Refused (403): token unknown, revoked or missing
+    RESOURCE_EXHAUSTED                 RateLimited (Busy, 429 rate_limited) with the gateway's retry-after
+    INVALID_ARGUMENT, OUT_OF_RANGE     BadRequest (400)
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +38,52 @@ from nanofleet.agent.runtime.base import (
     Refused,
     Usage,
 )
+from nanofleet.agent.runtime.breaker import CircuitBreaker
 from nanofleet.protos import inference_pb2, inference_pb2_grpc
 
 _TRANSPORT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+class CloudRefused(Refused):
+    """The gateway refused by policy (FAILED_PRECONDITION: cloud denied for the device or app, sensitive data).
+    `reason` is a routing-reason slug for X-Nanofleet-Reason; the message carries the gateway's own words."""
+
+    code = "cloud_refused"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class RateLimited(Busy):
+    """The gateway or its upstream said 429 / RESOURCE_EXHAUSTED (rate limit, spent budget); `retry_after` is its
+    delay. (`Busy` with code `busy` stays for the local slots being full.)"""
+
+    code = "rate_limited"
+
+
+class GatewayUnreachable(BackendUnavailable):
+    """Transport failure, or the circuit breaker is open: `retry_after` is the time left until the next probe."""
+
+    code = "cloud_unavailable"
+    reason = "gateway_unreachable"
+
+
+def _refusal_reason(detail: str) -> str:
+    """A slug for the gateway's policy refusal, from its message (the gateway sends words, not a code)."""
+    text = detail.lower()
+    if "cloud denied" in text:
+        return "cloud_denied"
+    if "sensitive" in text:
+        return "sensitive"
+    return "cloud_refused"
+
+
 class GrpcBackend(Backend):
     def __init__(
         self, address: str, *, token: str | None = None, ca: Path | None = None, timeout: float = 30.0,
-        name: str = "cloud", model: str = "", failure_threshold: int = 3, cooldown: float = 5.0,
+        name: str = "cloud", model: str = "", failure_threshold: int = 1, cooldown: float = 5.0,
+        max_cooldown: float = 60.0, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.address = address
         self.name = name
@@ -45,20 +93,24 @@ class GrpcBackend(Backend):
         self._ca = ca.read_bytes() if ca else None
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
-        self.failure_threshold = failure_threshold
-        self.cooldown = cooldown
-        self.failures = 0
-        self._failed_at: float | None = None  # last transport failure; None: optimistic until a call fails
-        self._open_until = 0.0
+        self._closing: set[asyncio.Task[None]] = set()
+        self.breaker = CircuitBreaker(cooldown, max_cooldown, failure_threshold)
+        self._clock = clock
 
     @property
     def reachable(self) -> bool:
-        """No transport failure in the last `cooldown` seconds (after that the router may try again)."""
-        return self._failed_at is None or time.monotonic() - self._failed_at >= self.cooldown
+        """The breaker admits a call now: closed, or half-open with its probe slot free."""
+        return self.breaker.available(self._clock())
 
     @property
     def circuit_open(self) -> bool:
-        return time.monotonic() < self._open_until
+        """Calls paused: the breaker is open (or its half-open probe is in flight)."""
+        return not self.reachable
+
+    @property
+    def retry_in(self) -> float:
+        """Seconds until the breaker lets a call through (0 if one may go now)."""
+        return self.breaker.retry_in(self._clock())
 
     def _stub_now(self) -> Any:
         if self._stub is None:  # channels bind to the running event loop: create on first use
@@ -71,30 +123,47 @@ class GrpcBackend(Backend):
             self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         return self._stub
 
-    def _ok(self) -> None:
-        self.failures = 0
-        self._failed_at = None
+    def _drop_channel(self) -> None:
+        """After a transport failure the next call (the probe) gets a fresh channel: an old one may sit in gRPC's
+        own reconnect backoff (up to 2 min) and fail the probe at once although the gateway is back. Calls still
+        running on the old one may finish within their deadline."""
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            task = asyncio.ensure_future(channel.close(grace=self.timeout))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
-    def _error(self, exc: grpc.aio.AioRpcError) -> BackendError:
+    def _admit(self) -> bool:
+        """Ask the breaker; True if this call is the half-open probe. Raises while the breaker is open."""
+        probe = self.breaker.acquire(self._clock())
+        if probe is None:
+            wait = self.retry_in
+            raise GatewayUnreachable(
+                f"{self.name} ({self.address}) unreachable: calls paused after a failure; next try in {wait:.0f}s",
+                retry_after=max(wait, 1.0))
+        return probe
+
+    def _error(self, exc: grpc.aio.AioRpcError, probe: bool) -> BackendError:
         code, detail = exc.code(), exc.details() or ""
         where = f"{self.name} ({self.address})"
         if code in _TRANSPORT:
-            self.failures += 1
-            self._failed_at = time.monotonic()
-            if self.failures >= self.failure_threshold:
-                self._open_until = time.monotonic() + self.cooldown
+            self.breaker.failure(self._clock(), probe)
+            if self.breaker.open_until is not None:
+                self._drop_channel()
+            wait = max(self.retry_in, 1.0)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return BackendTimeout(f"{where}: deadline of {self.timeout}s exceeded")
-            return BackendUnavailable(f"{where} unavailable: {detail}")
-        self._ok()  # it answered, so it is reachable
-        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-                    grpc.StatusCode.OUT_OF_RANGE):
+            return GatewayUnreachable(f"{where} unavailable: {detail}", retry_after=wait)
+        self.breaker.success()  # it answered, so it is reachable
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            return CloudRefused(f"{where} refused: {detail}", reason=_refusal_reason(detail))
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
             return BadRequest(f"{where}: {detail}")
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
             return Refused(f"{where} refused: {detail}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             retry = dict(exc.trailing_metadata() or ()).get("retry-after")
-            return Busy(f"{where}: {detail}", retry_after=float(retry) if retry else 1.0)
+            return RateLimited(f"{where}: {detail}", retry_after=float(retry) if retry else 1.0)
         return BackendUnavailable(f"{where}: {code.name}: {detail}")
 
     def _request(self, req: ChatRequest) -> inference_pb2.GenerateRequest:
@@ -116,41 +185,63 @@ class GrpcBackend(Backend):
         )
 
     async def generate(self, request: ChatRequest) -> Completion:
-        try:
-            resp = await self._stub_now().Generate(self._request(request), timeout=self.timeout,
-                                                   metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
-        self._ok()
+        resp = await self._call(lambda stub: stub.Generate(self._request(request), timeout=self.timeout,
+                                                           metadata=self._metadata))
         return Completion(resp.text, resp.finish_reason or "stop", _usage(resp.usage), resp.model or self.name)
 
+    async def _call(self, send: Callable[[Any], Awaitable[Any]]) -> Any:
+        """One unary call through the breaker: its outcome is the breaker's verdict on the route."""
+        probe = self._admit()
+        verdict = False
+        try:
+            resp = await send(self._stub_now())
+            verdict = True
+            self.breaker.success()
+            return resp
+        except grpc.aio.AioRpcError as exc:
+            verdict = True
+            raise self._error(exc, probe) from exc
+        finally:
+            if not verdict:
+                self.breaker.release(probe)
+
     async def stream(self, request: ChatRequest) -> AsyncIterator[Chunk]:
+        probe = self._admit()
+        verdict = False
         call = self._stub_now().GenerateStream(self._request(request), timeout=self.timeout,
                                               metadata=self._metadata)
         try:
             async for chunk in call:
-                self._ok()
+                if not verdict:
+                    verdict = True
+                    self.breaker.success()
                 yield Chunk(chunk.text, chunk.finish_reason or None,
                             _usage(chunk.usage) if chunk.HasField("usage") else None, chunk.model or self.name)
+            if not verdict:
+                verdict = True
+                self.breaker.success()
         except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
+            verdict = True
+            raise self._error(exc, probe) from exc
         finally:
             call.cancel()  # a consumer that stops early stops the remote generation too
+            if not verdict:
+                self.breaker.release(probe)
 
     async def count_tokens(self, messages: list[dict[str, str]]) -> int:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         msg = inference_pb2.CountTokensRequest(model=self.model, system_instruction=system, messages=[
             inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages if m["role"] != "system"])
-        try:
-            resp = await self._stub_now().CountTokens(msg, timeout=self.timeout, metadata=self._metadata)
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc) from exc
-        return resp.total_tokens
+        resp = await self._call(lambda stub: stub.CountTokens(msg, timeout=self.timeout, metadata=self._metadata))
+        return int(resp.total_tokens)
 
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
             self._channel, self._stub = None, None
+        for task in list(self._closing):
+            task.cancel()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def _usage(u: inference_pb2.Usage) -> Usage:

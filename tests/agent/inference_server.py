@@ -27,6 +27,8 @@ class Servicer(inference_pb2_grpc.InferenceServicer):
                  fail_after: int | None = None) -> None:
         self.backend, self.token, self.delay = backend, token, delay
         self.fail_after = fail_after  # GenerateStream: abort UNAVAILABLE after this many chunks
+        self.refuse: str | None = None  # abort FAILED_PRECONDITION with this message, as the gateway's policy does
+        self.rate_limit: int | None = None  # abort RESOURCE_EXHAUSTED with this retry-after, as a gateway 429 does
         self.calls = 0
         self.seen_metadata: list[dict[str, str]] = []
 
@@ -38,6 +40,11 @@ class Servicer(inference_pb2_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong device token")
         if request is not None and request.sensitive:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "sensitive requests never leave the device")
+        if self.refuse is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.refuse)
+        if self.rate_limit is not None:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"upstream rate limit; retry in {self.rate_limit}s",
+                                trailing_metadata=(("retry-after", str(self.rate_limit)),))
         if self.delay:
             await asyncio.sleep(self.delay)
 
@@ -71,11 +78,13 @@ class Servicer(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.CountTokensResponse(total_tokens=await self.backend.count_tokens(msgs))
 
 
-async def start(servicer: Servicer, credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+async def start(servicer: Servicer, credentials: grpc.ServerCredentials | None = None,
+                port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """`port` 0: a free one; a given port lets a test restart "the same" server after stopping it."""
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
     if credentials is None:
-        port = server.add_insecure_port("127.0.0.1:0")
+        port = server.add_insecure_port(f"127.0.0.1:{port}")
     else:
         port = server.add_secure_port("localhost:0", credentials)
     await server.start()

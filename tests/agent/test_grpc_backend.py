@@ -10,8 +10,8 @@ import grpc
 import httpx
 import pytest
 
-from nanofleet.agent.runtime.base import BackendTimeout, BackendUnavailable, ChatRequest, Refused
-from nanofleet.agent.runtime.grpc_backend import GrpcBackend
+from nanofleet.agent.runtime.base import BackendTimeout, ChatRequest, Refused
+from nanofleet.agent.runtime.grpc_backend import GatewayUnreachable, GrpcBackend
 from nanofleet.agent.runtime.llama import LlamaBackend
 from nanofleet.agent.service import AgentService
 from tests.agent import inference_server
@@ -58,7 +58,7 @@ async def test_wrong_token_is_refused(bridge) -> None:
 async def test_deadline_on_every_call(llama: LlamaBackend) -> None:
     server, port = await inference_server.start(inference_server.Servicer(llama, delay=5))
     try:
-        async with GrpcBackend(f"127.0.0.1:{port}", timeout=0.2) as b:
+        async with GrpcBackend(f"127.0.0.1:{port}", timeout=0.2, cooldown=0.0) as b:  # each call probes again
             with pytest.raises(BackendTimeout, match="deadline"):
                 await b.generate(HI)
             with pytest.raises(BackendTimeout):
@@ -69,10 +69,16 @@ async def test_deadline_on_every_call(llama: LlamaBackend) -> None:
 
 async def test_unreachable_opens_the_circuit() -> None:
     async with GrpcBackend(f"127.0.0.1:{free_port()}", timeout=2, failure_threshold=2, cooldown=30) as b:
-        for _ in range(2):
-            with pytest.raises(BackendUnavailable):
-                await b.generate(HI)
-        assert not b.reachable and b.circuit_open
+        with pytest.raises(GatewayUnreachable, match="unavailable"):
+            await b.generate(HI)
+        assert b.reachable  # one failure of two allowed
+        with pytest.raises(GatewayUnreachable) as caught:
+            await b.generate(HI)
+        assert not b.reachable and b.circuit_open and 29 < b.retry_in <= 30
+        assert caught.value.code == "cloud_unavailable" and caught.value.status == 503
+        assert caught.value.retry_after is not None and caught.value.retry_after > 29
+        with pytest.raises(GatewayUnreachable, match="calls paused"):  # no call is sent while open
+            await b.generate(HI)
 
 
 async def test_tls_with_a_private_ca(llama: LlamaBackend, tmp_path: Path) -> None:
@@ -120,7 +126,8 @@ async def test_agent_routes_to_the_gateway_and_falls_back(bridge, make_settings)
         calls = servicer.calls
         r = await c.post("/v1/chat/completions", json=CHAT, headers={"X-Nanofleet-Privacy": "sensitive",
                                                                     "X-Nanofleet-Mode": "cloud_only"})
-        assert r.status_code == 503 and r.headers["x-nanofleet-reason"] == "sensitive"
+        assert r.status_code == 403 and r.headers["x-nanofleet-reason"] == "sensitive"
+        assert r.json()["error"]["code"] == "route_forbidden" and "retry-after" not in r.headers
         assert servicer.calls == calls  # never sent
         free["bytes"] = 1 << 20  # the local model cannot load: prefer_local falls back to the cloud
         r = await c.post("/v1/chat/completions", json=CHAT)
@@ -143,7 +150,7 @@ async def test_stream_falls_back_before_the_first_token_never_after(llama: Llama
             body = {**CHAT, "stream": True, "nanofleet": {"mode": "prefer_cloud"}}
             r = await c.post("/v1/chat/completions", json=body)  # the cloud fails before any token: local serves
             assert (r.headers["x-nanofleet-route"], r.headers["x-nanofleet-reason"]) == (
-                "local", "fallback_backend_unavailable")
+                "local", "fallback_cloud_unavailable")
             assert r.text.endswith("data: [DONE]\n\n") and '"error"' not in r.text
             await svc.models.unload()
             servicer.fail_after = 2  # now the cloud fails after two tokens: no fallback, an error event instead

@@ -130,9 +130,10 @@ async def test_hooks_commands_policy_and_metrics(make_settings) -> None:
         assert svc.agent_metrics().policy_version == 9
         assert (await c.get("/v1/status")).json()["policy_version"] == 9
         long = {**CHAT, "messages": [{"role": "user", "content": "x" * 100}]}
-        r = await c.post("/v1/chat/completions", json=long)  # the prompt is too large for local, no cloud
-        assert r.status_code == 503 and r.headers["x-nanofleet-reason"] == "prompt_too_large"
-        assert r.headers["x-nanofleet-route"] == "queue" and "offline queue is not available" in r.text
+        r = await c.post("/v1/chat/completions", json=long)  # too large for local, no cloud: waiting cannot help
+        assert r.status_code == 403 and r.headers["x-nanofleet-reason"] == "prompt_too_large"
+        assert r.headers["x-nanofleet-route"] == "reject" and r.json()["error"]["code"] == "route_forbidden"
+        assert "retry-after" not in r.headers
         assert svc.agent_metrics().route_counts["rejected"] == 1
     await svc.models.close()
 
