@@ -122,8 +122,12 @@ async def republish(client: MqttClient, store: Store, fleet: str, *, only: Itera
 
 
 async def apply(client: MqttClient, store: Store, config: FleetConfig,
-                device_ids: Iterable[str] | None = None) -> tuple[int, list[PolicyChange]]:
+                device_ids: Iterable[str] | None = None, *, new_only: bool = False) -> tuple[int, list[PolicyChange]]:
+    """Publish what changed. `new_only`: only devices that never had a policy — the running controller's rule, so a
+    later `nanofleet policy apply` is never undone by the fleet.yaml the controller happened to start with."""
     ids = target_devices(config, store) if device_ids is None else set(device_ids)
     published = await asyncio.to_thread(store.published_policies)
+    if new_only:
+        ids -= published.keys()
     changes = plan(config, ids, published)
     return await publish(client, store, changes), changes

@@ -128,10 +128,10 @@ class ControllerService:
         try:
             if republish:
                 await policy.republish(client, self.store, self.config.fleet)
-                version, changes = await policy.apply(client, self.store, self.config)
+                version, changes = await policy.apply(client, self.store, self.config, new_only=True)
             else:
                 ids, self._pending_policy = self._pending_policy, set()
-                version, changes = await policy.apply(client, self.store, self.config, ids)
+                version, changes = await policy.apply(client, self.store, self.config, ids, new_only=True)
                 changed = {c.device_id for c in changes}
                 await policy.republish(client, self.store, self.config.fleet, only=ids - changed)
         except (TimeoutError, MqttError):

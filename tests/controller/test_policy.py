@@ -104,3 +104,48 @@ def test_policy_apply_cli_shows_diff_publishes_retained_with_increasing_versions
     assert got["k1"].version == 2 and got["k1"].min_free_ram_mb == 300 and got["c1"].version == 1
     r = runner.invoke(main, ["policy", "apply", str(tmp_path / "missing.yaml")])
     assert r.exit_code != 0
+
+
+async def test_a_running_controller_never_undoes_policy_apply(broker, tmp_path: Path) -> None:
+    """The controller compiles policy only for devices that never had one; births get the last published policy."""
+    from ctl_helpers import until
+
+    from nanofleet.controller.service import ControllerService
+    from nanofleet.tcp import free_port
+
+    cfg_path = tmp_path / "fleet.yaml"
+    cfg_path.write_text(FLEET.replace("fleet: pol", "fleet: pol2") + f"broker: {{url: {broker.url}}}\n")
+    data = tmp_path / "ctl"
+    svc = await ControllerService(parse_fleet(cfg_path.read_text()), data, broker_url=broker.url,
+                                  listen=f"127.0.0.1:{free_port()}", echo=lambda _line: None).start()
+    seen: list[fleet_pb2.RoutingPolicy] = []
+    try:
+        async with MqttClient(broker.url) as dev:
+            dev.subscribe([(topics.policy("pol2", "k1"), 1)])
+
+            async def listen() -> None:
+                async for msg in dev.messages():
+                    seen.append(json_format.Parse(msg.payload, fleet_pb2.RoutingPolicy()))
+
+            reader = asyncio.create_task(listen())
+
+            async def birth(bd_seq: int) -> None:
+                status = fleet_pb2.DeviceStatus(fleet="pol2", device_id="k1", online=True, bd_seq=bd_seq,
+                                                ts_ms=1_795_000_000_000 + bd_seq)
+                await dev.publish(topics.status("pol2", "k1"), json_format.MessageToJson(status), qos=1, retain=True)
+
+            await birth(1)
+            await until(lambda: seen and seen[-1].min_free_ram_mb == 100, what="the first policy (v1)")
+            cfg_path.write_text(cfg_path.read_text().replace("min_free_ram_mb: 100", "min_free_ram_mb: 300"))
+            r = await asyncio.to_thread(CliRunner().invoke, main, ["policy", "apply", str(cfg_path),
+                                                                    "--data-dir", str(data)])
+            assert r.exit_code == 0 and "min_free_ram_mb: 100 -> 300" in r.output, r.output
+            await until(lambda: seen[-1].min_free_ram_mb == 300, what="the applied policy (v2)")
+            applied = seen[-1].version
+            count = len(seen)
+            await birth(2)  # a reboot: the controller answers with a live copy of the last published policy
+            await until(lambda: len(seen) > count, what="the policy answering the new birth")
+            assert (seen[-1].version, seen[-1].min_free_ram_mb) == (applied, 300)
+            reader.cancel()
+    finally:
+        await svc.stop()
