@@ -203,4 +203,7 @@ class AgentService:
                 return result("ok", f"model {self.models.file.name} reloaded", loaded="true")
         except BackendError as exc:
             return result("error", f"{command.kind} failed: {exc.message}")
+        if command.kind == "drain-queue":
+            return result("error", "drain-queue: this agent has no offline queue yet (queued answers are refused "
+                                   "with 503 queue_unavailable), so there is nothing to drain", queue_depth="0")
         return result("error", f"unknown command {command.kind!r}")

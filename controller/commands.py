@@ -17,7 +17,7 @@ from google.protobuf import json_format
 from nanofleet.mqtt import MqttClient
 from nanofleet.protos import fleet_pb2, topics
 
-KINDS = ("rebirth", "drain-queue", "unload-model", "reload-policy", "ping")
+KINDS = ("rebirth", "drain-queue", "unload-model", "reload-model", "reload-policy", "ping")
 
 
 class CommandError(Exception):

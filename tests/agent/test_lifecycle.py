@@ -122,6 +122,8 @@ async def test_hooks_commands_policy_and_metrics(make_settings) -> None:
         assert (res.id, res.status, res.device_id) == ("c1", "ok", "dev-test") and not svc.models.loaded
         res = await svc.handle_command(fleet_pb2.Command(id="c2", kind="reload-model"))
         assert res.status == "ok" and svc.models.loaded
+        res = await svc.handle_command(fleet_pb2.Command(id="c4", kind="drain-queue"))
+        assert res.status == "error" and "no offline queue" in res.message
         res = await svc.handle_command(fleet_pb2.Command(id="c3", kind="self-destruct"))
         assert res.status == "error" and "unknown command" in res.message
         await svc.apply_policy(fleet_pb2.RoutingPolicy(version=9, prefer="local", cloud_allowed=True,
