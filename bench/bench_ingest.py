@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanofleet.mqtt_subscriber import _varint  # MQTT's remaining-length encoding
+
 FLEET = "bench"
 DEVICES = 2000
 N_CAPACITY = 100_000
@@ -61,15 +63,6 @@ def _packets(n: int, start_ts: int) -> list[bytes]:
         var = struct.pack("!H", len(tb)) + tb + payload
         out.append(b"\x30" + _varint(len(var)) + var)
     return out
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = n >> 7, n & 0x7F
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _raw_publish(port: int, packets: list[bytes], rate: float | None) -> float:
