@@ -118,10 +118,10 @@ def run() -> dict[str, Any]:
         agent_sock = tmp / "run" / "agent.sock"
         cfg = tmp / "agent.yaml"
         cfg.write_text(f"device_id: bench\ndata_dir: {tmp / 'data'}\nsocket_path: {agent_sock}\nbroker_url: null\n"
-                       f"model: {{source: 'file:{model}', n_ctx: {N_CTX}, n_parallel: {N_PARALLEL}, keep_alive: -1}}\n")
+                       f"model: {{source: 'file:{model}', n_ctx: {N_CTX}, n_parallel: {N_PARALLEL}, keep_alive: -1, "
+                       f"threads: {THREADS}}}\n")
         procs.append(subprocess.Popen([sys.executable, "-m", "nanofleet", "agent", "--config", str(cfg)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                      env={**os.environ, "NANOFLEET_LLAMA_THREADS": str(THREADS)}))
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
         for p in procs:
             assert p.stdout is not None and p.stdout.readline(), "bench: a server failed to start"
 

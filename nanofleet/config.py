@@ -70,6 +70,7 @@ class ModelSpec(_Model):
     keep_alive: Duration | Literal[-1] = 300.0  # seconds idle before unloading; 0 = at once; -1 = keep loaded
     n_ctx: int = Field(2048, ge=128, le=1_048_576)
     n_parallel: int = Field(2, ge=1, le=64)
+    threads: int | None = Field(None, ge=1, le=1024, description="llama.cpp threads; None: llama.cpp's default")
 
     @model_validator(mode="after")
     def _remote_needs_hash(self) -> ModelSpec:

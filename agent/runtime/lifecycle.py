@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -76,10 +75,8 @@ class ModelManager:
         self.file = resolve(spec, cache_dir)
 
     def _llama(self, file: ModelFile, spec: ModelSpec) -> Backend:
-        # NANOFLEET_LLAMA_THREADS: llama.cpp threads (default: every core); 1 suits tiny models on shared CPUs.
-        threads = int(os.environ.get("NANOFLEET_LLAMA_THREADS", "0") or 0) or None
         return LlamaBackend(file.path, model_name=file.name, private_dir=self.private_dir, n_ctx=spec.n_ctx,
-                            n_parallel=spec.n_parallel, threads=threads)
+                            n_parallel=spec.n_parallel, threads=spec.threads)
 
     # -- what /v1/status, /v1/models and telemetry show ------------------------------------------------------
     @property
