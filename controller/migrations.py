@@ -123,6 +123,10 @@ def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration] = MIG
             continue
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # another process opening the same store may have run it since we looked: check under the write lock
+            if conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)).fetchone():
+                conn.execute("COMMIT")
+                continue
             step(conn)
             conn.execute("INSERT INTO _migrations VALUES (?, CAST(strftime('%s','now') AS INTEGER) * 1000)", (name,))
             conn.execute("COMMIT")

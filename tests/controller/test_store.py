@@ -187,3 +187,29 @@ def test_readers_from_many_threads_while_writing(store: Store) -> None:
     for t in threads:
         t.join()
     assert not errors and len(store.telemetry_keys()) == 20
+
+
+def _open_store(path: str, results) -> None:  # runs in a child process
+    from nanofleet.controller.store import Store
+
+    try:
+        Store(path).close()
+        results.put("ok")
+    except Exception as exc:  # reported to the parent, which asserts on it
+        results.put(repr(exc))
+
+
+def test_several_controllers_can_open_a_new_store_at_once(tmp_path: Path) -> None:
+    """Two controllers ($share) starting together race on WAL mode and migrations; both must come up."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    for attempt in range(2):
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_open_store, args=(str(tmp_path / f"s{attempt}.db"), results)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(10)
+        assert outcomes == ["ok"] * 3, outcomes
