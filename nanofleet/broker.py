@@ -157,13 +157,18 @@ def write_amqtt_config(accounts: BrokerAccounts, host: str, port: int) -> Path:
     return folder / "amqtt.yaml"
 
 
-def broker_command(accounts: BrokerAccounts, host: str, port: int) -> tuple[list[str], str]:
-    """The command line that starts the fleet's broker, and a line saying which broker it is."""
-    binary = mosquitto_binary()
+def broker_command(accounts: BrokerAccounts, host: str, port: int,
+                   kind: str = "auto") -> tuple[list[str], str]:
+    """The command line that starts the fleet's broker (`auto`: mosquitto when installed, else amqtt), and a line
+    saying which broker it is."""
+    binary = mosquitto_binary() if kind in ("auto", "mosquitto") else None
+    if kind == "mosquitto" and binary is None:
+        raise FileNotFoundError("mosquitto is not installed: apt-get install -y mosquitto")
     if binary:
         conf = write_mosquitto_config(accounts, host, port)
         return [binary, "-c", str(conf)], f"mosquitto ({binary}) on {host}:{port}"
     conf = write_amqtt_config(accounts, host, port)
     amqtt = Path(sys.executable).with_name("amqtt")
-    return ([str(amqtt), "-c", str(conf)],
-            f"embedded amqtt on {host}:{port} (mosquitto not found on PATH; apt-get install -y mosquitto to use it)")
+    why = ("as asked" if kind == "amqtt"
+           else "mosquitto not found on PATH; apt-get install -y mosquitto to use it")
+    return [str(amqtt), "-c", str(conf)], f"embedded amqtt on {host}:{port} ({why})"

@@ -60,10 +60,12 @@ def _nanofleet(*args: str) -> list[str]:
 @click.option("--free-ports", is_flag=True, help="use free loopback ports instead of those in fleet.yaml")
 @click.option("--simulate", type=click.IntRange(0, 100_000), default=0, show_default=True,
               help="also run N simulated devices (each its own MQTT session and broker account)")
+@click.option("--broker", "broker_kind", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto",
+              show_default=True, help="auto: mosquitto when it is installed, else the embedded amqtt broker")
 @click.option("--restart-delay", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="seconds before a crashed agent is restarted (doubling on each crash)")
 def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports: bool, simulate: int,
-       restart_delay: float) -> None:
+       broker_kind: str, restart_delay: float) -> None:
     """Start the broker, controller, gateway and one agent on this machine; Ctrl-C stops them all."""
     try:
         cfg = load_fleet(config_path)
@@ -87,7 +89,10 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
     if simulate:
         sim_ids = [f"sim-{i:04d}" for i in range(simulate)]
         sim_password = accounts.ensure_many(sim_ids, "device", password=secrets.token_urlsafe(24))[sim_ids[0]]
-    broker_argv, broker_desc = broker_command(accounts, host, ports.broker)
+    try:
+        broker_argv, broker_desc = broker_command(accounts, host, ports.broker, broker_kind)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
 
     sup = Supervisor()
     try:

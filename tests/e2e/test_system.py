@@ -5,6 +5,7 @@ One `nanofleet up` for the module; the tests run in file order (request → dash
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -65,9 +66,9 @@ class System:
         raise AssertionError("no agent process under nanofleet up")
 
 
-@pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    tmp = tmp_path_factory.mktemp("up")
+@contextlib.contextmanager
+def launch(tmp: Path, *args: str) -> Iterator[System]:
+    """`nanofleet up` on free ports with a 1 s telemetry interval; yields once it printed its summary."""
     fleet = yaml.safe_load((ROOT / "fleet.yaml").read_text())
     fleet["defaults"]["telemetry_interval_s"] = 1
     (tmp / "fleet.yaml").write_text(yaml.safe_dump(fleet))
@@ -75,7 +76,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
     sock = tmp / "run" / "agent.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanofleet", "up", "--config", str(tmp / "fleet.yaml"), "--state-dir",
-         str(tmp / "state"), "--free-ports", "--socket", str(sock), "--restart-delay", "3", "--simulate", "3"],
+         str(tmp / "state"), "--free-ports", "--socket", str(sock), *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp,
     )
     system = System(proc, tmp / "state", sock)
@@ -95,6 +96,12 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    with launch(tmp_path_factory.mktemp("up"), "--restart-delay", "3", "--simulate", "3") as system:
+        yield system
 
 
 def test_up_prints_where_everything_is(system: System) -> None:
@@ -177,3 +184,17 @@ def test_sigterm_stops_every_child_and_removes_the_socket(system: System) -> Non
     assert not alive, f"orphans: {[p.cmdline() for p in alive]}"
     assert not system.socket.exists()
     assert "stopped:" in system.output()
+
+
+def test_without_mosquitto_the_embedded_amqtt_broker_carries_the_same_closed_setup(tmp_path: Path) -> None:
+    with launch(tmp_path, "--broker", "amqtt") as amqtt_system:
+        assert re.search(r"broker:\s+embedded amqtt on 127\.0\.0\.1:\d+", amqtt_system.output())
+        with amqtt_system.agent() as agent:
+            r = agent.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                         "max_tokens": 4})
+        assert r.status_code == 200 and r.headers["x-nanofleet-route"] == "local"
+        wait_for(lambda: any(d["device_id"] == "dev-01" and d["state"] == "online"
+                             for d in amqtt_system.api("/api/devices").json()),
+                 timeout=30, what="dev-01 online through amqtt (device account + ACL)")
+        wait_for(lambda: len(amqtt_system.api("/api/devices/dev-01/telemetry").json()["points"]) >= 1,
+                 timeout=30, what="telemetry through amqtt")
