@@ -100,7 +100,10 @@ def _convergence_html(convergence: dict[int, int]) -> str:
     latest = versions[0][0] if versions else None
     total = sum(convergence.values())
     converged = convergence.get(latest, 0) if latest is not None else 0
-    summary = (f"<p>{converged} of {total} devices run the latest policy (v{latest}).</p>" if latest is not None
+    # versions count publishing rounds fleet-wide: a device whose policy did not change in a round keeps its older
+    # version and is still up to date; the "not yet on the policy published for them" list below is the real lag
+    summary = (f"<p>{converged} of {total} devices run policy version v{latest}, the newest published; a device "
+               "whose policy did not change since keeps its older version.</p>" if latest is not None
                else '<p class="muted">No device has reported a policy version yet.</p>')
     items = [(f"v{v}", float(n)) for v, n in versions]
     return summary + bar_chart(items, title="Devices per applied policy version",

@@ -327,7 +327,7 @@ async def test_overview_page(client: httpx.AsyncClient, token_and_hash) -> None:
     assert "kiosks" in rows["pi-1"] and "47.5 °C" in rows["pi-1"] and "2950 MB / 4096 MB" in rows["pi-1"]
     assert "25.0 %" in rows["pi-1"] and "tiny-test" in rows["pi-1"]
     assert re.search(r"<time [^>]*>(just now|\d+ s ago)</time>", rows["pi-1"])
-    assert "2 of 3 devices run the latest policy (v7)" in html
+    assert "2 of 3 devices run policy version v7, the newest published" in html
     assert "No malformed payloads rejected." in html
     assert 'data-refresh="3"' in html
 
