@@ -27,7 +27,7 @@ from nanofleet.agent.hooks import AgentMetrics
 from nanofleet.agent.router import DeviceState, Policy
 from nanofleet.agent.runtime.base import Backend, BackendError
 from nanofleet.agent.runtime.grpc_backend import GrpcBackend
-from nanofleet.agent.runtime.lifecycle import BackendFactory, ModelManager, free_ram_bytes
+from nanofleet.agent.runtime.lifecycle import BackendFactory, BridgeModel, LocalModel, ModelManager, free_ram_bytes
 from nanofleet.agent.sessions import SessionStore
 from nanofleet.agent.settings import AgentSettings
 from nanofleet.agent.telemetry import sysfs
@@ -76,20 +76,44 @@ class AgentService:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(settings.data_dir, 0o700)
-        self.models = ModelManager(settings.model, settings.cache_dir, settings.data_dir / "private",
-                                   free_ram=free_ram, backend_factory=backend_factory, warmup=warmup)
+        self.models = self._local_model(settings, free_ram, backend_factory, warmup)
         if cloud is None and settings.gateway_address:
             cloud = GrpcBackend(settings.gateway_address, token=settings.gateway_token, ca=settings.gateway_ca)
         self._device = sample_device(settings.sysfs_root)
-        self.dispatcher = Dispatcher(self.models, cloud, max_waiting=max_waiting, device_state=lambda: self._device)
+        self.dispatcher = Dispatcher(self.models, cloud, max_waiting=max_waiting,  # type: ignore[arg-type]
+                                     device_state=lambda: self._device)
         self._sampler: asyncio.Task[None] | None = None
         self.sessions = SessionStore()
-        self.app = create_app(self.dispatcher, self.sessions, max_body_bytes=settings.max_body_bytes)
+        self.app = create_app(self.dispatcher, self.sessions, max_body_bytes=settings.max_body_bytes,
+                              status_extra=self._bridge_status if settings.local_bridge else None)
         self.device_session: Any = None
         self._server: _Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
         self._inode: int | None = None
         self.started_at = time.time()
+
+    @staticmethod
+    def _local_model(settings: AgentSettings, free_ram: Callable[[], int], backend_factory: BackendFactory | None,
+                     warmup: bool) -> LocalModel:
+        """The local route's source: a local Inference bridge when one is set, else a GGUF in llama.cpp."""
+        bridge = settings.local_bridge
+        if bridge is None:
+            return ModelManager(settings.model, settings.cache_dir, settings.data_dir / "private",
+                                free_ram=free_ram, backend_factory=backend_factory, warmup=warmup)
+        backend = GrpcBackend(bridge.address, token=bridge.token, ca=bridge.ca, timeout=bridge.timeout,
+                              name="local bridge", model=bridge.model or "", cooldown=bridge.cooldown, role="bridge")
+        return BridgeModel(backend, settings.model, name=bridge.model or "")
+
+    def _bridge_status(self) -> dict[str, Any]:
+        """`local_bridge` in /v1/status: where the local route goes and whether it may be called now."""
+        models = self.models
+        assert isinstance(models, BridgeModel)
+        b = models.backend
+        return {"local_bridge": {"address": b.address, "tls": self.settings.local_bridge is not None
+                                 and self.settings.local_bridge.ca is not None,
+                                 "reachable": b.reachable, "circuit_open": b.breaker.open_until is not None,
+                                 "retry_in": round(b.retry_in, 1), "last_error": b.last_error,
+                                 "model": b.served_model or b.model}}
 
     # -- process ---------------------------------------------------------------------------------------------
     async def _sample_forever(self) -> None:
@@ -200,7 +224,7 @@ class AgentService:
                 return result("ok", "model unloaded" if was else "model was not loaded", loaded="false")
             if command.kind == "reload-model":
                 await self.models.reload()
-                return result("ok", f"model {self.models.file.name} reloaded", loaded="true")
+                return result("ok", f"model {self.models.status().name} reloaded", loaded="true")
         except BackendError as exc:
             return result("error", f"{command.kind} failed: {exc.message}")
         if command.kind == "drain-queue":

@@ -6,12 +6,13 @@ Routing policy is not here: the controller pushes it over MQTT.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nanofleet.config import ConfigError, ModelSpec
 
@@ -24,6 +25,52 @@ def default_runtime_dir() -> Path:
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "nanofleet"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class LocalBridge(BaseModel):
+    """A local `Inference` gRPC server that is the local model (an Android companion exposing AICore's Gemini Nano,
+    llama.cpp on a Jetson). Loopback or a unix socket only: the local route carries `sensitive` requests, which
+    never leave the device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = Field(description="unix:/path or a loopback host:port")
+    ca: Path | None = Field(None, description="CA bundle for the bridge's TLS; None: plaintext")
+    token: str | None = Field(None, description="sent as authorization: Bearer …")
+    timeout: float = Field(30, gt=0, le=3600, description="deadline of every call, seconds")
+    cooldown: float = Field(5, gt=0, le=3600, description="seconds the local route rests after the bridge fails")
+    model: str | None = Field(None, min_length=1, max_length=200,
+                              description="model name sent to and shown for the bridge; None: the bridge's own")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        """`local_bridge: unix:/run/bridge.sock` (and the env var) give the address alone."""
+        return {"address": data} if isinstance(data, str) else data
+
+    @field_validator("address")
+    @classmethod
+    def _local_only(cls, value: str) -> str:
+        if value.startswith("unix:"):
+            if not value[5:].lstrip("/"):
+                raise ValueError("expected unix:/path/to/bridge.sock")
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected unix:/path or host:port, got {value!r}")
+        if not _loopback(host):
+            raise ValueError(f"{host!r} is not loopback: the local bridge must be on this device (unix:/path, "
+                             "127.0.0.1:port or [::1]:port), since sensitive requests go to it")
+        return value
 
 
 class AgentSettings(BaseModel):
@@ -41,6 +88,7 @@ class AgentSettings(BaseModel):
     gateway_token: str | None = None
     gateway_ca: Path | None = Field(None, description="CA bundle for the gateway's TLS; None: plaintext (loopback)")
     model: ModelSpec = ModelSpec()
+    local_bridge: LocalBridge | None = Field(None, description="None: llama.cpp in-process serves the local route")
     sysfs_root: Path = Path("/sys")
     telemetry_interval_s: float = Field(10, gt=0, le=86_400)
     max_body_bytes: int = Field(1_048_576, ge=1024)

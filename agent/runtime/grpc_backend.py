@@ -13,6 +13,11 @@ gRPC status → our errors (`runtime/base.py` tree; three cloud-specific leaves 
     PERMISSION_DENIED, UNAUTHENTICATED Refused (403): token unknown, revoked or missing
     RESOURCE_EXHAUSTED                 RateLimited (Busy, 429 rate_limited) with the gateway's retry-after
     INVALID_ARGUMENT, OUT_OF_RANGE     BadRequest (400)
+
+As a local bridge (`role="bridge"`) the model is on this device, so "busy" or "refused for now" means "the local
+model is unavailable for now" (ML Kit's BUSY, BACKGROUND_USE_BLOCKED, battery quota...): UNAVAILABLE (breaker open),
+RESOURCE_EXHAUSTED and FAILED_PRECONDITION all become `BridgeUnavailable` (503, reason `model_unavailable`) with the
+bridge's `retry-after` trailer, and the route is paused that long — before the first token the router falls back.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 
@@ -69,6 +74,25 @@ class GatewayUnreachable(BackendUnavailable):
     reason = "gateway_unreachable"
 
 
+class BridgeUnavailable(BackendUnavailable):
+    """The local bridge cannot serve now (unreachable, busy, blocked): `retry_after` is when to try it again."""
+
+    reason = "model_unavailable"
+
+
+_BRIDGE_PAUSE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+def _retry_after(exc: grpc.aio.AioRpcError, default: float) -> float:
+    """The server's `retry-after` trailer in seconds (bounded to a day), or `default` if absent or malformed."""
+    value = dict(exc.trailing_metadata() or ()).get("retry-after")
+    try:
+        seconds = float(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+    return min(max(seconds, 0.0), 86_400.0) if seconds == seconds else default
+
+
 def _refusal_reason(detail: str) -> str:
     """A slug for the gateway's policy refusal, from its message (the gateway sends words, not a code)."""
     text = detail.lower()
@@ -84,8 +108,10 @@ class GrpcBackend(Backend):
         self, address: str, *, token: str | None = None, ca: Path | None = None, timeout: float = 30.0,
         name: str = "cloud", model: str = "", failure_threshold: int = 1, cooldown: float = 5.0,
         max_cooldown: float = 60.0, clock: Callable[[], float] = time.monotonic,
+        role: Literal["gateway", "bridge"] = "gateway",
     ) -> None:
         self.address = address
+        self.role = role
         self.name = name
         self.model = model
         self.timeout = timeout
@@ -96,11 +122,15 @@ class GrpcBackend(Backend):
         self._closing: set[asyncio.Task[None]] = set()
         self.breaker = CircuitBreaker(cooldown, max_cooldown, failure_threshold)
         self._clock = clock
+        self._paused_until = 0.0   # a bridge said "busy, retry in N s" (RESOURCE_EXHAUSTED...): no call until then
+        self.last_error = ""       # what made it unreachable or paused, for /v1/status
+        self.served_model = ""     # the model named in the last answer
 
     @property
     def reachable(self) -> bool:
-        """The breaker admits a call now: closed, or half-open with its probe slot free."""
-        return self.breaker.available(self._clock())
+        """The breaker admits a call now (closed, or half-open with its probe slot free), and no pause holds."""
+        now = self._clock()
+        return now >= self._paused_until and self.breaker.available(now)
 
     @property
     def circuit_open(self) -> bool:
@@ -109,12 +139,16 @@ class GrpcBackend(Backend):
 
     @property
     def retry_in(self) -> float:
-        """Seconds until the breaker lets a call through (0 if one may go now)."""
-        return self.breaker.retry_in(self._clock())
+        """Seconds until the breaker (and any pause) lets a call through (0 if one may go now)."""
+        now = self._clock()
+        return max(self.breaker.retry_in(now), self._paused_until - now, 0.0)
 
     def _stub_now(self) -> Any:
         if self._stub is None:  # channels bind to the running event loop: create on first use
-            options = [("grpc.keepalive_time_ms", 300_000), ("grpc.max_receive_message_length", 16 << 20)]
+            # A channel of its own subchannels: with gRPC's global pool a fresh channel (the probe) could reuse the
+            # old channel's subchannel still in its connect backoff and fail at once although the server is back.
+            options = [("grpc.keepalive_time_ms", 300_000), ("grpc.max_receive_message_length", 16 << 20),
+                       ("grpc.use_local_subchannel_pool", 1)]
             if self._ca is not None:
                 creds = grpc.ssl_channel_credentials(root_certificates=self._ca)
                 self._channel = grpc.aio.secure_channel(self.address, creds, options=options)
@@ -135,9 +169,16 @@ class GrpcBackend(Backend):
 
     def _admit(self) -> bool:
         """Ask the breaker; True if this call is the half-open probe. Raises while the breaker is open."""
-        probe = self.breaker.acquire(self._clock())
+        now = self._clock()
+        if now < self._paused_until:
+            raise BridgeUnavailable(f"{self.name} ({self.address}) {self.last_error}; next try in "
+                                    f"{self.retry_in:.0f}s", retry_after=max(self.retry_in, 1.0))
+        probe = self.breaker.acquire(now)
         if probe is None:
             wait = self.retry_in
+            if self.role == "bridge":
+                raise BridgeUnavailable(f"{self.name} ({self.address}) {self.last_error}; next try in {wait:.0f}s",
+                                        retry_after=max(wait, 1.0))
             raise GatewayUnreachable(
                 f"{self.name} ({self.address}) unreachable: calls paused after a failure; next try in {wait:.0f}s",
                 retry_after=max(wait, 1.0))
@@ -150,11 +191,20 @@ class GrpcBackend(Backend):
             self.breaker.failure(self._clock(), probe)
             if self.breaker.open_until is not None:
                 self._drop_channel()
+            self.last_error = f"unreachable: {code.name}: {detail}"
+            if code == grpc.StatusCode.UNAVAILABLE and self.role == "bridge":
+                self._pause(_retry_after(exc, 0.0))  # a bridge's own "come back in N s" (ML Kit BUSY)
             wait = max(self.retry_in, 1.0)
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 return BackendTimeout(f"{where}: deadline of {self.timeout}s exceeded")
+            if self.role == "bridge":
+                return BridgeUnavailable(f"{where} {self.last_error}", retry_after=wait)
             return GatewayUnreachable(f"{where} unavailable: {detail}", retry_after=wait)
         self.breaker.success()  # it answered, so it is reachable
+        if self.role == "bridge" and code in _BRIDGE_PAUSE:
+            self.last_error = f"busy: {code.name}: {detail}"
+            self._pause(_retry_after(exc, 1.0))
+            return BridgeUnavailable(f"{where} {self.last_error}", retry_after=max(self.retry_in, 1.0))
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             return CloudRefused(f"{where} refused: {detail}", reason=_refusal_reason(detail))
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
@@ -165,6 +215,10 @@ class GrpcBackend(Backend):
             retry = dict(exc.trailing_metadata() or ()).get("retry-after")
             return RateLimited(f"{where}: {detail}", retry_after=float(retry) if retry else 1.0)
         return BackendUnavailable(f"{where}: {code.name}: {detail}")
+
+    def _pause(self, seconds: float) -> None:
+        if seconds > 0:
+            self._paused_until = max(self._paused_until, self._clock() + seconds)
 
     def _request(self, req: ChatRequest) -> inference_pb2.GenerateRequest:
         system = "\n".join(m["content"] for m in req.messages if m["role"] == "system")
@@ -187,6 +241,7 @@ class GrpcBackend(Backend):
     async def generate(self, request: ChatRequest) -> Completion:
         resp = await self._call(lambda stub: stub.Generate(self._request(request), timeout=self.timeout,
                                                            metadata=self._metadata))
+        self.served_model = resp.model or self.served_model
         return Completion(resp.text, resp.finish_reason or "stop", _usage(resp.usage), resp.model or self.name)
 
     async def _call(self, send: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -215,6 +270,7 @@ class GrpcBackend(Backend):
                 if not verdict:
                     verdict = True
                     self.breaker.success()
+                self.served_model = chunk.model or self.served_model
                 yield Chunk(chunk.text, chunk.finish_reason or None,
                             _usage(chunk.usage) if chunk.HasField("usage") else None, chunk.model or self.name)
             if not verdict:

@@ -4,6 +4,10 @@ Availability follows the Prompt API: `unavailable | downloadable | downloading |
 is loaded on first use, warmed up with a one-token generation, and unloaded after `keep_alive` seconds idle
 (0: as soon as the last request ends; -1: never). A load that would not fit in free RAM is refused with a reason
 that `/v1/status` shows, instead of letting the OOM killer end the agent.
+
+Two sources serve the local route behind one face (`LocalModel`, what the dispatcher, the socket API and the device
+session use): `ModelManager` (a GGUF file in llama.cpp in-process: the above) and `BridgeModel` (a local `Inference`
+bridge: no file, no RAM check, no download; available while the bridge's breaker admits calls).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import psutil
 
@@ -21,6 +26,7 @@ from nanofleet.agent.models.download import ModelFileError, pull
 from nanofleet.agent.models.files import ModelFile, resolve
 from nanofleet.agent.models.memory import estimate_bytes
 from nanofleet.agent.runtime.base import Backend, BackendUnavailable, ChatRequest, InsufficientMemory
+from nanofleet.agent.runtime.grpc_backend import GrpcBackend
 from nanofleet.agent.runtime.llama import LlamaBackend
 from nanofleet.config import ModelSpec
 
@@ -41,6 +47,23 @@ class ModelStatus:
     tokens_per_s: float
     context_window: int
     n_parallel: int
+
+
+class LocalModel(Protocol):
+    """What the rest of the agent needs from the local route's model, whichever source serves it."""
+
+    spec: ModelSpec
+
+    @property
+    def availability(self) -> str: ...
+    def recently_refused(self, within: float = 5.0) -> bool: ...
+    def status(self) -> ModelStatus: ...
+    def record_speed(self, tokens_per_s: float) -> None: ...
+    def use(self) -> contextlib.AbstractAsyncContextManager[Backend]: ...
+    async def unload(self) -> bool: ...
+    async def reload(self, spec: ModelSpec | None = None) -> None: ...
+    async def switch(self, spec: ModelSpec) -> bool: ...
+    async def close(self) -> None: ...
 
 
 class _Loaded:
@@ -241,3 +264,53 @@ class ModelManager:
         await self.settle()
 
 
+class BridgeModel:
+    """The local model served by a local `Inference` bridge. Nothing to load or unload here; `spec` still bounds
+    requests (`n_ctx`) and concurrency (`n_parallel`). Availability is the bridge's breaker (and any "busy, retry in
+    N s" it answered): `available` while it admits calls, else `unavailable` with the bridge's last error."""
+
+    def __init__(self, backend: GrpcBackend, spec: ModelSpec, *, name: str = "") -> None:
+        self.backend = backend
+        self.spec = spec
+        self.name = name
+        self.tokens_per_s = 0.0
+
+    @property
+    def availability(self) -> str:
+        return "available" if self.backend.reachable else "unavailable"
+
+    @property
+    def loaded(self) -> bool:
+        return True
+
+    def recently_refused(self, within: float = 5.0) -> bool:
+        return False
+
+    def status(self) -> ModelStatus:
+        avail = self.availability
+        reason = "" if avail == "available" else (
+            f"local bridge {self.backend.last_error}; next try in {self.backend.retry_in:.0f}s")
+        name = self.name or self.backend.served_model or "local-bridge"
+        return ModelStatus(name, avail, 1.0 if avail == "available" else 0.0, True, reason, self.tokens_per_s,
+                           self.spec.n_ctx, self.spec.n_parallel)
+
+    def record_speed(self, tokens_per_s: float) -> None:
+        if tokens_per_s > 0:
+            self.tokens_per_s = tokens_per_s if not self.tokens_per_s else 0.8 * self.tokens_per_s + 0.2 * tokens_per_s
+
+    @contextlib.asynccontextmanager
+    async def use(self) -> AsyncIterator[Backend]:
+        yield self.backend
+
+    async def unload(self) -> bool:
+        return False  # the bridge owns its model's memory
+
+    async def reload(self, spec: ModelSpec | None = None) -> None:
+        if spec is not None:
+            self.spec = spec
+
+    async def switch(self, spec: ModelSpec) -> bool:
+        return False  # the bridge serves its own model: a policy's GGUF does not apply
+
+    async def close(self) -> None:
+        await self.backend.close()

@@ -79,11 +79,15 @@ class Servicer(inference_pb2_grpc.InferenceServicer):
 
 
 async def start(servicer: Servicer, credentials: grpc.ServerCredentials | None = None,
-                port: int = 0) -> tuple[grpc.aio.Server, int]:
-    """`port` 0: a free one; a given port lets a test restart "the same" server after stopping it."""
+                port: int = 0, unix: str | None = None) -> tuple[grpc.aio.Server, int]:
+    """`port` 0: a free one; a given port lets a test restart "the same" server after stopping it. `unix`: listen
+    on that `unix:/path` instead (port 0 returned)."""
     server = grpc.aio.server()
     inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server)
-    if credentials is None:
+    if unix is not None:
+        server.add_insecure_port(unix)
+        port = 0
+    elif credentials is None:
         port = server.add_insecure_port(f"127.0.0.1:{port}")
     else:
         port = server.add_secure_port("localhost:0", credentials)
