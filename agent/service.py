@@ -80,7 +80,7 @@ class AgentService:
         if cloud is None and settings.gateway_address:
             cloud = GrpcBackend(settings.gateway_address, token=settings.gateway_token, ca=settings.gateway_ca)
         self._device = sample_device(settings.sysfs_root)
-        self.dispatcher = Dispatcher(self.models, cloud, max_waiting=max_waiting,  # type: ignore[arg-type]
+        self.dispatcher = Dispatcher(self.models, cloud, max_waiting=max_waiting,
                                      device_state=lambda: self._device)
         self._sampler: asyncio.Task[None] | None = None
         self.sessions = SessionStore()

@@ -26,7 +26,7 @@ from nanofleet.agent.runtime.base import (
     Completion,
     Refused,
 )
-from nanofleet.agent.runtime.lifecycle import ModelManager
+from nanofleet.agent.runtime.lifecycle import LocalModel
 
 # Errors after which the next route is tried (before the first token): the route is down, slow, full, or the
 # gateway refused by policy (a cloud-denied device whose app said prefer_cloud is still served locally).
@@ -70,7 +70,7 @@ def default_device_state() -> DeviceState:
 
 class Dispatcher:
     def __init__(
-        self, models: ModelManager, cloud: Backend | None = None, *, max_waiting: int = 8,
+        self, models: LocalModel, cloud: Backend | None = None, *, max_waiting: int = 8,
         device_state: Callable[[], DeviceState] = default_device_state,
     ) -> None:
         self.models = models
