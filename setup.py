@@ -1,6 +1,6 @@
 """Installs the top-level folders as `nanofleet.*` (DESIGN.md): agent/ → nanofleet.agent, and so on.
 
-Packages (and data folders) are found, not listed, so a new subfolder with an __init__.py is installed without touching this file.
+Packages (and data folders) are found, not listed, so a new subfolder is installed without touching this file.
 """
 
 from setuptools import find_namespace_packages, setup
