@@ -83,6 +83,7 @@ class AgentService:
         self.dispatcher = Dispatcher(self.models, cloud, max_waiting=max_waiting,
                                      device_state=lambda: self._device)
         self._sampler: asyncio.Task[None] | None = None
+        self._preload: asyncio.Task[None] | None = None
         self.sessions = SessionStore()
         self.app = create_app(self.dispatcher, self.sessions, max_body_bytes=settings.max_body_bytes,
                               status_extra=self._bridge_status if settings.local_bridge else None)
@@ -140,13 +141,28 @@ class AgentService:
                 self._serve_task.result()
                 raise RuntimeError("the socket server stopped during startup")
             await asyncio.sleep(0.01)
+        if self.settings.preload:
+            self._preload = asyncio.create_task(self._load_now())
         if self.settings.broker_url:
             from nanofleet.agent.device_session import DeviceSession
 
             self.device_session = DeviceSession(self.settings, self)
             await self.device_session.start()
 
+    async def _load_now(self) -> None:
+        """`preload`: have the model resident before the first request (then keep_alive applies as usual)."""
+        try:
+            async with self.models.use():
+                pass
+            log.info("model %s preloaded", self.models.status().name)
+        except Exception as exc:  # a refusal (e.g. too little RAM) is already in /v1/status; the agent serves on
+            log.warning("preloading the model failed: %s", exc)
+
     async def stop(self) -> None:
+        if self._preload is not None:
+            self._preload.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._preload
         if self._sampler is not None:
             self._sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -92,6 +92,7 @@ class AgentSettings(BaseModel):
     sysfs_root: Path = Path("/sys")
     telemetry_interval_s: float = Field(10, gt=0, le=86_400)
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    preload: bool = Field(False, description="load the model at start instead of on the first request")
 
     @property
     def cache_dir(self) -> Path:

@@ -47,8 +47,9 @@ def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_u
         gateway_db(state_dir).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         token = issue_token(gateway_db(state_dir), device_id, cfg.fleet, cfg.group_of(device_id))
     profile = cfg.profile_for(device_id)
-    paths: dict[str, Path] = {}
+    paths: dict[str, Path | bool] = {}
     if local:
+        paths["preload"] = True  # `nanofleet up` shows a ready model, not one that loads on the first request
         paths["data_dir"] = folder / "data"
         if socket_path:
             paths["socket_path"] = socket_path

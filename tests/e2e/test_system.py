@@ -109,6 +109,17 @@ def test_up_prints_where_everything_is(system: System) -> None:
     assert re.search(r"broker:\s+mosquitto \(", out), out
     assert "gateway:" in out and "dashboard: " in out and f"socket:     {system.socket}" in out
     assert system.socket.exists() and (system.socket.stat().st_mode & 0o777) == 0o660
+    # the agent generated the tiny GGUF and loaded it at start (preload), before any request
+    with system.agent() as agent:
+        model = wait_for(lambda: (m := agent.get("/v1/status").json()["model"])["loaded"] and m, timeout=30,
+                         what="the model loaded at start")
+    assert model["availability"] == "available" and model["name"] == "tiny-test"
+    assert "local" not in agent_routes(system)
+
+
+def agent_routes(system: System) -> dict[str, int]:
+    with system.agent() as agent:
+        return {k: v for k, v in agent.get("/v1/status").json()["route_counts"].items() if v}
 
 
 def test_a_prompt_through_the_socket_is_answered_by_the_local_model(system: System) -> None:
