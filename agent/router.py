@@ -125,7 +125,8 @@ def _cloud_block(req: RouteRequest, mode: str, policy: Policy, dev: DeviceState,
         return "gateway_unreachable"
     if conn.circuit_open:
         return "circuit_open"
-    if policy.cloud_tokens_per_day and conn.cloud_tokens_used_today >= policy.cloud_tokens_per_day:
+    # 0 is "no cloud tokens", as the gateway (which enforces it) reads fleet.yaml; there is no "unlimited"
+    if conn.cloud_tokens_used_today >= policy.cloud_tokens_per_day:
         return "cloud_budget_exhausted"
     return None
 

@@ -97,7 +97,7 @@ class Dispatcher:
         cloud: Any = self.cloud
         if cloud is None:
             return Connectivity()
-        today = dt.date.today().isoformat()
+        today = dt.datetime.now(dt.UTC).date().isoformat()  # the gateway's budget day is the UTC day too
         if today != self._cloud_day:
             self._cloud_day, self.cloud_tokens_today = today, 0
         return Connectivity(True, bool(getattr(cloud, "reachable", True)), bool(getattr(cloud, "circuit_open", False)),

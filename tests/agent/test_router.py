@@ -56,6 +56,16 @@ def test_cloud_denied_policy_never_yields_cloud(req, policy, dev, conn) -> None:
         assert "cloud" not in routes(decide(req, policy, dev, conn))
 
 
+def test_a_zero_cloud_budget_means_no_cloud() -> None:
+    """0 tokens a day means no cloud (the gateway reads fleet.yaml the same way); there is no "unlimited"."""
+    for mode in ("cloud_only", "prefer_cloud"):
+        d = decide(RouteRequest(mode=mode), Policy(cloud_tokens_per_day=0), OK, UP)
+        assert "cloud" not in routes(d)
+    assert decide(RouteRequest(mode="cloud_only"), Policy(cloud_tokens_per_day=0), OK, UP).reason == \
+        "cloud_budget_exhausted"
+    assert decide(RouteRequest(mode="cloud_only"), Policy(cloud_tokens_per_day=1), OK, UP).route == "cloud"
+
+
 @given(requests, policies, devices, conns)
 def test_decision_is_well_formed(req, policy, dev, conn) -> None:
     d = decide(req, policy, dev, conn)
