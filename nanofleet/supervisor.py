@@ -42,9 +42,12 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
 
+    log_start: int = 0  # where this run's output begins in the (appended) log
+
     def spawn(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
+            self.log_start = out.tell()
             self.proc = subprocess.Popen(
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
@@ -76,12 +79,18 @@ class Child:
                 self.proc.wait()
         return self.proc.returncode
 
-    def tail(self, lines: int = 15) -> str:
+    def output(self) -> str:
+        """What the current run has written to the log (earlier runs' lines are left out)."""
         try:
-            text = self.log.read_text(encoding="utf-8", errors="replace").splitlines()
+            with open(self.log, "rb") as f:
+                f.seek(self.log_start)
+                return f.read().decode("utf-8", errors="replace")
         except OSError:
-            return "  (no log)"
-        return "\n".join(f"  | {line}" for line in text[-lines:])
+            return ""
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.output().splitlines()
+        return "\n".join(f"  | {line}" for line in text[-lines:]) or "  (no output)"
 
 
 def tcp_open(host: str, port: int) -> Callable[[], bool]:

@@ -106,14 +106,15 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
                                               "--data-dir", str(state_dir / "gateway"),
                                               "--listen", f"{host}:{ports.gateway}"),
                         logs / "gateway.log", tcp_open(host, ports.gateway)))
-        sup.start(Child("controller", _nanofleet("controller", "--config", str(config_path),
-                                                 "--data-dir", str(state_dir / "controller"),
-                                                 "--listen", f"{host}:{ports.controller}",
-                                                 "--broker-url", broker_url,
-                                                 "--mqtt-username", CONTROLLER_USER,
-                                                 "--gateway-db", str(state_dir / "gateway" / "gateway.db")),
-                        logs / "controller.log", http_ok("/healthz", host=host, port=ports.controller),
-                        env={"NANOFLEET_MQTT_PASSWORD": controller_password}))
+        controller = Child("controller", _nanofleet("controller", "--config", str(config_path),
+                                                    "--data-dir", str(state_dir / "controller"),
+                                                    "--listen", f"{host}:{ports.controller}",
+                                                    "--broker-url", broker_url,
+                                                    "--mqtt-username", CONTROLLER_USER,
+                                                    "--gateway-db", str(state_dir / "gateway" / "gateway.db")),
+                           logs / "controller.log", http_ok("/healthz", host=host, port=ports.controller),
+                           env={"NANOFLEET_MQTT_PASSWORD": controller_password})
+        sup.start(controller)
         settings = agent_yaml.settings
         sup.start(Child(f"agent {device_id}", _nanofleet("agent", "--config", str(agent_yaml.path)),
                         logs / f"agent-{device_id}.log", http_ok("/v1/status", uds=str(settings.socket_path)),
@@ -132,7 +133,7 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
         sup.stop_all()
         raise
 
-    token_line = _operator_token_line(state_dir / "controller", logs / "controller.log")
+    token_line = _operator_token_line(state_dir / "controller", controller)
     sock = shlex.quote(str(settings.socket_path))
     body = '{"messages":[{"role":"user","content":"Say hello"}],"max_tokens":24}'
     simulated = f" and {simulate} simulated devices" if simulate else ""
@@ -157,13 +158,10 @@ Ctrl-C stops everything.""", nl=True)
         sys.exit(1)
 
 
-def _operator_token_line(controller_dir: Path, log: Path) -> str:
-    """The controller prints a new operator token once, to its log; show it here too."""
-    try:
-        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            if "operator token:" in line:
-                return "operator " + line.split("operator ", 1)[1].strip()
-    except OSError:
-        pass
+def _operator_token_line(controller_dir: Path, controller: Child) -> str:
+    """The controller prints a new operator token once (this run's output only: an old one may be rotated)."""
+    for line in controller.output().splitlines():
+        if "operator token:" in line:
+            return "operator " + line.split("operator ", 1)[1].strip()
     return ("(operator token printed at first start; rotate with: "
             f"nanofleet controller rotate-token --data-dir {controller_dir})")

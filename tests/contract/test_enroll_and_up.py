@@ -13,7 +13,7 @@ from nanofleet.cli import main
 from nanofleet.config import load_fleet
 from nanofleet.supervisor import Child, StartError, Supervisor, tcp_open
 from nanofleet.tcp import free_port
-from nanofleet.up import choose_ports
+from nanofleet.up import _operator_token_line, choose_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,3 +94,16 @@ def test_children_are_stopped_in_reverse_order_and_leave_no_orphans(tmp_path: Pa
     assert sup.stop_all() == {"c1": 0, "c0": 0}
     assert (tmp_path / "order").read_text() == "10"
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids)
+
+
+def test_a_restarted_child_reports_only_its_own_output(tmp_path: Path) -> None:
+    """`up` shows the operator token from this run's controller output, never a stale one from an earlier run."""
+    log = tmp_path / "controller.log"
+    log.write_text("operator token: nft_old (shown once)\n")
+    child = Child("controller", [sys.executable, "-c", "print('dashboard: http://127.0.0.1:1/')"], log,
+                  ready=lambda: True)
+    child.start()
+    assert child.proc is not None and child.proc.wait(10) == 0
+    assert child.output() == "dashboard: http://127.0.0.1:1/\n"
+    assert "nft_old" not in _operator_token_line(tmp_path, child)
+    assert "nft_old" in log.read_text()  # the log itself keeps every run
