@@ -115,7 +115,7 @@ def _cloud_block(req: RouteRequest, mode: str, policy: Policy, dev: DeviceState,
         return "sensitive"
     if mode == "local_only":
         return "local_only"
-    if not policy.cloud_allowed:
+    if not policy.cloud_allowed or policy.cloud_tokens_per_day == 0:  # a budget of 0 is no cloud (as the gateway)
         return "cloud_denied"
     if not conn.gateway_configured:
         return "no_gateway"
@@ -125,7 +125,6 @@ def _cloud_block(req: RouteRequest, mode: str, policy: Policy, dev: DeviceState,
         return "gateway_unreachable"
     if conn.circuit_open:
         return "circuit_open"
-    # 0 is "no cloud tokens", as the gateway (which enforces it) reads fleet.yaml; there is no "unlimited"
     if conn.cloud_tokens_used_today >= policy.cloud_tokens_per_day:
         return "cloud_budget_exhausted"
     return None

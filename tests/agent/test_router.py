@@ -61,8 +61,11 @@ def test_a_zero_cloud_budget_means_no_cloud() -> None:
     for mode in ("cloud_only", "prefer_cloud"):
         d = decide(RouteRequest(mode=mode), Policy(cloud_tokens_per_day=0), OK, UP)
         assert "cloud" not in routes(d)
-    assert decide(RouteRequest(mode="cloud_only"), Policy(cloud_tokens_per_day=0), OK, UP).reason == \
-        "cloud_budget_exhausted"
+    zero = decide(RouteRequest(mode="cloud_only"), Policy(cloud_tokens_per_day=0), OK, UP)
+    assert (zero.reason, zero.permanent) == ("cloud_denied", True)  # waiting for tomorrow would not help
+    spent = decide(RouteRequest(mode="cloud_only"), Policy(cloud_tokens_per_day=10), OK,
+                   Connectivity(gateway_configured=True, gateway_reachable=True, cloud_tokens_used_today=10))
+    assert (spent.reason, spent.permanent) == ("cloud_budget_exhausted", False)
     assert decide(RouteRequest(mode="cloud_only"), Policy(cloud_tokens_per_day=1), OK, UP).route == "cloud"
 
 
