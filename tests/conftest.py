@@ -1,8 +1,8 @@
-"""Shared fixtures: a real Mosquitto broker on a free loopback port, the tiny GGUF, free ports."""
+"""Shared fixtures: a real Mosquitto broker on a free loopback port, the tiny GGUF, waiting on conditions."""
 
 from __future__ import annotations
 
-import shutil
+import asyncio
 import socket
 import subprocess
 import time
@@ -13,12 +13,8 @@ from pathlib import Path
 import pytest
 
 from nanofleet.agent.tiny_model import make_tiny_gguf
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from nanofleet.broker import mosquitto_binary as find_mosquitto
+from nanofleet.tcp import free_port
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> object:
@@ -33,6 +29,18 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
         time.sleep(interval)
 
 
+async def until(predicate: Callable[[], object], within: float = 10.0, what: str = "") -> object:
+    """`wait_for` for async tests: poll without blocking the event loop the code under test runs on."""
+    deadline = time.monotonic() + within
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what or predicate}")
+        await asyncio.sleep(0.005)
+
+
 def _port_open(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2):
@@ -42,7 +50,7 @@ def _port_open(port: int) -> bool:
 
 
 def mosquitto_binary() -> str:
-    path = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    path = find_mosquitto()
     if path is None:
         raise RuntimeError("mosquitto is not installed: run `make test` (installs it) or apt-get install -y mosquitto")
     return path

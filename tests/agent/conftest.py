@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from nanofleet.agent.runtime.llama import LlamaBackend
 from nanofleet.agent.service import AgentService
 from nanofleet.agent.settings import AgentSettings
 
@@ -67,3 +68,11 @@ def sse_events(text: str) -> list[Any]:
 
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+
+
+@pytest.fixture
+async def llama(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[LlamaBackend]:
+    """A small llama.cpp backend of the tiny model, e.g. behind a test Inference bridge."""
+    b = LlamaBackend(tiny_gguf, model_name="tiny", private_dir=tmp_path / "p", n_ctx=256, n_parallel=2)
+    yield b
+    await b.close()

@@ -4,22 +4,15 @@ bound. Over the real unix socket (uvicorn), because in-process transports buffer
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 from nanofleet.agent.service import AgentService
 from tests.agent.conftest import uds_client
+from tests.conftest import until
 
 LONG = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 480, "stream": True, "ignore_eos": True}
-
-
-async def until(predicate: Callable[[], object], within: float = 10.0, what: str = "") -> None:
-    deadline = asyncio.get_running_loop().time() + within
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 @pytest.fixture

@@ -22,13 +22,6 @@ HI = ChatRequest([{"role": "system", "content": "be brief"}, {"role": "user", "c
 
 
 @pytest.fixture
-async def llama(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[LlamaBackend]:
-    b = LlamaBackend(tiny_gguf, model_name="tiny", private_dir=tmp_path / "p", n_ctx=256, n_parallel=2)
-    yield b
-    await b.close()
-
-
-@pytest.fixture
 async def bridge(llama: LlamaBackend) -> AsyncIterator[tuple[inference_server.Servicer, int]]:
     servicer = inference_server.Servicer(llama, token="tok-1")
     server, port = await inference_server.start(servicer)

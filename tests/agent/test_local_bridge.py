@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,6 @@ async def until(check: Callable[[], Awaitable[Any]], within: float = 10.0, what:
             raise AssertionError(f"timed out after {within}s waiting for {what}")
         await asyncio.sleep(0.05)
     return value
-
-
-@pytest.fixture
-async def llama(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[LlamaBackend]:
-    b = LlamaBackend(tiny_gguf, model_name="tiny", private_dir=tmp_path / "p", n_ctx=256, n_parallel=2)
-    yield b
-    await b.close()
 
 
 @pytest.fixture

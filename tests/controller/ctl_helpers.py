@@ -1,23 +1,11 @@
-"""Helpers for controller tests: async waiting on a condition with a deadline."""
+"""Helpers for controller tests (`until` is the shared one from tests/conftest.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Callable
-
 from nanofleet.config import FleetConfig, parse_fleet
+from tests.conftest import until
 
-
-async def until(predicate: Callable[[], object], within: float = 10.0, what: str = "") -> object:
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what or predicate}")
-        await asyncio.sleep(0.02)
+__all__ = ["fleet", "until"]
 
 
 def fleet(name: str, broker_url: str, extra: str = "") -> FleetConfig:
