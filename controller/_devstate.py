@@ -19,6 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import msgspec
+
 from nanofleet.controller.views import DeviceEvent
 from nanofleet.protos import fleet_pb2
 
@@ -30,7 +32,15 @@ _COLUMNS = (
     "thermal_level", "throttled", "battery_pct", "charging", "queue_depth", "route_counts", "rejected_count",
     "gap_count", "telemetry_interval_s", "status_json",
 )
+_encode = msgspec.json.Encoder().encode  # ~10x json.dumps on a small dict: this runs per message
 _UPSERT = f"INSERT OR REPLACE INTO devices ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+# what telemetry and rejections change: an UPDATE of these costs ~60% of replacing the whole row (per message)
+_HOT = (
+    "state", "last_seen_ms", "bd_seq", "gap_count", "rejected_count", "cpu_percent", "ram_total_mb",
+    "ram_available_mb", "temp_max_c", "thermal_level", "throttled", "battery_pct", "charging", "queue_depth",
+    "route_counts", "policy_version", "model_name", "model_availability",
+)
+_UPDATE_HOT = f"UPDATE devices SET {', '.join(c + ' = ?' for c in _HOT)} WHERE device_id = ?"
 
 
 def thermal_name(level: int) -> str:
@@ -127,6 +137,7 @@ class _Dev:
         })
 
     row = property(operator.attrgetter(*_COLUMNS))  # the devices-table row, in column order
+    hot_row = property(operator.attrgetter(*_HOT, "device_id"))  # _UPDATE_HOT's parameters
 
 
 class DeviceStates:
@@ -159,16 +170,17 @@ class DeviceStates:
     def apply(self, conn: sqlite3.Connection, batch: Batch) -> BatchOutcome:
         out = BatchOutcome()
         touched: dict[str, _Dev] = {}
+        full: set[str] = set()  # devices whose whole row changes (new, birth, death); the rest get _UPDATE_HOT
         at = batch.received_ms
         statuses, pos = batch.statuses, batch.status_pos or [0] * len(batch.statuses)
         si = 0
         for i, row in enumerate(batch.telemetry):
             while si < len(statuses) and pos[si] <= i:
-                self._status_in(out, statuses[si], batch, touched)
+                self._status_in(out, statuses[si], batch, touched, full)
                 si += 1
-            self._row(out, row, batch, touched)
+            self._row(out, row, batch, touched, full)
         for status in statuses[si:]:
-            self._status_in(out, status, batch, touched)
+            self._status_in(out, status, batch, touched, full)
         if batch.rejections:
             counts = Counter(batch.rejections)
             conn.executemany(
@@ -187,20 +199,23 @@ class DeviceStates:
                 [(r.id, r.device_id, r.status, r.message, json.dumps(dict(r.data)), r.ts_ms or at)
                  for r in batch.command_results],
             )
-        self._flush(conn, touched.values(), out)
+        self._flush(conn, touched.values(), out, full)
         return out
 
     def _status_in(self, out: BatchOutcome, status: fleet_pb2.DeviceStatus, batch: Batch,
-                   touched: dict[str, _Dev]) -> None:
+                   touched: dict[str, _Dev], full: set[str]) -> None:
         dev, created = self._get(out, status.device_id, status.fleet or batch.fleet)
         if self._status(out, dev, status, batch.received_ms, created):
             touched[dev.device_id] = dev
+            full.add(dev.device_id)
 
-    def _row(self, out: BatchOutcome, row: TelemetryRow, batch: Batch, touched: dict[str, _Dev]) -> None:
+    def _row(self, out: BatchOutcome, row: TelemetryRow, batch: Batch, touched: dict[str, _Dev],
+             full: set[str]) -> None:
         at = batch.received_ms
         dev, created = self._get(out, row.device_id, batch.fleet)
         touched[dev.device_id] = dev
         if created:
+            full.add(dev.device_id)
             dev.bd_seq = row.bd_seq
             self._event(out, dev, "online", "telemetry_without_birth", at)
             self._ask_rebirth(out, dev, at)
@@ -235,7 +250,7 @@ class DeviceStates:
         if r.policy_version:
             dev.policy_version = r.policy_version
         if r.route_counts is not None:
-            dev.route_counts = json.dumps(r.route_counts)  # default settings: the C encoder
+            dev.route_counts = _encode(r.route_counts).decode()
         if r.model_name is not None:
             dev.model_name, dev.model_availability = r.model_name, r.model_availability or "unspecified"
 
@@ -266,8 +281,18 @@ class DeviceStates:
             self._event(out, dev, "offline", s.reason or "last_will", at)
         return True
 
-    def _flush(self, conn: sqlite3.Connection, devs: Any, out: BatchOutcome) -> None:
-        rows = [d.row for d in devs]
+    def _flush(self, conn: sqlite3.Connection, devs: Any, out: BatchOutcome, full: set[str] | None = None) -> None:
+        """Write the devices' rows: whole (all of them when `full` is None, else those in it) or their hot part."""
+        if full is None:
+            rows = [d.row for d in devs]
+        else:
+            rows = [d.row for d in devs if d.device_id in full]
+            hot = [d for d in devs if d.device_id not in full]
+            if hot:
+                before = conn.total_changes
+                conn.executemany(_UPDATE_HOT, [d.hot_row for d in hot])
+                if conn.total_changes - before != len(hot):  # a row missing (an earlier batch rolled back): heal
+                    rows += [d.row for d in hot]
         if rows:
             conn.executemany(_UPSERT, rows)
         if out.events:

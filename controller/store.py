@@ -1,9 +1,12 @@
 """The controller's SQLite store: devices with their latest state, telemetry, rollups, rejections, policies.
 
 One writer thread owns the only write connection (WAL, synchronous=NORMAL); every write is a job run inside one
-`BEGIN IMMEDIATE` transaction, answered through a future, so ingest commits a whole batch per fsync. The device
-state machine (birth / death / telemetry / stale, Sparkplug bdSeq + seq checks) lives here, in the writer, so the
-contract methods and the ingest fast path share one implementation. Readers use one connection per thread.
+`BEGIN IMMEDIATE` transaction, answered through a future, so ingest commits a whole batch per fsync. Checkpoints
+(copying the WAL back into the database) run on their own thread and connection, not in the writer's commit: a
+telemetry batch dirties about a page per row, and SQLite's automatic checkpoint would stall ingest for as long.
+The device state machine (birth / death / telemetry / stale, Sparkplug bdSeq + seq checks) lives here, in the
+writer, so the contract methods and the ingest fast path share one implementation.
+Readers use one connection per thread.
 
 Exceptions: StoreError (root) ← StoreClosed.
 """
@@ -39,6 +42,7 @@ __all__ = ["Batch", "BatchOutcome", "Store", "StoreClosed", "StoreError", "Telem
 T = TypeVar("T")
 _ROLLUP_EVERY_S = 2.0
 _PRUNE_EVERY_S = 600.0
+_CHECKPOINT_EVERY_S = 0.5
 
 
 class StoreError(Exception):
@@ -80,6 +84,9 @@ class Store:
         self._touched: set[tuple[str, int]] = set()
         self._writer = threading.Thread(target=self._run, args=(conn,), name="store-writer", daemon=True)
         self._writer.start()
+        self._stopping = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoints, name="store-checkpoint", daemon=True)
+        self._checkpointer.start()
 
     @property
     def check_gaps(self) -> bool:
@@ -106,7 +113,20 @@ class Store:
                 time.sleep(0.05)
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread does it (see the module's docstring)
         return conn
+
+    def _checkpoints(self) -> None:
+        """PASSIVE checkpoints every CHECKPOINT_EVERY_S (concurrent with the writer; SQLite works GIL-free)."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        try:
+            while not self._stopping.wait(_CHECKPOINT_EVERY_S):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:  # busy with another checkpointer (several controllers): next tick
+                    pass
+        finally:
+            conn.close()
 
     def _run(self, conn: sqlite3.Connection) -> None:
         last_rollup = last_prune = time.monotonic()
@@ -181,6 +201,8 @@ class Store:
         self._closed = True
         self._jobs.put(None)
         self._writer.join()
+        self._stopping.set()
+        self._checkpointer.join()
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
