@@ -47,10 +47,12 @@ async def _until_signal() -> None:
 @_mqtt_options
 @click.option("--share-group", default=None, help="Subscribe via $share/<group>/ so controllers split the load.")
 @click.option("--gateway-db", type=click.Path(path_type=Path), default=None, help="Gateway usage DB to show.")
+@click.option("--ingest-reader", type=click.Choice(["paho", "builtin"]), default=None,
+              help="MQTT reader for ingest (default: fleet.yaml controller.ingest_reader, paho).")
 @click.pass_context
 def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, listen: str | None,
                broker_url: str | None, mqtt_username: str | None, mqtt_password: str | None,
-               share_group: str | None, gateway_db: Path | None) -> None:
+               share_group: str | None, gateway_db: Path | None, ingest_reader: str | None) -> None:
     """Run the controller: MQTT ingest into SQLite, policy, commands, dashboard + REST API."""
     if ctx.invoked_subcommand is not None:
         return
@@ -63,9 +65,11 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
         svc = ControllerService(cfg, data_dir, broker_url=broker_url, mqtt_username=mqtt_username,
                                 mqtt_password=mqtt_password, share_group=share_group,
                                 listen=listen or cfg.controller.listen, usage_db=gateway_db,
+                                ingest_reader=ingest_reader,  # type: ignore[arg-type]
                                 echo=lambda line: click.echo(line, err=False))
         await svc.start()
-        click.echo(f"controller: fleet {cfg.fleet!r}, broker {svc.broker_url}, store {data_dir / 'controller.db'}")
+        click.echo(f"controller: fleet {cfg.fleet!r}, broker {svc.broker_url} ({svc.ingest_reader} reader), "
+                   f"store {data_dir / 'controller.db'}")
         try:
             await _until_signal()
         finally:

@@ -1,11 +1,12 @@
 """MQTT ingest: status, telemetry and command results of a fleet into the store, in batches.
 
 The subscription is read by paho (default, the client DESIGN.md fixes) or, opt-in, by
-nanofleet.mqtt_subscriber.FastSubscriber (`transport="fast"`: paho costs ~50 µs a message; bench/bench_ingest.py
-measures both side by side); either appends (topic, payload) pairs to a deque; one ingest
-thread takes up to `max_batch` messages or `batch_ms` worth, decodes and validates them (controller.decode), and
-hands the batch to the store's writer thread as one transaction — decoding the next batch overlaps the commit of
-the previous one. A malformed payload is counted per device and reason in the store, logged once, and skipped.
+nanofleet.mqtt_subscriber.FastSubscriber (`transport="builtin"`, fleet.yaml `controller.ingest_reader`: paho costs
+~50 µs a message, bench/bench_ingest.py measures both side by side); either appends (topic, payload) pairs to a
+deque; one ingest thread takes up to `max_batch` messages or `batch_ms` worth, decodes and validates them
+(controller.decode), and hands the batch to the store's writer thread as one transaction — decoding the next batch
+overlaps the commit of the previous one.
+A malformed payload is counted per device and reason in the store, logged once, and skipped.
 With `share_group`, the subscriptions go through `$share/<group>/...` so several controllers split the load.
 
 Exceptions: IngestError (root).
@@ -66,7 +67,7 @@ class Ingest:
         on_outcome: Callable[[BatchOutcome], None] | None = None,
         on_result: Callable[[fleet_pb2.CommandResult], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
-        transport: Literal["fast", "paho"] = "paho",
+        transport: Literal["builtin", "paho"] = "paho",
         max_backlog: int = 200_000,
     ) -> None:
         self.store, self.fleet = store, topics.check_id(fleet, "fleet")
@@ -86,7 +87,7 @@ class Ingest:
         self.transport = transport
         self.subscriber: FastSubscriber | None = None
         self.client: MqttClient | AsyncPublisher
-        if transport == "fast":
+        if transport == "builtin":
             # one connection both ways: publishes after a resubscription are ordered after the SUBSCRIBE
             self.subscriber = FastSubscriber(broker_url, self.filters, self._inbox.extend, client_id=client_id,
                                              username=username, password=password,

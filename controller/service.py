@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller import policy
@@ -38,6 +38,7 @@ class ControllerService:
         usage_db: Path | None = None,
         sweep_every_s: float = 0.5,
         telemetry_qos: int = 1,
+        ingest_reader: Literal["paho", "builtin"] | None = None,
         echo: Callable[[str], None] = print,
     ) -> None:
         self.config, self.data_dir = config, Path(data_dir)
@@ -45,6 +46,7 @@ class ControllerService:
         self._mqtt = (mqtt_username, mqtt_password)
         self.share_group, self.listen, self.usage_db = share_group, listen, usage_db
         self.sweep_every_s, self.telemetry_qos, self.echo = sweep_every_s, telemetry_qos, echo
+        self.ingest_reader = ingest_reader or config.controller.ingest_reader
         self.store: Store | None = None
         self.ingest: Ingest | None = None
         self.commands: CommandService | None = None
@@ -62,7 +64,7 @@ class ControllerService:
         self.ingest = Ingest(store, self.config.fleet, self.broker_url, username=self._mqtt[0],
                              password=self._mqtt[1], share_group=self.share_group, telemetry_qos=self.telemetry_qos,
                              on_outcome=self._on_outcome, on_result=self._on_result,
-                             on_connection=self._on_connection)
+                             on_connection=self._on_connection, transport=self.ingest_reader)
         self.commands = CommandService(self.ingest.client, self.config.fleet)
         await self.ingest.start()
         self._spawn(self._sweep())

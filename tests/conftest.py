@@ -123,6 +123,12 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
         b.stop()
 
 
+@pytest.fixture(params=["paho", "builtin"])
+def reader(request: pytest.FixtureRequest) -> str:
+    """The controller's ingest MQTT reader: paho (DESIGN.md's default) and the builtin one; tests using it run both."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's tiny random-weight GGUF, generated once per test session."""

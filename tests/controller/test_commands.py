@@ -20,8 +20,8 @@ from nanofleet.controller.service import ControllerService
 from nanofleet.sim import Simulation
 
 
-async def test_commands_ack_result_timeout(broker, tmp_path: Path) -> None:
-    svc = await ControllerService(fleet("cmd1", broker.url), tmp_path / "ctl").start()
+async def test_commands_ack_result_timeout(broker, tmp_path: Path, reader: str) -> None:
+    svc = await ControllerService(fleet("cmd1", broker.url), tmp_path / "ctl", ingest_reader=reader).start()
     sim = await Simulation(broker.url, 1, fleet="cmd1", interval_s=0.2, data_dir=tmp_path / "sim").start()
     try:
         await sim.wait_connected(10)

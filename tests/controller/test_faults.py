@@ -20,9 +20,10 @@ from nanofleet.protos import fleet_pb2, topics
 from nanofleet.sim import Simulation
 
 
-async def test_broker_restart_under_50_devices(make_broker, tmp_path: Path) -> None:
+async def test_broker_restart_under_50_devices(make_broker, tmp_path: Path, reader: str) -> None:
     b = make_broker()
-    svc = await ControllerService(fleet("flt1", b.url), tmp_path / "ctl", sweep_every_s=0.2).start()
+    svc = await ControllerService(fleet("flt1", b.url), tmp_path / "ctl", sweep_every_s=0.2,
+                                  ingest_reader=reader).start()
     sim = await Simulation(b.url, 50, fleet="flt1", interval_s=0.2, data_dir=tmp_path / "sim",
                            backoff=(0.1, 1.0)).start()
     store = svc.store
@@ -70,8 +71,9 @@ async def test_broker_restart_under_50_devices(make_broker, tmp_path: Path) -> N
         await svc.stop()
 
 
-async def test_silent_device_without_last_will_goes_stale(broker, tmp_path: Path) -> None:
-    svc = await ControllerService(fleet("flt3", broker.url), tmp_path / "ctl", sweep_every_s=0.1).start()
+async def test_silent_device_without_last_will_goes_stale(broker, tmp_path: Path, reader: str) -> None:
+    svc = await ControllerService(fleet("flt3", broker.url), tmp_path / "ctl", sweep_every_s=0.1,
+                                  ingest_reader=reader).start()
     sim = await Simulation(broker.url, 2, fleet="flt3", interval_s=0.2, data_dir=tmp_path / "sim").start()
     store = svc.store
     try:

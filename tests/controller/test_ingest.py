@@ -13,9 +13,9 @@ from nanofleet.protos import topics
 from nanofleet.sim import Simulation
 
 
-async def test_births_telemetry_shutdown_and_last_will(broker, tmp_path: Path) -> None:
+async def test_births_telemetry_shutdown_and_last_will(broker, tmp_path: Path, reader: str) -> None:
     cfg = fleet("ing1", broker.url, "devices: {sim-0000: {group: lab}}\ngroups: {lab: {}}")
-    svc = await ControllerService(cfg, tmp_path / "ctl", sweep_every_s=0.1).start()
+    svc = await ControllerService(cfg, tmp_path / "ctl", sweep_every_s=0.1, ingest_reader=reader).start()
     sim = await Simulation(broker.url, 3, fleet="ing1", interval_s=0.1, data_dir=tmp_path / "sim").start()
     store = svc.store
     try:
@@ -50,9 +50,11 @@ async def test_births_telemetry_shutdown_and_last_will(broker, tmp_path: Path) -
         await svc.stop()
 
 
-async def test_malformed_payloads_are_counted_and_ingest_keeps_going(broker, tmp_path: Path) -> None:
+async def test_malformed_payloads_are_counted_and_ingest_keeps_going(
+    broker, tmp_path: Path, reader: str
+) -> None:
     cfg = fleet("ing2", broker.url)
-    svc = await ControllerService(cfg, tmp_path / "ctl").start()
+    svc = await ControllerService(cfg, tmp_path / "ctl", ingest_reader=reader).start()
     await svc.ingest.wait_subscribed(5)
     async with MqttClient(broker.url) as pub:
         await pub.wait_connected(5)
@@ -71,10 +73,10 @@ async def test_malformed_payloads_are_counted_and_ingest_keeps_going(broker, tmp
     await svc.stop()
 
 
-async def test_share_group_splits_between_two_controllers(broker, tmp_path: Path) -> None:
+async def test_share_group_splits_between_two_controllers(broker, tmp_path: Path, reader: str) -> None:
     cfg = fleet("ing3", broker.url)
-    a = await ControllerService(cfg, tmp_path / "a", share_group="g").start()
-    b = await ControllerService(cfg, tmp_path / "b", share_group="g").start()
+    a = await ControllerService(cfg, tmp_path / "a", share_group="g", ingest_reader=reader).start()
+    b = await ControllerService(cfg, tmp_path / "b", share_group="g", ingest_reader=reader).start()
     await asyncio.gather(a.ingest.wait_subscribed(5), b.ingest.wait_subscribed(5))
     await asyncio.sleep(0.2)  # SUBACKs: both subscriptions in place before the burst
     async with MqttClient(broker.url) as pub:
