@@ -213,3 +213,37 @@ def test_several_controllers_can_open_a_new_store_at_once(tmp_path: Path) -> Non
         for p in procs:
             p.join(10)
         assert outcomes == ["ok"] * 3, outcomes
+
+
+def test_a_device_row_lost_to_a_rolled_back_batch_is_written_whole_again(tmp_path: Path) -> None:
+    """Telemetry updates only a device's hot columns; when its row is missing the UPDATE says so and it is healed."""
+    import sqlite3
+
+    with Store(tmp_path / "heal.db") as store:
+        store.write_status("f", birth("d1", 3), T0)
+        store.write_telemetry("f", [tel("d1", 3, 0, T0 + 1000)], T0 + 1000)
+        with sqlite3.connect(store.path) as conn:  # what a failed transaction leaves behind: memory has d1, disk not
+            conn.execute("DELETE FROM devices WHERE device_id = 'd1'")
+        assert store.get_device("d1") is None
+        store.write_telemetry("f", [tel("d1", 3, 1, T0 + 2000)], T0 + 2000)
+        d = store.get_device("d1")
+        assert d is not None and d.state == "online" and d.agent_version == "0.1.0" and d.cpu_percent == 11.0
+
+
+def test_the_checkpoint_thread_copies_commits_into_the_database_file(tmp_path: Path) -> None:
+    """The writer never checkpoints (wal_autocheckpoint=0); the checkpoint thread must, or the WAL grows forever."""
+    import sqlite3
+
+    from tests.conftest import wait_for
+
+    with Store(tmp_path / "ckpt.db") as store:
+        store.write_telemetry("f", [tel(f"d{i}", 1, 0, T0 + i) for i in range(200)], T0 + 1000)
+        assert (tmp_path / "ckpt.db-wal").stat().st_size > 0
+
+        def in_main_file() -> int:  # immutable=1 reads the database file alone, ignoring the WAL
+            with sqlite3.connect(f"file:{tmp_path / 'ckpt.db'}?immutable=1", uri=True) as conn:
+                try:
+                    return conn.execute("SELECT count(*) FROM telemetry").fetchone()[0]
+                except sqlite3.DatabaseError:
+                    return 0
+        wait_for(lambda: in_main_file() == 200, timeout=10, what="checkpointed telemetry in the database file")
