@@ -7,17 +7,18 @@ wrong types and oversize bodies all become OpenAI-style 4xx errors naming the pr
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from pydantic import TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,26 +33,46 @@ logger = logging.getLogger("nanofleet.agent.api")
 _JSON = "application/json"
 
 
-def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+dumps = msgspec.json.Encoder().encode  # compact UTF-8 JSON; ~10x json.dumps on an answer (a per-request cost)
 
 
-def json_response(obj: Any, route: str, reason: str, status: int = 200) -> Response:
-    return Response(dumps(obj), status, {"x-nanofleet-route": route, "x-nanofleet-reason": reason}, _JSON)
+class JsonAnswer(Response):
+    """A JSON response with the route headers, its header block built directly (Starlette's generic header
+    handling is a measurable share of a 1-token completion)."""
+
+    def __init__(self, obj: Any, route: str, reason: str, status: int = 200) -> None:
+        self.status_code, self.background = status, None
+        self.body = dumps(obj)
+        self.raw_headers = [(b"content-length", str(len(self.body)).encode()), (b"content-type", b"application/json"),
+                            (b"x-nanofleet-route", route.encode()), (b"x-nanofleet-reason", reason.encode())]
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
+json_response = JsonAnswer
+
+
+def header_dict(request: Request) -> dict[str, str]:
+    """The request's headers as a plain dict (last value wins): one pass instead of a scan per lookup."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]}
+
+
+async def read_body(request: Request, limit: int, headers: dict[str, str] | None = None) -> bytes:
+    length = (headers if headers is not None else request.headers).get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, f"request body of {length} bytes is over the limit of {limit} bytes",
                        code="body_too_large")
-    parts, size = [], 0
-    async for part in request.stream():
+    parts: list[bytes] = []
+    size, more = 0, True
+    while more:  # usually one message: the whole body
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        part = message.get("body", b"")
         size += len(part)
         if size > limit:
             raise ApiError(413, f"request body is over the limit of {limit} bytes", code="body_too_large")
         parts.append(part)
-    return b"".join(parts)
+        more = message.get("more_body", False)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def parse(adapter: TypeAdapter[Any], raw: bytes) -> Any:
@@ -146,11 +167,12 @@ def create_app(
         return Response(dumps(err.body()), exc.status_code, {**err.headers(), **(exc.headers or {})}, _JSON)
 
     async def chat_completions(request: Request) -> Response:
-        body: ChatCompletionBody = parse(CHAT, await read_body(request, max_body_bytes))
+        headers = header_dict(request)
+        body: ChatCompletionBody = parse(CHAT, await read_body(request, max_body_bytes, headers))
         chat = chat_request(body, models.spec.n_ctx)
-        req = route_request(body.nanofleet, request.headers, estimate_tokens(chat.messages))
+        req = route_request(body.nanofleet, headers, estimate_tokens(chat.messages))
         chat.app_id, chat.sensitive = req.app_id, req.sensitive
-        chat.request_id = request.headers.get("idempotency-key", "")
+        chat.request_id = headers.get("idempotency-key", "")
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
         if body.stream:
             route, reason, chunks = await dispatcher.open_stream(chat, req)
