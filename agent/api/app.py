@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -169,6 +169,9 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         headers = header_dict(request)
         body: ChatCompletionBody = parse(CHAT, await read_body(request, max_body_bytes, headers))
+        return await answer_chat(body, headers)
+
+    async def answer_chat(body: ChatCompletionBody, headers: dict[str, str]) -> Response:
         chat = chat_request(body, models.spec.n_ctx)
         req = route_request(body.nanofleet, headers, estimate_tokens(chat.messages))
         chat.app_id, chat.sensitive = req.app_id, req.sensitive
@@ -251,31 +254,51 @@ def create_app(
     async def api_error(exc: ApiError) -> Response:
         return await _api_error(None, exc)  # type: ignore[arg-type]
 
-    return HotPath(app, chat_completions, api_error)
+    return HotPath(app, chat_completions, api_error, answer_chat, max_body_bytes)
 
 
 class HotPath:
     """The ASGI app served: `POST /v1/chat/completions` goes straight to its handler (about 0.1 ms less per request
-    than through FastAPI's router, dependencies and middleware); everything else goes to the FastAPI app."""
+    than through FastAPI's router, dependencies and middleware); everything else goes to the FastAPI app.
+    `parse_fast` + `complete` serve the same endpoint without ASGI, for agent/api/protocol.py."""
 
-    def __init__(self, api: FastAPI, chat: Callable[[Request], Any], on_error: Callable[[ApiError], Any]) -> None:
+    def __init__(self, api: FastAPI, chat: Callable[[Request], Any], on_error: Callable[[ApiError], Any],
+                 answer: Callable[[ChatCompletionBody, dict[str, str]], Any], max_body_bytes: int) -> None:
         self.api = api
         self.state = api.state
         self._chat = chat
         self._on_error = on_error
+        self._answer = answer
+        self.max_body_bytes = max_body_bytes
+
+    @staticmethod
+    def parse_fast(raw: bytes) -> ChatCompletionBody | None:
+        """A valid non-streaming chat body, or None: the ASGI path then reads it and answers (errors included)."""
+        try:
+            body: ChatCompletionBody = CHAT.validate_json(raw)
+        except ValidationError:
+            return None
+        return None if body.stream else body
+
+    async def complete(self, body: ChatCompletionBody, headers: dict[str, str]) -> Response:
+        """The answer to a parsed non-streaming chat completion, errors as responses (never raises)."""
+        return await self._guarded(self._answer(body, headers))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions" or scope["method"] != "POST":
             return await self.api(scope, receive, send)
+        response = await self._guarded(self._chat(Request(scope, receive)))
+        await response(scope, receive, send)
+
+    async def _guarded(self, answer: Awaitable[Response]) -> Response:
         try:
-            response = await self._chat(Request(scope, receive))
+            return await answer
         except ApiError as exc:
-            response = await self._on_error(exc)
+            return await self._on_error(exc)
         except Exception:
             logger.exception("chat completion failed")
-            response = await self._on_error(ApiError(500, "internal error in the agent; see its log",
-                                                     code="internal_error"))
-        await response(scope, receive, send)
+            return await self._on_error(ApiError(500, "internal error in the agent; see its log",
+                                                 code="internal_error"))
 
 
 def _body_doc(model: type) -> dict[str, Any]:
