@@ -118,13 +118,16 @@ class Dispatcher:
             raise ApiError(503, f"the cloud route is unavailable ({decision.reason}) and no other route may serve "
                            f"this request; next try of the gateway in {wait:.0f}s", code="cloud_unavailable",
                            route=decision.route, reason="gateway_unreachable", retry_after=max(wait, 1.0))
+        # when the local model said how long it rests (a busy bridge's delay, a refused load), that is the wait
+        wait = self.models.retry_in if decision.reason == "model_unavailable" else 0.0
+        retry_after = max(wait, 1.0) if wait > 0 else QUEUE_RETRY_AFTER
         if decision.route == "queue":
             raise ApiError(503, f"no route can serve this request now ({decision.reason}) and the offline queue is "
                            "not available in this agent yet; retry later", code="queue_unavailable",
-                           route="queue", reason=decision.reason, retry_after=QUEUE_RETRY_AFTER)
+                           route="queue", reason=decision.reason, retry_after=retry_after)
         raise ApiError(503, f"no route can serve this request now ({decision.reason}) and queueing was denied; "
                        "retry later", code="no_route", route="reject", reason=decision.reason,
-                       retry_after=QUEUE_RETRY_AFTER)
+                       retry_after=retry_after)
 
     def _count(self, route: str, completion_tokens: int = 0, prompt_tokens: int = 0) -> None:
         self.counts[route] += 1

@@ -31,6 +31,7 @@ from nanofleet.agent.runtime.llama import LlamaBackend
 from nanofleet.config import ModelSpec
 
 BackendFactory = Callable[[ModelFile, ModelSpec], Backend]
+REFUSED_REST_S = 5.0  # after a load refused for RAM, the local route rests this long before trying again
 
 
 def free_ram_bytes() -> int:
@@ -56,7 +57,9 @@ class LocalModel(Protocol):
 
     @property
     def availability(self) -> str: ...
-    def recently_refused(self, within: float = 5.0) -> bool: ...
+    def recently_refused(self, within: float = REFUSED_REST_S) -> bool: ...
+    @property
+    def retry_in(self) -> float: ...  # seconds until the source may serve again, when it said (0: unknown)
     def status(self) -> ModelStatus: ...
     def record_speed(self, tokens_per_s: float) -> None: ...
     def use(self) -> contextlib.AbstractAsyncContextManager[Backend]: ...
@@ -114,9 +117,13 @@ class ModelManager:
             return "downloadable"
         return "unavailable"
 
-    def recently_refused(self, within: float = 5.0) -> bool:
+    def recently_refused(self, within: float = REFUSED_REST_S) -> bool:
         """A load was refused for lack of RAM moments ago: routes elsewhere until it is worth another try."""
         return bool(self.refused_at) and time.monotonic() - self.refused_at < within
+
+    @property
+    def retry_in(self) -> float:
+        return max(0.0, REFUSED_REST_S - (time.monotonic() - self.refused_at)) if self.refused_at else 0.0
 
     @property
     def loaded(self) -> bool:
@@ -280,10 +287,14 @@ class BridgeModel:
         return "available" if self.backend.reachable else "unavailable"
 
     @property
+    def retry_in(self) -> float:
+        return self.backend.retry_in
+
+    @property
     def loaded(self) -> bool:
         return True
 
-    def recently_refused(self, within: float = 5.0) -> bool:
+    def recently_refused(self, within: float = REFUSED_REST_S) -> bool:
         return False
 
     def status(self) -> ModelStatus:
