@@ -108,7 +108,10 @@ def _bare(port: int, expect: int, ready: Any, out: Any) -> None:
 
 
 def _controller(port: int, expect: int, db: str, share: str | None, ready: Any, out: Any,
-                transport: str = "paho") -> None:
+                transport: str = "paho", counts: Any = None, slot: int = 0) -> None:
+    """One controller ingest process. With several (`$share`), `counts` holds each one's progress so that all stop
+    when the fleet's messages are in, together: one that quit at its 1/N share would lose what mosquitto still
+    had queued for it (QoS 0 is not redistributed), and $share never splits exactly evenly."""
     import asyncio
 
     from nanofleet.controller.ingest import Ingest
@@ -130,7 +133,10 @@ def _controller(port: int, expect: int, db: str, share: str | None, ready: Any, 
             n = s.stored + s.duplicates + s.rejected
             if n != last_change[1]:
                 last_change[:] = [time.time(), n]
-            return n
+            if counts is None:
+                return n
+            counts[slot] = n
+            return sum(counts[:])
 
         await asyncio.to_thread(_wait_done, progress, expect)
         result = {"received": s.received, "stored": s.stored, "duplicates": s.duplicates, "rejected": s.rejected,
@@ -189,11 +195,12 @@ def _round(kind: str, procs: int, port: int, packets: list[bytes], rate: float |
     readies, children = [], []
     share = "bench" if procs > 1 else None
     db = str(tmp / f"store-{kind}-{procs}-{time.monotonic_ns()}.db")
-    for _ in range(procs):
+    counts = ctx.Array("q", procs, lock=False)  # each controller's progress; all stop when the sum is in
+    for slot in range(procs):
         ready = ctx.Event()
         target, args = ((_bare, (port, len(packets), ready, out)) if kind == "bare"
-                        else (_controller, (port, len(packets) // procs, db, share, ready, out,
-                                            "builtin" if kind == "ingest-builtin" else "paho")))
+                        else (_controller, (port, len(packets), db, share, ready, out,
+                                            "builtin" if kind == "ingest-builtin" else "paho", counts, slot)))
         p = ctx.Process(target=target, args=args, daemon=True)
         p.start()
         readies.append(ready)
