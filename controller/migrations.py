@@ -108,8 +108,16 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
+def _m002_telemetry_ts_index(conn: sqlite3.Connection) -> None:
+    # Retention deletes by time: without this index every prune scans the whole device-major table (tens of millions
+    # of rows for a thousand devices over the default week), holding the writer and so ingest for the whole scan.
+    # Inserts append to it (time moves forward): ~one more page per batch.
+    conn.execute("CREATE INDEX telemetry_ts ON telemetry (ts_ms)")
+
+
 MIGRATIONS: list[Migration] = [
     ("001_initial", _m001_initial),
+    ("002_telemetry_ts_index", _m002_telemetry_ts_index),
 ]
 
 

@@ -41,7 +41,9 @@ __all__ = ["Batch", "BatchOutcome", "Store", "StoreClosed", "StoreError", "Telem
 
 T = TypeVar("T")
 _ROLLUP_EVERY_S = 2.0
-_PRUNE_EVERY_S = 600.0
+_PRUNE_EVERY_S = 60.0
+_PRUNE_AGAIN_S = 1.0      # when a prune stopped at its chunk: the rest soon, between ingest batches
+_PRUNE_CHUNK = 50_000     # raw rows a prune deletes at most, so one never holds the writer for long
 _CHECKPOINT_EVERY_S = 0.5
 
 
@@ -129,7 +131,8 @@ class Store:
             conn.close()
 
     def _run(self, conn: sqlite3.Connection) -> None:
-        last_rollup = last_prune = time.monotonic()
+        last_rollup = time.monotonic()
+        next_prune = last_rollup + _PRUNE_EVERY_S
         while True:
             try:
                 item = self._jobs.get(timeout=0.5)
@@ -148,18 +151,18 @@ class Store:
             if self._touched and mono - last_rollup >= _ROLLUP_EVERY_S:
                 last_rollup = mono
                 self._safe(conn, self._flush_rollups)
-            if mono - last_prune >= _PRUNE_EVERY_S:
-                last_prune = mono
-                self._safe(conn, lambda c: self._prune(c, now_ms()))
+            if mono >= next_prune:
+                more = self._safe(conn, lambda c: self._prune(c, now_ms()))
+                next_prune = mono + (_PRUNE_AGAIN_S if more else _PRUNE_EVERY_S)
         if self._touched:
             self._safe(conn, self._flush_rollups)
         conn.close()
 
-    def _safe(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], Any]) -> None:
+    def _safe(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T | None:
         try:
-            self._in_tx(conn, fn)
+            return self._in_tx(conn, fn)
         except sqlite3.Error:  # housekeeping retries on the next tick
-            pass
+            return None
 
     @staticmethod
     def _in_tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -272,7 +275,10 @@ class Store:
         self._call(self._flush_rollups)
 
     def prune(self, at_ms: int | None = None) -> None:
-        self._call(lambda conn: self._prune(conn, now_ms() if at_ms is None else at_ms))
+        """Apply retention now, chunk after chunk, until nothing is past it."""
+        at = now_ms() if at_ms is None else at_ms
+        while self._call(lambda conn: self._prune(conn, at)):
+            pass
 
     def _flush_rollups(self, conn: sqlite3.Connection) -> None:
         touched, self._touched = self._touched, set()
@@ -302,14 +308,22 @@ class Store:
                GROUP BY b.device_id, b.ts_ms"""
         )
 
-    def _prune(self, conn: sqlite3.Connection, at_ms: int) -> None:
+    def _prune(self, conn: sqlite3.Connection, at_ms: int) -> bool:
+        """Delete what is past retention, raw rows at most ~_PRUNE_CHUNK at a time; True when more are left."""
         raw, m1, h1 = self._retention
-        conn.execute("DELETE FROM telemetry WHERE ts_ms < ?", (at_ms - int(raw * 1000),))
+        cutoff = at_ms - int(raw * 1000)
+        row = conn.execute("SELECT ts_ms FROM telemetry WHERE ts_ms < ? ORDER BY ts_ms LIMIT 1 OFFSET ?",
+                           (cutoff, _PRUNE_CHUNK)).fetchone()
+        before = conn.total_changes
+        conn.execute("DELETE FROM telemetry WHERE ts_ms < ?", (row[0] if row else cutoff,))
+        if row and conn.total_changes == before:  # a chunk's worth of rows share one timestamp: take them all
+            conn.execute("DELETE FROM telemetry WHERE ts_ms <= ?", (row[0],))
         conn.execute("DELETE FROM rollup_1m WHERE ts_ms < ?", (at_ms - int(m1 * 1000),))
         conn.execute("DELETE FROM rollup_1h WHERE ts_ms < ?", (at_ms - int(h1 * 1000),))
         conn.execute(
             "DELETE FROM device_events WHERE id < (SELECT coalesce(max(id), 0) - 100000 FROM device_events)"
         )
+        return row is not None
 
     # -- policies -----------------------------------------------------------------------------------------------
     def next_policy_version(self) -> int:

@@ -247,3 +247,25 @@ def test_the_checkpoint_thread_copies_commits_into_the_database_file(tmp_path: P
                 except sqlite3.DatabaseError:
                     return 0
         wait_for(lambda: in_main_file() == 200, timeout=10, what="checkpointed telemetry in the database file")
+
+
+def test_retention_deletes_by_the_time_index_in_bounded_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prune never scans the device-major table (telemetry_ts index) and deletes at most a chunk per transaction,
+    so the writer (and ingest behind it) is never held for long; `prune()` goes on until all is done."""
+    from nanofleet.controller import store as store_mod
+
+    monkeypatch.setattr(store_mod, "_PRUNE_CHUNK", 100)
+    with Store(tmp_path / "p.db", raw_retention_s=60) as s:
+        rows = [TelemetryRow(f"d{i % 7}", 0, i % 256, T0 + i) for i in range(250)]
+        s.apply(Batch("f", T0, telemetry=[*rows, TelemetryRow("d1", 0, 0, T0 + 500_000)]))
+        at = T0 + 60_000 + 250  # everything but the last row is past retention
+        plan = " ".join(r[3] for r in s._reader().execute(
+            "EXPLAIN QUERY PLAN DELETE FROM telemetry WHERE ts_ms < ?", (at - 60_000,)))
+        assert "telemetry_ts" in plan, plan
+        assert s._call(lambda c: s._prune(c, at)) is True and s.telemetry_count() == 151  # one chunk, more left
+        s.prune(at)
+        assert [k[3] for k in s.telemetry_keys()] == [T0 + 500_000]
+        # more rows than a chunk at one timestamp: deleted together rather than never
+        s.apply(Batch("f", T0, telemetry=[TelemetryRow(f"e{i}", 0, 0, T0 + 100) for i in range(150)]))
+        s.prune(at)
+        assert s.telemetry_count() == 1
