@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import msgspec
@@ -47,12 +47,9 @@ class JsonAnswer(Response):
                             (b"x-nanofleet-route", route.encode()), (b"x-nanofleet-reason", reason.encode())]
 
 
-json_response = JsonAnswer
-
-
-def header_dict(request: Request) -> dict[str, str]:
-    """The request's headers as a plain dict (last value wins): one pass instead of a scan per lookup."""
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in request.scope["headers"]}
+def header_dict(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Raw (lower-cased) headers as a plain dict (last value wins): one pass instead of a scan per lookup."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}
 
 
 async def read_body(request: Request, limit: int, headers: dict[str, str] | None = None) -> bytes:
@@ -167,7 +164,7 @@ def create_app(
         return Response(dumps(err.body()), exc.status_code, {**err.headers(), **(exc.headers or {})}, _JSON)
 
     async def chat_completions(request: Request) -> Response:
-        headers = header_dict(request)
+        headers = header_dict(request.scope["headers"])
         body: ChatCompletionBody = parse(CHAT, await read_body(request, max_body_bytes, headers))
         return await answer_chat(body, headers)
 
@@ -183,7 +180,7 @@ def create_app(
             return EventStream(_sse_chat(chunks, cid, created, include_usage),
                                {"x-nanofleet-route": route, "x-nanofleet-reason": reason})
         completion, route, reason = await dispatcher.generate(chat, req)
-        return json_response({
+        return JsonAnswer({
             "id": cid, "object": "chat.completion", "created": created, "model": completion.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
                          "finish_reason": completion.finish_reason}],
@@ -204,7 +201,7 @@ def create_app(
         if dispatcher.cloud is not None:
             data.append({"id": "cloud", "object": "model", "created": 0, "owned_by": "nanofleet-gateway",
                          "route": "cloud", "availability": "available", "context_window": None})
-        return json_response({"object": "list", "data": data}, "agent", "metadata")
+        return JsonAnswer({"object": "list", "data": data}, "agent", "metadata")
 
     @app.get("/v1/status", tags=["nanofleet"], summary="Model availability, route health, queue depth, device")
     async def status() -> Response:
@@ -233,7 +230,7 @@ def create_app(
         }
         if status_extra is not None:
             body.update(status_extra())
-        return json_response(body, "agent", "status")
+        return JsonAnswer(body, "agent", "status")
 
     session_routes.install(app)
 

@@ -18,6 +18,8 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from nanofleet.agent.api.app import header_dict
+
 _CHAT = b"/v1/chat/completions"
 
 
@@ -95,7 +97,7 @@ class AgentHttpProtocol(HttpToolsProtocol):
             self._to_uvicorn()
             return super().on_message_complete()
         self._hot_parts = None
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
+        headers = header_dict(self.headers)
         cycle = _HotCycle(keep_alive=self.parser.should_keep_alive() and self.parser.get_http_version() == "1.1")
         self.cycle = cycle  # type: ignore[assignment]
         task = self.loop.create_task(self._answer(body, headers, cycle))

@@ -11,8 +11,8 @@ from starlette.responses import Response
 from nanofleet.agent.api.app import (
     DEFAULT_MAX_TOKENS,
     EventStream,
+    JsonAnswer,
     _body_doc,
-    json_response,
     parse,
     read_body,
     sse,
@@ -68,11 +68,11 @@ def install(app: FastAPI) -> None:
             store.delete(session.id)
             raise ApiError(400, f"the system prompt and initial prompts take {session.context_usage} tokens, the "
                            f"context window is {window()}", param="system_prompt", code="context_length_exceeded")
-        return json_response(_info(session, window()), "agent", "session_created", 201)
+        return JsonAnswer(_info(session, window()), "agent", "session_created", 201)
 
     @app.get("/v1/sessions/{session_id}", tags=["sessions"], summary="A session's settings and context usage")
     async def show(session_id: str) -> Response:
-        return json_response(_info(get(session_id), window()), "agent", "metadata")
+        return JsonAnswer(_info(get(session_id), window()), "agent", "metadata")
 
     @app.post("/v1/sessions/{session_id}/clone", status_code=201, tags=["sessions"],
               summary="Copy a session (its conversation and settings) into a new one")
@@ -81,13 +81,13 @@ def install(app: FastAPI) -> None:
             twin = store.clone(get(session_id))
         except SessionLimit as exc:
             raise ApiError(429, str(exc), code="too_many_sessions", retry_after=60) from None
-        return json_response(_info(twin, window()), "agent", "session_cloned", 201)
+        return JsonAnswer(_info(twin, window()), "agent", "session_cloned", 201)
 
     @app.delete("/v1/sessions/{session_id}", tags=["sessions"], summary="Delete a session")
     async def delete(session_id: str) -> Response:
         get(session_id)
         store.delete(session_id)
-        return json_response({"id": session_id, "object": "session.deleted", "deleted": True}, "agent", "deleted")
+        return JsonAnswer({"id": session_id, "object": "session.deleted", "deleted": True}, "agent", "deleted")
 
     @app.post("/v1/sessions/{session_id}/prompt", tags=["sessions"], openapi_extra=_body_doc(SessionPromptBody),
               summary="Prompt a session (stream: true → server-sent events); the answer joins the conversation")
@@ -130,7 +130,7 @@ def install(app: FastAPI) -> None:
             _remember(session, new, completion.text, completion.usage)
         finally:
             session.lock.release()
-        return json_response({
+        return JsonAnswer({
             "id": "prompt-" + session.id[5:], "object": "session.prompt", **extra,
             "message": {"role": "assistant", "content": completion.text},
             "finish_reason": completion.finish_reason, "usage": _answer_usage(completion.usage),
