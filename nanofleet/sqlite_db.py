@@ -1,0 +1,275 @@
+"""One way to own a SQLite file, shared by the controller's store, the gateway's database and the agent's offline
+queue: a connection opener (0600, WAL), one migration runner, and one writer thread.
+
+- `connect(path, synchronous=…)` creates the file 0600 before SQLite does (SQLite gives `-wal`/`-shm` the same
+  mode), switches to WAL (retrying while another process holds the new file) and sets a busy timeout.
+- `migrate(conn, steps, table=…)` runs named steps once each, in their own `BEGIN IMMEDIATE`, re-checked under the
+  write lock (several processes may open one new file). A step is SQL text or a callable given the connection
+  wrapped in a `sqlite_utils.Database` (so a later step can use `table.transform()` for what ALTER cannot do).
+- `Writer` owns the only write connection on one thread, fed by a queue, answering through futures. The jobs that
+  arrived while the previous batch committed run together in one transaction (group commit: one fsync for all of
+  them), each inside a SAVEPOINT so one failing job does not sink the others. A failed COMMIT (disk full, I/O
+  error) fails every future of the batch with the `sqlite3.Error`: nothing is acknowledged that is not on disk.
+  `housekeeping(conn)` runs on the writer thread between batches, at most every `housekeeping_s`; its errors are
+  logged and counted in `housekeeping_errors`, never swallowed silently.
+
+Readers use one connection per thread (`read`, `aread`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import sqlite_utils
+
+T = TypeVar("T")
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+Step = str | Callable[[sqlite_utils.Database], None]
+Migration = tuple[str, Step]
+
+log = logging.getLogger("nanofleet.sqlite")
+
+
+class DatabaseClosed(RuntimeError):
+    """The writer was closed; nothing more can be written."""
+
+
+def create_private(path: str | Path, mode: int = 0o600) -> Path:
+    """Make `path`'s folder and the file itself (mode `mode`, whatever the umask) if missing; fix the mode if not."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, mode)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    return path
+
+
+def connect(path: str | Path, *, synchronous: Synchronous = "NORMAL", timeout_s: float = 30.0,
+            wal_autocheckpoint: int | None = None) -> sqlite3.Connection:
+    """A WAL connection in autocommit mode (transactions are explicit), created 0600 if the file is new."""
+    path = Path(path)
+    if not path.exists():
+        create_private(path)
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=timeout_s)
+    # Switching to WAL needs a moment alone with the file and SQLite does not wait for it (no busy handler) when
+    # another process is opening the same new file: retry within the deadline.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                conn.close()
+                raise
+            time.sleep(0.05)
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute(f"PRAGMA busy_timeout={int(timeout_s * 1000)}")
+    if wal_autocheckpoint is not None:
+        conn.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
+    return conn
+
+
+def in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """`fn(conn)` inside `BEGIN IMMEDIATE … COMMIT`, rolled back if it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):  # the original error is the one that matters; it is re-raised
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+def migrate(conn: sqlite3.Connection, steps: Sequence[Migration], *, table: str = "_migrations") -> list[str]:
+    """Run the steps not yet recorded in `table`, each once and in its own transaction; return the names run."""
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (name TEXT PRIMARY KEY, applied_ms INTEGER NOT NULL)")
+    done = {row[0] for row in conn.execute(f"SELECT name FROM {table}")}
+    db = sqlite_utils.Database(conn)
+    applied = []
+    for name, step in steps:
+        if name in done:
+            continue
+
+        def run(c: sqlite3.Connection, name: str = name, step: Step = step) -> bool:
+            if c.execute(f"SELECT 1 FROM {table} WHERE name = ?", (name,)).fetchone():
+                return False  # another process ran it since we looked
+            if isinstance(step, str):
+                # executescript() would COMMIT the surrounding transaction, so statements run one by one
+                for statement in step.split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+            else:
+                step(db)
+            c.execute(f"INSERT INTO {table} VALUES (?, ?)", (name, int(time.time() * 1000)))
+            return True
+
+        if in_transaction(conn, run):
+            applied.append(name)
+    return applied
+
+
+_STOP = object()
+Job = tuple[Callable[[sqlite3.Connection], Any], concurrent.futures.Future[Any]]
+
+
+class Writer:
+    """The one writer of a SQLite file (see the module docstring), plus per-thread readers."""
+
+    def __init__(
+        self, path: str | Path, migrations: Sequence[Migration] = (), *, name: str = "sqlite-writer",
+        synchronous: Synchronous = "NORMAL", migrations_table: str = "_migrations", max_batch: int = 512,
+        housekeeping: Callable[[sqlite3.Connection], Any] | None = None, housekeeping_s: float = 0.5,
+        wal_autocheckpoint: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.synchronous: Synchronous = synchronous
+        self._conn = connect(self.path, synchronous=synchronous, wal_autocheckpoint=wal_autocheckpoint)
+        try:
+            self.applied = migrate(self._conn, migrations, table=migrations_table)
+        except BaseException:
+            self._conn.close()
+            raise
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._max_batch = max_batch
+        self._housekeeping = housekeeping
+        self._housekeeping_s = housekeeping_s
+        self.housekeeping_errors = 0
+        self.batches = 0
+        self.commit_errors = 0
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> concurrent.futures.Future[T]:
+        """Queue `fn(conn)` to run in a write transaction; the future resolves after COMMIT."""
+        if self._closed:
+            raise DatabaseClosed(f"database {self.path} is closed")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((fn, future))
+        return future
+
+    def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`submit` and wait (from a thread other than the writer's)."""
+        return self.submit(fn).result()
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.wrap_future(self.submit(fn))
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on this thread's read connection (from a worker thread, not the event loop)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            if self._closed:
+                raise DatabaseClosed(f"database {self.path} is closed")
+            conn = connect(self.path, synchronous=self.synchronous)
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return fn(conn)
+
+    async def aread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.to_thread(self.read, fn)
+
+    def close(self) -> None:
+        """Finish the queued jobs, stop the thread, close every connection."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(_STOP)
+        self._thread.join()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    # -- the thread -------------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        conn = self._conn
+        next_housekeeping = time.monotonic() + self._housekeeping_s
+        stop = False
+        try:
+            while not stop:
+                try:
+                    first = self._jobs.get(timeout=self._housekeeping_s if self._housekeeping else None)
+                    batch = [first]
+                except queue.Empty:
+                    batch = []
+                while batch and len(batch) < self._max_batch:
+                    try:
+                        batch.append(self._jobs.get_nowait())
+                    except queue.Empty:
+                        break
+                if _STOP in batch:
+                    stop = True
+                    batch = [job for job in batch if job is not _STOP]
+                if batch:
+                    self._run_batch(conn, batch)
+                if self._housekeeping is not None and (stop or time.monotonic() >= next_housekeeping):
+                    next_housekeeping = time.monotonic() + self._housekeeping_s
+                    try:
+                        self._housekeeping(conn)
+                    except Exception:
+                        self.housekeeping_errors += 1
+                        log.exception("%s: housekeeping failed (retried on the next tick)", self.path)
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
+        live = [(fn, fut) for fn, fut in batch if fut.set_running_or_notify_cancel()]
+        if not live:
+            return
+        results: list[tuple[concurrent.futures.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, future in live:
+                conn.execute("SAVEPOINT job")
+                try:
+                    results.append((future, fn(conn), None))
+                    conn.execute("RELEASE job")
+                except Exception as exc:  # one bad job must not sink the batch; its caller gets the error
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled the whole transaction back itself (disk full, I/O error)
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((future, None, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:  # BEGIN/COMMIT/SAVEPOINT failed (disk full, I/O): nothing of the batch is on disk
+            self.commit_errors += 1
+            with contextlib.suppress(sqlite3.Error):  # may fail when SQLite already rolled back; exc is reported
+                conn.execute("ROLLBACK")
+            for _fn, future in live:
+                _settle(future, None, exc)
+            return
+        self.batches += 1
+        for future, value, error in results:
+            _settle(future, value, error)
+
+
+def _settle(future: concurrent.futures.Future[Any], value: Any, error: BaseException | None) -> None:
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)

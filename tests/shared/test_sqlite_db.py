@@ -1,0 +1,123 @@
+"""The shared SQLite writer and migration runner, on real files."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import sqlite3
+import stat
+import threading
+
+import pytest
+
+from nanofleet.sqlite_db import DatabaseClosed, Writer, connect, migrate
+
+STEPS = [
+    ("001_items", "CREATE TABLE items (id INTEGER PRIMARY KEY, v TEXT NOT NULL); CREATE INDEX items_v ON items (v)"),
+    ("002_extra", lambda db: db["extra"].create({"k": str, "n": int}, pk="k")),
+]
+
+
+def test_file_is_private_whatever_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        w = Writer(tmp_path / "sub" / "x.db", STEPS)
+        w.call(lambda c: c.execute("INSERT INTO items (v) VALUES ('a')"))
+        w.close()
+    finally:
+        os.umask(old)
+    for suffix in ("", "-wal", "-shm"):
+        p = tmp_path / "sub" / f"x.db{suffix}"
+        if p.exists():
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, suffix
+
+
+def test_migrations_run_once_and_sqlite_utils_steps_work(tmp_path):
+    conn = connect(tmp_path / "m.db")
+    assert migrate(conn, STEPS) == ["001_items", "002_extra"]
+    assert migrate(conn, STEPS) == []
+    assert migrate(conn, [*STEPS, ("003", "ALTER TABLE extra ADD COLUMN z TEXT")]) == ["003"]
+    cols = [r[1] for r in conn.execute("PRAGMA table_info(extra)")]
+    assert cols == ["k", "n", "z"]
+
+
+def test_failed_migration_leaves_nothing_and_is_retried(tmp_path):
+    conn = connect(tmp_path / "m.db")
+    bad = [("001", "CREATE TABLE a (x); CREATE TABLE a (x)")]
+    with pytest.raises(sqlite3.OperationalError):
+        migrate(conn, bad)
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name='a'").fetchone()[0] == 0
+    assert migrate(conn, [("001", "CREATE TABLE a (x)")]) == ["001"]
+
+
+def test_jobs_arriving_together_share_one_commit_and_a_bad_job_fails_alone(tmp_path):
+    w = Writer(tmp_path / "g.db", STEPS)
+    first, gate = hold_writer(w)
+    futs = [w.submit(lambda c, i=i: c.execute("INSERT INTO items (v) VALUES (?)", (str(i),)).lastrowid)
+            for i in range(50)]
+    bad = w.submit(lambda c: c.execute("INSERT INTO nope VALUES (1)"))
+    gate.set()
+    first.result(5)
+    assert sorted(f.result(5) for f in futs) == list(range(1, 51))
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        bad.result(5)
+    assert w.batches == 2  # the held job, then the 51 others in one transaction
+    assert w.read(lambda c: c.execute("SELECT count(*) FROM items").fetchone()[0]) == 50
+    w.close()
+    with pytest.raises(DatabaseClosed):
+        w.submit(lambda c: None)
+
+
+def hold_writer(w):
+    """A job that keeps the writer busy until released, so what is submitted meanwhile forms the next batch."""
+    started, gate = threading.Event(), threading.Event()
+    fut = w.submit(lambda c: started.set() or gate.wait(5))
+    assert started.wait(5)
+    return fut, gate
+
+
+def test_disk_full_mid_batch_fails_every_job_of_the_batch(tmp_path):
+    w = Writer(tmp_path / "f.db", STEPS)
+    w.call(lambda c: c.execute("PRAGMA max_page_count=" + str(c.execute("PRAGMA page_count").fetchone()[0] + 2)))
+    hold, gate = hold_writer(w)
+    ok = w.submit(lambda c: c.execute("INSERT INTO items (v) VALUES ('small')"))
+    big = [w.submit(lambda c: c.executemany("INSERT INTO items (v) VALUES (?)", [("x" * 2000,)] * 50))
+           for _ in range(3)]
+    gate.set()
+    hold.result(5)
+    for f in [ok, *big]:
+        with pytest.raises(sqlite3.Error, match="full"):
+            f.result(5)
+    assert w.read(lambda c: c.execute("SELECT count(*) FROM items").fetchone()[0]) == 0
+    assert w.call(lambda c: c.execute("INSERT INTO items (v) VALUES ('small')").lastrowid) >= 1
+    w.close()
+
+
+def test_housekeeping_errors_are_counted_not_swallowed(tmp_path, caplog):
+    ran = threading.Event()
+    calls = []
+
+    def housekeeping(conn):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("boom")
+        ran.set()
+
+    w = Writer(tmp_path / "h.db", STEPS, housekeeping=housekeeping, housekeeping_s=0.01)
+    assert ran.wait(5)
+    assert w.housekeeping_errors == 1
+    assert "housekeeping failed" in caplog.text
+    w.close()
+
+
+def test_cancelled_before_running_is_not_run(tmp_path):
+    w = Writer(tmp_path / "c.db", STEPS)
+    hold, gate = hold_writer(w)
+    fut = w.submit(lambda c: c.execute("INSERT INTO items (v) VALUES ('never')"))
+    assert fut.cancel()
+    gate.set()
+    hold.result(5)
+    assert w.call(lambda c: c.execute("SELECT count(*) FROM items").fetchone()[0]) == 0
+    with pytest.raises(concurrent.futures.CancelledError):
+        fut.result()
+    w.close()
