@@ -33,6 +33,7 @@ from typing import Protocol
 from google.protobuf import json_format
 from google.protobuf.message import Message as PbMessage
 
+from nanofleet.agent.errors import AgentError
 from nanofleet.agent.hooks import AgentHooks
 from nanofleet.agent.settings import AgentSettings
 from nanofleet.agent.telemetry_buffer import TelemetryBuffer
@@ -49,7 +50,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
     AGENT_VERSION = "0.0.0"
 
 
-class DeviceSessionError(Exception):
+class DeviceSessionError(AgentError):
     """Root of the device session's errors."""
 
 

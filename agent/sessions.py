@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from nanofleet.agent.errors import AgentError
 from nanofleet.agent.runtime.base import ContextOverflow
 
 Messages = list[dict[str, str]]
@@ -33,8 +34,9 @@ class Session:
         return [*head, *self.turns, *extra]
 
 
-class SessionLimit(Exception):
-    pass
+class SessionLimit(AgentError):
+    status = 429
+    code = "too_many_sessions"
 
 
 class SessionStore:

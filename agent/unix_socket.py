@@ -17,9 +17,11 @@ import socket
 import stat
 from pathlib import Path
 
+from nanofleet.agent.errors import AgentError
 
-class SocketError(Exception):
-    pass
+
+class SocketError(AgentError):
+    code = "socket_error"
 
 
 class AlreadyServing(SocketError):

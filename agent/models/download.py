@@ -19,13 +19,14 @@ from typing import TextIO
 
 import httpx
 
+from nanofleet.agent.errors import AgentError
 from nanofleet.agent.models.files import human_size, part_path
 
 Progress = Callable[[int, int | None], None]  # (bytes done, total bytes or None)
 
 
-class ModelFileError(Exception):
-    pass
+class ModelFileError(AgentError):
+    code = "model_file_error"
 
 
 class DownloadError(ModelFileError):

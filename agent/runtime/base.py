@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
+from nanofleet.agent.errors import AgentError
 
-class BackendError(Exception):
+
+class BackendError(AgentError):
     status = 502
     code = "backend_error"
 
