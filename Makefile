@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 FLEET  ?= fleet.yaml
 
-.PHONY: run test bench protos lint system-deps clean
+.PHONY: run test bench protos lint typecheck system-deps clean
 
 $(STAMP): pyproject.toml setup.py
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "nanofleet needs Python 3.11 or newer: found " + sys.version.split()[0])'
@@ -38,6 +38,9 @@ protos: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
+
+typecheck: $(STAMP)
+	$(BIN)/python tools/typecheck.py
 
 clean:
 	rm -rf $(VENV) .venv-litellm .pytest_cache bench/report.md bench/report.json
