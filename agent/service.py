@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from nanofleet.agent import thermal
 from nanofleet.agent.api import Dispatcher, create_app
-from nanofleet.agent.api.protocol import AgentHttpProtocol
+from nanofleet.agent.api.fastpath import choose_http_protocol
 from nanofleet.agent.hooks import AgentMetrics
 from nanofleet.agent.router import DeviceState, Policy
 from nanofleet.agent.runtime.base import Backend, BackendError
@@ -130,7 +130,8 @@ class AgentService:
         self._inode = self.settings.socket_path.stat().st_ino
         if self.settings.tcp_listen:
             sockets.append(bind_tcp(self.settings.tcp_listen))
-        config = uvicorn.Config(self.app, http=AgentHttpProtocol, log_level="warning", access_log=False,
+        http = choose_http_protocol(self.settings.http_fast_path)
+        config = uvicorn.Config(self.app, http=http, log_level="warning", access_log=False,
                                 lifespan="off",
                                 timeout_graceful_shutdown=3, server_header=False, date_header=False,
                                 proxy_headers=False)  # a local socket: no proxy in front, one layer less

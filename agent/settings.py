@@ -93,6 +93,8 @@ class AgentSettings(BaseModel):
     telemetry_interval_s: float = Field(10, gt=0, le=86_400)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     preload: bool = Field(False, description="load the model at start instead of on the first request")
+    http_fast_path: bool = Field(True, description="serve non-streaming chat completions on the fast HTTP protocol "
+                                 "(agent/api/fastpath.py); false: uvicorn's stock protocol")
 
     @property
     def cache_dir(self) -> Path:
