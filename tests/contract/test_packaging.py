@@ -33,3 +33,12 @@ def test_running_the_agent_imports_no_controller_code() -> None:
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "", f"the agent imports controller-side modules: {out.stdout}"
+
+
+def test_every_package_data_pattern_ships_something() -> None:
+    """No package-data for files or folders that do not exist (a pattern matching nothing hides a typo)."""
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["*"]
+    packages = [p for folder in ("agent", "controller", "nanofleet", "protos")
+                for p in [ROOT / folder, *(ROOT / folder).rglob("*")] if p.is_dir() and "__pycache__" not in p.parts]
+    for pattern in patterns:
+        assert any(any(f.is_file() for f in pkg.glob(pattern)) for pkg in packages), f"{pattern!r} matches no file"
