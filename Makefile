@@ -4,6 +4,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 FLEET  ?= fleet.yaml
+# STRICT=0: `make test` skips the type check and prints coverage without failing on modules under 80 %.
+STRICT ?= 1
+ifeq ($(STRICT),0)
+TYPECHECK := @echo "typecheck skipped (STRICT=0)"
+GATE      := $(BIN)/python tools/coverage_gate.py --report-only
+else
+TYPECHECK := $(BIN)/python tools/typecheck.py
+GATE      := $(BIN)/python tools/coverage_gate.py
+endif
 
 .PHONY: run test bench protos lint typecheck system-deps clean
 
@@ -21,8 +30,13 @@ run: $(STAMP)
 	@sh deploy/system-deps.sh --optional mosquitto
 	$(BIN)/nanofleet up --config $(FLEET)
 
+# Fast failures first (lint, types), then the suite under coverage (subprocesses included), then the coverage gate.
 test: $(STAMP) system-deps
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m ruff check .
+	$(TYPECHECK)
+	rm -f .coverage .coverage.*
+	$(BIN)/python -m pytest -q -p no:cacheprovider --cov --cov-report= $(PYTEST_ARGS)
+	$(GATE)
 
 # LiteLLM (a baseline in bench_socket) gets a venv of its own: its pins must not move ours.
 LITELLM := .venv-litellm/bin/litellm
@@ -43,4 +57,4 @@ typecheck: $(STAMP)
 	$(BIN)/python tools/typecheck.py
 
 clean:
-	rm -rf $(VENV) .venv-litellm .pytest_cache bench/report.md bench/report.json
+	rm -rf $(VENV) .venv-litellm .pytest_cache .typecheck .coverage .coverage.* bench/report.md bench/report.json
