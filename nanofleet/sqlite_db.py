@@ -256,7 +256,7 @@ class Writer:
                     conn.execute("RELEASE job")
                     results.append((future, None, exc))
             conn.execute("COMMIT")
-        except Exception as exc:  # BEGIN/COMMIT/SAVEPOINT failed (disk full, I/O): nothing of the batch is on disk
+        except Exception as exc:  # noqa: BLE001 - BEGIN/COMMIT failed (disk full, I/O): each caller gets the error
             self.commit_errors += 1
             with contextlib.suppress(sqlite3.Error):  # may fail when SQLite already rolled back; exc is reported
                 conn.execute("ROLLBACK")
