@@ -8,8 +8,11 @@ handlers that make them are plain ``def`` (FastAPI runs those in its thread pool
 
 import contextlib
 import dataclasses
+import logging
+import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from html import escape
 from pathlib import Path
@@ -22,10 +25,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanofleet.allow import allowed_methods
 from nanofleet.config import FleetConfig
+from nanofleet.controller.commands import CommandError, UnknownCommand
+from nanofleet.protos.names import COMMAND_KINDS
 
 from . import pages, schemas
 from .layout import content_security_policy, new_nonce, page
+from .openapi_doc import document_errors
 from .security import (
     COOKIE,
     Operator,
@@ -40,7 +47,7 @@ from .sessions import SessionSigner
 
 __all__ = ["COMMAND_KINDS", "create_app"]
 
-COMMAND_KINDS = ("ping", "rebirth")
+log = logging.getLogger("nanofleet.controller.web")
 
 
 class _Commands(Protocol):
@@ -48,7 +55,7 @@ class _Commands(Protocol):
 
 
 def _error_json(exc: WebError) -> JSONResponse:
-    headers = {}
+    headers = dict(exc.headers)
     if exc.status == 401:
         headers["WWW-Authenticate"] = 'Bearer realm="nanofleet"' + (
             ', error="invalid_token"' if exc.code in ("invalid_token", "session_expired") else "")
@@ -93,6 +100,7 @@ def create_app(
         docs_url=None, redoc_url=None, openapi_url=None,  # the bundled docs pages load from a CDN; ours do not
     )
     app.add_middleware(SecurityHeaders)
+    app.state.errors = Counter()  # answers given for bugs, by code: a test and an operator can see them
     Authed = Annotated[Operator, Depends(auth)]
 
     async def csrf_checked(request: Request, operator: Authed) -> Operator:
@@ -100,8 +108,9 @@ def create_app(
         return operator
 
     Writer = Annotated[Operator, Depends(csrf_checked)]
-    err404 = {404: {"model": schemas.ErrorOut, "description": "unknown device"}}
-    err401 = {401: {"model": schemas.ErrorOut, "description": "missing or wrong operator token"}}
+    Responses = dict[int | str, dict[str, Any]]
+    err404: Responses = {404: {"model": schemas.ErrorOut, "description": "unknown device"}}
+    err401: Responses = {401: {"model": schemas.ErrorOut, "description": "missing or wrong operator token"}}
 
     # ---- errors -------------------------------------------------------------------------------------------
     @app.exception_handler(WebError)
@@ -125,8 +134,14 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return await _web_error(request, WebError(exc.status_code, code, str(exc.detail)))
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code,
+                                                                                          "http_error")
+        headers = {}
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(app.router.routes, request.scope)
+        detail = f"{request.method} {request.url.path}: {exc.detail}" if exc.status_code in (404, 405) else str(
+            exc.detail)
+        return await _web_error(request, WebError(exc.status_code, code, detail, headers=headers))
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _html(request: Request, content: str, *, title: str, operator: Operator | None, status: int = 200,
@@ -148,8 +163,8 @@ def create_app(
         return _with_group(view)
 
     def _with_group(view: Any) -> Any:
-        if getattr(view, "group", None) is None and dataclasses.is_dataclass(view):
-            group = config.group_of(view.device_id)
+        if getattr(view, "group", None) is None and dataclasses.is_dataclass(view) and not isinstance(view, type):
+            group = config.group_of(getattr(view, "device_id", ""))
             if group is not None:
                 return dataclasses.replace(view, group=group)
         return view
@@ -194,6 +209,14 @@ def create_app(
                 for d in (store.list_devices() if devices is None else devices)
                 if (p := published.get(d.device_id)) is not None and d.policy_version != p.version]
 
+    def _internal_error(what: str) -> WebError:
+        """Log the exception being handled with a fresh error id, count it, and give the 500 that names the id."""
+        error_id = secrets.token_hex(6)
+        log.exception("%s failed: internal error, error id %s", what, error_id)
+        app.state.errors["internal_error"] += 1
+        return WebError(500, "internal_error", f"{what} failed: internal error in the controller (error id "
+                                               f"{error_id}); its log has the details")
+
     async def _send_command(device_id: str, kind: str, args: dict[str, str]) -> schemas.CommandOut:
         if commands is None:
             raise WebError(404, "commands_disabled", "this controller was started without a command service")
@@ -202,8 +225,12 @@ def create_app(
             result = await commands.send(device_id, kind, args)
         except TimeoutError as exc:  # the service says whether the device at least acknowledged
             raise WebError(504, "command_timeout", str(exc) or f"{kind} to {device_id}: no answer in time") from exc
-        except Exception as exc:  # the command service's own errors, shown to the operator rather than a 500
+        except UnknownCommand as exc:
+            raise WebError(422, "unknown_command", str(exc)) from exc
+        except CommandError as exc:  # the command service's documented errors, shown to the operator
             raise WebError(502, "command_failed", f"{kind} to {device_id} failed: {exc}") from exc
+        except Exception as exc:  # a bug: its traceback goes to the log under an id the operator can quote
+            raise _internal_error(f"{kind} to {device_id}") from exc
         elapsed = getattr(result, "elapsed_ms", None)
         return schemas.CommandOut(device_id=device_id, kind=kind, id=str(getattr(result, "id", "")),
                                   status=str(getattr(result, "status", "")),
@@ -280,7 +307,7 @@ def create_app(
     @app.post("/devices/{device_id}/commands", include_in_schema=False)
     async def device_command(request: Request, device_id: str, operator: Writer,
                              kind: Annotated[str, Form()]) -> HTMLResponse:
-        if kind not in COMMAND_KINDS:
+        if kind not in COMMAND_KINDS:  # the form's field is a plain string: checked against the one list
             raise WebError(422, "invalid_request", f"kind: expected one of {', '.join(COMMAND_KINDS)}")
         try:
             out = await _send_command(device_id, kind, {})
@@ -317,7 +344,7 @@ def create_app(
              description="resolution=raw gives samples; 1m / 1h give rollup buckets (avg/max CPU, max temperature, "
                          "minimum RAM available).")
     def api_telemetry(device_id: str, operator: Authed,
-                      since_ms: Annotated[int | None, Query(ge=0)] = None,
+                      since_ms: Annotated[int | None, Query(ge=0, le=schemas.MAX_TS_MS)] = None,
                       limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
                       resolution: Literal["raw", "1m", "1h"] = "raw") -> schemas.TelemetryOut:
         _device(device_id)
@@ -354,12 +381,27 @@ def create_app(
                                 total_cost_usd=round(sum(float(r.cost_usd) for r in rows), 6))
 
     if commands is not None:
+        cmd_errors: Responses = {
+                      403: {"model": schemas.ErrorOut, "description": "a cookie session without its CSRF token"},
+                      500: {"model": schemas.ErrorOut, "description": "internal_error: a bug, logged under the "
+                                                                      "error id the detail names"},
+                      502: {"model": schemas.ErrorOut, "description": "command_failed: the command service failed"},
+                      504: {"model": schemas.ErrorOut, "description": "command_timeout: no result in time (the "
+                                                                      "detail says whether the device acknowledged)"}}
+
         @app.post("/api/devices/{device_id}/commands", response_model=schemas.CommandOut,
-                  responses={**err401, **err404}, tags=["devices"], summary="Send a command and wait for its result",
+                  responses={**err401, **err404, **cmd_errors}, tags=["devices"],
+                  summary="Send a command and wait for its result",
                   description="Cookie sessions must send X-CSRF-Token; Bearer clients need not.")
         async def api_command(device_id: str, body: schemas.CommandIn, operator: Writer) -> schemas.CommandOut:
             return await _send_command(device_id, body.kind, body.args)
 
+    def openapi_schema() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            document_errors(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi_schema  # type: ignore[method-assign]
     return app
-
-
