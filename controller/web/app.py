@@ -143,6 +143,12 @@ def create_app(
             exc.detail)
         return await _web_error(request, WebError(exc.status_code, code, detail, headers=headers))
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        """Any other exception is a bug: the one error body with an error id (Starlette re-raises it afterwards, so
+        the server logs it too)."""
+        return await _web_error(request, _internal_error(f"{request.method} {request.url.path}", exc))
+
     # ---- helpers ------------------------------------------------------------------------------------------
     def _html(request: Request, content: str, *, title: str, operator: Operator | None, status: int = 200,
               refresh: bool = False) -> HTMLResponse:
@@ -209,10 +215,10 @@ def create_app(
                 for d in (store.list_devices() if devices is None else devices)
                 if (p := published.get(d.device_id)) is not None and d.policy_version != p.version]
 
-    def _internal_error(what: str) -> WebError:
-        """Log the exception being handled with a fresh error id, count it, and give the 500 that names the id."""
+    def _internal_error(what: str, exc: BaseException) -> WebError:
+        """Log `exc` with its traceback under a fresh error id, count it, and give the 500 that names the id."""
         error_id = secrets.token_hex(6)
-        log.exception("%s failed: internal error, error id %s", what, error_id)
+        log.error("%s failed: internal error, error id %s", what, error_id, exc_info=exc)
         app.state.errors["internal_error"] += 1
         return WebError(500, "internal_error", f"{what} failed: internal error in the controller (error id "
                                                f"{error_id}); its log has the details")
@@ -230,7 +236,7 @@ def create_app(
         except CommandError as exc:  # the command service's documented errors, shown to the operator
             raise WebError(502, "command_failed", f"{kind} to {device_id} failed: {exc}") from exc
         except Exception as exc:  # a bug: its traceback goes to the log under an id the operator can quote
-            raise _internal_error(f"{kind} to {device_id}") from exc
+            raise _internal_error(f"{kind} to {device_id}", exc) from exc
         elapsed = getattr(result, "elapsed_ms", None)
         return schemas.CommandOut(device_id=device_id, kind=kind, id=str(getattr(result, "id", "")),
                                   status=str(getattr(result, "status", "")),

@@ -84,3 +84,19 @@ async def test_command_kind_must_be_a_json_string(store: Store, token_and_hash) 
         r = await c.post("/api/devices/pi-1/commands", json={"kind": "ping", "args": {"n": 1}},
                          headers=bearer(token_and_hash))
     assert r.status_code == 422 and "body.args.n" in r.json()["detail"]
+
+
+async def test_a_bug_anywhere_is_a_500_in_the_one_error_body(tmp_path, token_and_hash,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A store that breaks (here: closed under the app) gives the error body with an id, logged and counted."""
+    broken = Store(tmp_path / "broken.db")
+    broken.close()
+    app = create_app(broken, FLEET, operator_token_hash=token_and_hash[1])
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+        with caplog.at_level(logging.ERROR, logger="nanofleet.controller.web"):
+            r = await c.get("/api/devices", headers=bearer(token_and_hash))
+    assert r.status_code == 500 and r.json()["error"] == "internal_error", r.text
+    error_id = re.search(r"error id ([0-9a-f]{12})", r.json()["detail"]).group(1)  # type: ignore[union-attr]
+    assert any(error_id in rec.getMessage() and rec.exc_info for rec in caplog.records)
+    assert app.state.errors["internal_error"] == 1
