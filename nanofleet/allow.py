@@ -1,7 +1,9 @@
-"""The `Allow` header of a 405 from every route that matches the path (agent socket API and controller web API).
+"""The `Allow` header of a 405 from every route that serves the path (agent socket API and controller web API).
 
 Starlette answers a 405 from the first route whose path matches, so its `Allow` names that route's methods only
 (`GET /v1/sessions/{id}` hides `DELETE` on the same path); RFC 9110 §15.5.6 wants every method the resource takes.
+Each method is tried against the routes' public `matches()`, so routers included in routers (FastAPI keeps them
+nested) count too.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from starlette.types import Scope
 
 __all__ = ["allowed_methods"]
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
 
 def allowed_methods(routes: Iterable[Any], scope: Scope) -> str:
-    """Every method any route serves at the scope's path, sorted, as an `Allow` value ("" when none)."""
-    methods: set[str] = set()
-    for route in routes:
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches(scope)[0] != Match.NONE:
-            methods |= set(route_methods)
-    return ", ".join(sorted(methods))
+    """Every method a route fully matches at the scope's path, sorted, as an `Allow` value ("" when none)."""
+    routes = list(routes)
+    allowed = [m for m in _METHODS
+               if any(route.matches({**scope, "method": m})[0] == Match.FULL for route in routes)]
+    return ", ".join(allowed)
