@@ -75,3 +75,18 @@ async def test_the_dashboard_offers_every_command_kind(tmp_path: Path) -> None:
         store.close()
     offered = re.findall(r'name="kind" value="([^"]+)"', page)
     assert tuple(offered) == names.COMMAND_KINDS
+
+
+def test_the_cli_offers_and_checks_the_one_list(tmp_path: Path) -> None:
+    """`nanofleet devices cmd` names every kind in its help and refuses another before connecting anywhere."""
+    from click.testing import CliRunner
+
+    from nanofleet.cli import main
+
+    runner = CliRunner()
+    help_text = runner.invoke(main, ["devices", "cmd", "--help"]).output
+    assert [k for k in names.COMMAND_KINDS if k not in help_text] == []
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("fleet: demo\nbroker: {url: mqtt://127.0.0.1:1}\n")
+    out = runner.invoke(main, ["devices", "cmd", "pi-1", "format-disk", "--config", str(fleet)])
+    assert out.exit_code == 2 and "format-disk" in out.output and "reload-model" in out.output, out.output
