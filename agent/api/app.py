@@ -175,6 +175,15 @@ def create_app(
             headers["allow"] = allowed_methods(app.router.routes, request.scope)
         return Response(dumps(err.body()), exc.status_code, headers, _JSON)
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        """A bug anywhere but the chat hot path (`HotPath._guarded` has its own): the OpenAI-style 500, its traceback
+        in the log, counted (Starlette re-raises it afterwards for the server's log)."""
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        dispatcher.counts["internal_error"] += 1
+        err = ApiError(500, "internal error in the agent; see its log", code="internal_error")
+        return Response(dumps(err.body()), 500, err.headers(), _JSON)
+
     async def chat_completions(request: Request) -> Response:
         headers = header_dict(request.scope["headers"])
         body: ChatCompletionBody = parse(CHAT, await read_body(request, max_body_bytes, headers))
@@ -309,6 +318,7 @@ class HotPath:
             return await self._on_error(exc)
         except Exception:
             logger.exception("chat completion failed")
+            self.state.dispatcher.counts["internal_error"] += 1
             return await self._on_error(ApiError(500, "internal error in the agent; see its log",
                                                  code="internal_error"))
 

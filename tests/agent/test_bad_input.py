@@ -136,3 +136,27 @@ async def test_openapi_documents_the_statuses_the_api_answers(asgi: httpx.AsyncC
     assert {"400", "404", "413"} <= set(ops["POST /v1/sessions/{session_id}/prompt"]["responses"])
     assert "404" in ops["DELETE /v1/sessions/{session_id}"]["responses"]
     assert "429" in ops["POST /v1/sessions"]["responses"]
+
+
+async def test_a_bug_outside_the_chat_path_is_a_json_500(tmp_path, caplog) -> None:
+    """Not Starlette's plain-text 500: the OpenAI-style body, logged with its traceback and counted."""
+    import logging
+
+    from nanofleet.agent.api import Dispatcher, create_app
+    from nanofleet.agent.runtime.lifecycle import ModelManager
+    from nanofleet.agent.sessions import SessionStore
+    from nanofleet.config import ModelSpec
+
+    class BrokenSessions(SessionStore):
+        def create(self, **kwargs: object):  # type: ignore[no-untyped-def]
+            raise KeyError("a bug")
+
+    dispatcher = Dispatcher(ModelManager(ModelSpec(), tmp_path / "models", tmp_path / "private", warmup=False))
+    app = create_app(dispatcher, BrokenSessions())
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://agent") as c:
+        with caplog.at_level(logging.ERROR, logger="nanofleet.agent.api"):
+            r = await c.post("/v1/sessions", json={})
+    assert assert_error(r, 500)["code"] == "internal_error"
+    assert "a bug" not in r.text and any(rec.exc_info for rec in caplog.records)
+    assert dispatcher.counts["internal_error"] == 1
