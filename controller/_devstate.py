@@ -23,9 +23,9 @@ import msgspec
 
 from nanofleet.controller.views import DeviceEvent
 from nanofleet.protos import fleet_pb2
+from nanofleet.protos.names import thermal_name as thermal_name  # the store names levels with it
 
 REBIRTH_EVERY_MS = 10_000
-THERMAL_NAMES = ("none", "light", "moderate", "severe", "critical", "emergency", "shutdown")
 _COLUMNS = (
     "device_id", "fleet", "state", "last_seen_ms", "birth_ms", "bd_seq", "agent_version", "model_name",
     "model_availability", "policy_version", "cpu_percent", "ram_total_mb", "ram_available_mb", "temp_max_c",
@@ -41,10 +41,6 @@ _HOT = (
     "route_counts", "policy_version", "model_name", "model_availability",
 )
 _UPDATE_HOT = f"UPDATE devices SET {', '.join(c + ' = ?' for c in _HOT)} WHERE device_id = ?"
-
-
-def thermal_name(level: int) -> str:
-    return THERMAL_NAMES[level] if 0 <= level < len(THERMAL_NAMES) else "none"
 
 
 def availability_name(value: int) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
+from nanofleet.protos.names import COMMAND_KINDS
 
 _DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=Path("nanofleet-controller"),
                          show_default=True, help="The controller's state folder (controller.db, operator token).")
@@ -136,9 +137,10 @@ async def _client(cfg: FleetConfig, broker_url: str | None, user: str | None, pa
     return client
 
 
-@devices.command("cmd")
+@devices.command("cmd", help=f"Send KIND ({', '.join(COMMAND_KINDS)}) to DEVICE with key=value ARGS; print the "
+                             "result.")  # the kinds from their one list (protos/names.py)
 @click.argument("device")
-@click.argument("kind")
+@click.argument("kind", type=click.Choice(COMMAND_KINDS))
 @click.argument("args", nargs=-1)
 @click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               default=Path("fleet.yaml"), show_default=True)
@@ -146,7 +148,6 @@ async def _client(cfg: FleetConfig, broker_url: str | None, user: str | None, pa
 @click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True)
 def devices_cmd(device: str, kind: str, args: tuple[str, ...], config_path: Path, broker_url: str | None,
                 mqtt_username: str | None, mqtt_password: str | None, timeout_s: float) -> None:
-    """Send KIND (rebirth, drain-queue, unload-model, reload-policy, ping) with key=value ARGS; print the result."""
     from nanofleet.controller.commands import CommandService, UnknownCommand
 
     cfg = _load(config_path)

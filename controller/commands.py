@@ -16,8 +16,9 @@ from google.protobuf import json_format
 
 from nanofleet.mqtt import MqttClient
 from nanofleet.protos import fleet_pb2, topics
+from nanofleet.protos.names import COMMAND_KINDS
 
-KINDS = ("rebirth", "drain-queue", "unload-model", "reload-model", "reload-policy", "ping")
+KINDS = COMMAND_KINDS  # the one list (protos/names.py)
 
 
 class CommandError(Exception):

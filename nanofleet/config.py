@@ -14,8 +14,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-THERMAL_LEVELS = ("none", "light", "moderate", "severe", "critical", "emergency", "shutdown")
-ThermalName = Literal["none", "light", "moderate", "severe", "critical", "emergency", "shutdown"]
+from nanofleet.protos.names import THERMAL_LEVELS as THERMAL_LEVELS  # re-exported: the policy compiler uses it
+from nanofleet.protos.names import ThermalName
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
 

@@ -24,9 +24,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanofleet.agent.api.dispatch import Dispatcher
 from nanofleet.agent.api.errors import ApiError, from_validation
-from nanofleet.agent.api.schemas import CHAT, ChatCompletionBody, SessionCreateBody, SessionPromptBody, route_request
+from nanofleet.agent.api.openapi_doc import document_answers
+from nanofleet.agent.api.schemas import (
+    CHAT,
+    ChatCompletionBody,
+    ErrorBody,
+    SessionCreateBody,
+    SessionPromptBody,
+    route_request,
+)
 from nanofleet.agent.runtime.base import BackendError, ChatRequest, Chunk
 from nanofleet.agent.sessions import SessionStore
+from nanofleet.allow import allowed_methods
 
 DEFAULT_MAX_TOKENS = 512
 logger = logging.getLogger("nanofleet.agent.api")
@@ -161,7 +170,19 @@ def create_app(
         err = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                        code="not_found" if exc.status_code == 404 else "method_not_allowed")
         dispatcher.counts["bad_request"] += 1
-        return Response(dumps(err.body()), exc.status_code, {**err.headers(), **(exc.headers or {})}, _JSON)
+        headers = {**err.headers(), **{k.lower(): v for k, v in (exc.headers or {}).items()}}
+        if exc.status_code == 405:
+            headers["allow"] = allowed_methods(app.router.routes, request.scope)
+        return Response(dumps(err.body()), exc.status_code, headers, _JSON)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> Response:
+        """A bug anywhere but the chat hot path (`HotPath._guarded` has its own): the OpenAI-style 500, its traceback
+        in the log, counted (Starlette re-raises it afterwards for the server's log)."""
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        dispatcher.counts["internal_error"] += 1
+        err = ApiError(500, "internal error in the agent; see its log", code="internal_error")
+        return Response(dumps(err.body()), 500, err.headers(), _JSON)
 
     async def chat_completions(request: Request) -> Response:
         headers = header_dict(request.scope["headers"])
@@ -238,10 +259,13 @@ def create_app(
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ChatCompletionBody, SessionCreateBody, SessionPromptBody):
+            for model in (ChatCompletionBody, SessionCreateBody, SessionPromptBody, ErrorBody):
                 doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(doc.pop("$defs", {}))
                 components[model.__name__] = doc
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
+            document_answers(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -294,6 +318,7 @@ class HotPath:
             return await self._on_error(exc)
         except Exception:
             logger.exception("chat completion failed")
+            self.state.dispatcher.counts["internal_error"] += 1
             return await self._on_error(ApiError(500, "internal error in the agent; see its log",
                                                  code="internal_error"))
 

@@ -1,5 +1,8 @@
 """Request bodies of the socket API (parsed from raw bytes with pydantic: invalid JSON and wrong types become
-400s naming the field) and the routing hints (`nanofleet` body field or `X-Nanofleet-*` headers)."""
+400s naming the field), the error body, and the routing hints (`nanofleet` body field or `X-Nanofleet-*` headers).
+
+Every model is strict: a public API takes JSON types as they are (`"stream": "yes"` is a 400, not `true`), and every
+integer has bounds that the code below it (llama.cpp's 32-bit seed, the context window) can take."""
 
 from __future__ import annotations
 
@@ -11,16 +14,30 @@ from nanofleet.agent.api.errors import ApiError
 from nanofleet.agent.router import MODES, RouteRequest
 
 MAX_TOKENS_LIMIT = 1 << 20  # past any context window; the real check is against the model's window
+SEED_MAX = (1 << 32) - 1  # llama.cpp samples with a uint32 seed
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="what went wrong, for a person")
+    type: str = Field(description="OpenAI error type, e.g. invalid_request_error, rate_limit_error")
+    param: str | None = Field(description="the field or header at fault, when one is")
+    code: str | None = Field(description="machine-readable code (docs/socket-api.md, Errors)")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of the socket API (OpenAI's shape)."""
+
+    error: ErrorDetail
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Literal["text"] = "text"
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
 
@@ -30,7 +47,7 @@ class Message(BaseModel):
 
 
 class Hints(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     mode: Literal["prefer_local", "local_only", "cloud_only", "prefer_cloud"] | None = None
     privacy: Literal["normal", "sensitive"] | None = None
     queue: Literal["allow", "deny"] | None = None
@@ -38,17 +55,18 @@ class Hints(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class ChatCompletionBody(BaseModel):
     """OpenAI's chat completion request; unknown OpenAI fields are ignored, llama.cpp extensions pass through."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: MaxTokens | None = None
@@ -57,7 +75,7 @@ class ChatCompletionBody(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=1000)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     n: int = Field(1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -74,8 +92,8 @@ class ChatCompletionBody(BaseModel):
 
 
 class SessionCreateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    system_prompt: str | None = Field(None, max_length=1_000_000)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    system_prompt: str | None = None  # bounded by the body limit, then by the context window (400)
     temperature: float | None = Field(None, ge=0, le=2)
     top_k: int | None = Field(None, ge=0, le=1000)
     initial_prompts: list[Message] = []
@@ -83,11 +101,11 @@ class SessionCreateBody(BaseModel):
 
 
 class SessionPromptBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     prompt: str | list[TextPart] = Field(min_length=1)
     max_tokens: MaxTokens | None = None
     stream: bool = False
-    seed: int | None = None
+    seed: Seed | None = None
     ignore_eos: bool | None = None
     nanofleet: Hints | None = None
 

@@ -7,10 +7,12 @@ import math
 from datetime import UTC, datetime
 from html import escape
 
+from nanofleet.protos.names import THERMAL_LEVELS
+
 __all__ = ["STATE_LABELS", "THERMAL_ORDER", "fmt_mb", "fmt_num", "iso_utc", "relative_time", "state_badge"]
 
 STATE_LABELS = {"online": "online", "offline": "offline", "stale": "stale"}
-THERMAL_ORDER = ("none", "light", "moderate", "severe", "critical", "emergency", "shutdown")
+THERMAL_ORDER = THERMAL_LEVELS  # from the proto enum (protos/names.py)
 
 
 def relative_time(ts_ms: int | None, now_ms: int) -> str:

@@ -7,7 +7,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from nanofleet.protos.names import CommandKind
+
 __all__ = [
+    "MAX_TS_MS",
     "CommandIn",
     "CommandOut",
     "ConvergenceOut",
@@ -22,13 +25,19 @@ __all__ = [
 ]
 
 
+# The last millisecond of year 9999: every timestamp the store holds is below it, and it fits SQLite's INTEGER.
+MAX_TS_MS = 253_402_300_799_999
+
+
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
 class ErrorOut(BaseModel):
-    error: str = Field(description="machine-readable code, e.g. unauthorized, device_not_found")
-    detail: str = Field(description="what went wrong, for a person")
+    """Every error answer of the controller (docs/rest-api.md lists the codes)."""
+
+    error: str = Field(description="machine-readable code, e.g. missing_token, device_not_found, invalid_request")
+    detail: str = Field(description="what went wrong, for a person; names the field at fault")
 
 
 class DeviceOut(_Out):
@@ -125,8 +134,8 @@ class UsageOut(BaseModel):
 
 
 class CommandIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["ping", "rebirth", "drain-queue", "unload-model", "reload-policy"]
+    model_config = ConfigDict(extra="forbid", strict=True)  # a public API takes JSON types as they are
+    kind: CommandKind
     args: dict[str, str] = {}
 
 

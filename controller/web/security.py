@@ -27,9 +27,10 @@ _MAX_TOKEN = 512
 
 
 class WebError(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
+    def __init__(self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
         self.status, self.code, self.detail = status, code, detail
+        self.headers = headers or {}
 
 
 class Unauthorized(WebError):

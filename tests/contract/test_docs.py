@@ -250,6 +250,65 @@ def test_the_openai_example_runs_against_a_real_agent(tmp_path: Path, tiny_gguf:
     assert not sock.exists()
 
 
+# -- controller REST API ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def controller_openapi(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The controller's OpenAPI with every optional part on (a command service, the gateway's usage db)."""
+    from nanofleet.controller.auth import ensure_operator_token
+    from nanofleet.controller.store import Store
+    from nanofleet.controller.web import create_app
+
+    class Commands:
+        async def send(self, device_id: str, kind: str, args: dict[str, str]) -> None:
+            raise AssertionError("never called: only the schema is read")
+
+    tmp = tmp_path_factory.mktemp("rest")
+    store = Store(tmp / "store.db")
+    try:
+        _, token_hash = ensure_operator_token(tmp / "data")
+        app = create_app(store, parse_fleet("fleet: demo\n"), operator_token_hash=token_hash, commands=Commands(),
+                         usage_db=tmp / "usage.db")
+        return app.openapi()
+    finally:
+        store.close()
+
+
+def _subsections(text: str) -> dict[str, str]:
+    """`### `METHOD /path`` heading -> its text up to the next heading."""
+    parts = re.split(r"^### `([A-Z]+ /[^`]*)`$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_every_rest_endpoint_and_parameter_is_documented(controller_openapi: dict[str, Any]) -> None:
+    text = (DOCS / "rest-api.md").read_text(encoding="utf-8")
+    ops = {f"{method.upper()} {path}": op for path, item in controller_openapi["paths"].items()
+           for method, op in item.items()}
+    assert {"GET /api/policy/convergence", "GET /api/usage", "GET /api/rejections",
+            "GET /api/devices/{device_id}/telemetry", "POST /api/devices/{device_id}/commands"} <= set(ops)
+    documented = _subsections(section(text, "Endpoints"))
+    assert sorted(set(ops) - set(documented)) == [], "endpoints docs/rest-api.md does not describe"
+    assert sorted(set(documented) - set(ops)) == [], "documented endpoints the controller does not serve"
+    missing = [f"{name}: {p['name']}" for name, op in ops.items() for p in op.get("parameters", [])
+               if p["in"] == "query" and f"`{p['name']}`" not in documented[name]]
+    assert missing == [], "query parameters not documented"
+
+
+def test_every_rest_error_code_and_command_kind_is_documented() -> None:
+    from nanofleet.protos.names import COMMAND_KINDS
+
+    text = (DOCS / "rest-api.md").read_text(encoding="utf-8")
+    src = "\n".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "controller" / "web").glob("*.py")))
+    codes = (set(re.findall(r'WebError\(\d+, "([a-z_]+)"', src)) | set(re.findall(r'Unauthorized\("([a-z_]+)"', src))
+             | set(re.findall(r'\b\d{3}: "([a-z_]+)"', src)) | set(re.findall(r'exc\.status_code,\s*"([a-z_]+)"', src)))
+    assert {"device_not_found", "invalid_token", "internal_error", "method_not_allowed", "http_error"} <= codes
+    errors = section(text, "Errors")
+    assert sorted(c for c in codes if f"`{c}`" not in errors) == []
+    assert [k for k in COMMAND_KINDS if f"| `{k}` |" not in text] == []
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "(docs/rest-api.md)" in readme
+
+
 # -- command lines in the docs and the systemd units -----------------------------------------------------------------
 
 def _command_lines() -> list[tuple[str, str]]:

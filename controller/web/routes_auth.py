@@ -1,0 +1,50 @@
+"""Unauthenticated routes: health, the login form, login and logout (the session cookie's life)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from . import pages
+from .context import Web
+from .security import COOKIE, Operator, check_same_origin, safe_next
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, bool]:
+    return {"ok": True}
+
+
+@router.get("/login")
+def login_form(request: Request, ctx: Web, next: str = "/") -> HTMLResponse:
+    return ctx.html(request, pages.login_page(next_path=safe_next(next)), title="Log in", operator=None)
+
+
+@router.post("/login")
+def login(request: Request, ctx: Web, token: Annotated[str, Form(max_length=512)] = "",
+          next: Annotated[str, Form()] = "/") -> Response:
+    check_same_origin(request)
+    target = safe_next(next)
+    if not ctx.auth.check_token(token.strip()):
+        return ctx.html(request, pages.login_page(next_path=target, error="That operator token is not valid."),
+                        title="Log in", operator=None, status=401)
+    cookie, _session = ctx.signer.issue(ctx.now_ms())
+    resp = RedirectResponse(target, status_code=303)
+    resp.set_cookie(COOKIE, cookie, max_age=int(ctx.session_ttl_s), path="/", httponly=True, samesite="strict",
+                    secure=request.url.scheme == "https")
+    return resp
+
+
+@router.post("/logout")
+async def logout(request: Request, ctx: Web) -> Response:
+    resp = RedirectResponse("/login", status_code=303)
+    session = ctx.signer.check(request.cookies.get(COOKIE), ctx.now_ms())
+    if session is not None:
+        await ctx.auth.require_csrf(request, Operator("session", session))
+        ctx.signer.revoke(session, ctx.now_ms())
+    resp.delete_cookie(COOKIE, path="/")
+    return resp
