@@ -8,8 +8,6 @@ deque; one ingest thread takes up to `max_batch` messages or `batch_ms` worth, d
 overlaps the commit of the previous one.
 A malformed payload is counted per device and reason in the store, logged once, and skipped.
 With `share_group`, the subscriptions go through `$share/<group>/...` so several controllers split the load.
-
-Exceptions: IngestError (root).
 """
 
 from __future__ import annotations
@@ -32,10 +30,6 @@ from nanofleet.protos import fleet_pb2, topics
 
 log = logging.getLogger(__name__)
 _PREFIX = topics.ROOT + "/"
-
-
-class IngestError(Exception):
-    """Root of ingest's errors."""
 
 
 @dataclass

@@ -23,7 +23,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from nanofleet.controller import _devstate as ds
+from nanofleet.controller import devstate as ds
+from nanofleet.controller.errors import StoreClosed, StoreError
 from nanofleet.controller.migrations import apply_migrations
 from nanofleet.controller.views import (
     DeviceEvent,
@@ -35,7 +36,7 @@ from nanofleet.controller.views import (
 )
 from nanofleet.protos import fleet_pb2
 
-from ._devstate import Batch, BatchOutcome, TelemetryRow, row_from_pb
+from .devstate import Batch, BatchOutcome, TelemetryRow, row_from_pb
 
 __all__ = ["Batch", "BatchOutcome", "Store", "StoreClosed", "StoreError", "TelemetryRow", "row_from_pb"]
 
@@ -45,14 +46,6 @@ _PRUNE_EVERY_S = 60.0
 _PRUNE_AGAIN_S = 1.0      # when a prune stopped at its chunk: the rest soon, between ingest batches
 _PRUNE_CHUNK = 50_000     # raw rows a prune deletes at most, so one never holds the writer for long
 _CHECKPOINT_EVERY_S = 0.5
-
-
-class StoreError(Exception):
-    """Root of the store's errors."""
-
-
-class StoreClosed(StoreError):
-    """The store was closed; nothing more can be written."""
 
 
 def now_ms() -> int:

@@ -113,7 +113,6 @@ class Gateway:
         self.service: InferenceService | None = None
         self.health = _DetailedHealth()
         self._server: grpc.aio.Server | None = None
-        self._stopped = asyncio.Event()
 
     @property
     def db_path(self) -> Path:
@@ -173,15 +172,11 @@ class Gateway:
             await self.service.drain()
         await self.upstream.close()
         await self._close_storage()
-        self._stopped.set()
 
     async def _close_storage(self) -> None:
         if self.db is not None:
             await asyncio.to_thread(self.db.close)
             self.db = None
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
 
     async def __aenter__(self) -> Gateway:
         await self.start()
