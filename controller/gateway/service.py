@@ -198,7 +198,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 yield chunk
         except GatewayError as exc:
             await self._abort(context, exc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged, counted, answered INTERNAL by _internal
             await self._internal(context, exc)
 
     async def _stream(self, identity: DeviceIdentity, request: inference_pb2.GenerateRequest,

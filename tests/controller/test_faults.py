@@ -11,7 +11,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from ctl_helpers import fleet, until
+from ctl_helpers import fleet, rejection_total, telemetry_keys, until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,7 +42,7 @@ async def test_broker_restart_under_50_devices(make_broker, tmp_path: Path, read
 
         def replayed() -> bool:
             have: dict[str, set[int]] = {}
-            for dev, _, _, ts in store.telemetry_keys():
+            for dev, _, _, ts in telemetry_keys(store):
                 have.setdefault(dev, set()).add(ts)
             return all(buffered[d] <= have.get(d, set()) for d in ids)
 
@@ -50,7 +50,7 @@ async def test_broker_restart_under_50_devices(make_broker, tmp_path: Path, read
             await until(replayed, 30, "every buffered sample stored")
         except AssertionError:
             have: dict[str, set[int]] = {}
-            for dev, _, _, ts in store.telemetry_keys():
+            for dev, _, _, ts in telemetry_keys(store):
                 have.setdefault(dev, set()).add(ts)
             missing = {d: sorted(buffered[d] - have.get(d, set())) for d in ids if buffered[d] - have.get(d, set())}
             diag = [(d.device_id, d.session.client.connects, d.session._listening_conn) for d in sim.devices
@@ -63,7 +63,7 @@ async def test_broker_restart_under_50_devices(make_broker, tmp_path: Path, read
             lost = next(i for i, s in enumerate(states) if s in (("offline", "controller_lost_broker"),
                                                                    ("offline", "last_will")))
             assert ("online", "birth") in states[lost + 1:], (device_id, states)
-        keys = store.telemetry_keys()
+        keys = telemetry_keys(store)
         assert len({(d, ts) for d, _, _, ts in keys}) == len(keys)  # no sample stored twice
         assert all(d.session.client.connects == 2 for d in sim.devices)
     finally:
@@ -173,8 +173,8 @@ def test_after_the_malformed_flood_every_payload_was_counted_and_ingest_still_wo
     import time
 
     deadline = time.monotonic() + 10
-    while not (store.telemetry_keys("m1") and store.rejection_total() == _Count.n and stats.stored == 1):
-        assert time.monotonic() < deadline, (store.rejection_total(), _Count.n, stats)
+    while not (telemetry_keys(store, "m1") and rejection_total(store) == _Count.n and stats.stored == 1):
+        assert time.monotonic() < deadline, (rejection_total(store), _Count.n, stats)
         time.sleep(0.02)
     assert stats.rejected == _Count.n and stats.stored == 1
     assert {r.device_id for r in store.rejections(1000)} <= {"m1", "m2", "m3"}
