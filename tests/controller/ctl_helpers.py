@@ -9,10 +9,10 @@ from typing import Any
 
 from nanofleet.config import FleetConfig, parse_fleet
 from nanofleet.controller.store import Batch, Store
-from tests.conftest import until
+from tests.conftest import until, wait_for
 
 __all__ = ["command_results", "fleet", "flush_rollups", "prune", "reject", "rejection_total",
-           "telemetry_count", "telemetry_keys", "until"]
+           "telemetry_count", "telemetry_keys", "until", "wait_for"]
 
 
 def fleet(name: str, broker_url: str, extra: str = "") -> FleetConfig:
