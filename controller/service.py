@@ -8,7 +8,8 @@ Every task runs under nanofleet.tasks.TaskSupervisor: the stale sweep is restart
 server and the ingest thread are fatal (`failed` is set, `wait_failed()` returns, the CLI exits non-zero so systemd
 or `nanofleet up` restarts the process); one-shot work (policy publishing, marking devices offline) is logged and
 recorded. `status()` shows what runs, what died and ingest's counters (dropped writes included) for the dashboard,
-health and metrics; `stop()` raises what went wrong while stopping instead of swallowing it.
+health and metrics; `stop()` raises what went wrong while stopping instead of swallowing it. `metrics` is a
+Prometheus registry over `status()` (controller/metrics.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from nanofleet.config import FleetConfig
 from nanofleet.controller import policy
 from nanofleet.controller.commands import CommandService
 from nanofleet.controller.ingest import Ingest
+from nanofleet.controller.metrics import registry_for
 from nanofleet.controller.store import BatchOutcome, Store
 from nanofleet.mqtt import MqttError
 from nanofleet.tasks import TaskSupervisor
@@ -65,6 +67,7 @@ class ControllerService:
         self.failed: tuple[str, BaseException] | None = None  # the fatal death that ended this service, if any
         self._failed = asyncio.Event()
         self.started_at: float | None = None
+        self.metrics = registry_for(self.status)  # the web layer serves metrics.render(self.metrics) at /metrics
         self._server: Any = None
         self.web_port: int | None = None
 

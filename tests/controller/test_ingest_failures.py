@@ -78,3 +78,27 @@ def test_failure_reasons_are_short_and_stable() -> None:
         conn.execute("INSERT INTO nope VALUES (1)")
     assert failure_reason(err.value) == "sqlite_error"
     assert failure_reason(RuntimeError("x")) == "RuntimeError"
+
+
+async def test_dropped_writes_show_in_status_and_metrics(broker, tmp_path: Path) -> None:
+    """What the dashboard and /metrics read: the service's status() and its Prometheus registry."""
+    from ctl_helpers import fleet
+
+    from nanofleet.controller.metrics import render
+    from nanofleet.controller.service import ControllerService
+
+    svc = await ControllerService(fleet("ingf", broker.url), tmp_path / "ctl").start()
+    try:
+        await svc.ingest.wait_subscribed(5)
+        _cap(svc.store, 0)
+        await _publish(broker.url, 200, 1)
+        await until(lambda: svc.ingest.stats.dropped > 0 and not svc.ingest.backlog, 30, "a batch dropped")
+        status = svc.status()
+        assert status["ingest"]["dropped_by_reason"] == {"sqlite_full": svc.ingest.stats.dropped}
+        assert status["store"]["commit_errors"] + status["store"]["state_reloads"] > 0
+        text = render(svc.metrics).decode()
+        assert f'nanofleet_controller_ingest_dropped_total{{reason="sqlite_full"}} {svc.ingest.stats.dropped}.0' in text
+        assert "nanofleet_controller_up 1.0" in text and 'nanofleet_controller_task_running{task="sweep"} 1.0' in text
+    finally:
+        _cap(svc.store, None)
+        await svc.stop()
