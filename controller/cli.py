@@ -77,7 +77,11 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
         finally:
             signal_task.cancel()
             failed_task.cancel()
-            await svc.stop()
+            try:
+                await svc.stop()
+            except ExceptionGroup as group:  # each failure was logged with its traceback by stop()
+                problems = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
+                raise click.ClickException(f"{group.message}: {problems}") from group
         if svc.failed is not None:
             name, exc = svc.failed
             raise click.ClickException(f"controller stopped: {name} died ({type(exc).__name__}: {exc})")
