@@ -79,7 +79,7 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
             failed_task.cancel()
             try:
                 await svc.stop()
-            except ExceptionGroup as group:  # each failure was logged with its traceback by stop()
+            except BaseExceptionGroup as group:  # each failure was logged with its traceback by stop()
                 problems = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
                 raise click.ClickException(f"{group.message}: {problems}") from group
         if svc.failed is not None:

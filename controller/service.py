@@ -107,7 +107,7 @@ class ControllerService:
                 log.exception("controller: closing the store failed")
                 errors.append(exc)
         if errors:
-            raise ExceptionGroup("controller: errors while stopping", errors)
+            raise BaseExceptionGroup("controller: errors while stopping", errors)
 
     def _fatal(self, name: str, exc: BaseException) -> None:
         """A part the controller cannot run without died: say so, and let the process end (then be restarted)."""

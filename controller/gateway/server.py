@@ -185,7 +185,7 @@ class Gateway:
                 log.exception("gateway: %s failed while stopping", step.__name__)
                 errors.append(exc)
         if errors:
-            raise ExceptionGroup("gateway: errors while stopping", errors)
+            raise BaseExceptionGroup("gateway: errors while stopping", errors)
 
     async def _close_storage(self) -> None:
         if self.db is not None:
