@@ -62,6 +62,7 @@ class ControllerService:
         self.commands: CommandService | None = None
         self.policy_rounds = 0
         self.rebirth_failures = 0
+        self.policy_failures = 0
         self._pending_policy: set[str] = set()
         self.tasks = TaskSupervisor("controller", on_fatal=self._fatal)
         self.failed: tuple[str, BaseException] | None = None  # the fatal death that ended this service, if any
@@ -133,6 +134,8 @@ class ControllerService:
             "started_at": self.started_at,
             "tasks": self.tasks.status(),
             "broker_connected": bool(ingest and ingest.connected),
+            "policy": {"rounds": self.policy_rounds, "failures": self.policy_failures,
+                       "rebirth_failures": self.rebirth_failures},
             "ingest": None if ingest is None else {**ingest.stats.as_dict(), "backlog": ingest.backlog},
             "store": None if store is None else {
                 "commit_errors": store.db.commit_errors, "housekeeping_errors": store.db.housekeeping_errors,
@@ -186,8 +189,11 @@ class ControllerService:
                 version, changes = await policy.apply(client, self.store, self.config, ids, new_only=True)
                 changed = {c.device_id for c in changes}
                 await policy.republish(client, self.store, self.config.fleet, only=ids - changed)
-        except (TimeoutError, MqttError):
-            return  # the connection went away; the next connect publishes again
+        except (TimeoutError, MqttError) as exc:  # the next connect publishes (new_only) again
+            self.policy_failures += 1
+            log.warning("controller: policy publishing failed (%s: %s); retried on the next (re)connect",
+                        type(exc).__name__, exc)
+            return
         if changes:
             self.policy_rounds += 1
             log.info("published policy version %d to %d devices", version, len(changes))

@@ -72,3 +72,18 @@ async def test_stop_raises_what_failed_while_stopping_and_still_closes_the_store
         await svc.stop()
     assert [str(e) for e in err.value.exceptions] == ["flush on the way out failed"]
     assert svc.store.db.closed
+
+
+async def test_policy_publishing_that_fails_is_logged_and_counted(make_broker, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    b = make_broker()
+    svc = await ControllerService(fleet("sup4", b.url, "devices: {d1: {}}"), tmp_path / "ctl").start()
+    try:
+        await until(lambda: "d1" in svc.store.published_policies(), 10, "d1's first policy published")
+        b.stop()
+        await until(lambda: not svc.ingest.connected, 10, "controller sees the broker gone")
+        await svc._publish_policies(republish=True)  # what a (re)connect runs; the broker is gone: times out
+        assert svc.status()["policy"]["failures"] == 1
+        assert "policy publishing failed (TimeoutError" in caplog.text
+    finally:
+        await svc.stop()
