@@ -4,7 +4,7 @@ The controller has one operator token: 32 random bytes, shown once when created,
 ``<data_dir>/operator_token.sha256`` (mode 0600). A fast hash is enough because the token is random and long — there
 is nothing to brute-force — and it keeps every request's check cheap. Comparisons are constant-time.
 
-Exception tree::
+Exception tree (under ControllerError, see errors.py)::
 
     AuthError                 any problem with the operator token file
     └── TokenFileError        the hash file is unreadable, malformed or too open (names the file and the problem)
@@ -20,6 +20,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from .errors import AuthError, TokenFileError
+
 __all__ = [
     "TOKEN_FILE",
     "AuthError",
@@ -33,14 +35,6 @@ __all__ = [
 TOKEN_FILE = "operator_token.sha256"
 _PREFIX = "sha256:"
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-
-
-class AuthError(Exception):
-    """Root of the controller's auth errors."""
-
-
-class TokenFileError(AuthError):
-    """The operator token hash file cannot be used."""
 
 
 def hash_token(token: str) -> str:

@@ -71,10 +71,21 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
         await svc.start()
         click.echo(f"controller: fleet {cfg.fleet!r}, broker {svc.broker_url} ({svc.ingest_reader} reader), "
                    f"store {data_dir / 'controller.db'}")
+        signal_task = asyncio.ensure_future(_until_signal())
+        failed_task = asyncio.ensure_future(svc.wait_failed())
         try:
-            await _until_signal()
+            await asyncio.wait([signal_task, failed_task], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            await svc.stop()
+            signal_task.cancel()
+            failed_task.cancel()
+            try:
+                await svc.stop()
+            except BaseExceptionGroup as group:  # each failure was logged with its traceback by stop()
+                problems = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
+                raise click.ClickException(f"{group.message}: {problems}") from group
+        if svc.failed is not None:
+            name, exc = svc.failed
+            raise click.ClickException(f"controller stopped: {name} died ({type(exc).__name__}: {exc})")
 
     asyncio.run(main())
 

@@ -2,7 +2,7 @@
 
 Results arrive on `.../cmd/result` (ingest hands them to `on_result`, or `listen()` subscribes itself for a CLI).
 
-Exceptions: CommandError (root) ← UnknownCommand; timeouts raise TimeoutError (the web API maps it to 504).
+Exceptions (errors.py): CommandError ← UnknownCommand; timeouts raise TimeoutError (the web API maps it to 504).
 """
 
 from __future__ import annotations
@@ -14,19 +14,14 @@ from dataclasses import dataclass, field
 
 from google.protobuf import json_format
 
+from nanofleet.controller.errors import CommandError, UnknownCommand
 from nanofleet.mqtt import MqttClient
 from nanofleet.protos import fleet_pb2, topics
 from nanofleet.protos.names import COMMAND_KINDS
 
+__all__ = ["KINDS", "CommandError", "CommandOutcome", "CommandService", "UnknownCommand"]
+
 KINDS = COMMAND_KINDS  # the one list (protos/names.py)
-
-
-class CommandError(Exception):
-    """Root of command errors."""
-
-
-class UnknownCommand(CommandError):
-    """A kind the agent does not implement."""
 
 
 @dataclass

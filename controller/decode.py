@@ -8,7 +8,7 @@ floats, NaN — and anything it refuses goes to Parse, which decides. So the fas
 verdict (property-tested against Parse). One known difference: a key given twice in one object keeps its last
 value here, where Parse refuses the payload (as Python's json module, most JSON parsers take the last).
 
-Exceptions: PayloadError(reason) — a rejected payload, with a short reason fit for counting.
+Exceptions: PayloadError(reason) (errors.py) — a rejected payload, with a short reason fit for counting.
 """
 
 from __future__ import annotations
@@ -20,19 +20,12 @@ import msgspec
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from nanofleet.controller._devstate import TelemetryRow, availability_name, row_from_pb
+from nanofleet.controller.devstate import TelemetryRow, availability_name, row_from_pb
+from nanofleet.controller.errors import PayloadError
 from nanofleet.protos import fleet_pb2
 
 MAX_PAYLOAD = 64 * 1024
 _F32 = 3.4028234663852886e38
-
-
-class PayloadError(ValueError):
-    """A payload that is not a valid message for its topic; `reason` is short and stable for counting."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class _Slow(Exception):

@@ -7,16 +7,21 @@ deque; one ingest thread takes up to `max_batch` messages or `batch_ms` worth, d
 (controller.decode), and hands the batch to the store's writer thread as one transaction — decoding the next batch
 overlaps the commit of the previous one.
 A malformed payload is counted per device and reason in the store, logged once, and skipped.
+A batch the store fails to write (disk full, I/O error, a locked file) is retried `write_attempts` times with the
+project's backoff (nanofleet.backoff); if it still fails, its messages are counted in `stats.dropped_by_reason`
+(reason: SQLite's error name, e.g. `sqlite_full`) and logged — the broker has already handed them over, so nothing
+else can keep them, but nothing is lost without a count. A retried batch is judged again on what is stored (the
+store reloads its device state after a rollback); a later batch may have committed meanwhile.
 With `share_group`, the subscriptions go through `$share/<group>/...` so several controllers split the load.
-
-Exceptions: IngestError (root).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +29,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
+from nanofleet.backoff import Backoff
 from nanofleet.controller.decode import PayloadError, decode_result, decode_status, decode_telemetry
+from nanofleet.controller.errors import StoreClosed, StoreError
 from nanofleet.controller.store import Batch, BatchOutcome, Store
 from nanofleet.mqtt import MqttClient
 from nanofleet.mqtt_subscriber import AsyncPublisher, FastSubscriber
@@ -34,8 +41,11 @@ log = logging.getLogger(__name__)
 _PREFIX = topics.ROOT + "/"
 
 
-class IngestError(Exception):
-    """Root of ingest's errors."""
+@dataclass(slots=True)
+class _Inflight:
+    batch: Batch
+    messages: int
+    future: Future[BatchOutcome]
 
 
 @dataclass
@@ -48,6 +58,23 @@ class IngestStats:
     batches: int = 0
     gaps: int = 0
     rejected_by_reason: collections.Counter[str] = field(default_factory=collections.Counter)
+    write_retries: int = 0  # store writes tried again after a failure
+    dropped: int = 0  # messages lost because their batch could not be written, even after retries
+    dropped_by_reason: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def as_dict(self) -> dict[str, object]:
+        """For the controller's status, the dashboard and /metrics."""
+        return {"received": self.received, "telemetry": self.telemetry, "stored": self.stored,
+                "duplicates": self.duplicates, "rejected": self.rejected, "batches": self.batches, "gaps": self.gaps,
+                "rejected_by_reason": dict(self.rejected_by_reason), "write_retries": self.write_retries,
+                "dropped": self.dropped, "dropped_by_reason": dict(self.dropped_by_reason)}
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, stable name for a failed write: SQLite's error name (`sqlite_full`, `sqlite_busy`, `sqlite_ioerr_…`)
+    or the exception's class."""
+    name = getattr(exc, "sqlite_errorname", None) if isinstance(exc, sqlite3.Error) else None
+    return name.lower() if isinstance(name, str) and name else type(exc).__name__
 
 
 class Ingest:
@@ -69,12 +96,18 @@ class Ingest:
         on_connection: Callable[[bool], None] | None = None,
         transport: Literal["builtin", "paho"] = "paho",
         max_backlog: int = 200_000,
+        write_attempts: int = 5,
+        write_retry_s: tuple[float, float] = (0.2, 5.0),
+        on_thread_death: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.store, self.fleet = store, topics.check_id(fleet, "fleet")
         self.stats = IngestStats()
         self._batch_s, self._max_batch = batch_ms / 1000, max_batch
+        self._write_attempts, self._write_retry_s = max(1, write_attempts), write_retry_s
         self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
         self._on_outcome, self._on_result, self._on_connection = on_outcome, on_result, on_connection
+        self._on_thread_death = on_thread_death
+        self.thread_error: BaseException | None = None  # why the ingest thread died, if it did
         self._logged: set[tuple[str | None, str]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,7 +144,7 @@ class Ingest:
 
     async def start(self) -> Ingest:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name=f"ingest:{self.fleet}", daemon=True)
+        self._thread = threading.Thread(target=self._guarded, name=f"ingest:{self.fleet}", daemon=True)
         self._thread.start()
         if not isinstance(self.client, AsyncPublisher):
             self.client.subscribe(self.filters)
@@ -144,8 +177,18 @@ class Ingest:
         return len(self._inbox)
 
     # -- the ingest thread --------------------------------------------------------------------------------------
+    def _guarded(self) -> None:
+        """The thread's body: a bug that kills it is logged and reported (the controller stops), never silent."""
+        try:
+            self._run()
+        except Exception as exc:  # reported, not re-raised: the excepthook would only print it a second time
+            self.thread_error = exc
+            log.critical("ingest: the ingest thread died; nothing more is stored", exc_info=exc)
+            if self._on_thread_death is not None:
+                self._call_soon(self._on_thread_death, exc)
+
     def _run(self) -> None:
-        inflight: collections.deque[Future[BatchOutcome]] = collections.deque()
+        inflight: collections.deque[_Inflight] = collections.deque()
         inbox = self._inbox
         while True:
             if not inbox:
@@ -166,19 +209,25 @@ class Ingest:
             batch = self.decode(items)
             while len(inflight) >= 2:  # bound the work queued at the writer: backpressure into the inbox
                 self._reap(inflight, block=True)
-            inflight.append(self.store.submit_batch(batch))
+            inflight.append(_Inflight(batch, len(items), self._submit(batch)))
             self._reap(inflight, block=False)
         while inflight:
             self._reap(inflight, block=True)
 
-    def _reap(self, inflight: collections.deque[Future[BatchOutcome]], block: bool) -> None:
-        while inflight and (block or inflight[0].done()):
-            fut = inflight.popleft()
+    def _submit(self, batch: Batch) -> Future[BatchOutcome]:
+        try:
+            return self.store.submit_batch(batch)
+        except StoreError as exc:  # closed: the future carries the error to _settle, which counts it
+            failed: Future[BatchOutcome] = Future()
+            failed.set_exception(exc)
+            return failed
+
+    def _reap(self, inflight: collections.deque[_Inflight], block: bool) -> None:
+        while inflight and (block or inflight[0].future.done()):
+            item = inflight.popleft()
             block = False
-            try:
-                outcome = fut.result()
-            except Exception as exc:  # a failed transaction loses that batch; say so loudly, keep going
-                log.error("ingest: store write failed: %r", exc)
+            outcome = self._settle(item)
+            if outcome is None:
                 continue
             self.stats.stored += outcome.inserted
             self.stats.duplicates += outcome.duplicates
@@ -187,13 +236,35 @@ class Ingest:
             if self._on_outcome and (outcome.rebirth or outcome.new_devices or outcome.events):
                 self._call_soon(self._on_outcome, outcome)
 
+    def _settle(self, item: _Inflight) -> BatchOutcome | None:
+        """The batch's outcome, after up to `write_attempts` tries; None (counted, logged) when it is lost."""
+        backoff = Backoff(*self._write_retry_s)
+        future, attempt = item.future, 1
+        while True:
+            try:
+                return future.result()
+            except Exception as exc:  # noqa: BLE001 - any failed write is retried, then counted: never lost silently
+                error = exc
+            if attempt >= self._write_attempts or isinstance(error, StoreClosed):
+                break
+            delay = backoff.next()
+            log.warning("ingest: store write of %d messages failed (%s), retry %d/%d in %.2fs", item.messages,
+                        failure_reason(error), attempt, self._write_attempts - 1, delay)
+            self._stop.wait(delay)  # stopping: retry at once rather than wait
+            self.stats.write_retries += 1
+            future, attempt = self._submit(item.batch), attempt + 1
+        reason = failure_reason(error)
+        self.stats.dropped += item.messages
+        self.stats.dropped_by_reason[reason] += item.messages
+        log.error("ingest: dropped %d messages after %d failed store writes (%s): %r", item.messages, attempt, reason,
+                  error)
+        return None
+
     def _call_soon(self, fn: Callable[..., None], *args: object) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call: shutting down
                 loop.call_soon_threadsafe(fn, *args)
-            except RuntimeError:
-                pass
 
     def decode(self, items: list[tuple[str, bytes]]) -> Batch:
         """Validate raw (topic, payload) pairs into one store batch, rejections included."""

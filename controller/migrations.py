@@ -1,19 +1,19 @@
-"""Named, ordered schema migrations of the controller store; each runs once, recorded in `_migrations`.
+"""Named, ordered schema migrations of the controller store, run by nanofleet.sqlite_db.migrate (each once, in its
+own transaction, recorded in `_migrations`). A step is given the write connection as a sqlite_utils.Database.
 
 Append new steps at the end; never edit a step that has shipped.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Callable
+import sqlite_utils
 
-Migration = tuple[str, Callable[[sqlite3.Connection], None]]
+from nanofleet.sqlite_db import Migration
 
 
-def _m001_initial(conn: sqlite3.Connection) -> None:
+def _m001_initial(db: sqlite_utils.Database) -> None:
     _run_script(
-        conn,
+        db,
         """
         CREATE TABLE devices (
             device_id TEXT PRIMARY KEY,
@@ -101,18 +101,18 @@ def _m001_initial(conn: sqlite3.Connection) -> None:
     )
 
 
-def _run_script(conn: sqlite3.Connection, script: str) -> None:
+def _run_script(db: sqlite_utils.Database, script: str) -> None:
     # executescript() would COMMIT the surrounding migration transaction, so statements run one by one.
     for statement in script.split(";"):
         if statement.strip():
-            conn.execute(statement)
+            db.execute(statement)
 
 
-def _m002_telemetry_ts_index(conn: sqlite3.Connection) -> None:
+def _m002_telemetry_ts_index(db: sqlite_utils.Database) -> None:
     # Retention deletes by time: without this index every prune scans the whole device-major table (tens of millions
     # of rows for a thousand devices over the default week), holding the writer and so ingest for the whole scan.
     # Inserts append to it (time moves forward): ~one more page per batch.
-    conn.execute("CREATE INDEX telemetry_ts ON telemetry (ts_ms)")
+    db.execute("CREATE INDEX telemetry_ts ON telemetry (ts_ms)")
 
 
 MIGRATIONS: list[Migration] = [
@@ -120,26 +120,3 @@ MIGRATIONS: list[Migration] = [
     ("002_telemetry_ts_index", _m002_telemetry_ts_index),
 ]
 
-
-def apply_migrations(conn: sqlite3.Connection, migrations: list[Migration] = MIGRATIONS) -> list[str]:
-    """Run the migrations not yet recorded, each in its own transaction; return the names applied."""
-    conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_ms INTEGER NOT NULL)")
-    done = {row[0] for row in conn.execute("SELECT name FROM _migrations")}
-    applied = []
-    for name, step in migrations:
-        if name in done:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # another process opening the same store may have run it since we looked: check under the write lock
-            if conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)).fetchone():
-                conn.execute("COMMIT")
-                continue
-            step(conn)
-            conn.execute("INSERT INTO _migrations VALUES (?, CAST(strftime('%s','now') AS INTEGER) * 1000)", (name,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        applied.append(name)
-    return applied

@@ -3,6 +3,13 @@
 When the controller loses the broker it cannot vouch for any device, so it marks every online device offline
 ("controller_lost_broker"); births (retained) bring them back after it reconnects. On each (re)connect it
 republishes the last policies (an empty restarted broker has lost the retained ones) and publishes any change.
+
+Every task runs under nanofleet.tasks.TaskSupervisor: the stale sweep is restarted when it dies; the dashboard
+server and the ingest thread are fatal (`failed` is set, `wait_failed()` returns, the CLI exits non-zero so systemd
+or `nanofleet up` restarts the process); one-shot work (policy publishing, marking devices offline) is logged and
+recorded. `status()` shows what runs, what died and ingest's counters (dropped writes included) for the dashboard,
+health and metrics; `stop()` raises what went wrong while stopping instead of swallowing it. `metrics` is a
+Prometheus registry over `status()` (controller/metrics.py).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -18,8 +26,10 @@ from nanofleet.config import FleetConfig
 from nanofleet.controller import policy
 from nanofleet.controller.commands import CommandService
 from nanofleet.controller.ingest import Ingest
+from nanofleet.controller.metrics import registry_for
 from nanofleet.controller.store import BatchOutcome, Store
 from nanofleet.mqtt import MqttError
+from nanofleet.tasks import TaskSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +61,14 @@ class ControllerService:
         self.ingest: Ingest | None = None
         self.commands: CommandService | None = None
         self.policy_rounds = 0
+        self.rebirth_failures = 0
+        self.policy_failures = 0
         self._pending_policy: set[str] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSupervisor("controller", on_fatal=self._fatal)
+        self.failed: tuple[str, BaseException] | None = None  # the fatal death that ended this service, if any
+        self._failed = asyncio.Event()
+        self.started_at: float | None = None
+        self.metrics = registry_for(self.status)  # the web layer serves metrics.render(self.metrics) at /metrics
         self._server: Any = None
         self.web_port: int | None = None
 
@@ -64,45 +80,78 @@ class ControllerService:
         self.ingest = Ingest(store, self.config.fleet, self.broker_url, username=self._mqtt[0],
                              password=self._mqtt[1], share_group=self.share_group, telemetry_qos=self.telemetry_qos,
                              on_outcome=self._on_outcome, on_result=self._on_result,
-                             on_connection=self._on_connection, transport=self.ingest_reader)
+                             on_connection=self._on_connection, transport=self.ingest_reader,
+                             on_thread_death=lambda exc: self._fatal("ingest", exc))
         self.commands = CommandService(self.ingest.client, self.config.fleet)
         await self.ingest.start()
-        self._spawn(self._sweep())
+        self.tasks.spawn(self._sweep, "sweep", on_death="restart")
         if self.listen:
             await self._start_web(self.listen)
+        self.started_at = time.time()
         return self
 
     async def stop(self) -> None:
+        """Stop everything, each step even when an earlier one failed; then raise what failed (ExceptionGroup)."""
         if self._server is not None:
             self._server.should_exit = True
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        errors = list(await self.tasks.stop())
         if self.ingest is not None:
-            await self.ingest.stop()
+            try:
+                await self.ingest.stop()
+            except Exception as exc:  # collected: the store still closes; raised below
+                log.exception("controller: stopping ingest failed")
+                errors.append(exc)
         if self.store is not None:
-            await asyncio.to_thread(self.store.close)
+            try:
+                await asyncio.to_thread(self.store.close)
+            except Exception as exc:  # collected, raised below
+                log.exception("controller: closing the store failed")
+                errors.append(exc)
+        if errors:
+            raise BaseExceptionGroup("controller: errors while stopping", errors)
 
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
+    def _fatal(self, name: str, exc: BaseException) -> None:
+        """A part the controller cannot run without died: say so, and let the process end (then be restarted)."""
+        if self.failed is None:
+            self.failed = (name, exc)
+            log.critical("controller: %s died (%s: %s); the controller stops", name, type(exc).__name__, exc)
+        self._failed.set()
 
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("controller task failed: %r", task.exception())
+    async def wait_failed(self) -> tuple[str, BaseException]:
+        """Return when a fatal part died (the CLI then exits non-zero)."""
+        await self._failed.wait()
+        assert self.failed is not None
+        return self.failed
+
+    def status(self) -> dict[str, Any]:
+        """What runs and what died, and ingest's and the store's counters: for the dashboard, health and metrics."""
+        ingest = self.ingest
+        store = self.store
+        return {
+            "ok": self.failed is None,
+            "failed": None if self.failed is None else {"task": self.failed[0],
+                                                        "error": f"{type(self.failed[1]).__name__}: {self.failed[1]}"},
+            "started_at": self.started_at,
+            "tasks": self.tasks.status(),
+            "broker_connected": bool(ingest and ingest.connected),
+            "policy": {"rounds": self.policy_rounds, "failures": self.policy_failures,
+                       "rebirth_failures": self.rebirth_failures},
+            "ingest": None if ingest is None else {**ingest.stats.as_dict(), "backlog": ingest.backlog},
+            "store": None if store is None else {
+                "commit_errors": store.db.commit_errors, "housekeeping_errors": store.db.housekeeping_errors,
+                "checkpoint_errors": store.db.checkpoint_errors, "state_reloads": store.reloads},
+        }
 
     # -- events ---------------------------------------------------------------------------------------------------
     def _on_connection(self, up: bool) -> None:
         assert self.store is not None
+        store = self.store
         if up:
-            self._spawn(self._publish_policies(republish=True))
+            self.tasks.spawn(lambda: self._publish_policies(republish=True), "publish-policies", on_death="log",
+                             forever=False)
         else:
-            self._spawn(asyncio.to_thread(self.store.mark_all, "offline", "controller_lost_broker"))
+            self.tasks.spawn(lambda: asyncio.to_thread(store.mark_all, "offline", "controller_lost_broker"),
+                             "mark-offline", on_death="log", forever=False)
 
     def _on_result(self, result: Any) -> None:
         if self.commands is not None:
@@ -112,8 +161,11 @@ class ControllerService:
         assert self.commands is not None and self.ingest is not None
         for device_id in outcome.rebirth:
             if self.ingest.client.connected:
-                with contextlib.suppress(MqttError):
+                try:
                     self.commands.fire(device_id, "rebirth")
+                except MqttError as exc:  # the gap stays counted; the next one asks again (REBIRTH_EVERY_MS)
+                    self.rebirth_failures += 1
+                    log.warning("controller: rebirth request to %s not sent: %s", device_id, exc)
         # a new device needs its first policy; a new birth gets its policy again, live, which also tells the
         # device the controller listens (it replays its buffer then) and restores a retained copy a broker lost
         fresh = set(outcome.new_devices) | {e.device_id for e in outcome.events if e.reason == "birth"}
@@ -121,7 +173,8 @@ class ControllerService:
             first = not self._pending_policy
             self._pending_policy.update(fresh)
             if first:
-                self._spawn(self._publish_policies(delay=0.05))
+                self.tasks.spawn(lambda: self._publish_policies(delay=0.05), "publish-policies", on_death="log",
+                                 forever=False)
 
     async def _publish_policies(self, republish: bool = False, delay: float = 0.0) -> None:
         assert self.store is not None and self.ingest is not None
@@ -136,8 +189,11 @@ class ControllerService:
                 version, changes = await policy.apply(client, self.store, self.config, ids, new_only=True)
                 changed = {c.device_id for c in changes}
                 await policy.republish(client, self.store, self.config.fleet, only=ids - changed)
-        except (TimeoutError, MqttError):
-            return  # the connection went away; the next connect publishes again
+        except (TimeoutError, MqttError) as exc:  # the next connect publishes (new_only) again
+            self.policy_failures += 1
+            log.warning("controller: policy publishing failed (%s: %s); retried on the next (re)connect",
+                        type(exc).__name__, exc)
+            return
         if changes:
             self.policy_rounds += 1
             log.info("published policy version %d to %d devices", version, len(changes))
@@ -171,7 +227,7 @@ class ControllerService:
         server = _Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning", access_log=False,
                                         lifespan="off"))
         self._server = server
-        task = self._spawn(server.serve())
+        task = self.tasks.spawn(server.serve, "web", on_death="fatal")
         while not server.started:
             if task.done():
                 task.result()

@@ -1,30 +1,32 @@
 """The controller's SQLite store: devices with their latest state, telemetry, rollups, rejections, policies.
 
-One writer thread owns the only write connection (WAL, synchronous=NORMAL); every write is a job run inside one
-`BEGIN IMMEDIATE` transaction, answered through a future, so ingest commits a whole batch per fsync. Checkpoints
-(copying the WAL back into the database) run on their own thread and connection, not in the writer's commit: a
-telemetry batch dirties about a page per row, and SQLite's automatic checkpoint would stall ingest for as long.
-The device state machine (birth / death / telemetry / stale, Sparkplug bdSeq + seq checks) lives here, in the
-writer, so the contract methods and the ingest fast path share one implementation.
+The file is owned by the project's one writer (nanofleet.sqlite_db.Writer): one thread, one write connection (WAL,
+synchronous=NORMAL, created 0600), group commit, answers through futures, so ingest commits many batches per fsync.
+Checkpoints run on the Writer's own checkpoint thread, never inside a commit (a telemetry batch dirties about a
+page per row; SQLite's automatic checkpoint would stall ingest for as long). Rollups and retention run as the
+writer's housekeeping between batches. Schema: controller/migrations.py, recorded in `_migrations`.
+The device state machine (controller.devstate) runs on the writer thread and mirrors the `devices` table in memory;
+when a write is rolled back (disk full, I/O error) the mirror is reloaded from the file before the next job, so a
+retried batch is judged again on what is really stored.
 Readers use one connection per thread.
 
-Exceptions: StoreError (root) ← StoreClosed.
+Exceptions (errors.py): StoreError ← StoreClosed.
 """
 
 from __future__ import annotations
 
 import json
-import queue
+import logging
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from nanofleet.controller import _devstate as ds
-from nanofleet.controller.migrations import apply_migrations
+from nanofleet.controller import devstate as ds
+from nanofleet.controller.errors import StoreClosed, StoreError
+from nanofleet.controller.migrations import MIGRATIONS
 from nanofleet.controller.views import (
     DeviceEvent,
     DeviceView,
@@ -34,25 +36,17 @@ from nanofleet.controller.views import (
     TelemetryPoint,
 )
 from nanofleet.protos import fleet_pb2
+from nanofleet.sqlite_db import DatabaseClosed, Writer, create_private, in_transaction
 
-from ._devstate import Batch, BatchOutcome, TelemetryRow, row_from_pb
+from .devstate import Batch, BatchOutcome, TelemetryRow, row_from_pb
 
 __all__ = ["Batch", "BatchOutcome", "Store", "StoreClosed", "StoreError", "TelemetryRow", "row_from_pb"]
 
 T = TypeVar("T")
-_ROLLUP_EVERY_S = 2.0
-_PRUNE_EVERY_S = 60.0
+log = logging.getLogger(__name__)
 _PRUNE_AGAIN_S = 1.0      # when a prune stopped at its chunk: the rest soon, between ingest batches
 _PRUNE_CHUNK = 50_000     # raw rows a prune deletes at most, so one never holds the writer for long
 _CHECKPOINT_EVERY_S = 0.5
-
-
-class StoreError(Exception):
-    """Root of the store's errors."""
-
-
-class StoreClosed(StoreError):
-    """The store was closed; nothing more can be written."""
 
 
 def now_ms() -> int:
@@ -68,27 +62,27 @@ class Store:
         rollup_1m_retention_s: float = 31 * 86_400,
         rollup_1h_retention_s: float = 400 * 86_400,
         stale_factor: float = 2.5,
+        rollup_every_s: float = 2.0,
+        prune_every_s: float = 60.0,
+        clock: Callable[[], int] = now_ms,
     ) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._retention = (raw_retention_s, rollup_1m_retention_s, rollup_1h_retention_s)
         self.stale_factor = stale_factor
-        self._jobs: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._local = threading.local()
-        self._closed = False
-        self._readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()
-        conn = self._connect()
-        apply_migrations(conn)
-        self._state = ds.DeviceStates.load(conn)
+        self._clock = clock
+        self._rollup_every_s, self._prune_every_s = rollup_every_s, prune_every_s
         self._touched: set[tuple[str, int]] = set()
-        self._writer = threading.Thread(target=self._run, args=(conn,), name="store-writer", daemon=True)
-        self._writer.start()
-        self._stopping = threading.Event()
-        self._checkpointer = threading.Thread(target=self._checkpoints, name="store-checkpoint", daemon=True)
-        self._checkpointer.start()
+        self._next_rollup = time.monotonic() + rollup_every_s
+        self._next_prune = time.monotonic() + prune_every_s
+        self._state = ds.DeviceStates({})
+        self.reloads = 0  # times the device mirror was reloaded after a rollback
+        for suffix in ("", "-wal", "-shm"):  # documented 0600: also a file an older controller made with the umask's
+            if suffix == "" or Path(f"{self.path}{suffix}").exists():
+                create_private(f"{self.path}{suffix}")
+        self.db = Writer(self.path, MIGRATIONS, name="store-writer", migrations_table="_migrations",
+                         housekeeping=self._housekeeping, housekeeping_s=0.5, checkpoint_s=_CHECKPOINT_EVERY_S,
+                         on_rollback=self._reload)
+        self.db.call(self._load)
 
     @property
     def check_gaps(self) -> bool:
@@ -100,116 +94,54 @@ class Store:
         self._state.check_gaps = value
 
     # -- plumbing ---------------------------------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        # Switching to WAL needs a moment alone with the file, and SQLite does not wait for it (no busy handler)
-        # when another process is opening the same new store (several controllers): retry within a deadline.
-        deadline = time.monotonic() + 30
-        while True:
+    def _load(self, conn: sqlite3.Connection) -> None:
+        check_gaps = self._state.check_gaps
+        self._state = ds.DeviceStates.load(conn)
+        self._state.check_gaps = check_gaps
+
+    def _reload(self, conn: sqlite3.Connection) -> None:
+        """After a rollback: the in-memory devices may hold what the file does not; the file is the truth."""
+        self.reloads += 1
+        self._load(conn)
+
+    def _housekeeping(self, conn: sqlite3.Connection) -> None:
+        """Rollups every rollup_every_s, retention every prune_every_s (sooner while a prune has more to do)."""
+        mono = time.monotonic()
+        closing = self.db.closed if hasattr(self, "db") else False
+        if self._touched and (mono >= self._next_rollup or closing):
+            self._next_rollup = mono + self._rollup_every_s
+            touched = set(self._touched)
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpoint thread does it (see the module's docstring)
-        return conn
-
-    def _checkpoints(self) -> None:
-        """PASSIVE checkpoints every CHECKPOINT_EVERY_S (concurrent with the writer; SQLite works GIL-free)."""
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        try:
-            while not self._stopping.wait(_CHECKPOINT_EVERY_S):
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                except sqlite3.Error:  # busy with another checkpointer (several controllers): next tick
-                    pass
-        finally:
-            conn.close()
-
-    def _run(self, conn: sqlite3.Connection) -> None:
-        last_rollup = time.monotonic()
-        next_prune = last_rollup + _PRUNE_EVERY_S
-        while True:
-            try:
-                item = self._jobs.get(timeout=0.5)
-            except queue.Empty:
-                item = ()  # idle tick: housekeeping below
-            if item is None:
-                break
-            if item:
-                fn, fut = item
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        fut.set_result(self._in_tx(conn, fn))
-                    except BaseException as exc:
-                        fut.set_exception(exc)
-            mono = time.monotonic()
-            if self._touched and mono - last_rollup >= _ROLLUP_EVERY_S:
-                last_rollup = mono
-                self._safe(conn, self._flush_rollups)
-            if mono >= next_prune:
-                more = self._safe(conn, lambda c: self._prune(c, now_ms()))
-                next_prune = mono + (_PRUNE_AGAIN_S if more else _PRUNE_EVERY_S)
-        if self._touched:
-            self._safe(conn, self._flush_rollups)
-        conn.close()
-
-    def _safe(self, conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T | None:
-        try:
-            return self._in_tx(conn, fn)
-        except sqlite3.Error:  # housekeeping retries on the next tick
-            return None
-
-    @staticmethod
-    def _in_tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-        return result
+                in_transaction(conn, self._flush_rollups)
+            except BaseException:
+                self._touched |= touched  # rolled back: those minutes are rolled up on the next tick
+                raise
+        if mono >= self._next_prune and not closing:
+            self._next_prune = mono + self._prune_every_s  # also after a failure: no retry storm
+            more = in_transaction(conn, lambda c: self._prune(c, self._clock()))
+            self._next_prune = mono + (_PRUNE_AGAIN_S if more else self._prune_every_s)
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
         """Run `fn(conn)` on the writer thread inside one transaction; the future answers after COMMIT."""
-        if self._closed:
+        if self.db.closed:
             raise StoreClosed(f"store {self.path} is closed")
-        fut: Future[T] = Future()
-        self._jobs.put((fn, fut))
-        return fut
+        return self.db.submit(fn)
 
     def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return self.submit(fn).result()
 
-    def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self._closed:
-                raise StoreClosed(f"store {self.path} is closed")
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        return conn
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(conn)` on this thread's read connection (from a worker thread, never the event loop)."""
+        try:
+            return self.db.read(fn)
+        except DatabaseClosed as exc:
+            raise StoreClosed(f"store {self.path} is closed") from exc
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        return self.read(lambda conn: conn.execute(sql, args).fetchall())
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._jobs.put(None)
-        self._writer.join()
-        self._stopping.set()
-        self._checkpointer.join()
-        with self._readers_lock:
-            for conn in self._readers:
-                conn.close()
-            self._readers.clear()
+        self.db.close()
 
     def __enter__(self) -> Store:
         return self
@@ -232,7 +164,7 @@ class Store:
         self.apply(Batch(fleet, received_ms, telemetry=[row_from_pb(t) for t in items]))
 
     def _apply(self, conn: sqlite3.Connection, batch: Batch) -> BatchOutcome:
-        outcome = self._state.apply(conn, batch)
+        outcome = self._state.apply(conn, batch)  # raising rolls this job back, then _reload mends the mirror
         if batch.telemetry:
             before = conn.total_changes
             conn.executemany(
@@ -251,16 +183,13 @@ class Store:
 
     def sweep_stale(self, at_ms: int | None = None) -> list[DeviceEvent]:
         """Mark online devices silent for more than stale_factor x their telemetry interval as stale."""
-        at = now_ms() if at_ms is None else at_ms
+        at = self._clock() if at_ms is None else at_ms
         return self._call(lambda conn: self._state.sweep_stale(conn, at, self.stale_factor))
 
     def mark_all(self, state: Literal["offline", "stale"], reason: str, at_ms: int | None = None) -> list[DeviceEvent]:
         """Mark every online device `state` (e.g. the controller lost the broker and cannot vouch for any)."""
-        at = now_ms() if at_ms is None else at_ms
+        at = self._clock() if at_ms is None else at_ms
         return self._call(lambda conn: self._state.mark_all(conn, state, reason, at))
-
-    def record_rejection(self, device_id: str | None, topic: str, reason: str, at_ms: int | None = None) -> None:
-        self.apply(Batch("", now_ms() if at_ms is None else at_ms, rejections=[(device_id, topic, reason)]))
 
     def set_groups(self, groups: dict[str, str | None]) -> None:
         """Device -> group, from fleet.yaml (the store shows it; devices report no group themselves)."""
@@ -270,15 +199,6 @@ class Store:
             conn.executemany("INSERT INTO device_groups VALUES (?, ?)", list(groups.items()))
 
         self._call(run)
-
-    def flush_rollups(self) -> None:
-        self._call(self._flush_rollups)
-
-    def prune(self, at_ms: int | None = None) -> None:
-        """Apply retention now, chunk after chunk, until nothing is past it."""
-        at = now_ms() if at_ms is None else at_ms
-        while self._call(lambda conn: self._prune(conn, at)):
-            pass
 
     def _flush_rollups(self, conn: sqlite3.Connection) -> None:
         touched, self._touched = self._touched, set()
@@ -342,7 +262,7 @@ class Store:
         self._call(lambda conn: conn.executemany("INSERT OR REPLACE INTO policies VALUES (?,?,?,?,?)", rows))
 
     def published_policies(self) -> dict[str, PublishedPolicy]:
-        rows = self._reader().execute("SELECT * FROM policies").fetchall()
+        rows = self._rows("SELECT * FROM policies")
         return {r[0]: PublishedPolicy(*r) for r in rows}
 
     # -- read side ------------------------------------------------------------------------------------------------
@@ -362,70 +282,51 @@ class Store:
         return DeviceView(*r)
 
     def list_devices(self) -> list[DeviceView]:
-        rows = self._reader().execute(self._DEVICE_SQL + " ORDER BY d.device_id").fetchall()
+        rows = self._rows(self._DEVICE_SQL + " ORDER BY d.device_id")
         return [self._device(r) for r in rows]
 
     def get_device(self, device_id: str) -> DeviceView | None:
-        row = self._reader().execute(self._DEVICE_SQL + " WHERE d.device_id = ?", (device_id,)).fetchone()
+        rows = self._rows(self._DEVICE_SQL + " WHERE d.device_id = ?", (device_id,))
+        row = rows[0] if rows else None
         return self._device(row) if row else None
 
     def telemetry(self, device_id: str, since_ms: int | None = None, limit: int = 1000) -> list[TelemetryPoint]:
         """Newest `limit` points at or after `since_ms`, oldest first."""
-        rows = self._reader().execute(
+        rows = self._rows(
             """SELECT ts_ms, cpu_percent, ram_available_mb, temp_max_c, thermal_level, throttle_ratio, queue_depth,
                       battery_pct FROM telemetry WHERE device_id = ? AND ts_ms >= ?
                ORDER BY ts_ms DESC LIMIT ?""",
             (device_id, since_ms or 0, limit),
-        ).fetchall()
+        )
         return [TelemetryPoint(r[0], r[1], r[2], r[3], ds.thermal_name(r[4]), r[5], r[6], r[7]) for r in reversed(rows)]
-
-    def telemetry_keys(self, device_id: str | None = None) -> list[tuple[str, int, int, int]]:
-        """(device_id, bd_seq, seq, ts_ms) of every stored row: what tests use to prove nothing is stored twice."""
-        sql = "SELECT device_id, bd_seq, seq, ts_ms FROM telemetry"
-        args: tuple[Any, ...] = ()
-        if device_id is not None:
-            sql, args = sql + " WHERE device_id = ?", (device_id,)
-        return [tuple(r) for r in self._reader().execute(sql + " ORDER BY device_id, ts_ms", args)]
-
-    def telemetry_count(self) -> int:
-        return self._reader().execute("SELECT count(*) FROM telemetry").fetchone()[0]
 
     def rollups(
         self, device_id: str, resolution: Literal["1m", "1h"], since_ms: int | None = None
     ) -> list[RollupPoint]:
         if resolution not in ("1m", "1h"):
             raise StoreError(f"resolution must be '1m' or '1h', got {resolution!r}")
-        rows = self._reader().execute(
+        rows = self._rows(
             f"SELECT ts_ms, n, cpu_avg, cpu_max, temp_avg, temp_max, ram_available_min FROM rollup_{resolution} "
             "WHERE device_id = ? AND ts_ms >= ? ORDER BY ts_ms",
             (device_id, since_ms or 0),
-        ).fetchall()
+        )
         return [RollupPoint(*r) for r in rows]
 
     def policy_convergence(self) -> dict[int, int]:
-        rows = self._reader().execute("SELECT policy_version, count(*) FROM devices GROUP BY policy_version")
+        rows = self._rows("SELECT policy_version, count(*) FROM devices GROUP BY policy_version")
         return {int(v): int(n) for v, n in rows}
 
     def rejections(self, limit: int = 100) -> list[Rejection]:
-        rows = self._reader().execute(
+        rows = self._rows(
             "SELECT device_id, topic, reason, count, last_ms FROM rejections ORDER BY last_ms DESC LIMIT ?", (limit,)
-        ).fetchall()
+        )
         return [Rejection(r[0] or None, r[1], r[2], r[3], r[4]) for r in rows]
 
-    def rejection_total(self) -> int:
-        return self._reader().execute("SELECT coalesce(sum(count), 0) FROM rejections").fetchone()[0]
-
     def device_events(self, device_id: str | None = None, limit: int = 1000) -> list[DeviceEvent]:
-        """State changes, oldest first."""
+        """State changes, oldest first (the device page shows them)."""
         sql = "SELECT device_id, ts_ms, state, reason, bd_seq FROM device_events"
         args: tuple[Any, ...] = ()
         if device_id is not None:
             sql, args = sql + " WHERE device_id = ?", (device_id,)
-        rows = self._reader().execute(sql + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        rows = self._rows(sql + " ORDER BY id DESC LIMIT ?", (*args, limit))
         return [DeviceEvent(*r) for r in reversed(rows)]
-
-    def command_results(self, command_id: str) -> list[tuple[str, str, dict[str, str]]]:
-        rows = self._reader().execute(
-            "SELECT status, message, data_json FROM command_results WHERE id = ? ORDER BY ts_ms", (command_id,)
-        ).fetchall()
-        return [(r[0], r[1], json.loads(r[2])) for r in rows]

@@ -12,6 +12,11 @@ queue: a connection opener (0600, WAL), one migration runner, and one writer thr
   error) fails every future of the batch with the `sqlite3.Error`: nothing is acknowledged that is not on disk.
   `housekeeping(conn)` runs on the writer thread between batches, at most every `housekeeping_s`; its errors are
   logged and counted in `housekeeping_errors`, never swallowed silently.
+  `on_rollback(conn)` runs on the writer thread whenever work was rolled back (a failed job's savepoint, or a whole
+  batch whose COMMIT failed), before any later job: the hook for a caller that mirrors the file in memory.
+- `checkpoint_s`: the writer never checkpoints (`wal_autocheckpoint=0`: SQLite's automatic checkpoint runs inside a
+  COMMIT and would hold every writer behind it); a checkpoint thread with its own connection copies the WAL back
+  every `checkpoint_s`, concurrently (SQLite releases the GIL). Its failures are counted in `checkpoint_errors`.
 
 Readers use one connection per thread (`read`, `aread`).
 """
@@ -135,10 +140,13 @@ class Writer:
         self, path: str | Path, migrations: Sequence[Migration] = (), *, name: str = "sqlite-writer",
         synchronous: Synchronous = "NORMAL", migrations_table: str = "_migrations", max_batch: int = 512,
         housekeeping: Callable[[sqlite3.Connection], Any] | None = None, housekeeping_s: float = 0.5,
-        wal_autocheckpoint: int | None = None,
+        wal_autocheckpoint: int | None = None, checkpoint_s: float | None = None,
+        on_rollback: Callable[[sqlite3.Connection], Any] | None = None,
     ) -> None:
         self.path = Path(path)
         self.synchronous: Synchronous = synchronous
+        if checkpoint_s is not None:
+            wal_autocheckpoint = 0
         self._conn = connect(self.path, synchronous=synchronous, wal_autocheckpoint=wal_autocheckpoint)
         try:
             self.applied = migrate(self._conn, migrations, table=migrations_table)
@@ -152,12 +160,21 @@ class Writer:
         self.housekeeping_errors = 0
         self.batches = 0
         self.commit_errors = 0
+        self.rollback_errors = 0
+        self.checkpoint_errors = 0
+        self._on_rollback = on_rollback
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        self._stop_checkpoints = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        if checkpoint_s is not None:
+            self._checkpointer = threading.Thread(target=self._checkpoints, args=(checkpoint_s,),
+                                                  name=f"{name}-checkpoint", daemon=True)
+            self._checkpointer.start()
 
     @property
     def closed(self) -> bool:
@@ -200,12 +217,40 @@ class Writer:
         self._closed = True
         self._jobs.put(_STOP)
         self._thread.join()
+        self._stop_checkpoints.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join()
         with self._readers_lock:
             for conn in self._readers:
                 conn.close()
             self._readers.clear()
 
-    # -- the thread -------------------------------------------------------------------------------------------
+    # -- the threads ------------------------------------------------------------------------------------------
+    def _checkpoints(self, every_s: float) -> None:
+        """PASSIVE checkpoints: never wait for readers or the writer; what is left is copied on the next tick."""
+        conn = connect(self.path, synchronous=self.synchronous)
+        logged: set[str] = set()
+        try:
+            while not self._stop_checkpoints.wait(every_s):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error as exc:  # busy with another process's checkpoint: counted, next tick
+                    self.checkpoint_errors += 1
+                    if str(exc) not in logged:
+                        logged.add(str(exc))
+                        log.warning("%s: checkpoint failed (retried every %.1fs): %s", self.path, every_s, exc)
+        finally:
+            conn.close()
+
+    def _rolled_back(self, conn: sqlite3.Connection) -> None:
+        if self._on_rollback is None:
+            return
+        try:
+            self._on_rollback(conn)
+        except Exception:  # the caller's hook: logged and counted, the writer goes on
+            self.rollback_errors += 1
+            log.exception("%s: on_rollback hook failed", self.path)
+
     def _run(self) -> None:
         conn = self._conn
         next_housekeeping = time.monotonic() + self._housekeeping_s
@@ -254,12 +299,14 @@ class Writer:
                         raise  # SQLite rolled the whole transaction back itself (disk full, I/O error)
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
+                    self._rolled_back(conn)
                     results.append((future, None, exc))
             conn.execute("COMMIT")
-        except Exception as exc:  # noqa: BLE001 - BEGIN/COMMIT failed (disk full, I/O): each caller gets the error
+        except Exception as exc:  # noqa: BLE001 - BEGIN/COMMIT failed (disk full, I/O): every future gets exc
             self.commit_errors += 1
             with contextlib.suppress(sqlite3.Error):  # may fail when SQLite already rolled back; exc is reported
                 conn.execute("ROLLBACK")
+            self._rolled_back(conn)
             for _fn, future in live:
                 _settle(future, None, exc)
             return

@@ -95,14 +95,18 @@ class TaskSupervisor:
         return {"running": self.running,
                 "deaths": {n: {"error": d.error, "at": d.at, "count": d.count} for n, d in self.deaths.items()}}
 
-    async def stop(self) -> None:
-        """Cancel every task and wait for them; errors they raise while stopping are logged, not raised."""
+    async def stop(self) -> list[BaseException]:
+        """Cancel every task and wait for them; errors they raise while stopping are logged and returned, so the
+        caller can surface them (its own stop() raises them) rather than lose them."""
         self._stopping = True
         for waiter in list(self._restarts):
             waiter.cancel()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
+        errors: list[BaseException] = []
         for task, result in zip(tasks, await asyncio.gather(*tasks, return_exceptions=True), strict=True):
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 log.error("%s task %s failed while stopping", self.part, task.get_name(), exc_info=result)
+                errors.append(result)
+        return errors

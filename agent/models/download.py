@@ -21,6 +21,9 @@ import httpx
 
 from nanofleet.agent.errors import AgentError
 from nanofleet.agent.models.files import human_size, part_path
+from nanofleet.backoff import Backoff
+
+_BACKOFF_CAP_S = 30.0
 
 Progress = Callable[[int, int | None], None]  # (bytes done, total bytes or None)
 
@@ -55,6 +58,7 @@ def pull(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
     failures = 0
+    delays = Backoff(backoff, _BACKOFF_CAP_S)  # the project's one rule (nanofleet.backoff): capped, with jitter
     with httpx.Client(timeout=timeout, follow_redirects=True) as client:
         while True:
             try:
@@ -64,7 +68,7 @@ def pull(
                 failures += 1
                 if failures > retries:
                     raise DownloadError(f"{url}: gave up after {failures} failed attempts: {exc}") from exc
-                time.sleep(backoff * 2 ** (failures - 1))
+                time.sleep(delays.next())
     got = sha256_file(part)
     if got != sha256.lower():
         part.unlink(missing_ok=True)

@@ -45,6 +45,12 @@ def serve(config_path: Path, data_dir: Path, listen: str | None, tls_cert: str |
         asyncio.run(_serve(config, data_dir, listen, tls_cert, tls_key, grace))
     except (ConfigError, GatewayError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except BaseExceptionGroup as group:  # stop() went through every step; each failure was logged with its traceback
+        raise click.ClickException(_failures(group)) from group
+
+
+def _failures(group: BaseExceptionGroup[BaseException]) -> str:
+    return f"{group.message}: " + "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
 
 
 async def _serve(config, data_dir, listen, tls_cert, tls_key, grace) -> None:  # type: ignore[no-untyped-def]

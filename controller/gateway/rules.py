@@ -1,5 +1,6 @@
-"""The gateway's decisions as pure functions: policy, budgets, retry delays, backoff, cost. No I/O, no clock reads
-(the caller passes `now`), so every branch is unit- and property-tested."""
+"""The gateway's decisions as pure functions: policy, budgets, retry delays, cost. No I/O, no clock reads (the
+caller passes `now`), so every branch is unit- and property-tested. The retry backoff is the project's one rule,
+nanofleet.backoff."""
 
 from __future__ import annotations
 
@@ -122,12 +123,6 @@ def _iter_details(details: Any) -> list[dict[str, Any]]:
     if not isinstance(details, list):
         return []
     return [d for d in details if isinstance(d, dict)]
-
-
-def backoff(attempt: int, base: float, cap: float, rand: float) -> float:
-    """Delay before retry `attempt` (0-based): exponential, capped, with equal jitter (`rand` in [0, 1))."""
-    ceiling = min(cap, base * (2 ** min(attempt, 30)))
-    return ceiling / 2 + ceiling / 2 * rand
 
 
 def price_for(model: str, prices: Mapping[str, Price]) -> Price | None:

@@ -3,6 +3,8 @@
 Health services: "" (the process), "nanofleet.v1.Inference" and "nanofleet.gateway.Upstream"; the last two are
 NOT_SERVING while the upstream cannot serve (e.g. no API key), and every Check answer carries the reason in trailing
 metadata `nanofleet-detail` (shown by `nanofleet gateway health`) because the health proto has no message field.
+The process's own entry ("") also reports the service's supervised tasks that died (their count and last error).
+`stop()` goes through every step even when one fails, then raises what failed (an ExceptionGroup).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -68,9 +70,12 @@ class _DetailedHealth(HealthServicer):
     def __init__(self) -> None:
         super().__init__()
         self.details: dict[str, str] = {}
+        self.process_detail: Callable[[], str] | None = None  # live detail of the process entry ("")
 
     async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
         detail = self.details.get(request.service)
+        if request.service == "" and self.process_detail is not None:
+            detail = self.process_detail() or detail
         if detail:
             context.set_trailing_metadata(((DETAIL_KEY, detail),))
         return await super().Check(request, context)
@@ -113,7 +118,6 @@ class Gateway:
         self.service: InferenceService | None = None
         self.health = _DetailedHealth()
         self._server: grpc.aio.Server | None = None
-        self._stopped = asyncio.Event()
 
     @property
     def db_path(self) -> Path:
@@ -139,6 +143,7 @@ class Gateway:
         self.service = InferenceService(self.config, self.upstream, Authenticator(db, self.config.fleet,
                                         self._auth_ttl), ledger, idem)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)])
+        self.health.process_detail = self.service.health_detail
         inference_pb2_grpc.add_InferenceServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         serving = health_pb2.HealthCheckResponse.SERVING
@@ -163,25 +168,29 @@ class Gateway:
                  "TLS" if self.tls else "plaintext, loopback", self.upstream_detail)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop taking calls, let calls in flight finish within `grace` seconds, then cancel the rest."""
+        """Stop taking calls, let calls in flight finish within `grace` seconds, then cancel the rest; every step
+        runs even when one fails, and what failed is raised at the end."""
         if self._server is None:
             return
         server, self._server = self._server, None
+        errors: list[BaseException] = []
         await self.health.enter_graceful_shutdown()
         await server.stop(self.grace if grace is None else grace)
         if self.service is not None:
-            await self.service.drain()
-        await self.upstream.close()
-        await self._close_storage()
-        self._stopped.set()
+            errors += await self.service.drain()
+        for step in (self.upstream.close, self._close_storage):
+            try:
+                await step()
+            except Exception as exc:  # collected: the next step still runs; raised below
+                log.exception("gateway: %s failed while stopping", step.__name__)
+                errors.append(exc)
+        if errors:
+            raise BaseExceptionGroup("gateway: errors while stopping", errors)
 
     async def _close_storage(self) -> None:
         if self.db is not None:
             await asyncio.to_thread(self.db.close)
             self.db = None
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
 
     async def __aenter__(self) -> Gateway:
         await self.start()

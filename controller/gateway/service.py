@@ -2,7 +2,9 @@
 
 Every call runs under a deadline: the caller's, capped by the upstream timeout (a call without one gets the cap).
 A unary call with a request_id runs in its own task, so an answer the device gave up on still completes once,
-is charged once and is returned to the device's retry for free.
+is charged once and is returned to the device's retry for free. Such detached work (and the usage of a stream the
+device left) runs under nanofleet.tasks.TaskSupervisor: an error it was not built to answer (a GatewayError goes to
+the caller through the idempotency record) is logged and recorded in `tasks.deaths`, which the health service shows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import grpc
 
 from nanofleet.config import FleetConfig, Profile
 from nanofleet.protos import inference_pb2, inference_pb2_grpc
+from nanofleet.tasks import TaskSupervisor
 
 from . import rules
 from .auth import Authenticator, DeviceIdentity
@@ -45,7 +48,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.refusals: collections.Counter[str] = collections.Counter()  # status code name -> count
         self.upstream_calls = 0
         self._profiles: dict[tuple[str, str | None], Profile] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.tasks = TaskSupervisor("gateway")
+        self._detached: set[asyncio.Task[Any]] = set()
         gw = config.gateway
         self._timeout = gw.upstream.timeout
         self._offered = frozenset(gw.prices_per_million)
@@ -117,10 +121,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         if refusal is not None:
             raise BudgetExceeded(refusal.message, refusal.retry_after)
 
-    def _spawn(self, coro: Awaitable[T]) -> asyncio.Task[T]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coro: Awaitable[T], name: str) -> asyncio.Task[T | None]:
+        """Detached one-shot work under the supervisor; `drain()` gives it time to finish."""
+
+        async def run() -> T | None:
+            try:
+                return await coro
+            except GatewayError:  # already the caller's answer (through the idempotency record): not a death
+                return None
+
+        task = self.tasks.spawn(run, name, on_death="log", forever=False)
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
         return task
 
     # -- Generate ------------------------------------------------------------------------------------------------
@@ -141,7 +153,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 found = self.idem.peek(key, self.clock())
                 # the upstream call gets the gateway's cap, not this caller's deadline: if the device gives up,
                 # the answer still lands once and its retry (same request_id) gets it without a second charge
-                self._spawn(self._generate(identity, request, up_req, self._timeout, key))
+                self._spawn(self._generate(identity, request, up_req, self._timeout, key), "generate")
             assert isinstance(found, asyncio.Future)
             return await self._within(seconds, asyncio.shield(found))
         except GatewayError as exc:
@@ -198,7 +210,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 yield chunk
         except GatewayError as exc:
             await self._abort(context, exc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - logged, counted, answered INTERNAL by _internal
             await self._internal(context, exc)
 
     async def _stream(self, identity: DeviceIdentity, request: inference_pb2.GenerateRequest,
@@ -235,7 +247,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if not finished and seen:  # charged upstream even if the device went away: count what we know
                 partial = _fold(seen, up_req.model)
                 self._spawn(self.ledger.record(identity.device_id, request.app_id, partial.model,
-                                               partial.input_tokens, partial.output_tokens, self.clock()))
+                                               partial.input_tokens, partial.output_tokens, self.clock()),
+                            "record-partial-usage")
             raise
 
     # -- CountTokens ---------------------------------------------------------------------------------------------
@@ -259,15 +272,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await self._internal(context, exc)
             raise AssertionError("unreachable") from exc
 
-    async def drain(self, within: float = 1.0) -> None:
-        """Give detached work (idempotent unary calls, partial-usage writes) `within` seconds, then cancel it."""
-        if not self._tasks:
-            return
-        _, pending = await asyncio.wait(list(self._tasks), timeout=within)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+    async def drain(self, within: float = 1.0) -> list[BaseException]:
+        """Give detached work (idempotent unary calls, partial-usage writes) `within` seconds, then cancel it;
+        returns the errors raised while it was cancelled (deaths before that are in `tasks.deaths`)."""
+        if self._detached:
+            await asyncio.wait(list(self._detached), timeout=within)
+        return await self.tasks.stop()
+
+    def health_detail(self) -> str:
+        """One line for the health service: the detached work that died, if any."""
+        deaths = self.tasks.deaths
+        if not deaths:
+            return ""
+        return "tasks died: " + "; ".join(f"{d.name} x{d.count} (last: {d.error})" for d in deaths.values())
 
 
 def _fold(chunks: list[UpstreamChunk], model: str) -> UpstreamResult:

@@ -1,7 +1,7 @@
 """Operator authentication for the web app: Bearer token or signed session cookie, CSRF on cookie POSTs, and the
 security headers every response carries.
 
-Exception tree (all map to HTTP answers at the app's edge)::
+Exception tree (under ControllerError, see controller/errors.py; all map to HTTP answers at the app's edge)::
 
     WebError(status, code, detail)     an HTTP-facing error with a JSON body {"error": code, "detail": detail}
     └── Unauthorized                   401: no, wrong or expired credentials (pages redirect to /login instead)
@@ -18,19 +18,13 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import verify_token
+from ..errors import WebError
 from .sessions import Session, SessionSigner
 
 __all__ = ["COOKIE", "Operator", "OperatorAuth", "SecurityHeaders", "Unauthorized", "WebError", "safe_next"]
 
 COOKIE = "nanofleet_session"
 _MAX_TOKEN = 512
-
-
-class WebError(Exception):
-    def __init__(self, status: int, code: str, detail: str, *, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
-        self.headers = headers or {}
 
 
 class Unauthorized(WebError):

@@ -166,3 +166,20 @@ async def test_lazy_download_shows_progress_in_status(http_files, make_settings,
         await until(lambda: svc.models.status().availability == "available")
         assert progress == sorted(progress) and 0 < progress[-1] < 1
     await svc.models.close()
+
+
+def test_download_retries_wait_by_the_one_backoff_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries after connection errors wait by nanofleet.backoff: each delay in [step/2, step) for step = base·2^k
+    (equal jitter, so a fleet pulling one model at once does not retry in lockstep), then a clear error."""
+    from nanofleet.agent.models import download
+    from tests.conftest import free_port
+
+    slept: list[float] = []
+    monkeypatch.setattr(download.time, "sleep", slept.append)
+    url = f"http://127.0.0.1:{free_port()}/models/none.gguf"  # nothing listens: connection refused
+    with pytest.raises(download.DownloadError, match="gave up after 4 failed attempts"):
+        pull(url, tmp_path / "m.gguf", "0" * 64, retries=3, backoff=0.01)
+    assert len(slept) == 3
+    for k, delay in enumerate(slept):
+        step = 0.01 * 2**k
+        assert step / 2 <= delay < step, (k, delay)

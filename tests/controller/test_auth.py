@@ -123,3 +123,15 @@ def test_short_secret_refused() -> None:
 )
 def test_safe_next_only_allows_local_paths(value: str | None, expected: str) -> None:
     assert safe_next(value) == expected
+
+
+def test_operator_token_file_and_data_dir_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        ensure_operator_token(tmp_path / "ctl")
+        rotate_operator_token(tmp_path / "ctl")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ctl").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "ctl" / TOKEN_FILE).stat().st_mode) == 0o600
+    assert sorted(p.name for p in (tmp_path / "ctl").iterdir()) == [TOKEN_FILE]  # no temp file left behind

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import free_port, wait_for
-from ctl_helpers import fleet, until
+from ctl_helpers import command_results, fleet, until
 
 from nanofleet.cli import main
 from nanofleet.controller.commands import UnknownCommand
@@ -43,7 +43,7 @@ async def test_commands_ack_result_timeout(broker, tmp_path: Path, reader: str) 
         assert out.status == "ok" and len(svc.store.device_events("sim-0000")) == births  # same bd_seq: no new event
         out = await svc.commands.send("sim-0000", "reload-policy", timeout_s=5)
         assert out.status == "ok" and "re-applied" in out.message
-        await until(lambda: [r[0] for r in svc.store.command_results(out.id)] == ["ack", "ok"], 5, "results stored")
+        await until(lambda: [r[0] for r in command_results(svc.store, out.id)] == ["ack", "ok"], 5, "results stored")
         with pytest.raises(UnknownCommand, match="unknown command 'format-disk'"):
             await svc.commands.send("sim-0000", "format-disk")
         with pytest.raises(TimeoutError, match=r"no acknowledgement within 0\.5s"):

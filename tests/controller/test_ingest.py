@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from ctl_helpers import fleet, until
+from ctl_helpers import fleet, rejection_total, telemetry_keys, until
 
 from nanofleet.controller.service import ControllerService
 from nanofleet.mqtt import MqttClient
@@ -43,7 +43,7 @@ async def test_births_telemetry_shutdown_and_last_will(broker, tmp_path: Path, r
         reasons = {d: store.device_events(d)[-1].reason for d in ("sim-0001", "sim-0002")}
         assert reasons == {"sim-0001": "shutdown", "sim-0002": "last_will"}
         assert store.get_device("sim-0000").state == "online"
-        keys = store.telemetry_keys()
+        keys = telemetry_keys(store)
         assert len(keys) == len(set(keys))
     finally:
         await sim.stop()
@@ -65,7 +65,7 @@ async def test_malformed_payloads_are_counted_and_ingest_keeps_going(
             await pub.publish(t, p, qos=1)
         await pub.publish(topics.telemetry("ing2", "d1"), b'{"tsMs": "1000", "seq": 0, "cpuPercent": 3}', qos=1)
         store = svc.store
-        await until(lambda: store.rejection_total() == 4 and store.telemetry_keys("d1"), 10, "4 rejections + 1 row")
+        await until(lambda: rejection_total(store) == 4 and telemetry_keys(store, "d1"), 10, "4 rejections + 1 row")
         reasons = sorted(r.reason for r in store.rejections())
         assert reasons == ["command result without id", "device_id does not match the topic", "invalid json",
                            "not a JSON object"]

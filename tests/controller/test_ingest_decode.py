@@ -10,8 +10,8 @@ from google.protobuf import json_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanofleet.controller._devstate import row_from_pb
 from nanofleet.controller.decode import PayloadError, decode_result, decode_status, decode_telemetry
+from nanofleet.controller.devstate import row_from_pb
 from nanofleet.protos import fleet_pb2
 
 

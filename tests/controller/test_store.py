@@ -6,6 +6,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
+from ctl_helpers import flush_rollups, prune, reject, telemetry_count, telemetry_keys
 
 from nanofleet.controller.store import Batch, Store, TelemetryRow
 from nanofleet.controller.views import PublishedPolicy
@@ -75,7 +77,7 @@ def test_duplicates_are_stored_once(store: Store) -> None:
     store.write_telemetry("f", items, T0)
     out = store.apply(Batch("f", T0, telemetry=[TelemetryRow("d1", 1, i, T0 + i, replayed=True) for i in range(10)]))
     assert out.inserted == 0 and out.duplicates == 10
-    assert len(store.telemetry_keys("d1")) == 10
+    assert len(telemetry_keys(store, "d1")) == 10
 
 
 def test_seq_gap_and_stale_birth_ask_for_rebirth(store: Store) -> None:
@@ -102,7 +104,7 @@ def test_replayed_telemetry_does_not_move_latest_state(store: Store) -> None:
     store.write_telemetry("f", [tel("d1", 1, 9, T0 - 50_000, replayed=True)], T0 + 11_000)
     d = store.get_device("d1")
     assert d.cpu_percent == 10.0 and d.gap_count == 0 and d.last_seen_ms == T0 + 10_000
-    assert len(store.telemetry_keys("d1")) == 3
+    assert len(telemetry_keys(store, "d1")) == 3
 
 
 def test_stale_after_interval_then_online_on_telemetry(store: Store) -> None:
@@ -121,7 +123,7 @@ def test_rollups_1m_and_1h(store: Store) -> None:
     rows = [TelemetryRow("d1", 1, i % 256, T0 + i * 30_000, cpu_percent=float(i), ram_available_mb=100 - i,
                          temp_max_c=40.0 + i) for i in range(4)]  # minutes 0,0,1,1
     store.apply(Batch("f", T0, telemetry=rows))
-    store.flush_rollups()
+    flush_rollups(store)
     m = store.rollups("d1", "1m")
     assert [(r.ts_ms, r.n, r.cpu_avg, r.cpu_max, r.ram_available_min) for r in m] == [
         (T0, 2, 0.5, 1.0, 99), (T0 + 60_000, 2, 2.5, 3.0, 97)]
@@ -131,11 +133,19 @@ def test_rollups_1m_and_1h(store: Store) -> None:
         store.rollups("d1", "5m")  # type: ignore[arg-type]
 
 
-def test_retention_prunes_old_rows(tmp_path: Path) -> None:
-    with Store(tmp_path / "s.db", raw_retention_s=60) as s:
+def test_retention_prunes_old_rows_in_the_writers_housekeeping(tmp_path: Path) -> None:
+    """Nobody calls prune: the writer's housekeeping applies retention on its own, by the store's clock."""
+    with Store(tmp_path / "s.db", raw_retention_s=60, prune_every_s=0.1, clock=lambda: T0 + 150_000) as s:
         s.apply(Batch("f", T0, telemetry=[TelemetryRow("d1", 0, 0, T0), TelemetryRow("d1", 0, 1, T0 + 120_000)]))
-        s.prune(T0 + 150_000)
-        assert [k[3] for k in s.telemetry_keys()] == [T0 + 120_000]
+        wait_for(lambda: [k[3] for k in telemetry_keys(s)] == [T0 + 120_000], timeout=10, what="old row pruned")
+
+
+def test_rollups_are_made_by_the_writers_housekeeping(tmp_path: Path) -> None:
+    with Store(tmp_path / "r.db", rollup_every_s=0.1) as s:
+        s.apply(Batch("f", T0, telemetry=[TelemetryRow("d1", 0, i, T0 + i * 1000, cpu_percent=10.0 * i)
+                                          for i in range(3)]))
+        wait_for(lambda: [(r.n, r.cpu_max) for r in s.rollups("d1", "1m")] == [(3, 20.0)], timeout=10,
+                 what="1m rollup")
 
 
 def test_convergence_rejections_policies_and_groups(store: Store) -> None:
@@ -143,9 +153,9 @@ def test_convergence_rejections_policies_and_groups(store: Store) -> None:
     store.write_status("f", birth("b", 1, policy=2), T0)
     store.write_status("f", birth("c", 1, policy=3), T0)
     assert store.policy_convergence() == {2: 2, 3: 1}
-    store.record_rejection("a", "t/a", "invalid json", T0)
-    store.record_rejection("a", "t/a", "invalid json", T0 + 5)
-    store.record_rejection(None, "junk", "not a nanofleet topic", T0 + 1)
+    reject(store, "a", "t/a", "invalid json", T0)
+    reject(store, "a", "t/a", "invalid json", T0 + 5)
+    reject(store, None, "junk", "not a nanofleet topic", T0 + 1)
     rej = {(r.device_id, r.reason): r for r in store.rejections()}
     assert rej[("a", "invalid json")].count == 2 and rej[("a", "invalid json")].last_ms == T0 + 5
     assert rej[(None, "not a nanofleet topic")].count == 1
@@ -176,7 +186,7 @@ def test_readers_from_many_threads_while_writing(store: Store) -> None:
             for _ in range(50):
                 store.list_devices()
                 store.telemetry("d1")
-        except BaseException as exc:  # pragma: no cover - reported below
+        except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=read) for _ in range(4)]
@@ -186,7 +196,7 @@ def test_readers_from_many_threads_while_writing(store: Store) -> None:
         store.write_telemetry("f", [tel("d1", 1, i, T0 + i)], T0 + i)
     for t in threads:
         t.join()
-    assert not errors and len(store.telemetry_keys()) == 20
+    assert not errors and len(telemetry_keys(store)) == 20
 
 
 def _open_store(path: str, results) -> None:  # runs in a child process
@@ -195,7 +205,7 @@ def _open_store(path: str, results) -> None:  # runs in a child process
     try:
         Store(path).close()
         results.put("ok")
-    except Exception as exc:  # reported to the parent, which asserts on it
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which asserts on it
         results.put(repr(exc))
 
 
@@ -259,13 +269,87 @@ def test_retention_deletes_by_the_time_index_in_bounded_chunks(tmp_path: Path, m
         rows = [TelemetryRow(f"d{i % 7}", 0, i % 256, T0 + i) for i in range(250)]
         s.apply(Batch("f", T0, telemetry=[*rows, TelemetryRow("d1", 0, 0, T0 + 500_000)]))
         at = T0 + 60_000 + 250  # everything but the last row is past retention
-        plan = " ".join(r[3] for r in s._reader().execute(
-            "EXPLAIN QUERY PLAN DELETE FROM telemetry WHERE ts_ms < ?", (at - 60_000,)))
+        plan = " ".join(r[3] for r in s.read(lambda c: c.execute(
+            "EXPLAIN QUERY PLAN DELETE FROM telemetry WHERE ts_ms < ?", (at - 60_000,)).fetchall()))
         assert "telemetry_ts" in plan, plan
-        assert s._call(lambda c: s._prune(c, at)) is True and s.telemetry_count() == 151  # one chunk, more left
-        s.prune(at)
-        assert [k[3] for k in s.telemetry_keys()] == [T0 + 500_000]
+        assert s.submit(lambda c: s._prune(c, at)).result() is True and telemetry_count(s) == 151  # 1 chunk
+        prune(s, at)
+        assert [k[3] for k in telemetry_keys(s)] == [T0 + 500_000]
         # more rows than a chunk at one timestamp: deleted together rather than never
         s.apply(Batch("f", T0, telemetry=[TelemetryRow(f"e{i}", 0, 0, T0 + 100) for i in range(150)]))
-        s.prune(at)
-        assert s.telemetry_count() == 1
+        prune(s, at)
+        assert telemetry_count(s) == 1
+
+
+def _fill(store: Store, pages: int | None) -> None:
+    """Cap the writer's file at its current size plus `pages` (None: lift the cap): a real 'disk full'."""
+    def run(c):  # type: ignore[no-untyped-def]
+        size = c.execute("PRAGMA page_count").fetchone()[0]
+        c.execute(f"PRAGMA max_page_count = {size + pages if pages is not None else 2**30}")
+    store.submit(run).result()
+
+
+def test_a_rolled_back_batch_leaves_no_trace_in_the_device_state(tmp_path: Path) -> None:
+    """Disk full: the batch fails whole; retried once there is room, it is judged on what is stored — its new
+    device is new again and its birth is recorded — not on what the failed attempt left in memory."""
+    import sqlite3
+
+    with Store(tmp_path / "full.db") as store:
+        store.write_status("f", birth("d1", 1), T0)
+        batch = Batch("f", T0 + 1000, statuses=[birth("d2", 1)],
+                      telemetry=[TelemetryRow(f"x{i}", 1, 0, T0 + i) for i in range(3000)])
+        _fill(store, 2)
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            store.apply(batch)
+        assert store.get_device("d2") is None and store.reloads >= 1
+        _fill(store, None)
+        out = store.apply(batch)
+        assert "d2" in out.new_devices and ("d2", "birth") in [(e.device_id, e.reason) for e in out.events]
+        assert store.get_device("d2").state == "online" and telemetry_count(store) == 3000
+
+
+def test_a_store_file_of_the_previous_format_opens_and_is_migrated(tmp_path: Path) -> None:
+    """A store written by the controller's own runner before the shared one (same `_migrations` table, only
+    001 applied, made with the umask's mode): it opens, keeps its rows, gets 002, and is 0600 afterwards."""
+    import os
+    import sqlite3
+    import stat
+
+    import sqlite_utils
+
+    from nanofleet.controller import migrations
+
+    path = tmp_path / "old.db"
+    old = os.umask(0o022)
+    try:
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_ms INTEGER NOT NULL)")
+            migrations._m001_initial(sqlite_utils.Database(conn))
+            conn.execute("INSERT INTO _migrations VALUES ('001_initial', CAST(strftime('%s','now') AS INTEGER) * 1000)")
+            conn.execute("INSERT INTO devices (device_id, fleet, bd_seq) VALUES ('old-1', 'f', 7)")
+    finally:
+        os.umask(old)
+    with Store(path) as store:
+        assert store.db.applied == ["002_telemetry_ts_index"]
+        assert store.get_device("old-1").bd_seq == 7
+        names = store.read(lambda c: [r[0] for r in c.execute("SELECT name FROM _migrations ORDER BY name")])
+        assert names == ["001_initial", "002_telemetry_ts_index"]
+        store.write_status("f", birth("old-1", 8), T0)
+        assert store.get_device("old-1").state == "online"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_new_store_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with Store(tmp_path / "ctl" / "controller.db") as store:
+            store.write_status("f", birth("d1", 1), T0)
+    finally:
+        os.umask(old)
+    for suffix in ("", "-wal", "-shm"):
+        p = tmp_path / "ctl" / f"controller.db{suffix}"
+        if p.exists():
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, suffix

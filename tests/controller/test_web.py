@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from ctl_helpers import flush_rollups, reject
 
 from nanofleet.config import parse_fleet
 from nanofleet.controller.auth import ensure_operator_token
@@ -194,7 +195,7 @@ async def test_api_telemetry_raw_and_rollups(client: httpx.AsyncClient, store: S
     r = await client.get("/api/devices/pi-1/telemetry", params={"since_ms": ts[3], "limit": 2},
                          headers=bearer(token_and_hash))
     assert [p["ts_ms"] for p in r.json()["points"]] == ts[4:]
-    store.flush_rollups()
+    flush_rollups(store)
     r = await client.get("/api/devices/pi-1/telemetry", params={"resolution": "1m"}, headers=bearer(token_and_hash))
     points = r.json()["points"]
     assert points and sum(p["n"] for p in points) == 6
@@ -213,8 +214,8 @@ async def test_api_convergence_and_rejections(client: httpx.AsyncClient, store: 
     r = await client.get("/api/policy/convergence", headers=bearer(token_and_hash))
     assert r.json() == {"latest": 7, "converged": 2, "total": 3,
                         "versions": [{"version": 7, "devices": 2}, {"version": 6, "devices": 1}], "behind": []}
-    store.record_rejection("pi-2", "nanofleet/v1/demo/pi-2/telemetry", "telemetry.cpu_percent: not a number")
-    store.record_rejection("pi-2", "nanofleet/v1/demo/pi-2/telemetry", "telemetry.cpu_percent: not a number")
+    reject(store, "pi-2", "nanofleet/v1/demo/pi-2/telemetry", "telemetry.cpu_percent: not a number")
+    reject(store, "pi-2", "nanofleet/v1/demo/pi-2/telemetry", "telemetry.cpu_percent: not a number")
     rej = (await client.get("/api/rejections", headers=bearer(token_and_hash))).json()
     assert rej == [{"device_id": "pi-2", "topic": "nanofleet/v1/demo/pi-2/telemetry",
                     "reason": "telemetry.cpu_percent: not a number", "count": 2, "last_ms": rej[0]["last_ms"]}]
@@ -392,7 +393,7 @@ async def test_device_controlled_strings_are_escaped(tmp_path: Path, token_and_h
         now = int(time.time() * 1000)
         s.write_status("demo", birth(EVIL_ID, model=EVIL_MODEL), now)
         s.write_telemetry("demo", samples(EVIL_ID, 3, start_ms=now - 30_000), now)
-        s.record_rejection(EVIL_ID, "nanofleet/v1/demo/<x>/telemetry", "<script>alert(2)</script>")
+        reject(s, EVIL_ID, "nanofleet/v1/demo/<x>/telemetry", "<script>alert(2)</script>")
         app = create_app(s, FLEET, operator_token_hash=token_and_hash[1])
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
             await login(c, token_and_hash[0])

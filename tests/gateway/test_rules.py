@@ -88,11 +88,21 @@ def test_retry_delay_never_crashes(message: str, header: str | None, details: ob
     assert delay is None or 0 <= delay <= rules.MAX_RETRY_DELAY
 
 
-@given(st.integers(0, 100), st.floats(0.001, 5), st.floats(0.01, 60), st.floats(0, 0.999999))
-def test_backoff_bounds(attempt: int, base: float, cap: float, rand: float) -> None:
-    delay = rules.backoff(attempt, base, cap, rand)
-    ceiling = min(cap, base * 2 ** min(attempt, 30))
-    assert ceiling / 2 <= delay <= ceiling
+@given(st.integers(0, 10), st.floats(0.001, 5), st.floats(0.01, 60), st.floats(0, 0.999999))
+def test_the_upstream_retry_delay_is_the_one_backoff_rule(attempt: int, base: float, cap: float,
+                                                           rand: float) -> None:
+    """The retry loop takes its delay from nanofleet.backoff with the injected rand: equal jitter within the cap."""
+    from nanofleet.backoff import backoff
+    from nanofleet.controller.gateway.errors import UpstreamUnavailable
+    from nanofleet.controller.gateway.upstreams.base import UnavailableUpstream
+    from nanofleet.controller.gateway.upstreams.retrying import RetryingUpstream
+
+    up = RetryingUpstream(UnavailableUpstream("x"), max_retries=100, base_delay=base, max_delay=cap,
+                          rand=lambda: rand)
+    delay = up._delay_or_raise(attempt, UpstreamUnavailable("5xx"), None)
+    ceiling = min(cap, base * 2 ** attempt)
+    assert delay == backoff(attempt, base, cap, rand) and ceiling / 2 <= delay <= ceiling
+    assert up.retries == 1
 
 
 def test_prices() -> None:

@@ -121,3 +121,51 @@ def test_cancelled_before_running_is_not_run(tmp_path):
     with pytest.raises(concurrent.futures.CancelledError):
         fut.result()
     w.close()
+
+
+def test_on_rollback_runs_on_the_writer_before_any_later_job(tmp_path):
+    """A failed job's savepoint and a batch whose COMMIT failed both call the hook, before the next job runs."""
+    seen = []
+    w = Writer(tmp_path / "r.db", STEPS,
+               on_rollback=lambda c: seen.append((threading.current_thread().name, c.in_transaction)))
+    with pytest.raises(sqlite3.OperationalError):
+        w.call(lambda c: c.execute("INSERT INTO nope VALUES (1)"))
+    assert seen == [("sqlite-writer", True)]  # inside the batch's transaction, after ROLLBACK TO the savepoint
+    w.call(lambda c: c.execute("PRAGMA max_page_count=" + str(c.execute("PRAGMA page_count").fetchone()[0])))
+    with pytest.raises(sqlite3.Error, match="full"):
+        w.call(lambda c: c.executemany("INSERT INTO items (v) VALUES (?)", [("x" * 2000,)] * 50))
+    later = w.call(lambda c: len(seen))
+    assert later >= 2 and seen[-1] == ("sqlite-writer", False)  # after the whole batch was rolled back
+    w.close()
+
+
+def test_a_failing_rollback_hook_is_counted_and_the_writer_goes_on(tmp_path):
+    def hook(conn):
+        raise RuntimeError("mirror reload failed")
+
+    w = Writer(tmp_path / "h2.db", STEPS, on_rollback=hook)
+    with pytest.raises(sqlite3.OperationalError):
+        w.call(lambda c: c.execute("INSERT INTO nope VALUES (1)"))
+    assert w.rollback_errors == 1
+    assert w.call(lambda c: c.execute("INSERT INTO items (v) VALUES ('ok')").lastrowid) == 1
+    w.close()
+
+
+def test_the_checkpoint_thread_keeps_the_wal_from_growing(tmp_path):
+    """With checkpoint_s the writer never checkpoints itself; the checkpoint thread copies the WAL back."""
+    w = Writer(tmp_path / "k.db", STEPS, checkpoint_s=0.05)
+    assert w.call(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone()[0]) == 0
+    w.call(lambda c: c.executemany("INSERT INTO items (v) VALUES (?)", [("x" * 100,)] * 500))
+
+    def in_main_file():  # immutable=1 reads the database file alone, ignoring the WAL
+        with sqlite3.connect(f"file:{tmp_path / 'k.db'}?immutable=1", uri=True) as conn:
+            try:
+                return conn.execute("SELECT count(*) FROM items").fetchone()[0]
+            except sqlite3.DatabaseError:
+                return 0
+
+    from tests.conftest import wait_for
+
+    wait_for(lambda: in_main_file() == 500, timeout=10, what="rows checkpointed into the database file")
+    w.close()
+    assert w.checkpoint_errors == 0

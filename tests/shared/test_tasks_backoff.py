@@ -61,3 +61,20 @@ async def test_a_fatal_task_calls_on_fatal_and_a_returning_forever_task_is_a_dea
     await sup.spawn(returns, "oneshot", on_death="log", forever=False)
     await sup.stop()
     assert "oneshot" not in sup.deaths
+
+
+async def test_stop_returns_the_errors_tasks_raise_while_stopping():
+    sup = TaskSupervisor("test")
+    started = asyncio.Event()
+
+    async def bad_cleanup():
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            raise OSError("flush failed on the way out")
+
+    sup.spawn(bad_cleanup, "writer")
+    await started.wait()
+    errors = await sup.stop()
+    assert [str(e) for e in errors] == ["flush failed on the way out"]

@@ -1,6 +1,7 @@
 """The gateway's one retry loop around any upstream (client libraries' own retries are turned off).
 
-Retries only errors marked `retryable` (5xx, timeouts, broken connections), with exponential backoff and jitter,
+Retries only errors marked `retryable` (5xx, timeouts, broken connections), with the project's one backoff rule
+(nanofleet.backoff: exponential, capped, equal jitter; `rand` is injectable so tests pin the delays),
 at most `max_retries` times, and never sleeps past the caller's deadline. A 429 is not retried here: its delay goes
 back to the device, whose queue honours it. A stream is retried only until its first chunk.
 """
@@ -13,8 +14,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from nanofleet.backoff import backoff
+
 from ..errors import UpstreamError
-from ..rules import backoff
 from .base import Upstream, UpstreamChunk, UpstreamRequest, UpstreamResult
 
 T = TypeVar("T")

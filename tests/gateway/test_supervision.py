@@ -1,0 +1,57 @@
+"""The gateway's detached work is supervised: a bug in it is logged, recorded and shown by the health service (not
+an unretrieved task exception), and stop() raises what failed while stopping."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nanofleet.controller.gateway.server import DETAIL_KEY
+from nanofleet.controller.gateway.upstreams.base import HandlerUpstream, UpstreamRequest, UpstreamResult
+
+from .conftest import MakeGateway
+
+
+async def _buggy(request: UpstreamRequest) -> UpstreamResult:
+    raise KeyError("upstream adapter bug")
+
+
+async def test_a_detached_call_that_dies_is_shown_by_health(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(upstream=HandlerUpstream(_buggy))
+    client = gw.client("dev-1")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.generate("hi", request_id="r-bug")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "interrupted" in (err.value.details() or "")
+    deaths = gw.gateway.service.tasks.deaths
+    assert deaths["generate"].count == 1 and "KeyError" in deaths["generate"].error
+    call = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert (await call).status == health_pb2.HealthCheckResponse.SERVING  # the process serves; the death is shown
+    detail = dict(await call.trailing_metadata() or ()).get(DETAIL_KEY, "")
+    assert "tasks died: generate x1" in detail and "upstream adapter bug" in detail
+
+
+async def test_refusals_of_detached_calls_are_answers_not_deaths(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(device_budget=1)
+    client = gw.client("dev-1")
+    await client.generate("spend", request_id="r-1")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.generate("over budget", request_id="r-2")
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert gw.gateway.service.tasks.deaths == {}
+
+
+class _BadClose(HandlerUpstream):
+    async def close(self) -> None:
+        raise OSError("connection pool would not close")
+
+
+async def test_stop_raises_what_failed_and_still_closes_the_db(make_gateway: MakeGateway) -> None:
+    async def ok(request: UpstreamRequest) -> UpstreamResult:
+        return UpstreamResult("fine", "stop", 1, 1, request.model)
+
+    gw = await make_gateway(upstream=_BadClose(ok))
+    with pytest.raises(ExceptionGroup) as err:
+        await gw.gateway.stop(grace=0.5)
+    assert [str(e) for e in err.value.exceptions] == ["connection pool would not close"]
+    assert gw.gateway.db is None  # the storage step ran after the failed one
