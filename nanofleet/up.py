@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import shlex
 import sys
 from dataclasses import dataclass
@@ -15,8 +14,9 @@ from nanofleet.broker import CONTROLLER_USER, BrokerAccounts, broker_command
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
 from nanofleet.enroll import enroll_device
 from nanofleet.sim import argv as sim_argv
+from nanofleet.sim import device_ids
 from nanofleet.supervisor import Child, StartError, Supervisor, http_ok, tcp_open
-from nanofleet.tcp import free_port, port_free
+from nanofleet.tcp import free_port, port_free, raise_nofile
 
 
 @dataclass(frozen=True)
@@ -85,15 +85,14 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
     device_id = next(iter(cfg.devices), "dev-01")
     agent_yaml = enroll_device(cfg, state_dir, device_id, broker_url=broker_url,
                                gateway_address=f"{host}:{ports.gateway}", local=True, socket_path=socket_path)
-    sim_password = ""
-    if simulate:
-        sim_ids = [f"sim-{i:04d}" for i in range(simulate)]
-        sim_password = accounts.ensure_many(sim_ids, "device", password=secrets.token_urlsafe(24))[sim_ids[0]]
+    if simulate:  # each simulated device its own broker account, as `nanofleet enroll` gives a real one
+        sim_credentials = accounts.credentials_file(device_ids(simulate), "sim-credentials.json")
     try:
         broker_argv, broker_desc = broker_command(accounts, host, ports.broker, broker_kind)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
 
+    raise_nofile()  # the broker and the simulator inherit it: a socket per simulated device
     sup = Supervisor()
     try:
         click.echo(f"broker:     {broker_desc}")
@@ -123,8 +122,8 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
             sup.start(Child(f"simulator ({simulate} devices)",
                             _nanofleet(*sim_argv(broker_url, simulate, fleet=cfg.fleet,
                                                  interval_s=cfg.defaults.telemetry_interval_s),
-                                       "--mqtt-username", "{device}"),
-                            logs / "sim.log", ready=lambda: True, env={"NANOFLEET_MQTT_PASSWORD": sim_password},
+                                       "--credentials", str(sim_credentials), "--data-dir", str(state_dir / "sim")),
+                            logs / "sim.log", ready=lambda: True,
                             restart_delay=restart_delay))
     except StartError as exc:
         sup.stop_all()

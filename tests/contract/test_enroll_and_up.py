@@ -34,7 +34,7 @@ def test_enroll_writes_a_private_agent_yaml_with_broker_account_and_gateway_toke
     assert not {"data_dir", "socket_path", "sysfs_root"} & set(settings), "controller-host paths leaked to the device"
     assert tmp_path.stat().st_mode & 0o077 == 0
     accounts = yaml.safe_load((tmp_path / "broker" / "accounts.json").read_text())
-    assert accounts["pi-lab-01"] == {"role": "device", "password": settings["mqtt_password"]}
+    assert accounts["pi-lab-01"]["role"] == "device" and accounts["pi-lab-01"]["password"] == settings["mqtt_password"]
     tokens = list_tokens(tmp_path / "gateway" / "gateway.db")
     assert [(t.device_id, t.group) for t in tokens] == [("pi-lab-01", "kiosks")]
     # Enrolling again keeps the same credentials (a re-run must not lock a deployed device out).

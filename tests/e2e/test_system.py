@@ -174,6 +174,8 @@ def test_simulated_devices_join_with_their_own_broker_accounts(system: System) -
     wait_for(lambda: wanted <= {d["device_id"] for d in system.api("/api/devices").json() if d["state"] == "online"},
              timeout=30, what="three simulated devices online")
     assert "and 3 simulated devices" in system.output()
+    accounts = json.loads((system.state / "broker" / "accounts.json").read_text())
+    assert len({accounts[d]["password"] for d in wanted}) == 3, "simulated devices share one broker password"
 
 
 def test_kill_9_of_the_agent_shows_offline_then_the_supervisor_restarts_it(system: System) -> None:
