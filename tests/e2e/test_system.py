@@ -188,6 +188,39 @@ def test_kill_9_of_the_agent_shows_offline_then_the_supervisor_restarts_it(syste
     assert system.agent_process().pid != agent.pid
 
 
+def test_kill_9_of_the_controller_restarts_it_while_the_agent_keeps_answering(system: System) -> None:
+    """It used to stop everything ("stopping the rest"): the agent and the simulator went down with it."""
+    def controller_process() -> psutil.Process | None:
+        for child in psutil.Process(system.proc.pid).children(recursive=True):
+            cmd = child.cmdline()
+            if "controller" in cmd and "--config" in cmd and child.status() != psutil.STATUS_ZOMBIE:
+                return child
+        return None
+
+    before = controller_process()
+    assert before is not None
+    agent_pid = system.agent_process().pid
+    before.send_signal(signal.SIGKILL)
+    answers: list[int] = []
+    with system.agent() as agent:
+        def back() -> bool:
+            answers.append(agent.get("/v1/status").status_code)
+            now = controller_process()
+            if now is None or now.pid == before.pid:
+                return False
+            try:
+                return httpx.get(system.dashboard + "/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(back, timeout=60, interval=0.2, what="the controller restarted and healthy")
+    assert set(answers) == {200}, "the agent's socket stopped answering while the controller was down"
+    assert system.agent_process().pid == agent_pid and system.proc.poll() is None
+    assert "controller exited (code -9); restarting in" in system.output()
+    wait_for(lambda: system.api("/api/devices/dev-01").json()["state"] == "online", timeout=60,
+             what="dev-01 online in the restarted controller")
+
+
 def test_sigterm_stops_every_child_and_removes_the_socket(system: System) -> None:
     children = psutil.Process(system.proc.pid).children(recursive=True)
     assert len(children) >= 4
