@@ -24,3 +24,21 @@ class TopicId(click.ParamType):
 
 FLEET_ID = TopicId("fleet")
 DEVICE_ID = TopicId("device")
+
+
+class BrokerUrl(click.ParamType):
+    """mqtt://host[:port] or mqtts://host[:port]."""
+
+    name = "broker url"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from nanofleet.mqtt import MqttUrlError, parse_broker_url
+
+        try:
+            parse_broker_url(str(value))
+        except MqttUrlError as exc:
+            self.fail(str(exc), param, ctx)
+        return str(value)
+
+
+BROKER_URL = BrokerUrl()
