@@ -92,6 +92,7 @@ class SimDevice:
     password: str | None = None
     username: str | None = None
     interval_s: float = 1.0
+    telemetry_qos: int = 1  # as the agent's live telemetry
     bd_seq: int = 0
     seq: int = 0
     temp: float = 45.0
@@ -133,6 +134,9 @@ class SimDevice:
             try:
                 async with slots, asyncio.timeout(connect_timeout):
                     await session.connect(host, port, keepalive=keepalive, version=MQTTv311)
+            except asyncio.CancelledError:  # stopped while connecting: no session to leave open
+                await _close(session)
+                raise
             except (OSError, TimeoutError, gmqtt.MQTTConnectError) as exc:
                 self.counters.connect_failures += 1
                 self.counters.last_error = f"{self.device_id}: connect: {type(exc).__name__}: {exc}"
@@ -153,10 +157,11 @@ class SimDevice:
     async def stop(self) -> None:
         """Graceful: a retained offline status (reason shutdown) with this bdSeq, then a clean DISCONNECT."""
         session, self.session = self.session, None
-        if session is not None and session.is_connected:
-            session.publish(self._t_status, to_json(self.status(False, "shutdown")), qos=1, retain=True)
+        if session is not None:
+            if session.is_connected:
+                session.publish(self._t_status, to_json(self.status(False, "shutdown")), qos=1, retain=True)
             session.lost.set()
-            await _close(session, disconnect=True)
+            await _close(session)
 
     # -- what it publishes -------------------------------------------------------------------------------------
     def status(self, online: bool, reason: str = "") -> fleet_pb2.DeviceStatus:
@@ -184,20 +189,20 @@ class SimDevice:
 
     def tick(self) -> None:
         """One telemetry sample (called by the simulation's ticker at this device's interval)."""
-        r = self.rng
+        rand = self.rng.random  # random() arithmetic, not randint: this runs 10,000 times a second
         if self.scenario == "heatwave":
-            self.temp = min(92.0, self.temp + 1.5 + r.random())
+            self.temp = min(92.0, self.temp + 1.5 + rand())
         else:
-            self.temp += (45 - self.temp) * 0.2 + r.uniform(-1, 1)
-        self.route_local += r.randint(0, 3)
-        if r.random() < 0.2:
+            self.temp += (45 - self.temp) * 0.2 + rand() * 2 - 1
+        self.route_local += int(rand() * 4)
+        if rand() < 0.2:
             self.route_cloud += 1
-        self.queue_depth = max(0, self.queue_depth + r.randint(-1, 1))
+        self.queue_depth = max(0, self.queue_depth + int(rand() * 3) - 1)
         session = self.session
         if session is None or not session.is_connected:
             self.counters.skipped_offline += 1
             return
-        session.publish(self._t_telemetry, self.telemetry_json(), qos=1)
+        session.publish(self._t_telemetry, self.telemetry_json(), qos=self.telemetry_qos)
         self.seq = (self.seq + 1) & 0xFF
         self.counters.telemetry += 1
 
@@ -206,7 +211,7 @@ class SimDevice:
         return json_format.Parse(self.telemetry_json(), fleet_pb2.Telemetry())
 
     def telemetry_json(self, ts_ms: int | None = None) -> bytes:
-        r, temp = self.rng, round(self.temp, 1)
+        rand, temp = self.rng.random, round(self.temp, 1)
         throttled = temp >= 80
         level = _THERMAL[classify_thermal(temp, throttled=throttled)]
         parts = [f'{{"deviceId":"{self.device_id}"']
@@ -215,8 +220,8 @@ class SimDevice:
         if self.seq:
             parts.append(f',"seq":{self.seq}')
         parts.append(
-            f',"tsMs":"{ts_ms or int(time.time() * 1000)}","cpuPercent":{r.uniform(5, 60):.1f},'
-            f'"load1":{r.uniform(0.1, 2.0):.2f},"ramTotalMb":"4096","ramAvailableMb":"{r.randint(1200, 2600)}",'
+            f',"tsMs":"{ts_ms or int(time.time() * 1000)}","cpuPercent":{5 + rand() * 55:.1f},'
+            f'"load1":{0.1 + rand() * 1.9:.2f},"ramTotalMb":"4096","ramAvailableMb":"{1200 + int(rand() * 1400)}",'
             f'"diskFreeMb":"20000","temperaturesC":{{"cpu-thermal":{temp}}},"tempMaxC":{temp}')
         if level != "NONE":
             parts.append(f',"thermalLevel":"THERMAL_LEVEL_{level}"')
@@ -295,17 +300,10 @@ class SimDevice:
 _GMQTT_LOG = logging.getLogger("nanofleet.sim.gmqtt")  # gmqtt logs every connect at INFO: keep it under ours
 
 
-async def _close(session: _Session, disconnect: bool = False) -> None:
-    """Close a session's socket (with a DISCONNECT when asked: then the broker keeps the will to itself)."""
-    conn = session._connection
-    if conn is None:
-        return
-    if disconnect:
-        session._is_active = False
-        conn.send_disconnect()
+async def _close(session: _Session) -> None:
+    """End a session: DISCONNECT if it is still open (then the broker keeps the last will to itself), close it."""
     try:
         async with asyncio.timeout(3):
-            await conn.close()
+            await session.disconnect()
     except (OSError, TimeoutError) as exc:
         log.debug("closing %s: %r", session._client_id, exc)
-
