@@ -83,10 +83,13 @@ class Simulation:
             epoch = int(json.loads(path.read_text())["epoch"]) + 1
         except (OSError, ValueError, KeyError, TypeError):
             epoch = 1
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"epoch": epoch}))
-        os.replace(tmp, path)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"epoch": epoch}))
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise ValueError(f"data dir {self.data_dir}: cannot keep the run counter: {exc}") from None
         return epoch
 
     async def start(self) -> Simulation:

@@ -244,3 +244,16 @@ def test_without_mosquitto_the_embedded_amqtt_broker_carries_the_same_closed_set
                  timeout=30, what="dev-01 online through amqtt (device account + ACL)")
         wait_for(lambda: len(amqtt_system.api("/api/devices/dev-01/telemetry").json()["points"]) >= 1,
                  timeout=30, what="telemetry through amqtt")
+
+
+def test_a_child_crashing_at_once_again_and_again_stops_up_with_a_clear_message(tmp_path: Path) -> None:
+    """Here the simulator cannot write its run counter (a folder sits where the file goes): it exits at once, each
+    time. `up` restarts it with growing delays, then gives up, says why and exits 1 — not a silent loop."""
+    (tmp_path / "state" / "sim" / "sim_state.json").mkdir(parents=True)
+    with launch(tmp_path, "--simulate", "1", "--restart-delay", "0.1") as system:
+        assert system.proc.wait(120) == 1, system.output()
+        out = system.output()
+    assert out.count("simulator (1 devices) exited (code 1); restarting in") == 4, out
+    assert "simulator (1 devices) crashed 5 times within 60s (last exit code 1); its log ends:" in out
+    assert "cannot keep the run counter" in out and "Traceback" not in out
+    assert "stopping everything." in out and "stopped: " in out
