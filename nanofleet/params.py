@@ -17,7 +17,7 @@ class TopicId(click.ParamType):
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str:
         try:
-            return topics.check_id(value, self.what)
+            return topics.check_id(str(value), self.what)
         except topics.TopicError as exc:
             self.fail(str(exc), param, ctx)
 

@@ -63,6 +63,7 @@ class Child:
 
     def start(self) -> None:
         self.spawn()
+        assert self.proc is not None
         deadline = time.monotonic() + self.ready_timeout
         while not self.ready():
             if self.proc.poll() is not None:
