@@ -302,6 +302,9 @@ _GMQTT_LOG = logging.getLogger("nanofleet.sim.gmqtt")  # gmqtt logs every connec
 
 async def _close(session: _Session) -> None:
     """End a session: DISCONNECT if it is still open (then the broker keeps the last will to itself), close it."""
+    conn = session._connection
+    if conn is None or conn.is_closing():
+        return  # never connected, or already gone: gmqtt would only warn about writing to a closed socket
     try:
         async with asyncio.timeout(3):
             await session.disconnect()
