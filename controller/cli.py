@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
+from nanofleet.params import BROKER_URL, DEVICE_ID
 from nanofleet.protos.names import COMMAND_KINDS
 
 _DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=Path("nanofleet-controller"),
@@ -22,7 +23,8 @@ def _mqtt_options(f: Any) -> Any:
     f = click.option("--mqtt-password", envvar="NANOFLEET_MQTT_PASSWORD", default=None,
                      help="MQTT password (env NANOFLEET_MQTT_PASSWORD).")(f)
     f = click.option("--mqtt-username", envvar="NANOFLEET_MQTT_USERNAME", default=None, help="MQTT user name.")(f)
-    return click.option("--broker-url", default=None, help="mqtt://host:port (default: fleet.yaml broker.url).")(f)
+    return click.option("--broker-url", type=BROKER_URL, default=None,
+                        help="mqtt://host:port (default: fleet.yaml broker.url).")(f)
 
 
 def _load(path: Path) -> FleetConfig:
@@ -150,13 +152,13 @@ async def _client(cfg: FleetConfig, broker_url: str | None, user: str | None, pa
 
 @devices.command("cmd", help=f"Send KIND ({', '.join(COMMAND_KINDS)}) to DEVICE with key=value ARGS; print the "
                              "result.")  # the kinds from their one list (protos/names.py)
-@click.argument("device")
+@click.argument("device", type=DEVICE_ID)
 @click.argument("kind", type=click.Choice(COMMAND_KINDS))
 @click.argument("args", nargs=-1)
 @click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               default=Path("fleet.yaml"), show_default=True)
 @_mqtt_options
-@click.option("--timeout", "timeout_s", type=float, default=10.0, show_default=True)
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True)
 def devices_cmd(device: str, kind: str, args: tuple[str, ...], config_path: Path, broker_url: str | None,
                 mqtt_username: str | None, mqtt_password: str | None, timeout_s: float) -> None:
     from nanofleet.controller.commands import CommandService, UnknownCommand

@@ -32,11 +32,27 @@ def mosquitto_binary() -> str | None:
     return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
 
 
-def mosquitto_password_hash(password: str, iterations: int = 101) -> str:
+# Iterations of mosquitto_passwd in Mosquitto 2.0 (PW_DEFAULT_ITERATIONS). The passwords are 192-bit random tokens,
+# not guessable words: a slow hash buys nothing against guessing them, and the broker pays the hash at every CONNECT.
+MOSQUITTO_ITERATIONS = 101
+
+
+def mosquitto_password_hash(password: str, iterations: int = MOSQUITTO_ITERATIONS) -> str:
     """The `$7$` PBKDF2-SHA512 format that `mosquitto_passwd` writes (Mosquitto 2.x)."""
     salt = secrets.token_bytes(12)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, dklen=64)
     return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def amqtt_password_hash(password: str) -> str:
+    """An argon2id hash amqtt verifies (its parameters travel in the hash). Light parameters (1 pass, 1 MiB) for
+    the reason above: pwdlib's defaults cost ~0.1-0.7 s a hash here, hours for a simulated fleet of 10,000."""
+    from pwdlib.hashers.argon2 import Argon2Hasher  # installed with amqtt
+
+    return Argon2Hasher(time_cost=1, memory_cost=1024, parallelism=1).hash(password)
+
+
+_HASHERS = {"mosquitto": mosquitto_password_hash, "amqtt": amqtt_password_hash}
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -65,28 +81,50 @@ class BrokerAccounts:
         except FileNotFoundError:
             return {}
 
-    def ensure(self, username: str, role: str, password: str | None = None) -> str:
+    def ensure(self, username: str, role: str) -> str:
         """Return the password of `username`, creating the account (role `controller` or `device`) if new."""
-        return self.ensure_many([username], role, password)[username]
+        return self.ensure_many([username], role)[username]
 
-    def ensure_many(self, usernames: list[str], role: str, password: str | None = None) -> dict[str, str]:
-        """`ensure` for many accounts in one write (simulated devices share `password` when it is given)."""
+    def ensure_many(self, usernames: list[str], role: str) -> dict[str, str]:
+        """`ensure` for many accounts in one write, each with its own password (and its mosquitto hash, made once
+        here rather than at every config write: 10,000 of them cost seconds)."""
         if role == "device":
             for username in usernames:
                 topics.check_id(username, "device")
         accounts = self.load()
         new = [u for u in usernames if u not in accounts]
         for username in new:
-            accounts[username] = {"role": role, "password": password or secrets.token_urlsafe(24)}
+            password = secrets.token_urlsafe(24)
+            accounts[username] = {"role": role, "password": password, "mosquitto": mosquitto_password_hash(password)}
         if new:
-            _write_private(self.path, json.dumps(accounts, indent=2, sort_keys=True))
+            self._save(accounts)
         return {u: accounts[u]["password"] for u in usernames}
+
+    def credentials_file(self, usernames: list[str], name: str) -> Path:
+        """Write {username: password} of these device accounts (created if new) to a 0600 file in the broker
+        folder, for a process that logs in as all of them (the simulator); return its path."""
+        path = self.state_dir / "broker" / name
+        _write_private(path, json.dumps(self.ensure_many(usernames, "device"), indent=0))
+        return path
+
+    def hashes(self, kind: str) -> dict[str, str]:
+        """username -> password hash for broker `kind` (mosquitto | amqtt), made once per account and kept."""
+        accounts = self.load()
+        missing = [u for u, a in accounts.items() if kind not in a]
+        for username in missing:
+            accounts[username][kind] = _HASHERS[kind](accounts[username]["password"])
+        if missing:
+            self._save(accounts)
+        return {u: a[kind] for u, a in accounts.items()}
+
+    def _save(self, accounts: dict[str, dict[str, str]]) -> None:
+        _write_private(self.path, json.dumps(accounts, indent=2, sort_keys=True))
 
     def remove(self, username: str) -> bool:
         accounts = self.load()
         if accounts.pop(username, None) is None:
             return False
-        _write_private(self.path, json.dumps(accounts, indent=2, sort_keys=True))
+        self._save(accounts)
         return True
 
 
@@ -99,9 +137,8 @@ def device_acl_topics(fleet: str, device: str) -> tuple[list[str], list[str]]:
 def write_mosquitto_config(accounts: BrokerAccounts, host: str, port: int) -> Path:
     """Write mosquitto.conf, its password file and ACL into state/broker; return the config path."""
     folder = accounts.state_dir / "broker"
-    users = accounts.load()
-    _write_private(folder / "passwd", "".join(f"{u}:{mosquitto_password_hash(a['password'])}\n"
-                                              for u, a in sorted(users.items())))
+    hashes = accounts.hashes("mosquitto")
+    _write_private(folder / "passwd", "".join(f"{u}:{h}\n" for u, h in sorted(hashes.items())))
     fleet_root = f"{topics.ROOT}/{accounts.fleet}"
     acl = [f"user {CONTROLLER_USER}", f"topic readwrite {fleet_root}/#", ""]
     # Patterns apply to every user; %u is the username, which for a device is its device id.
@@ -113,6 +150,9 @@ def write_mosquitto_config(accounts: BrokerAccounts, host: str, port: int) -> Pa
         # As root, mosquitto would switch to the `mosquitto` user and lose access to our 0600 files; stay who we are.
         f"user {pwd.getpwuid(os.getuid()).pw_name}",
         f"listener {port} {host}",
+        # No cap on this listener's clients (a simulated fleet is thousands): the open-file limit is the bound, and
+        # `nanofleet up` raises it to the hard limit before starting the broker.
+        "max_connections -1",
         "allow_anonymous false",
         f"password_file {folder / 'passwd'}",
         f"acl_file {folder / 'acl'}",
@@ -130,13 +170,11 @@ def write_mosquitto_config(accounts: BrokerAccounts, host: str, port: int) -> Pa
 def write_amqtt_config(accounts: BrokerAccounts, host: str, port: int) -> Path:
     """The same accounts and ACL for the embedded amqtt broker (argon2 password file, per-user topic lists)."""
     import yaml
-    from pwdlib.hashers.argon2 import Argon2Hasher  # installed with amqtt
 
     folder = accounts.state_dir / "broker"
+    hashes = accounts.hashes("amqtt")
     users = accounts.load()
-    hasher = Argon2Hasher()
-    _write_private(folder / "amqtt-passwd", "".join(f"{u}:{hasher.hash(a['password'])}\n"
-                                                    for u, a in sorted(users.items())))
+    _write_private(folder / "amqtt-passwd", "".join(f"{u}:{h}\n" for u, h in sorted(hashes.items())))
     fleet_root = f"{topics.ROOT}/{accounts.fleet}"
     publish: dict[str, list[str]] = {}
     subscribe: dict[str, list[str]] = {}

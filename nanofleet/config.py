@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from nanofleet.protos import topics
 
 from nanofleet.protos.names import THERMAL_LEVELS as THERMAL_LEVELS  # re-exported: the policy compiler uses it
 from nanofleet.protos.names import ThermalName
@@ -37,6 +39,9 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+# Fleet and device ids become MQTT topic levels: checked by the topic scheme's own rule, the one place it lives.
+FleetId = Annotated[str, AfterValidator(lambda v: topics.check_id(v, "fleet"))]
+DeviceId = Annotated[str, AfterValidator(lambda v: topics.check_id(v, "device"))]
 
 
 class _Model(BaseModel):
@@ -157,13 +162,13 @@ class Alerts(_Model):
 
 
 class FleetConfig(_Model):
-    fleet: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+    fleet: FleetId
     broker: Broker = Broker()
     gateway: Gateway = Gateway()
     controller: Controller = Controller()
     defaults: Profile = Profile()
     groups: dict[str, Group] = {}
-    devices: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")], DeviceEntry] = {}
+    devices: dict[DeviceId, DeviceEntry] = {}
     alerts: Alerts = Alerts()
 
     @model_validator(mode="after")
@@ -221,7 +226,7 @@ def _merged_profile(defaults: Profile, layers: Any, where: tuple[str | int, ...]
 
 
 def _describe(err: Any) -> str:
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return "unknown field"
     if err["type"] == "missing":
@@ -230,7 +235,9 @@ def _describe(err: Any) -> str:
 
 
 def _format_loc(loc: tuple[str | int, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
+    """`a.b.c`; a part that is not plain printable text (a NUL, a newline, an escape sequence in a YAML key) is
+    shown escaped, never echoed raw to the operator's terminal."""
+    return ".".join(str(p) if str(p).isprintable() else ascii(str(p)) for p in loc) or "(top level)"
 
 
 def load_fleet(path: str | os.PathLike[str]) -> FleetConfig:

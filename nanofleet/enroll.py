@@ -14,6 +14,7 @@ import yaml
 from nanofleet.agent.settings import AgentSettings
 from nanofleet.broker import BrokerAccounts, mosquitto_binary, write_mosquitto_config
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
+from nanofleet.params import DEVICE_ID
 from nanofleet.protos import topics
 
 
@@ -85,7 +86,7 @@ def reload_broker(state_dir: Path, fleet: str) -> bool:
 
 
 @click.command()
-@click.argument("device_id")
+@click.argument("device_id", type=DEVICE_ID)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default="fleet.yaml",
               show_default=True)
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=".nanofleet", show_default=True)
@@ -97,8 +98,7 @@ def enroll(config_path: Path, state_dir: Path, device_id: str, broker_url: str |
     """Create a device's broker account and gateway token, and write the agent.yaml to copy to it."""
     try:
         cfg = load_fleet(config_path)
-        topics.check_id(device_id, "device")
-    except (ConfigError, topics.TopicError) as exc:
+    except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     result = enroll_device(cfg, state_dir.resolve(), device_id, broker_url=broker_url or cfg.broker.url,

@@ -1,10 +1,14 @@
 """Child processes for `nanofleet up`: started in order, each waited on until ready, stopped in reverse order.
 
+Every child is restarted when it dies, after a growing delay (`nanofleet.backoff`), like systemd's
+Restart=on-failure with StartLimitBurst: only Ctrl-C/SIGTERM, or a child crashing `max_crashes` times within
+`crash_window_s`, stops them all. A controller killed with -9 must not take the device agent down with it.
 Children get PR_SET_PDEATHSIG so they die with the supervisor even after a `kill -9` of it: no orphans.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -15,14 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nanofleet.backoff import Backoff
+
 _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: best effort
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: best effort
-        pass
 
 
 class StartError(RuntimeError):
@@ -38,9 +42,11 @@ class Child:
     env: dict[str, str] = field(default_factory=dict)
     ready_timeout: float = 60.0
     stop_timeout: float = 10.0
-    restart_delay: float | None = None  # restart after this many seconds when it dies (doubling, max 60 s)
+    restart_delay: float = 1.0  # first delay before a restart; it grows with each crash (nanofleet.backoff), max 60 s
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    crashes: list[float] = field(default_factory=list)  # monotonic times of recent deaths
+    pid_file: Path | None = None  # kept up to date across restarts (the broker's: `nanofleet enroll` SIGHUPs it)
 
     log_start: int = 0  # where this run's output begins in the (appended) log
 
@@ -52,9 +58,12 @@ class Child:
                 self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env={**os.environ, **self.env}, start_new_session=True, preexec_fn=_die_with_parent,
             )
+        if self.pid_file is not None:
+            self.pid_file.write_text(str(self.proc.pid))
 
     def start(self) -> None:
         self.spawn()
+        assert self.proc is not None
         deadline = time.monotonic() + self.ready_timeout
         while not self.ready():
             if self.proc.poll() is not None:
@@ -126,8 +135,9 @@ def http_ok(url_path: str, *, host: str = "", port: int = 0, uds: str | None = N
 
 
 class Supervisor:
-    def __init__(self) -> None:
+    def __init__(self, *, max_crashes: int = 5, crash_window_s: float = 60.0) -> None:
         self.children: list[Child] = []
+        self.max_crashes, self.crash_window_s = max_crashes, crash_window_s
         self._stop_signal: int | None = None
 
     def start(self, child: Child) -> None:
@@ -137,32 +147,44 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop_signal = signum
 
-    def wait(self, report: Callable[[str], None] = print) -> Child | None:
-        """Block until SIGINT/SIGTERM (returns None) or until a child without a restart policy dies (returns it).
+    def request_stop(self) -> None:
+        """Make `wait()` return None, as Ctrl-C does (for a caller on another thread)."""
+        self._stop_signal = signal.SIGTERM
 
-        A child with `restart_delay` (the agents) is restarted after a growing delay, like systemd's
-        Restart=on-failure: a crashed agent must not take the controller down with it.
-        """
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
+    def wait(self, report: Callable[[str], None] = print, *, install_signals: bool = True) -> Child | None:
+        """Block until SIGINT/SIGTERM (returns None) or until a child crashed `max_crashes` times within
+        `crash_window_s` (returns it). Every other death is reported and followed by a restart after a growing
+        delay; a child that then stays up for a whole window starts its count (and its delay) afresh."""
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, self._on_signal)
         restart_at: dict[str, float] = {}
+        backoffs = {c.name: Backoff(c.restart_delay, 60.0) for c in self.children}
         while self._stop_signal is None:
             now = time.monotonic()
             for child in self.children:
                 if child.alive():
+                    if child.crashes and now - child.crashes[-1] > self.crash_window_s:
+                        child.crashes.clear()
+                        backoffs[child.name].reset()
                     continue
-                if child.restart_delay is None:
-                    return child
                 if child.name not in restart_at:
-                    delay = min(60.0, child.restart_delay * 2 ** min(child.restarts, 5))
-                    restart_at[child.name] = now + delay
+                    child.crashes = [t for t in child.crashes if now - t <= self.crash_window_s] + [now]
                     code = child.proc.returncode if child.proc else None
-                    report(f"{child.name} exited (code {code}); restarting in {delay:.0f}s")
+                    if len(child.crashes) >= self.max_crashes:
+                        report(f"{child.name} exited (code {code}): {len(child.crashes)} crashes within "
+                               f"{self.crash_window_s:.0f}s, giving up")
+                        return child
+                    delay = backoffs[child.name].next()
+                    restart_at[child.name] = now + delay
+                    report(f"{child.name} exited (code {code}); restarting in {delay:.1f}s "
+                           f"(crash {len(child.crashes)} of {self.max_crashes} within {self.crash_window_s:.0f}s "
+                           "stops everything)")
                 elif now >= restart_at[child.name]:
                     del restart_at[child.name]
                     child.restarts += 1
                     child.spawn()
-                    report(f"{child.name} restarted")
+                    report(f"{child.name} restarted (pid {child.proc.pid if child.proc else '?'})")
             time.sleep(0.1)
         return None
 

@@ -1,7 +1,8 @@
-"""Loopback port helpers for `nanofleet up`."""
+"""Loopback port and file-descriptor helpers for `nanofleet up` and the simulator."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 
@@ -19,3 +20,18 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
     return True
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise this process's open-file limit (soft) to its hard limit; children started after it inherit it.
+
+    Thousands of MQTT connections (the simulator's devices, and the broker `nanofleet up` starts) need a socket each,
+    and a soft limit of 1024 is still common. Returns the (soft, hard) limits now in force.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # a hard limit of RLIM_INFINITY some kernels refuse as soft
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)

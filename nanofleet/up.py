@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import shlex
 import sys
 from dataclasses import dataclass
@@ -15,8 +14,9 @@ from nanofleet.broker import CONTROLLER_USER, BrokerAccounts, broker_command
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
 from nanofleet.enroll import enroll_device
 from nanofleet.sim import argv as sim_argv
+from nanofleet.sim import device_ids
 from nanofleet.supervisor import Child, StartError, Supervisor, http_ok, tcp_open
-from nanofleet.tcp import free_port, port_free
+from nanofleet.tcp import free_port, port_free, raise_nofile
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,14 @@ def _nanofleet(*args: str) -> list[str]:
 @click.option("--broker", "broker_kind", type=click.Choice(["auto", "mosquitto", "amqtt"]), default="auto",
               show_default=True, help="auto: mosquitto when it is installed, else the embedded amqtt broker")
 @click.option("--restart-delay", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
-              help="seconds before a crashed agent is restarted (doubling on each crash)")
+              help="seconds before a crashed child (broker, gateway, controller, agent, simulator) is restarted; "
+                   "the delay grows with each crash, and 5 crashes of one child within 60 s stop everything")
 def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports: bool, simulate: int,
        broker_kind: str, restart_delay: float) -> None:
-    """Start the broker, controller, gateway and one agent on this machine; Ctrl-C stops them all."""
+    """Start the broker, controller, gateway and one agent on this machine; Ctrl-C stops them all.
+
+    A child that dies is restarted (after a growing delay); only Ctrl-C or a child crashing again and again stops
+    the rest."""
     try:
         cfg = load_fleet(config_path)
     except ConfigError as exc:
@@ -85,27 +89,24 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
     device_id = next(iter(cfg.devices), "dev-01")
     agent_yaml = enroll_device(cfg, state_dir, device_id, broker_url=broker_url,
                                gateway_address=f"{host}:{ports.gateway}", local=True, socket_path=socket_path)
-    sim_password = ""
-    if simulate:
-        sim_ids = [f"sim-{i:04d}" for i in range(simulate)]
-        sim_password = accounts.ensure_many(sim_ids, "device", password=secrets.token_urlsafe(24))[sim_ids[0]]
+    if simulate:  # each simulated device its own broker account, as `nanofleet enroll` gives a real one
+        sim_credentials = accounts.credentials_file(device_ids(simulate), "sim-credentials.json")
     try:
         broker_argv, broker_desc = broker_command(accounts, host, ports.broker, broker_kind)
     except FileNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
 
+    raise_nofile()  # the broker and the simulator inherit it: a socket per simulated device
     sup = Supervisor()
     try:
         click.echo(f"broker:     {broker_desc}")
-        broker = Child("broker", broker_argv, logs / "broker.log", tcp_open(host, ports.broker))
-        sup.start(broker)
-        if broker.proc is not None:  # lets `nanofleet enroll` SIGHUP it to load a new account
-            (state_dir / "broker" / "broker.pid").write_text(str(broker.proc.pid))
+        sup.start(Child("broker", broker_argv, logs / "broker.log", tcp_open(host, ports.broker),
+                        restart_delay=restart_delay, pid_file=state_dir / "broker" / "broker.pid"))
         click.echo(f"gateway:    gRPC Inference on {host}:{ports.gateway}")
         sup.start(Child("gateway", _nanofleet("gateway", "serve", "--config", str(config_path),
                                               "--data-dir", str(state_dir / "gateway"),
                                               "--listen", f"{host}:{ports.gateway}"),
-                        logs / "gateway.log", tcp_open(host, ports.gateway)))
+                        logs / "gateway.log", tcp_open(host, ports.gateway), restart_delay=restart_delay))
         controller = Child("controller", _nanofleet("controller", "--config", str(config_path),
                                                     "--data-dir", str(state_dir / "controller"),
                                                     "--listen", f"{host}:{ports.controller}",
@@ -113,7 +114,7 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
                                                     "--mqtt-username", CONTROLLER_USER,
                                                     "--gateway-db", str(state_dir / "gateway" / "gateway.db")),
                            logs / "controller.log", http_ok("/healthz", host=host, port=ports.controller),
-                           env={"NANOFLEET_MQTT_PASSWORD": controller_password})
+                           env={"NANOFLEET_MQTT_PASSWORD": controller_password}, restart_delay=restart_delay)
         sup.start(controller)
         settings = agent_yaml.settings
         sup.start(Child(f"agent {device_id}", _nanofleet("agent", "--config", str(agent_yaml.path)),
@@ -123,8 +124,8 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
             sup.start(Child(f"simulator ({simulate} devices)",
                             _nanofleet(*sim_argv(broker_url, simulate, fleet=cfg.fleet,
                                                  interval_s=cfg.defaults.telemetry_interval_s),
-                                       "--mqtt-username", "{device}"),
-                            logs / "sim.log", ready=lambda: True, env={"NANOFLEET_MQTT_PASSWORD": sim_password},
+                                       "--credentials", str(sim_credentials), "--data-dir", str(state_dir / "sim")),
+                            logs / "sim.log", ready=lambda: True,
                             restart_delay=restart_delay))
     except StartError as exc:
         sup.stop_all()
@@ -148,8 +149,9 @@ Ctrl-C stops everything.""", nl=True)
     sys.stdout.flush()
     died = sup.wait(report=lambda line: click.echo(line, err=True))
     if died is not None:
-        click.echo(f"\n{died.name} exited unexpectedly (code {died.proc.returncode if died.proc else '?'}):\n"
-                   f"{died.tail()}\nstopping the rest.", err=True)
+        click.echo(f"\n{died.name} crashed {len(died.crashes)} times within {sup.crash_window_s:.0f}s "
+                   f"(last exit code {died.proc.returncode if died.proc else '?'}); its log ends:\n"
+                   f"{died.tail()}\nstopping everything.", err=True)
     else:
         click.echo("\nstopping ...")
     codes = sup.stop_all()

@@ -5,6 +5,7 @@ Runs against real brokers: Mosquitto, and the embedded amqtt fallback, with the 
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import pytest
 
 from nanofleet.broker import CONTROLLER_USER, BrokerAccounts, write_amqtt_config, write_mosquitto_config
 from nanofleet.protos import topics
-from tests.conftest import _port_open, free_port, mosquitto_binary, wait_for
+from tests.conftest import _port_open, free_port, mosquitto_binary, until, wait_for
 
 
 def _client(port: int, user: str | None, password: str | None) -> tuple[mqtt.Client, int]:
@@ -94,3 +95,56 @@ def test_a_device_reaches_only_its_own_topics(closed_broker: tuple[int, BrokerAc
         for c in (dev, ctl):
             c.loop_stop()
             c.disconnect()
+
+
+def test_password_hashes_are_made_once_per_account_not_at_every_config_write(tmp_path: Path) -> None:
+    """10,000 simulated accounts: rehashing all of them at every start or enroll cost seconds (hours with amqtt's
+    argon2 defaults); each account's hash is made once and the files are rewritten from it."""
+    accounts = BrokerAccounts(tmp_path, "demo")
+    accounts.ensure_many([f"sim-{i:04d}" for i in range(50)], "device")
+    first = write_mosquitto_config(accounts, "127.0.0.1", 1883).with_name("passwd").read_text()
+    assert write_mosquitto_config(accounts, "127.0.0.1", 1883).with_name("passwd").read_text() == first
+    first = write_amqtt_config(accounts, "127.0.0.1", 1883).with_name("amqtt-passwd").read_text()
+    assert write_amqtt_config(accounts, "127.0.0.1", 1883).with_name("amqtt-passwd").read_text() == first
+    assert "max_connections -1" in (tmp_path / "broker" / "mosquitto.conf").read_text()
+
+
+def test_simulated_devices_log_in_each_with_its_own_password(tmp_path: Path) -> None:
+    """What `nanofleet up --simulate` does: an account per simulated device, the simulator logging in as each."""
+    import json
+
+    from nanofleet.sim import device_ids
+
+    accounts = BrokerAccounts(tmp_path, "demo")
+    path = accounts.credentials_file(device_ids(3), "sim-credentials.json")
+    creds = json.loads(path.read_text())
+    assert sorted(creds) == device_ids(3) and len(set(creds.values())) == 3, "one password shared by devices"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert {u: accounts.load()[u]["password"] for u in creds} == creds
+    port = free_port()
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(write_mosquitto_config(accounts, "127.0.0.1", port))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _port_open(port), timeout=20, what="mosquitto listening")
+        asyncio.run(_log_in_as_each(port, creds, tmp_path))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def _log_in_as_each(port: int, creds: dict[str, str], tmp_path: Path) -> None:
+    from nanofleet.sim import Simulation
+
+    sim = await Simulation(f"mqtt://127.0.0.1:{port}", 3, fleet="demo", passwords=creds, data_dir=tmp_path).start()
+    try:
+        await sim.wait_connected(20)
+    finally:
+        await sim.stop()
+    swapped = dict(zip(creds, [*list(creds.values())[1:], next(iter(creds.values()))], strict=True))
+    wrong = await Simulation(f"mqtt://127.0.0.1:{port}", 3, fleet="demo", passwords=swapped, data_dir=tmp_path,
+                             backoff=(5, 5)).start()
+    try:
+        await until(lambda: wrong.counters.connect_failures >= 3, 20, "three refused logins")
+        assert wrong.connected == 0 and "MQTTConnectError" in wrong.counters.last_error
+    finally:
+        await wrong.stop()

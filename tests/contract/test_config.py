@@ -48,7 +48,7 @@ BROKEN = {
                         "groups.kiosks.routing.thermal_limit: Input should be 'none', 'light'"),
     "bad_duration": ("fleet: demo\ndefaults: {queue: {ttl: forever}}\n", "defaults.queue.ttl:"),
     "remote_model_without_hash": ("fleet: demo\ndefaults: {model: {source: 'https://example.invalid/m.gguf'}}\n",
-                                  "defaults.model: Value error, a downloaded model needs sha256"),
+                                  "defaults.model: a downloaded model needs sha256"),
     "not_a_mapping": ("- just\n- a list\n", "(top level): expected a mapping"),
     "bad_device_id": ("fleet: demo\ndevices: {'bad/id': {}}\n", "devices.bad/id"),
 }

@@ -14,6 +14,7 @@ from nanofleet.config import load_fleet
 from nanofleet.supervisor import Child, StartError, Supervisor, tcp_open
 from nanofleet.tcp import free_port
 from nanofleet.up import _operator_token_line, choose_ports
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +35,7 @@ def test_enroll_writes_a_private_agent_yaml_with_broker_account_and_gateway_toke
     assert not {"data_dir", "socket_path", "sysfs_root"} & set(settings), "controller-host paths leaked to the device"
     assert tmp_path.stat().st_mode & 0o077 == 0
     accounts = yaml.safe_load((tmp_path / "broker" / "accounts.json").read_text())
-    assert accounts["pi-lab-01"] == {"role": "device", "password": settings["mqtt_password"]}
+    assert accounts["pi-lab-01"]["role"] == "device" and accounts["pi-lab-01"]["password"] == settings["mqtt_password"]
     tokens = list_tokens(tmp_path / "gateway" / "gateway.db")
     assert [(t.device_id, t.group) for t in tokens] == [("pi-lab-01", "kiosks")]
     # Enrolling again keeps the same credentials (a re-run must not lock a deployed device out).
@@ -107,3 +108,57 @@ def test_a_restarted_child_reports_only_its_own_output(tmp_path: Path) -> None:
     assert child.output() == "dashboard: http://127.0.0.1:1/\n"
     assert "nft_old" not in _operator_token_line(tmp_path, child)
     assert "nft_old" in log.read_text()  # the log itself keeps every run
+
+
+def _server(port: int) -> list[str]:
+    return [sys.executable, "-c", f"import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, "
+            f"socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1',{port})); s.listen(); time.sleep(600)"]
+
+
+def test_a_child_killed_with_9_is_restarted_while_the_others_keep_running(tmp_path: Path) -> None:
+    """`kill -9` of the controller under `nanofleet up` stopped everything; any child is now restarted."""
+    import signal
+    import threading
+
+    sup = Supervisor()
+    ports = {"controller": free_port(), "agent": free_port()}
+    for name, port in ports.items():
+        sup.start(Child(name, _server(port), tmp_path / f"{name}.log", tcp_open("127.0.0.1", port),
+                        restart_delay=0.2))
+    controller, agent = sup.children
+    assert controller.proc is not None and agent.proc is not None
+    first, agent_pid = controller.proc.pid, agent.proc.pid
+    lines: list[str] = []
+    result: list[Child | None] = []
+    waiter = threading.Thread(target=lambda: result.append(sup.wait(lines.append, install_signals=False)))
+    waiter.start()
+    try:
+        controller.proc.send_signal(signal.SIGKILL)
+        wait_for(lambda: controller.proc is not None and controller.proc.pid != first and controller.alive()
+                 and tcp_open("127.0.0.1", ports["controller"])(), timeout=20, what="the controller restarted")
+        assert agent.proc.pid == agent_pid and agent.alive(), "the agent was stopped with the controller"
+        assert any("controller exited (code -9); restarting in" in line for line in lines), lines
+        assert any(line.startswith("controller restarted") for line in lines), lines
+    finally:
+        sup.request_stop()
+        waiter.join(10)
+        sup.stop_all()
+    assert result == [None]
+
+
+def test_a_child_crashing_at_once_again_and_again_stops_everything(tmp_path: Path) -> None:
+    sup = Supervisor(max_crashes=3, crash_window_s=30)
+    port = free_port()
+    sup.start(Child("steady", _server(port), tmp_path / "steady.log", tcp_open("127.0.0.1", port)))
+    sup.start(Child("broken", [sys.executable, "-c", "import sys; print('bad config'); sys.exit(3)"],
+                    tmp_path / "broken.log", ready=lambda: True, restart_delay=0.05))
+    lines: list[str] = []
+    try:
+        died = sup.wait(lines.append, install_signals=False)
+    finally:
+        codes = sup.stop_all()
+    assert died is not None and died.name == "broken" and len(died.crashes) == 3
+    assert lines[-1] == "broken exited (code 3): 3 crashes within 30s, giving up"
+    assert sum("broken exited (code 3); restarting in" in line for line in lines) == 2
+    assert "bad config" in died.tail()
+    assert codes["steady"] is not None  # stopped by stop_all, not left running

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import free_port, wait_for
 from ctl_helpers import command_results, fleet, until
 
 from nanofleet.cli import main
 from nanofleet.controller.commands import UnknownCommand
 from nanofleet.controller.service import ControllerService
 from nanofleet.sim import Simulation
+from tests.conftest import free_port, wait_for
 
 
 async def test_commands_ack_result_timeout(broker, tmp_path: Path, reader: str) -> None:
@@ -28,13 +28,13 @@ async def test_commands_ack_result_timeout(broker, tmp_path: Path, reader: str) 
         await svc.ingest.wait_subscribed(5)
         dev = sim.devices[0]
         # its policy arrived, so its subscriptions are in place (a command sent earlier could beat its SUBSCRIBE)
-        await until(lambda: dev.session.policy is not None, 10, "policy received")
+        await until(lambda: dev.policy is not None, 10, "policy received")
         out = await svc.commands.send("sim-0000", "ping", timeout_s=5)
         assert out.acked and out.status == "ok" and out.message == "pong"
-        assert out.data["bd_seq"] == str(dev.session.bd_seq)
-        dev.hooks.metrics.queue_depth = 9
+        assert out.data["bd_seq"] == str(dev.bd_seq)
+        dev.queue_depth = 9
         out = await svc.commands.send("sim-0000", "drain-queue", {"max": "10"}, timeout_s=5)
-        assert out.status == "ok" and dev.hooks.commands[-1] == "drain-queue"
+        assert out.status == "ok" and dev.commands[-1] == "drain-queue" and out.data["drained"] == "9"
         out = await svc.commands.send("sim-0000", "unload-model", timeout_s=5)
         assert out.status == "ok"
         await until(lambda: svc.store.get_device("sim-0000").model_availability == "downloadable", 5, "unloaded")

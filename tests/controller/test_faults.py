@@ -11,13 +11,13 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
+from agent_fleet import Simulation
 from ctl_helpers import fleet, rejection_total, telemetry_keys, until, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanofleet.controller.service import ControllerService
 from nanofleet.protos import fleet_pb2, topics
-from nanofleet.sim import Simulation
 
 
 async def test_broker_restart_under_50_devices(make_broker, tmp_path: Path, reader: str) -> None:

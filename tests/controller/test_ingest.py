@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from agent_fleet import Simulation
 from ctl_helpers import fleet, rejection_total, telemetry_keys, until
 
 from nanofleet.controller.service import ControllerService
 from nanofleet.mqtt import MqttClient
 from nanofleet.protos import topics
-from nanofleet.sim import Simulation
 
 
 async def test_births_telemetry_shutdown_and_last_will(broker, tmp_path: Path, reader: str) -> None:

@@ -174,6 +174,8 @@ def test_simulated_devices_join_with_their_own_broker_accounts(system: System) -
     wait_for(lambda: wanted <= {d["device_id"] for d in system.api("/api/devices").json() if d["state"] == "online"},
              timeout=30, what="three simulated devices online")
     assert "and 3 simulated devices" in system.output()
+    accounts = json.loads((system.state / "broker" / "accounts.json").read_text())
+    assert len({accounts[d]["password"] for d in wanted}) == 3, "simulated devices share one broker password"
 
 
 def test_kill_9_of_the_agent_shows_offline_then_the_supervisor_restarts_it(system: System) -> None:
@@ -184,6 +186,39 @@ def test_kill_9_of_the_agent_shows_offline_then_the_supervisor_restarts_it(syste
     wait_for(lambda: system.api("/api/devices/dev-01").json()["state"] == "online", timeout=60,
              what="dev-01 back online after the supervisor restarted it")
     assert system.agent_process().pid != agent.pid
+
+
+def test_kill_9_of_the_controller_restarts_it_while_the_agent_keeps_answering(system: System) -> None:
+    """It used to stop everything ("stopping the rest"): the agent and the simulator went down with it."""
+    def controller_process() -> psutil.Process | None:
+        for child in psutil.Process(system.proc.pid).children(recursive=True):
+            cmd = child.cmdline()
+            if "controller" in cmd and "--config" in cmd and child.status() != psutil.STATUS_ZOMBIE:
+                return child
+        return None
+
+    before = controller_process()
+    assert before is not None
+    agent_pid = system.agent_process().pid
+    before.send_signal(signal.SIGKILL)
+    answers: list[int] = []
+    with system.agent() as agent:
+        def back() -> bool:
+            answers.append(agent.get("/v1/status").status_code)
+            now = controller_process()
+            if now is None or now.pid == before.pid:
+                return False
+            try:
+                return httpx.get(system.dashboard + "/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(back, timeout=60, interval=0.2, what="the controller restarted and healthy")
+    assert set(answers) == {200}, "the agent's socket stopped answering while the controller was down"
+    assert system.agent_process().pid == agent_pid and system.proc.poll() is None
+    assert "controller exited (code -9); restarting in" in system.output()
+    wait_for(lambda: system.api("/api/devices/dev-01").json()["state"] == "online", timeout=60,
+             what="dev-01 online in the restarted controller")
 
 
 def test_sigterm_stops_every_child_and_removes_the_socket(system: System) -> None:
@@ -209,3 +244,16 @@ def test_without_mosquitto_the_embedded_amqtt_broker_carries_the_same_closed_set
                  timeout=30, what="dev-01 online through amqtt (device account + ACL)")
         wait_for(lambda: len(amqtt_system.api("/api/devices/dev-01/telemetry").json()["points"]) >= 1,
                  timeout=30, what="telemetry through amqtt")
+
+
+def test_a_child_crashing_at_once_again_and_again_stops_up_with_a_clear_message(tmp_path: Path) -> None:
+    """Here the simulator cannot write its run counter (a folder sits where the file goes): it exits at once, each
+    time. `up` restarts it with growing delays, then gives up, says why and exits 1 — not a silent loop."""
+    (tmp_path / "state" / "sim" / "sim_state.json").mkdir(parents=True)
+    with launch(tmp_path, "--simulate", "1", "--restart-delay", "0.1") as system:
+        assert system.proc.wait(120) == 1, system.output()
+        out = system.output()
+    assert out.count("simulator (1 devices) exited (code 1); restarting in") == 4, out
+    assert "simulator (1 devices) crashed 5 times within 60s (last exit code 1); its log ends:" in out
+    assert "cannot keep the run counter" in out and "Traceback" not in out
+    assert "stopping everything." in out and "stopped: " in out
