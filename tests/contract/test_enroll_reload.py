@@ -78,5 +78,5 @@ def test_enroll_refuses_a_bad_device_id_naming_it(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("fleet: demo\n")
     result = CliRunner().invoke(enroll, ["a/#", "--config", str(fleet), "--state-dir", str(tmp_path / "s")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error, as click gives for every bad argument
     assert "invalid device 'a/#'" in result.output and "Traceback" not in result.output

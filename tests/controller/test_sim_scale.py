@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ctl_helpers import fleet, until
+from ctl_helpers import fleet, telemetry_keys, until
 
 from nanofleet.controller.service import ControllerService
 from nanofleet.sim import Simulation
@@ -28,7 +28,7 @@ async def test_a_thousand_devices_each_publish_birth_and_telemetry(make_broker, 
         born_s = time.monotonic() - t0
 
         def reporting() -> set[str]:
-            return {k[0] for k in svc.store.telemetry_keys()}
+            return {k[0] for k in telemetry_keys(svc.store)}
 
         await until(lambda: len(reporting()) == N, 30, f"telemetry from all {N} devices")
         assert reporting() == {f"sim-{i:04d}" for i in range(N)}

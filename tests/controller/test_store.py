@@ -6,12 +6,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
 from ctl_helpers import flush_rollups, prune, reject, telemetry_count, telemetry_keys
 
 from nanofleet.controller.store import Batch, Store, TelemetryRow
 from nanofleet.controller.views import PublishedPolicy
 from nanofleet.protos import fleet_pb2
+from tests.conftest import wait_for
 
 T0 = 1_700_000_000_000 - 1_700_000_000_000 % 3_600_000  # an hour boundary
 
