@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nanofleet.controller.decode import PayloadError, decode_result, decode_status, decode_telemetry
+from nanofleet.controller.gmqtt_transport import GmqttTransport
 from nanofleet.controller.store import Batch, BatchOutcome, Store
 from nanofleet.mqtt import MqttClient
 from nanofleet.mqtt_subscriber import AsyncPublisher, FastSubscriber
@@ -67,7 +68,7 @@ class Ingest:
         on_outcome: Callable[[BatchOutcome], None] | None = None,
         on_result: Callable[[fleet_pb2.CommandResult], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
-        transport: Literal["builtin", "paho"] = "paho",
+        transport: Literal["builtin", "paho", "gmqtt"] = "paho",
         max_backlog: int = 200_000,
     ) -> None:
         self.store, self.fleet = store, topics.check_id(fleet, "fleet")
@@ -86,8 +87,12 @@ class Ingest:
                         (prefix + topics.fleet_filter(fleet, "cmd/result"), 1)]
         self.transport = transport
         self.subscriber: FastSubscriber | None = None
-        self.client: MqttClient | AsyncPublisher
-        if transport == "builtin":
+        self.client: MqttClient | AsyncPublisher | GmqttTransport
+        if transport == "gmqtt":
+            self.client = GmqttTransport(broker_url, self.filters, self._inbox.append, client_id=client_id,
+                                         username=username, password=password,
+                                         on_connection=self._loop_connection)
+        elif transport == "builtin":
             # one connection both ways: publishes after a resubscription are ordered after the SUBSCRIBE
             self.subscriber = FastSubscriber(broker_url, self.filters, self._inbox.extend, client_id=client_id,
                                              username=username, password=password,
@@ -101,6 +106,12 @@ class Ingest:
                                      on_connect=self._connected, on_disconnect=self._disconnected,
                                      max_queued=100_000)
 
+    def _loop_connection(self, up: bool) -> None:
+        if up:
+            self._connected(False)
+        else:
+            self._disconnected()
+
     def _threaded_connection(self, up: bool) -> None:
         self._call_soon(self._connected if up else self._disconnected, *((False,) if up else ()))
 
@@ -113,7 +124,7 @@ class Ingest:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._run, name=f"ingest:{self.fleet}", daemon=True)
         self._thread.start()
-        if not isinstance(self.client, AsyncPublisher):
+        if isinstance(self.client, MqttClient):
             self.client.subscribe(self.filters)
         await self.client.start()
         return self
