@@ -1,11 +1,11 @@
 """MQTT ingest: status, telemetry and command results of a fleet into the store, in batches.
 
-The subscription is read by paho (default, the client DESIGN.md fixes) or, opt-in, by
-nanofleet.mqtt_subscriber.FastSubscriber (`transport="builtin"`, fleet.yaml `controller.ingest_reader`: paho costs
-~50 µs a message, bench/bench_ingest.py measures both side by side); either appends (topic, payload) pairs to a
-deque; one ingest thread takes up to `max_batch` messages or `batch_ms` worth, decodes and validates them
-(controller.decode), and hands the batch to the store's writer thread as one transaction — decoding the next batch
-overlaps the commit of the previous one.
+The subscription is read by the controller's own MQTT 3.1.1 reader (controller/mqtt_reader.py, the default:
+`transport="builtin"`, fleet.yaml `controller.ingest_reader`) or by paho (`"paho"`), which costs ~3x as much a
+message (docs/operations.md, "The ingest reader: why"; bench/bench_ingest.py measures both, and gmqtt, side by
+side); either appends (topic, payload) pairs to a deque; one ingest thread takes up to `max_batch` messages or
+`batch_ms` worth, decodes and validates them (controller.decode), and hands the batch to the store's writer thread
+as one transaction — decoding the next batch overlaps the commit of the previous one.
 A malformed payload is counted per device and reason in the store, logged once, and skipped.
 With `share_group`, the subscriptions go through `$share/<group>/...` so several controllers split the load.
 
@@ -22,13 +22,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from nanofleet.controller.decode import PayloadError, decode_result, decode_status, decode_telemetry
-from nanofleet.controller.gmqtt_transport import GmqttTransport
+from nanofleet.controller.mqtt_reader import AsyncPublisher, MqttReader
 from nanofleet.controller.store import Batch, BatchOutcome, Store
 from nanofleet.mqtt import MqttClient
-from nanofleet.mqtt_subscriber import AsyncPublisher, FastSubscriber
 from nanofleet.protos import fleet_pb2, topics
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,9 @@ class Ingest:
         on_outcome: Callable[[BatchOutcome], None] | None = None,
         on_result: Callable[[fleet_pb2.CommandResult], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
-        transport: Literal["builtin", "paho", "gmqtt"] = "paho",
+        transport: Literal["builtin", "paho"] = "builtin",
         max_backlog: int = 200_000,
+        ca: str | Path | None = None,
     ) -> None:
         self.store, self.fleet = store, topics.check_id(fleet, "fleet")
         self.stats = IngestStats()
@@ -86,31 +87,21 @@ class Ingest:
                         (prefix + topics.fleet_filter(fleet, "telemetry"), telemetry_qos),
                         (prefix + topics.fleet_filter(fleet, "cmd/result"), 1)]
         self.transport = transport
-        self.subscriber: FastSubscriber | None = None
-        self.client: MqttClient | AsyncPublisher | GmqttTransport
-        if transport == "gmqtt":
-            self.client = GmqttTransport(broker_url, self.filters, self._inbox.append, client_id=client_id,
-                                         username=username, password=password,
-                                         on_connection=self._loop_connection)
-        elif transport == "builtin":
+        self.subscriber: MqttReader | None = None
+        self.client: MqttClient | AsyncPublisher
+        if transport == "builtin":
             # one connection both ways: publishes after a resubscription are ordered after the SUBSCRIBE
-            self.subscriber = FastSubscriber(broker_url, self.filters, self._inbox.extend, client_id=client_id,
+            self.subscriber = MqttReader(broker_url, self.filters, self._inbox.extend, client_id=client_id,
                                              username=username, password=password,
                                              on_connection=self._threaded_connection,
-                                             busy=lambda: len(self._inbox) > max_backlog)
+                                             busy=lambda: len(self._inbox) > max_backlog, ca=ca)
             self.client = AsyncPublisher(self.subscriber)
         else:
             inbox = self._inbox
             self.client = MqttClient(broker_url, client_id=client_id, username=username, password=password,
                                      sink=lambda m: inbox.append((m.topic, m.payload)),
                                      on_connect=self._connected, on_disconnect=self._disconnected,
-                                     max_queued=100_000)
-
-    def _loop_connection(self, up: bool) -> None:
-        if up:
-            self._connected(False)
-        else:
-            self._disconnected()
+                                     max_queued=100_000, ca=ca)
 
     def _threaded_connection(self, up: bool) -> None:
         self._call_soon(self._connected if up else self._disconnected, *((False,) if up else ()))

@@ -64,7 +64,8 @@ class ControllerService:
         self.ingest = Ingest(store, self.config.fleet, self.broker_url, username=self._mqtt[0],
                              password=self._mqtt[1], share_group=self.share_group, telemetry_qos=self.telemetry_qos,
                              on_outcome=self._on_outcome, on_result=self._on_result,
-                             on_connection=self._on_connection, transport=self.ingest_reader)
+                             on_connection=self._on_connection, transport=self.ingest_reader,
+                             ca=self.config.broker.ca if self.broker_url.startswith("mqtts://") else None)
         self.commands = CommandService(self.ingest.client, self.config.fleet)
         await self.ingest.start()
         self._spawn(self._sweep())

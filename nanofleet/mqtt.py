@@ -23,6 +23,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,7 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from nanofleet.backoff import Backoff
 
 __all__ = ["Message", "MqttClient", "MqttError", "MqttNotConnected", "MqttPublishError", "MqttUrlError", "Will",
-           "parse_broker_url"]
+           "check_ca", "parse_broker_url"]
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class MqttError(Exception):
 
 
 class MqttUrlError(MqttError):
-    """A broker URL that is not mqtt://host[:port] or mqtts://host[:port]."""
+    """A broker URL that is not mqtt://host[:port] or mqtts://host[:port] (or a CA file given for mqtt://)."""
 
 
 class MqttNotConnected(MqttError):
@@ -83,6 +84,16 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     return parts.hostname, port, tls
 
 
+def check_ca(url: str, tls: bool, ca: str | Path | None) -> None:
+    """A CA file only means something for mqtts://, and must be readable: say so before connecting."""
+    if ca is None:
+        return
+    if not tls:
+        raise MqttUrlError(f"broker url {url!r}: a CA file ({ca}) needs an mqtts:// url")
+    if not Path(ca).is_file():
+        raise MqttUrlError(f"broker CA file {str(ca)!r} does not exist")
+
+
 WillSource = Will | Callable[[], Will | None] | None
 ConnectHook = Callable[[bool], Awaitable[None] | None]  # argument: session_present
 
@@ -107,8 +118,10 @@ class MqttClient:
         on_disconnect: Callable[[], Awaitable[None] | None] | None = None,
         max_inflight: int = 100,
         max_queued: int = 10_000,
+        ca: str | Path | None = None,
     ) -> None:
         self.host, self.port, tls = parse_broker_url(url)
+        check_ca(url, tls, ca)
         self.url = url
         self._will = will
         self._backoff = Backoff(*backoff)
@@ -133,7 +146,7 @@ class MqttClient:
         if username is not None:
             c.username_pw_set(username, password)
         if tls:
-            c.tls_set()
+            c.tls_set(ca_certs=str(ca) if ca is not None else None)  # None: the system's CA store
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(max_queued)
         c.on_connect = self._guarded(self._cb_connect)

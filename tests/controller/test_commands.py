@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import free_port, wait_for
 from ctl_helpers import fleet, until
 
 from nanofleet.cli import main
 from nanofleet.controller.commands import UnknownCommand
 from nanofleet.controller.service import ControllerService
 from nanofleet.sim import Simulation
+from tests.conftest import free_port, wait_for
 
 
 async def test_commands_ack_result_timeout(broker, tmp_path: Path, reader: str) -> None:

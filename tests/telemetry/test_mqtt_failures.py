@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from nanofleet.controller.mqtt_reader import MqttReader
 from nanofleet.mqtt import MqttClient, MqttNotConnected
-from nanofleet.mqtt_subscriber import FastSubscriber
 from tests.conftest import until
 
 
@@ -26,7 +26,7 @@ async def test_reconnects_follow_the_one_backoff_rule(kind: str) -> None:
     server = await asyncio.start_server(refuse, "127.0.0.1", 0)
     url = f"mqtt://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     client = (MqttClient(url, backoff=(0.3, 0.3)) if kind == "paho"
-              else FastSubscriber(url, [("x/#", 0)], lambda m: None, backoff=(0.3, 0.3)))
+              else MqttReader(url, [("x/#", 0)], lambda m: None, backoff=(0.3, 0.3)))
     try:
         await client.start() if isinstance(client, MqttClient) else client.start()
         await until(lambda: len(accepts) >= 9, 20, "nine connection attempts")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nanofleet.controller.mqtt_reader import AsyncPublisher, MqttReader, parse, publish_packet
 from nanofleet.mqtt import MqttClient
-from nanofleet.mqtt_subscriber import AsyncPublisher, FastSubscriber, parse, publish_packet
 from tests.conftest import until
 
 messages = st.lists(st.tuples(st.text(min_size=1, max_size=20).filter(lambda t: "\x00" not in t),
@@ -42,7 +42,7 @@ def test_parse_any_split(msgs: list[tuple[str, bytes, int]], cuts: list[int]) ->
 
 def _feed(stream: bytes, cuts: list[int]) -> tuple[object, ...]:
     """Everything parse() hands out when `stream` arrives in pieces of the `cuts` sizes (then the rest)."""
-    from nanofleet.mqtt_subscriber import MqttProtocolError
+    from nanofleet.controller.mqtt_reader import MqttProtocolError
 
     buf, out, acks, pubacks, other = bytearray(), [], [], [], []
     pos, error = 0, None
@@ -87,7 +87,7 @@ async def test_receives_publishes_and_reconnects(make_broker) -> None:
     b = make_broker()
     got: list[tuple[str, bytes]] = []
     ups: list[bool] = []
-    sub = FastSubscriber(b.url, [("fs/#", 1)], got.extend, on_connection=ups.append, backoff=(0.05, 0.2))
+    sub = MqttReader(b.url, [("fs/#", 1)], got.extend, on_connection=ups.append, backoff=(0.05, 0.2))
     pub_face = AsyncPublisher(sub)
     await pub_face.start()
     async with MqttClient(b.url) as other:
@@ -121,7 +121,7 @@ async def test_receives_publishes_and_reconnects(make_broker) -> None:
 
 def test_publish_shorter_than_its_topic_header_is_a_protocol_error() -> None:
     """Remaining length 1 cannot hold the 2-byte topic length: a broker bug or a hostile peer, never an IndexError."""
-    from nanofleet.mqtt_subscriber import MqttProtocolError
+    from nanofleet.controller.mqtt_reader import MqttProtocolError
 
     for bad in (b"\x30\x01\x00", b"\x30\x03\x00\x05a", b"\x32\x03\x00\x01a" + b"\x40\x02\x00\x01"):
         with pytest.raises(MqttProtocolError, match="PUBLISH"):
@@ -143,7 +143,7 @@ async def test_reader_thread_survives_a_malformed_packet(caplog) -> None:
 
     server = await asyncio.start_server(peer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    sub = FastSubscriber(f"mqtt://127.0.0.1:{port}", [("x/#", 0)], lambda m: None, backoff=(0.01, 0.05))
+    sub = MqttReader(f"mqtt://127.0.0.1:{port}", [("x/#", 0)], lambda m: None, backoff=(0.01, 0.05))
     sub.start()
     try:
         await until(lambda: len(connects) >= 2, 10, "a reconnect after the malformed packet")
@@ -165,7 +165,7 @@ async def test_a_failing_sink_is_logged_counted_and_reconnects(broker, caplog) -
         if len(calls) == 1:
             raise ValueError("consumer bug")
 
-    sub = FastSubscriber(broker.url, [("fsbug/#", 0)], sink, backoff=(0.01, 0.05)).start()
+    sub = MqttReader(broker.url, [("fsbug/#", 0)], sink, backoff=(0.01, 0.05)).start()
     try:
         async with MqttClient(broker.url) as pub:
             await pub.wait_connected(5)

@@ -1,4 +1,7 @@
-"""Ingest's MQTT transport over gmqtt (a maintained asyncio client), measured against the builtin reader.
+"""gmqtt (a maintained asyncio MQTT client) as ingest's transport — for bench/bench_ingest.py only.
+
+The measurement that kept the controller's own reader (docs/operations.md, "The ingest reader: why") compares it
+with this: `GmqttIngest` is the controller's Ingest with gmqtt reading the subscription, everything else equal.
 
 The same face as `AsyncPublisher` over the builtin reader (`connected`, `last_error`, `connects`, `publish`,
 `publish_nowait`, `start`, `stop`) and the same hand-over: each PUBLISH goes to `sink` as a (topic, payload) pair,
@@ -13,12 +16,14 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
 
-from nanofleet.mqtt import MqttNotConnected, parse_broker_url
+from nanofleet.controller.ingest import Ingest
+from nanofleet.mqtt import MqttNotConnected, check_ca, parse_broker_url
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +32,12 @@ class GmqttTransport:
     def __init__(self, url: str, filters: Sequence[tuple[str, int]],
                  sink: Callable[[tuple[str, bytes]], None], *, client_id: str = "",
                  username: str | None = None, password: str | None = None, keepalive: int = 30,
-                 on_connection: Callable[[bool], None] | None = None, ca: str | None = None) -> None:
+                 on_connection: Callable[[bool], None] | None = None, ca: str | Path | None = None) -> None:
         self.host, self.port, tls = parse_broker_url(url)
+        check_ca(url, tls, ca)
         self.url, self.filters, self.sink = url, list(filters), sink
         self.keepalive, self.on_connection = keepalive, on_connection
-        self.ssl: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca) if tls else False
+        self.ssl: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca) if ca else None) if tls else False
         self.connected = False
         self.connects = 0
         self.last_error: str | None = None
@@ -86,3 +92,19 @@ class GmqttTransport:
     async def stop(self) -> None:
         await self.client.disconnect()
         self.connected = False
+
+
+class GmqttIngest(Ingest):
+    """Ingest whose subscription gmqtt reads: the same inbox, ingest thread, decode and store as the real one."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, transport="paho", **kw)  # its paho client is replaced before start(), never used
+        url = args[2] if len(args) > 2 else kw["broker_url"]
+        self.client = GmqttTransport(  # type: ignore[assignment]
+            url, self.filters, self._inbox.append, client_id=kw.get("client_id", ""), on_connection=self._on_up)
+
+    def _on_up(self, up: bool) -> None:
+        if up:
+            self._connected(False)
+        else:
+            self._disconnected()
