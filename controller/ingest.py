@@ -106,6 +106,14 @@ class Ingest:
     def _threaded_connection(self, up: bool) -> None:
         self._call_soon(self._connected if up else self._disconnected, *((False,) if up else ()))
 
+    def transport_status(self) -> dict[str, object]:
+        """The MQTT reader's state, for health and the dashboard: up or not, connects, its last error and its
+        failures by kind (protocol, refused, connection, internal; sink, hook, publish with paho)."""
+        t = self.subscriber if self.subscriber is not None else self.client
+        assert not isinstance(t, AsyncPublisher)
+        return {"reader": self.transport, "connected": self.connected, "connects": t.connects,
+                "last_error": t.last_error, "failures": dict(t.failures)}
+
     @property
     def connected(self) -> bool:
         """The subscription is up (what "the controller can see the fleet" means)."""

@@ -180,3 +180,21 @@ async def test_a_failing_sink_is_logged_counted_and_reconnects(broker, caplog) -
         assert any("consumer bug" in (r.exc_text or "") or "consumer bug" in r.getMessage() for r in caplog.records)
     finally:
         await asyncio.to_thread(sub.stop)
+
+
+async def test_ingest_shows_its_reader_failures(tmp_path, reader: str) -> None:
+    """What the reader counts reaches the controller: a broker that is not there shows as failures + last_error."""
+    from nanofleet.controller.ingest import Ingest
+    from nanofleet.controller.store import Store
+    from nanofleet.tcp import free_port
+
+    store = Store(tmp_path / "c.db")
+    ingest = Ingest(store, "f1", f"mqtt://127.0.0.1:{free_port()}", transport=reader)  # type: ignore[arg-type]
+    await ingest.start()
+    try:
+        await until(lambda: sum(ingest.transport_status()["failures"].values()) >= 1, 10, "a counted failure")
+        status = ingest.transport_status()
+        assert status["reader"] == reader and status["connected"] is False and status["last_error"]
+    finally:
+        await ingest.stop()
+        await asyncio.to_thread(store.close)
