@@ -170,7 +170,8 @@ class MqttReader:
         self.connected = False
         self.connects = 0
         self.last_error: str | None = None
-        self.failures: collections.Counter[str] = collections.Counter()  # protocol, refused, connection, internal
+        # by kind: protocol, refused, connection, internal (each followed by a reconnect), observer
+        self.failures: collections.Counter[str] = collections.Counter()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
@@ -270,8 +271,10 @@ class MqttReader:
         if self.on_connection is not None:
             try:
                 self.on_connection(up)
-            except Exception:  # a broken observer must not kill ingest
-                log.exception("on_connection failed")
+            except Exception as exc:  # a broken observer must not kill ingest: counted, logged, kept
+                self.failures["observer"] += 1
+                self.last_error = f"observer: {exc!r}"
+                log.exception("mqtt reader %s: on_connection failed", self.url)
 
     def _open(self) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), timeout=10)

@@ -198,3 +198,23 @@ async def test_ingest_shows_its_reader_failures(tmp_path, reader: str) -> None:
     finally:
         await ingest.stop()
         await asyncio.to_thread(store.close)
+
+
+async def test_a_failing_connection_observer_is_counted_and_reading_goes_on(broker, caplog) -> None:
+    got: list[tuple[str, bytes]] = []
+
+    def observer(up: bool) -> None:
+        raise RuntimeError("observer bug")
+
+    sub = MqttReader(broker.url, [("fsobs/#", 1)], got.extend, on_connection=observer).start()
+    try:
+        await until(lambda: sub.connected, 10, "subscribed")
+        assert sub.failures["observer"] == 1 and "observer bug" in (sub.last_error or "")
+        async with MqttClient(broker.url) as pub:
+            await pub.wait_connected(5)
+            await pub.publish("fsobs/1", b"still reading", qos=1)
+            await until(lambda: got, 10, "a message after the observer failed")
+        assert sub.connects == 1
+        assert any("on_connection failed" in r.getMessage() for r in caplog.records)
+    finally:
+        await asyncio.to_thread(sub.stop)
