@@ -50,8 +50,8 @@ async def _until_signal() -> None:
 @_mqtt_options
 @click.option("--share-group", default=None, help="Subscribe via $share/<group>/ so controllers split the load.")
 @click.option("--gateway-db", type=click.Path(path_type=Path), default=None, help="Gateway usage DB to show.")
-@click.option("--ingest-reader", type=click.Choice(["paho", "builtin"]), default=None,
-              help="MQTT reader for ingest (default: fleet.yaml controller.ingest_reader, paho).")
+@click.option("--ingest-reader", type=click.Choice(["builtin", "paho"]), default=None,
+              help="MQTT reader for ingest (default: fleet.yaml controller.ingest_reader, builtin).")
 @click.pass_context
 def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, listen: str | None,
                broker_url: str | None, mqtt_username: str | None, mqtt_password: str | None,
@@ -140,7 +140,9 @@ def _parse_args(pairs: tuple[str, ...]) -> dict[str, str]:
 async def _client(cfg: FleetConfig, broker_url: str | None, user: str | None, password: str | None) -> Any:
     from nanofleet.mqtt import MqttClient
 
-    client = MqttClient(broker_url or cfg.broker.url, username=user, password=password, backoff=(0.2, 2))
+    url = broker_url or cfg.broker.url
+    client = MqttClient(url, username=user, password=password, backoff=(0.2, 2),
+                        ca=cfg.broker.ca if url.startswith("mqtts://") else None)
     await client.start()
     try:
         await client.wait_connected(10)

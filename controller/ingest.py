@@ -1,11 +1,11 @@
 """MQTT ingest: status, telemetry and command results of a fleet into the store, in batches.
 
-The subscription is read by paho (default, the client DESIGN.md fixes) or, opt-in, by
-nanofleet.mqtt_subscriber.FastSubscriber (`transport="builtin"`, fleet.yaml `controller.ingest_reader`: paho costs
-~50 µs a message, bench/bench_ingest.py measures both side by side); either appends (topic, payload) pairs to a
-deque; one ingest thread takes up to `max_batch` messages or `batch_ms` worth, decodes and validates them
-(controller.decode), and hands the batch to the store's writer thread as one transaction — decoding the next batch
-overlaps the commit of the previous one.
+The subscription is read by the controller's own MQTT 3.1.1 reader (controller/mqtt_reader.py, the default:
+`transport="builtin"`, fleet.yaml `controller.ingest_reader`) or by paho (`"paho"`), which costs ~3x as much a
+message (docs/operations.md, "The ingest reader: why"; bench/bench_ingest.py measures both, and gmqtt, side by
+side); either appends (topic, payload) pairs to a deque; one ingest thread takes up to `max_batch` messages or
+`batch_ms` worth, decodes and validates them (controller.decode), and hands the batch to the store's writer thread
+as one transaction — decoding the next batch overlaps the commit of the previous one.
 A malformed payload is counted per device and reason in the store, logged once, and skipped.
 A batch the store fails to write (disk full, I/O error, a locked file) is retried `write_attempts` times with the
 project's backoff (nanofleet.backoff); if it still fails, its messages are counted in `stats.dropped_by_reason`
@@ -27,14 +27,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from nanofleet.backoff import Backoff
 from nanofleet.controller.decode import PayloadError, decode_result, decode_status, decode_telemetry
 from nanofleet.controller.errors import StoreClosed, StoreError
+from nanofleet.controller.mqtt_reader import AsyncPublisher, MqttReader
 from nanofleet.controller.store import Batch, BatchOutcome, Store
 from nanofleet.mqtt import MqttClient
-from nanofleet.mqtt_subscriber import AsyncPublisher, FastSubscriber
 from nanofleet.protos import fleet_pb2, topics
 
 log = logging.getLogger(__name__)
@@ -94,11 +95,12 @@ class Ingest:
         on_outcome: Callable[[BatchOutcome], None] | None = None,
         on_result: Callable[[fleet_pb2.CommandResult], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
-        transport: Literal["builtin", "paho"] = "paho",
+        transport: Literal["builtin", "paho"] = "builtin",
         max_backlog: int = 200_000,
         write_attempts: int = 5,
         write_retry_s: tuple[float, float] = (0.2, 5.0),
         on_thread_death: Callable[[BaseException], None] | None = None,
+        ca: str | Path | None = None,
     ) -> None:
         self.store, self.fleet = store, topics.check_id(fleet, "fleet")
         self.stats = IngestStats()
@@ -118,24 +120,32 @@ class Ingest:
                         (prefix + topics.fleet_filter(fleet, "telemetry"), telemetry_qos),
                         (prefix + topics.fleet_filter(fleet, "cmd/result"), 1)]
         self.transport = transport
-        self.subscriber: FastSubscriber | None = None
+        self.subscriber: MqttReader | None = None
         self.client: MqttClient | AsyncPublisher
         if transport == "builtin":
             # one connection both ways: publishes after a resubscription are ordered after the SUBSCRIBE
-            self.subscriber = FastSubscriber(broker_url, self.filters, self._inbox.extend, client_id=client_id,
+            self.subscriber = MqttReader(broker_url, self.filters, self._inbox.extend, client_id=client_id,
                                              username=username, password=password,
                                              on_connection=self._threaded_connection,
-                                             busy=lambda: len(self._inbox) > max_backlog)
+                                             busy=lambda: len(self._inbox) > max_backlog, ca=ca)
             self.client = AsyncPublisher(self.subscriber)
         else:
             inbox = self._inbox
             self.client = MqttClient(broker_url, client_id=client_id, username=username, password=password,
                                      sink=lambda m: inbox.append((m.topic, m.payload)),
                                      on_connect=self._connected, on_disconnect=self._disconnected,
-                                     max_queued=100_000)
+                                     max_queued=100_000, ca=ca)
 
     def _threaded_connection(self, up: bool) -> None:
         self._call_soon(self._connected if up else self._disconnected, *((False,) if up else ()))
+
+    def transport_status(self) -> dict[str, object]:
+        """The MQTT reader's state, for health and the dashboard: up or not, connects, its last error and its
+        failures by kind (protocol, refused, connection, internal; sink, hook, publish with paho)."""
+        t = self.subscriber if self.subscriber is not None else self.client
+        assert not isinstance(t, AsyncPublisher)
+        return {"reader": self.transport, "connected": self.connected, "connects": t.connects,
+                "last_error": t.last_error, "failures": dict(t.failures)}
 
     @property
     def connected(self) -> bool:
@@ -146,7 +156,7 @@ class Ingest:
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(target=self._guarded, name=f"ingest:{self.fleet}", daemon=True)
         self._thread.start()
-        if not isinstance(self.client, AsyncPublisher):
+        if isinstance(self.client, MqttClient):
             self.client.subscribe(self.filters)
         await self.client.start()
         return self

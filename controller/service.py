@@ -81,7 +81,8 @@ class ControllerService:
                              password=self._mqtt[1], share_group=self.share_group, telemetry_qos=self.telemetry_qos,
                              on_outcome=self._on_outcome, on_result=self._on_result,
                              on_connection=self._on_connection, transport=self.ingest_reader,
-                             on_thread_death=lambda exc: self._fatal("ingest", exc))
+                             on_thread_death=lambda exc: self._fatal("ingest", exc),
+                             ca=self.config.broker.ca if self.broker_url.startswith("mqtts://") else None)
         self.commands = CommandService(self.ingest.client, self.config.fleet)
         await self.ingest.start()
         self.tasks.spawn(self._sweep, "sweep", on_death="restart")

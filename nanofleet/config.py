@@ -112,6 +112,13 @@ class DeviceEntry(_Model):
 
 class Broker(_Model):
     url: str = Field("mqtt://127.0.0.1:1883", pattern=r"^mqtts?://[^/\s:]+(:\d{1,5})?/?$")
+    ca: Path | None = Field(None, description="the fleet's CA (PEM) for an mqtts:// broker; None: the system store")
+
+    @model_validator(mode="after")
+    def _ca_needs_tls(self) -> Broker:
+        if self.ca is not None and not self.url.startswith("mqtts://"):
+            raise _FieldError(("broker", "ca"), f"a CA file needs an mqtts:// url (broker.url is {self.url!r})")
+        return self
 
 
 class Upstream(_Model):
@@ -150,8 +157,8 @@ class Gateway(_Model):
 
 class Controller(_Model):
     listen: str = Field("127.0.0.1:8080", pattern=r"^[^\s:]+:\d{1,5}$")
-    # paho (DESIGN.md's client) or nanofleet's own receive-only MQTT 3.1.1 reader: ~3x the ingest rate
-    ingest_reader: Literal["paho", "builtin"] = "paho"
+    # the controller's own MQTT 3.1.1 reader (controller/mqtt_reader.py) or paho, ~3x its cost a message
+    ingest_reader: Literal["builtin", "paho"] = "builtin"
 
 
 class Alerts(_Model):

@@ -2,9 +2,13 @@
 
 paho runs its own network thread (`loop_start`); its callbacks only hand events to the asyncio loop
 (`call_soon_threadsafe`) or to a caller-supplied `sink(paho_message)` that must be cheap and never publish
-(publishing or `wait_for_publish()` inside a paho callback can deadlock: paho #354, #527, #531). Reconnects use
-exponential backoff with full jitter; the last will can be recomputed before every connection attempt
-(Sparkplug's bdSeq).
+(publishing or `wait_for_publish()` inside a paho callback can deadlock: paho #354, #527, #531). Reconnects wait
+nanofleet.backoff's delay; the last will can be recomputed before every connection attempt (Sparkplug's bdSeq).
+
+Nothing fails silently: an exception in a callback (ours or the caller's `sink` and hooks) would end paho's network
+thread, so each is caught, logged and counted in `failures` by kind (`sink`, `hook`, `callback`, `publish`,
+`connect`) and kept in `last_error`; a publish that paho refuses is counted and logged, and the futures of
+publishes still unacknowledged when the client stops fail with MqttNotConnected.
 
 Exceptions: MqttError (root) ← MqttUrlError, MqttNotConnected, MqttPublishError.
 """
@@ -12,21 +16,24 @@ Exceptions: MqttError (root) ← MqttUrlError, MqttNotConnected, MqttPublishErro
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-import random
 import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from nanofleet.backoff import Backoff
+
 __all__ = ["Message", "MqttClient", "MqttError", "MqttNotConnected", "MqttPublishError", "MqttUrlError", "Will",
-           "parse_broker_url"]
+           "check_ca", "parse_broker_url"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +43,7 @@ class MqttError(Exception):
 
 
 class MqttUrlError(MqttError):
-    """A broker URL that is not mqtt://host[:port] or mqtts://host[:port]."""
+    """A broker URL that is not mqtt://host[:port] or mqtts://host[:port] (or a CA file given for mqtt://)."""
 
 
 class MqttNotConnected(MqttError):
@@ -77,6 +84,16 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     return parts.hostname, port, tls
 
 
+def check_ca(url: str, tls: bool, ca: str | Path | None) -> None:
+    """A CA file only means something for mqtts://, and must be readable: say so before connecting."""
+    if ca is None:
+        return
+    if not tls:
+        raise MqttUrlError(f"broker url {url!r}: a CA file ({ca}) needs an mqtts:// url")
+    if not Path(ca).is_file():
+        raise MqttUrlError(f"broker CA file {str(ca)!r} does not exist")
+
+
 WillSource = Will | Callable[[], Will | None] | None
 ConnectHook = Callable[[bool], Awaitable[None] | None]  # argument: session_present
 
@@ -101,12 +118,13 @@ class MqttClient:
         on_disconnect: Callable[[], Awaitable[None] | None] | None = None,
         max_inflight: int = 100,
         max_queued: int = 10_000,
+        ca: str | Path | None = None,
     ) -> None:
         self.host, self.port, tls = parse_broker_url(url)
+        check_ca(url, tls, ca)
         self.url = url
         self._will = will
-        self._backoff = backoff
-        self._attempt = 0
+        self._backoff = Backoff(*backoff)
         self._sink = sink
         self._on_connect_hook = on_connect
         self._on_disconnect_hook = on_disconnect
@@ -121,20 +139,21 @@ class MqttClient:
         self._unawaited: set[int] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_error: str | None = None
+        self.failures: collections.Counter[str] = collections.Counter()
         self.connects = 0
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                         protocol=paho.MQTTv311)
         if username is not None:
             c.username_pw_set(username, password)
         if tls:
-            c.tls_set()
+            c.tls_set(ca_certs=str(ca) if ca is not None else None)  # None: the system's CA store
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(max_queued)
-        c.on_connect = self._cb_connect
-        c.on_connect_fail = self._cb_connect_fail
-        c.on_disconnect = self._cb_disconnect
-        c.on_message = self._cb_message
-        c.on_publish = self._cb_publish
+        c.on_connect = self._guarded(self._cb_connect)
+        c.on_connect_fail = self._guarded(self._cb_connect_fail)
+        c.on_disconnect = self._guarded(self._cb_disconnect)
+        c.on_message = self._cb_message  # guards the caller's sink itself (the hot path: one try, no wrapper)
+        c.on_publish = self._guarded(self._cb_publish)
         self._client = c
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -220,13 +239,18 @@ class MqttClient:
         return fut
 
     def publish_nowait(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool:
-        """Fire and forget (hot paths): True if paho accepted it. Call from the event loop's thread."""
+        """Fire and forget (hot paths): True if paho took it — written, or (QoS 1) queued for the next
+        connection, which paho sends then. False: not taken (counted and logged). Call from the loop's thread."""
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        taken = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN)
+        if not taken:
+            self._failed("publish", f"publish to {topic} refused: {paho.error_string(info.rc)}")
+            return False
         if info.mid in self._early:
             self._early.discard(info.mid)
         else:
             self._unawaited.add(info.mid)
-        return info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+        return True
 
     async def messages(self) -> AsyncIterator[Message]:
         """Messages of the subscribed filters, in arrival order (unless a `sink` takes them)."""
@@ -234,11 +258,28 @@ class MqttClient:
             yield await self._queue.get()
 
     # -- paho callbacks (network thread: hand over, never publish) ---------------------------------------------
+    def _failed(self, kind: str, error: str, exc: BaseException | None = None) -> None:
+        """Count, keep and log a failure; per-message kinds (sink, publish) log the first and every 1000th."""
+        self.failures[kind] += 1
+        self.last_error = f"{kind}: {error}"
+        n = self.failures[kind]
+        if kind not in ("sink", "publish") or n == 1 or n % 1000 == 0:
+            log.error("mqtt %s: %s (%d so far)", self.url, self.last_error, n, exc_info=exc)
+
+    def _guarded(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """A paho callback that cannot end paho's network thread: its failure is logged and counted."""
+
+        def call(*args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:  # noqa: BLE001 — counted and logged with its traceback by _failed
+                self._failed("callback", f"{fn.__name__}: {exc!r}", exc)
+
+        return call
+
     def _arm_backoff_and_will(self) -> None:
-        lo, hi = self._backoff
-        delay = random.uniform(0, min(hi, lo * 2**self._attempt))  # full jitter
-        self._attempt = min(self._attempt + 1, 30)
-        self._client.reconnect_delay_set(max(delay, 0.01), hi)  # also resets paho's own doubling
+        # paho waits exactly this long before its next attempt: reconnect_delay_set resets its own doubling
+        self._client.reconnect_delay_set(max(self._backoff.next(), 0.01), self._backoff.cap)
         will = self._will() if callable(self._will) else self._will
         self._client.will_clear()
         if will is not None:
@@ -255,7 +296,7 @@ class MqttClient:
             self.last_error = f"connection refused: {rc}"
             log.warning("mqtt %s: %s", self.url, self.last_error)
             return
-        self._attempt = 0
+        self._backoff.reset()
         self.connects += 1
         self.last_error = None
         if self._filters:
@@ -264,6 +305,7 @@ class MqttClient:
         self._call_soon(self._on_connected, bool(flags.session_present))
 
     def _cb_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self.failures["connect"] += 1  # every retry counted; logged by whoever watches `connected`
         self.last_error = "broker unreachable"
         self._arm_backoff_and_will()
 
@@ -276,7 +318,10 @@ class MqttClient:
 
     def _cb_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self._sink is not None:
-            self._sink(msg)
+            try:
+                self._sink(msg)
+            except Exception as exc:  # noqa: BLE001 — counted and logged with its traceback by _failed
+                self._failed("sink", f"{msg.topic}: {exc!r}", exc)
         else:
             self._call_soon(self._queue.put_nowait,
                             Message(msg.topic, msg.payload, msg.qos, msg.retain, self.connects))
@@ -307,7 +352,11 @@ class MqttClient:
     def _run_hook(self, hook: Callable[..., Awaitable[None] | None] | None, *args: Any) -> None:
         if hook is None:
             return
-        result = hook(*args)
+        try:
+            result = hook(*args)
+        except Exception as exc:  # noqa: BLE001 — counted and logged with its traceback by _failed
+            self._failed("hook", repr(exc), exc)
+            return
         if asyncio.iscoroutine(result):
             task = asyncio.ensure_future(result)
             self._tasks.add(task)
@@ -315,8 +364,9 @@ class MqttClient:
 
     def _hook_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("mqtt %s: connection hook failed: %r", self.url, task.exception())
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            self._failed("hook", repr(exc), exc)
 
     def _fail_pending(self) -> None:
         pending, self._pending = self._pending, {}
@@ -324,7 +374,7 @@ class MqttClient:
         self._unawaited.clear()
         for fut in pending.values():
             if not fut.done():
-                fut.cancel()
+                fut.set_exception(MqttNotConnected(f"client of {self.url} stopped before the broker acknowledged"))
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

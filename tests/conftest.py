@@ -123,9 +123,9 @@ def make_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
         b.stop()
 
 
-@pytest.fixture(params=["paho", "builtin"])
+@pytest.fixture(params=["builtin", "paho"])
 def reader(request: pytest.FixtureRequest) -> str:
-    """The controller's ingest MQTT reader: paho (DESIGN.md's default) and the builtin one; tests using it run both."""
+    """The controller's ingest MQTT reader: the builtin one (the default) and paho; tests using it run both."""
     return request.param
 
 
