@@ -25,6 +25,9 @@ def manager(tmp_path: Path, tiny_gguf: Path, **spec) -> ModelManager:
                         tmp_path / "private", warmup=False)
 
 
+ME = {"fleet": "demo", "device_id": "dev-test"}  # policies are addressed to the device
+
+
 async def test_lazy_load_and_keep_alive_zero_unloads_at_once(tmp_path: Path, tiny_gguf: Path) -> None:
     m = manager(tmp_path, tiny_gguf, keep_alive=0)
     assert not m.loaded and m.status().availability == "available"
@@ -126,7 +129,7 @@ async def test_hooks_commands_policy_and_metrics(make_settings) -> None:
         assert res.status == "error" and "no offline queue" in res.message
         res = await svc.handle_command(fleet_pb2.Command(id="c3", kind="self-destruct"))
         assert res.status == "error" and "unknown command" in res.message
-        await svc.apply_policy(fleet_pb2.RoutingPolicy(version=9, prefer="local", cloud_allowed=True,
+        await svc.apply_policy(fleet_pb2.RoutingPolicy(**ME, version=9, prefer="local", cloud_allowed=True,
                                                        thermal_limit=fleet_pb2.THERMAL_LEVEL_SEVERE,
                                                        max_local_prompt_tokens=10))
         assert svc.agent_metrics().policy_version == 9
@@ -163,9 +166,9 @@ async def test_policy_with_a_new_model_switches_to_it(make_settings, tmp_path: P
     await asyncio.to_thread(shutil.copy, tiny_gguf, other)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
         assert (await c.post("/v1/chat/completions", json=CHAT)).json()["model"] == tiny_gguf.stem
-        await svc.apply_policy(fleet_pb2.RoutingPolicy(version=2, prefer="local", model_source=f"file:{other}"))
+        await svc.apply_policy(fleet_pb2.RoutingPolicy(**ME, version=2, prefer="local", model_source=f"file:{other}"))
         assert not svc.models.loaded  # the old model is gone; the new one loads on first use
         assert (await c.post("/v1/chat/completions", json=CHAT)).json()["model"] == "fleet-model"
-        await svc.apply_policy(fleet_pb2.RoutingPolicy(version=3, prefer="local", model_source="ftp://nope"))
+        await svc.apply_policy(fleet_pb2.RoutingPolicy(**ME, version=3, prefer="local", model_source="ftp://nope"))
         assert svc.models.spec.source == f"file:{other}" and svc.dispatcher.policy.version == 3
     await svc.models.close()
