@@ -117,6 +117,7 @@ class DeviceSession:
         self.counts: Counter[str] = Counter()  # policy_applied, policy_refused, policy_malformed, policy_failed, ...
         self.connected_since: float | None = None
         self.last_error = ""
+        self._closing = False
         self._restart_base_s = restart_base_s
         self.tasks = TaskSupervisor("device-session", restart_base_s=restart_base_s)
         self.paused = False  # tests/simulator: stop telemetry without dropping the connection (no last will)
@@ -170,6 +171,7 @@ class DeviceSession:
         )
         self.client.subscribe([(topics.policy(self.fleet, self.device_id), 1),
                                (topics.cmd(self.fleet, self.device_id), 1)])
+        self._closing = False
         await self.client.start()
         self.tasks = TaskSupervisor("device-session", restart_base_s=self._restart_base_s)
         self.tasks.spawn(self._telemetry_loop, "telemetry")
@@ -178,6 +180,7 @@ class DeviceSession:
 
     async def stop(self) -> None:
         """Graceful: a retained offline status (reason shutdown) with this bdSeq, then a clean disconnect."""
+        self._closing = True
         await self.tasks.stop()
         if self.client is not None:
             if self.client.connected:
@@ -225,6 +228,8 @@ class DeviceSession:
 
     async def _on_disconnect(self) -> None:
         self.connected_since = None
+        if self._closing:
+            return  # our own clean disconnect
         self.last_error = f"connection to the broker lost at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
         log.warning("%s: %s", self.device_id, self.last_error)
 

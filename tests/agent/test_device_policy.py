@@ -22,6 +22,7 @@ def settings_for(make_settings: Callable[..., AgentSettings], broker_url: str) -
 
 async def test_hostile_policy_for_another_device_is_refused_and_cannot_lock_out_later_ones(
         broker, controller, make_settings, caplog) -> None:
+    caplog.set_level(logging.INFO)
     svc = AgentService(settings_for(make_settings, broker.url), warmup=False)
     await svc.start()
     try:
@@ -48,6 +49,10 @@ async def test_hostile_policy_for_another_device_is_refused_and_cannot_lock_out_
         assert status["mqtt"]["counts"]["policy_refused"] == 1
     finally:
         await svc.stop()
+    logged = [r.getMessage() for r in caplog.records]
+    assert "agent: applied policy v5 (cloudAllowed: False -> True, minFreeRamMb: 0 -> 64)" in logged
+    assert any(m.startswith(f"agent {DEV}: shutting down") for m in logged)
+    assert not any("connection to the broker lost" in m for m in logged)  # a clean stop is not a lost connection
     stored = PolicyFile(svc.settings.data_dir).load(FLEET, DEV)
     assert stored is not None and stored.version == 5
     assert stat.S_IMODE((svc.settings.data_dir / "policy.json").stat().st_mode) == 0o600
