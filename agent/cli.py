@@ -37,6 +37,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 @click.option("--data-dir", type=click.Path(file_okay=False), help="model cache and private files (0700)")
 def agent(config: str | None, device_id: str | None, socket_path: str | None, data_dir: str | None) -> None:
     """Run the device agent: local model, router and the socket API (and MQTT when a broker is set)."""
+    from nanofleet.agent.errors import AgentFatal
     from nanofleet.agent.service import AgentService
     from nanofleet.agent.unix_socket import SocketError
 
@@ -44,7 +45,7 @@ def agent(config: str | None, device_id: str | None, socket_path: str | None, da
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(AgentService(settings).run())  # type: ignore[arg-type]
-    except SocketError as exc:
+    except (SocketError, AgentFatal) as exc:  # exit 1: systemd / `nanofleet up` restart the agent
         raise click.ClickException(str(exc)) from None
 
 

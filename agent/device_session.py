@@ -9,9 +9,14 @@
   the broker acknowledged it. Live telemetry and replay wait until the controller is known to listen (a live,
   not retained, policy message after this connection's birth), with `replay_grace_s` as the fallback: telemetry
   published while no controller is subscribed would be dropped by the broker.
-- Policy: a retained RoutingPolicy newer than the applied one goes to `hooks.apply_policy`; the session then
-  re-publishes its birth so the controller sees the new version at once. Commands: ack first, then the result;
-  rebirth, ping and reload-policy are the session's own, the rest go to `hooks.handle_command`.
+- Policy (device_policy.py has the rule): a RoutingPolicy addressed to this fleet and device whose content differs
+  from the applied one goes to `hooks.apply_policy`, whatever its version (the last one received on the retained
+  topic is the controller's current one); one addressed elsewhere is refused and counted. The session then
+  re-publishes its birth so the controller sees the applied version at once. An `apply_policy` that raises is
+  logged, counted and shown in `status()`; the session goes on taking policy and commands.
+- Commands: ack first, then the result; rebirth, ping and reload-policy are the session's own, the rest go to
+  `hooks.handle_command`.
+- Every loop runs under a TaskSupervisor: a loop that dies is logged, counted, shown in `status()` and restarted.
 Nothing here publishes from a paho callback: everything runs on the event loop.
 
 Exceptions: DeviceSessionError (root).
@@ -21,24 +26,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import platform
 import time
+from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from google.protobuf import json_format
 from google.protobuf.message import Message as PbMessage
 
+from nanofleet.agent import device_policy
 from nanofleet.agent.errors import AgentError
 from nanofleet.agent.hooks import AgentHooks
 from nanofleet.agent.settings import AgentSettings
 from nanofleet.agent.telemetry_buffer import TelemetryBuffer
-from nanofleet.mqtt import MqttClient, Will
+from nanofleet.mqtt import MqttClient, MqttError, Will
 from nanofleet.protos import fleet_pb2, topics
+from nanofleet.tasks import TaskSupervisor
 
 log = logging.getLogger(__name__)
 SESSION_COMMANDS = ("rebirth", "ping", "reload-policy")
@@ -79,6 +88,8 @@ class DeviceSession:
         follow_policy_interval: bool = True,
         hardware: fleet_pb2.Hardware | None = None,
         replay_grace_s: float = 10.0,
+        policy: fleet_pb2.RoutingPolicy | None = None,
+        restart_base_s: float = 0.5,
     ) -> None:
         if not settings.broker_url:
             raise DeviceSessionError("settings.broker_url is not set: the agent runs without a controller")
@@ -98,14 +109,22 @@ class DeviceSession:
         self._state_path = settings.data_dir / "device_session.json"
         self.bd_seq = self._load_bd_seq()
         self.seq = 0
-        self.policy_version = 0
-        self.policy: fleet_pb2.RoutingPolicy | None = None
+        self.policy: fleet_pb2.RoutingPolicy | None = policy  # the one applied (e.g. restored from disk)
+        self.policy_version = policy.version if policy is not None else 0
+        if follow_policy_interval and policy is not None and policy.telemetry_interval_s:
+            self.interval_s = float(policy.telemetry_interval_s)
+        self.policy_error = ""  # why the last policy received was not applied ("" when it was)
+        self.counts: Counter[str] = Counter()  # policy_applied, policy_refused, policy_malformed, policy_failed, ...
+        self.connected_since: float | None = None
+        self.last_error = ""
+        self._closing = False
+        self._restart_base_s = restart_base_s
+        self.tasks = TaskSupervisor("device-session", restart_base_s=restart_base_s)
         self.paused = False  # tests/simulator: stop telemetry without dropping the connection (no last will)
         self.sent = 0
         self.buffer: TelemetryBuffer | None = None
         self._buffered = 0  # items in the buffer, mirrored here so the loop never asks SQLite
         self.client: MqttClient | None = None
-        self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
         self._replay = asyncio.Event()
         self._controller_listening = asyncio.Event()  # set by a live policy message on this connection
@@ -126,7 +145,10 @@ class DeviceSession:
         self.bd_seq += 1
         try:
             tmp = self._state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"bd_seq": self.bd_seq}))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(fd, 0o600)  # state of this device: not the umask's business
+                f.write(json.dumps({"bd_seq": self.bd_seq}))
             os.replace(tmp, self._state_path)
         except OSError as exc:
             log.warning("cannot persist bd_seq: %s", exc)
@@ -137,40 +159,41 @@ class DeviceSession:
     # -- lifecycle -------------------------------------------------------------------------------------------------
     async def start(self) -> None:
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        s.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.buffer = await asyncio.to_thread(TelemetryBuffer, s.data_dir / "telemetry_buffer.db", self._buffer_max)
         self._buffered = await asyncio.to_thread(len, self.buffer)
-        metrics = self.hooks.agent_metrics()
-        self.policy_version = metrics.policy_version
+        if self.policy is None:
+            self.policy_version = self.hooks.agent_metrics().policy_version
         self.client = MqttClient(
             s.broker_url or "", client_id=f"nanofleet-{self.fleet}-{self.device_id}", clean_session=False,
             username=s.mqtt_username, password=s.mqtt_password, keepalive=self._keepalive, will=self._next_will,
-            backoff=self._backoff, on_connect=self._on_connect,
+            backoff=self._backoff, on_connect=self._on_connect, on_disconnect=self._on_disconnect,
         )
         self.client.subscribe([(topics.policy(self.fleet, self.device_id), 1),
                                (topics.cmd(self.fleet, self.device_id), 1)])
+        self._closing = False
         await self.client.start()
-        self._tasks = [asyncio.create_task(self._telemetry_loop(), name=f"telemetry:{self.device_id}"),
-                       asyncio.create_task(self._replay_loop(), name=f"replay:{self.device_id}"),
-                       asyncio.create_task(self._message_loop(), name=f"messages:{self.device_id}")]
+        self.tasks = TaskSupervisor("device-session", restart_base_s=self._restart_base_s)
+        self.tasks.spawn(self._telemetry_loop, "telemetry")
+        self.tasks.spawn(self._replay_loop, "replay")
+        self.tasks.spawn(self._message_loop, "messages")
 
     async def stop(self) -> None:
         """Graceful: a retained offline status (reason shutdown) with this bdSeq, then a clean disconnect."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
+        self._closing = True
+        await self.tasks.stop()
         if self.client is not None:
             if self.client.connected:
                 bye = fleet_pb2.DeviceStatus(fleet=self.fleet, device_id=self.device_id, online=False,
                                              bd_seq=self.bd_seq, reason="shutdown", ts_ms=now_ms())
-                with contextlib.suppress(Exception):
+                try:
                     async with asyncio.timeout(3):
                         await self.client.publish(self._t_status, to_json(bye), 1, retain=True)
+                except (TimeoutError, MqttError) as exc:  # the broker's copy of our will says offline anyway
+                    log.warning("%s: could not publish the shutdown status: %r", self.device_id, exc)
             await self.client.stop()
             self.client = None
+            self.connected_since = None
         if self.buffer is not None:
             await asyncio.to_thread(self.buffer.close)
             self.buffer = None
@@ -178,6 +201,15 @@ class DeviceSession:
     @property
     def connected(self) -> bool:
         return self.client is not None and self.client.connected
+
+    def status(self) -> dict[str, Any]:
+        """The MQTT side of /v1/status: connection, policy reception, counters, loops."""
+        client_error = self.client.last_error if self.client is not None else None
+        return {"broker": self.settings.broker_url, "connected": self.connected,
+                "since": self.connected_since, "last_error": client_error or self.last_error or None,
+                "bd_seq": self.bd_seq, "telemetry_sent": self.sent, "telemetry_buffered": self._buffered,
+                "policy_error": self.policy_error or None, "counts": dict(self.counts),
+                "tasks": self.tasks.status()}
 
     # -- birth -----------------------------------------------------------------------------------------------------
     def birth(self) -> fleet_pb2.DeviceStatus:
@@ -194,7 +226,15 @@ class DeviceSession:
         async with asyncio.timeout(10):
             await self.client.publish(self._t_status, to_json(self.birth()), 1, retain=True)
 
+    async def _on_disconnect(self) -> None:
+        self.connected_since = None
+        if self._closing:
+            return  # our own clean disconnect
+        self.last_error = f"connection to the broker lost at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}"
+        log.warning("%s: %s", self.device_id, self.last_error)
+
     async def _on_connect(self, session_present: bool) -> None:
+        self.connected_since = time.time()
         self._controller_listening.clear()
         try:
             await self.publish_birth()
@@ -301,7 +341,8 @@ class DeviceSession:
                     await asyncio.to_thread(self.buffer.delete, [i for i, _ in batch])
                     self._buffered = max(0, self._buffered - len(batch))
                     self.sent += len(batch)
-            except Exception as exc:
+            except (MqttError, OSError, TimeoutError) as exc:  # the loop dies (and restarts) on anything else
+                self.counts["replay_interrupted"] += 1
                 log.warning("%s: replay interrupted: %r", self.device_id, exc)
                 await asyncio.sleep(0.5)
                 continue
@@ -316,7 +357,9 @@ class DeviceSession:
         async for msg in self.client.messages():
             try:
                 kind = topics.parse(msg.topic).kind
-            except topics.TopicError:
+            except topics.TopicError as exc:
+                self.counts["message_bad_topic"] += 1
+                log.warning("%s: ignoring a message on %r: %s", self.device_id, msg.topic, exc)
                 continue
             if kind == "policy" and msg.payload:
                 if not msg.retain and self.client is not None and msg.conn == self.client.connects:
@@ -328,29 +371,50 @@ class DeviceSession:
                     self._wake.set()
                 await self._on_policy(msg.payload)
             elif kind == "cmd":
-                task = asyncio.create_task(self._on_command(msg.payload))
-                self._tasks.append(task)
-                task.add_done_callback(lambda t: t in self._tasks and self._tasks.remove(t))
+                self.tasks.spawn(functools.partial(self._on_command, msg.payload), "command", on_death="log",
+                                 forever=False)
 
     async def _on_policy(self, payload: bytes) -> None:
         try:
             policy = json_format.Parse(payload, fleet_pb2.RoutingPolicy(), ignore_unknown_fields=True)
         except (json_format.ParseError, UnicodeDecodeError) as exc:
-            log.warning("%s: ignoring malformed policy: %s", self.device_id, exc)
+            self._policy_not_applied("policy_malformed", f"malformed policy ignored: {exc}")
             return
-        if policy.version <= self.policy_version:
+        try:
+            device_policy.check_addressed(policy, self.fleet, self.device_id)
+        except device_policy.PolicyRefused as exc:
+            self._policy_not_applied("policy_refused", exc.message)
             return
+        if device_policy.same(policy, self.policy):
+            return  # the retained copy again (every reconnect), or the controller's live republish
         await self._apply(policy)
 
-    async def _apply(self, policy: fleet_pb2.RoutingPolicy) -> None:
-        await self.hooks.apply_policy(policy)
+    def _policy_not_applied(self, what: str, why: str) -> None:
+        self.counts[what] += 1
+        self.policy_error = why
+        log.warning("%s: %s", self.device_id, why)
+
+    async def _apply(self, policy: fleet_pb2.RoutingPolicy) -> bool:
+        """Hand `policy` to the agent; False (logged, counted, in status) when the agent could not apply it."""
+        try:
+            await self.hooks.apply_policy(policy)
+        except Exception as exc:  # any failure of the hook: logged with traceback, counted, shown
+            self.counts["policy_failed"] += 1
+            self.policy_error = f"policy v{policy.version} could not be applied: {type(exc).__name__}: {exc}"
+            log.error("%s: %s", self.device_id, self.policy_error, exc_info=exc)
+            return False
+        self.counts["policy_applied"] += 1
+        self.policy_error = ""
         self.policy, self.policy_version = policy, policy.version
         if self._follow_interval and policy.telemetry_interval_s and policy.telemetry_interval_s != self.interval_s:
             self.interval_s = float(policy.telemetry_interval_s)
             self._wake.set()
         if self.connected:
-            with contextlib.suppress(TimeoutError):
+            try:
                 await self.publish_birth()  # the controller sees the applied version at once
+            except (TimeoutError, MqttError) as exc:
+                log.warning("%s: birth after policy v%d not published: %r", self.device_id, policy.version, exc)
+        return True
 
     async def _result(self, cmd: fleet_pb2.Command, status: str, message: str = "",
                       data: dict[str, str] | None = None) -> None:
@@ -364,6 +428,7 @@ class DeviceSession:
         try:
             cmd = json_format.Parse(payload, fleet_pb2.Command(), ignore_unknown_fields=True)
         except (json_format.ParseError, UnicodeDecodeError) as exc:
+            self.counts["command_malformed"] += 1
             log.warning("%s: ignoring malformed command: %s", self.device_id, exc)
             return
         try:
@@ -377,7 +442,7 @@ class DeviceSession:
                 if self.policy is None:
                     await self._result(cmd, "error", "no policy received yet")
                 else:
-                    await self.hooks.apply_policy(self.policy)
+                    await self.hooks.apply_policy(self.policy)  # a failure becomes an error result below
                     await self._result(cmd, "ok", f"policy {self.policy_version} re-applied")
             else:
                 async with asyncio.timeout(cmd.timeout_s or 30):
@@ -391,12 +456,17 @@ class DeviceSession:
             raise
         except TimeoutError:
             await self._safe_result(cmd, "error", f"timed out after {cmd.timeout_s or 30}s")
-        except Exception as exc:
+        except Exception as exc:  # a failing command is answered with its error, and logged
+            self.counts["command_failed"] += 1
+            log.error("%s: command %s (%s) failed", self.device_id, cmd.id, cmd.kind, exc_info=exc)
             await self._safe_result(cmd, "error", f"{type(exc).__name__}: {exc}")
 
     async def _safe_result(self, cmd: fleet_pb2.Command, status: str, message: str) -> None:
-        with contextlib.suppress(Exception):
+        try:
             await self._result(cmd, status, message)
+        except (TimeoutError, MqttError) as exc:
+            self.counts["command_result_lost"] += 1
+            log.warning("%s: result of command %s not published: %r", self.device_id, cmd.id, exc)
 
 
 def _hardware(sysfs_root: Path) -> fleet_pb2.Hardware:

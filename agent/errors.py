@@ -6,7 +6,11 @@ these; only the HTTP layer (`agent/api/errors.py`) turns them into responses, by
     ├── SessionLimit                  too many Prompt-API sessions (sessions.py)
     ├── ModelFileError                a model file could not be fetched or verified (models/download.py)
     ├── SocketError                   the socket could not be served (unix_socket.py)
-    └── DeviceSessionError            the MQTT device session (device_session.py)
+    ├── DeviceSessionError            the MQTT device session (device_session.py)
+    ├── PolicyError                   a policy refused (not addressed to this device) or its file unusable
+    │                                 (device_policy.py: PolicyRefused, PolicyFileError)
+    └── AgentFatal                    a part the agent cannot run without died (the socket server): the process
+                                      stops with an error so its supervisor (systemd, `nanofleet up`) restarts it
 """
 
 from __future__ import annotations
@@ -20,3 +24,7 @@ class AgentError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+
+
+class AgentFatal(AgentError):
+    code = "agent_fatal"

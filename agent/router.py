@@ -75,7 +75,7 @@ class DeviceState:
     thermal_level: int = 0        # ThermalLevel: NONE=0 … SHUTDOWN=6
     ram_available_mb: int = 1 << 20
     battery_pct: float | None = None
-    charging: bool = True
+    charging: bool | None = None  # None: unknown (no battery); with a battery below the floor, unknown = unplugged
     metered: bool = False
     model_availability: str = "available"  # unavailable | downloadable | downloading | available
     model_refused: bool = False   # the runtime refused to load it (e.g. insufficient RAM)
@@ -83,10 +83,15 @@ class DeviceState:
 
 @dataclass(frozen=True, slots=True)
 class Connectivity:
+    """The cloud route as last seen. `gateway_serving` False: reachable, but it says its upstream cannot serve;
+    `gateway_refused`: it refused this device's credentials. Each blocks the cloud with its own reason."""
+
     gateway_configured: bool = False
     gateway_reachable: bool = False
     circuit_open: bool = False
     cloud_tokens_used_today: int = 0
+    gateway_serving: bool = True
+    gateway_refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +128,10 @@ def _cloud_block(req: RouteRequest, mode: str, policy: Policy, dev: DeviceState,
         return "metered_network"
     if not conn.gateway_reachable:
         return "gateway_unreachable"
+    if conn.gateway_refused:
+        return "cloud_refused"
+    if not conn.gateway_serving:
+        return "cloud_not_serving"
     if conn.circuit_open:
         return "circuit_open"
     if conn.cloud_tokens_used_today >= policy.cloud_tokens_per_day:

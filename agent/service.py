@@ -1,6 +1,10 @@
 """The agent process: model runtime + router + socket API, and the MQTT device session when a broker is set.
 
 `AgentService` is also the `AgentHooks` the device session calls (model state, metrics, policy, commands).
+Start order: the last applied policy comes back from disk first (device_policy.py), then the socket serves, then the
+broker is dialled, so the fleet's limits hold from the first request even when the broker is down. Its own tasks run
+under a TaskSupervisor: the device sampler restarts when it dies; the socket server's death is fatal — `run()`
+raises AgentFatal and the process exits non-zero for its supervisor to restart it, rather than run on without a socket.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,9 +25,10 @@ import psutil
 import uvicorn
 from pydantic import ValidationError
 
-from nanofleet.agent import thermal
+from nanofleet.agent import device_policy, thermal
 from nanofleet.agent.api import Dispatcher, create_app
 from nanofleet.agent.api.fastpath import choose_http_protocol
+from nanofleet.agent.errors import AgentFatal
 from nanofleet.agent.hooks import AgentMetrics
 from nanofleet.agent.router import DeviceState, Policy
 from nanofleet.agent.runtime.base import Backend, BackendError
@@ -33,7 +39,9 @@ from nanofleet.agent.settings import AgentSettings
 from nanofleet.agent.telemetry import sysfs
 from nanofleet.agent.unix_socket import bind_tcp, bind_unix, remove_socket
 from nanofleet.config import ModelSpec
+from nanofleet.mqtt import MqttError
 from nanofleet.protos import fleet_pb2
+from nanofleet.tasks import TaskSupervisor
 
 log = logging.getLogger("nanofleet.agent")
 
@@ -56,7 +64,7 @@ def sample_device(root: Path) -> DeviceState:
     level = thermal.classify_device(((z.temp_c, z.trips) for z in zones), throttled=throttled)
     bat = sysfs.battery(root)
     return DeviceState(thermal_level=level, ram_available_mb=int(psutil.virtual_memory().available >> 20),
-                       battery_pct=bat.percent if bat else None, charging=bat.charging if bat else True)
+                       battery_pct=bat.percent if bat else None, charging=bat.charging if bat else None)
 
 
 class _Server(uvicorn.Server):
@@ -82,11 +90,21 @@ class AgentService:
         self._device = sample_device(settings.sysfs_root)
         self.dispatcher = Dispatcher(self.models, cloud, max_waiting=max_waiting,
                                      device_state=lambda: self._device)
-        self._sampler: asyncio.Task[None] | None = None
-        self._preload: asyncio.Task[None] | None = None
+        self.tasks = TaskSupervisor("agent", on_fatal=self._fatal)
+        self.fatal: BaseException | None = None
+        self._stopping = False
+        self.sample_errors = 0
+        self._sample_ok = True
+        self._stop_requested = asyncio.Event()
+        self.policy: fleet_pb2.RoutingPolicy | None = None  # the applied RoutingPolicy (None: built-in defaults)
+        self.policy_file = device_policy.PolicyFile(settings.data_dir)
+        self.policy_error = ""      # why the stored or last policy could not be used ("" when fine)
+        self.policy_source = "defaults"  # defaults | stored (restored from disk at start) | controller
+        self.policy_counts: Counter[str] = Counter()
         self.sessions = SessionStore()
         self.app = create_app(self.dispatcher, self.sessions, max_body_bytes=settings.max_body_bytes,
                               status_extra=self._bridge_status if settings.local_bridge else None)
+        self.app.state.status_providers += [self._policy_status, self._mqtt_status, self._tasks_status]
         self.device_session: Any = None
         self._server: _Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
@@ -112,20 +130,69 @@ class AgentService:
         b = models.backend
         return {"local_bridge": {"address": b.address, "tls": self.settings.local_bridge is not None
                                  and self.settings.local_bridge.ca is not None,
+                                 "state": b.state, "why": b.why or None,
                                  "reachable": b.reachable, "circuit_open": b.breaker.open_until is not None,
                                  "retry_in": round(b.retry_in, 1), "last_error": b.last_error,
                                  "model": b.served_model or b.model}}
+
+    def _policy_status(self) -> dict[str, Any]:
+        """`policy` in /v1/status: the effective policy's content, where it came from, what went wrong."""
+        session = self.device_session
+        error = self.policy_error or (session.policy_error if session is not None else "")
+        counts = dict(self.policy_counts) | (dict(session.counts) if session is not None else {})
+        return {"policy": {"version": self.dispatcher.policy.version, "source": self.policy_source,
+                           "content": device_policy.content(self.policy), "file": str(self.policy_file.path),
+                           "error": error or None, "counts": counts}}
+
+    def _mqtt_status(self) -> dict[str, Any]:
+        if self.device_session is None:
+            return {"mqtt": {"broker": None, "connected": False, "since": None,
+                             "last_error": "no broker_url set: the agent runs without a controller"}}
+        return {"mqtt": self.device_session.status()}
+
+    def _tasks_status(self) -> dict[str, Any]:
+        return {"tasks": {**self.tasks.status(), "device_sample_errors": self.sample_errors}}
 
     # -- process ---------------------------------------------------------------------------------------------
     async def _sample_forever(self) -> None:
         """Refresh the device state off the request path, so routing never waits on sysfs."""
         while True:
             await asyncio.sleep(DEVICE_SAMPLE_S)
-            with contextlib.suppress(OSError):
+            try:
                 self._device = await asyncio.to_thread(sample_device, self.settings.sysfs_root)
+            except OSError as exc:  # a sensor gone for a moment: keep the last state, say so (first of a run)
+                if not self.sample_errors or self._sample_ok:
+                    log.warning("agent: device sampling failed, routing on the last state: %r", exc)
+                self.sample_errors += 1
+                self._sample_ok = False
+            else:
+                self._sample_ok = True
+
+    def _fatal(self, name: str, exc: BaseException) -> None:
+        """A task the agent cannot run without died: stop the process (its supervisor restarts it)."""
+        log.critical("agent: %s died (%s: %s); stopping so that the service manager restarts the agent",
+                     name, type(exc).__name__, exc)
+        self.fatal = exc
+        self._stop_requested.set()
+
+    async def _restore_policy(self) -> None:
+        """Enforce the last applied policy before serving (and before any broker connection)."""
+        try:
+            stored = await asyncio.to_thread(self.policy_file.load, self.settings.fleet, self.settings.device_id)
+        except device_policy.PolicyFileError as exc:
+            self.policy_counts["policy_file_unusable"] += 1
+            self.policy_error = f"{exc.message}; running on the built-in defaults until the controller sends one"
+            log.error("agent: %s", self.policy_error)
+            return
+        if stored is None:
+            log.info("agent: no stored policy yet; running on the built-in defaults")
+            return
+        await self.apply_policy(stored, persist=False)
+        log.info("agent: restored policy v%d from %s", stored.version, self.policy_file.path)
 
     async def start(self) -> None:
-        self._sampler = asyncio.create_task(self._sample_forever())
+        await self._restore_policy()
+        self.tasks.spawn(self._sample_forever, "device-sampler")
         sockets = [bind_unix(self.settings.socket_path)]
         self._inode = self.settings.socket_path.stat().st_ino
         if self.settings.tcp_listen:
@@ -135,20 +202,27 @@ class AgentService:
                                 lifespan="off",
                                 timeout_graceful_shutdown=3, server_header=False, date_header=False,
                                 proxy_headers=False)  # a local socket: no proxy in front, one layer less
-        self._server = _Server(config)
-        self._serve_task = asyncio.create_task(self._server.serve(sockets=sockets))
-        while not self._server.started:
+        server = self._server = _Server(config)
+        self._serve_task = self.tasks.spawn(lambda: self._serve(server, sockets), "socket-server",
+                                            on_death="fatal", forever=False)
+        while not server.started:
             if self._serve_task.done():
-                self._serve_task.result()
-                raise RuntimeError("the socket server stopped during startup")
+                if not self._serve_task.cancelled() and self._serve_task.exception() is not None:
+                    raise AgentFatal("the socket server failed to start") from self._serve_task.exception()
+                raise AgentFatal("the socket server stopped during startup")
             await asyncio.sleep(0.01)
         if self.settings.preload:
-            self._preload = asyncio.create_task(self._load_now())
+            self.tasks.spawn(self._load_now, "preload", on_death="log", forever=False)
         if self.settings.broker_url:
             from nanofleet.agent.device_session import DeviceSession
 
-            self.device_session = DeviceSession(self.settings, self)
+            self.device_session = DeviceSession(self.settings, self, policy=self.policy)
             await self.device_session.start()
+
+    async def _serve(self, server: uvicorn.Server, sockets: list[Any]) -> None:
+        await server.serve(sockets=sockets)
+        if not self._stopping:
+            raise AgentFatal("the socket server stopped on its own: apps can no longer reach the agent")
 
     async def _load_now(self) -> None:
         """`preload`: have the model resident before the first request (then keep_alive applies as usual)."""
@@ -156,25 +230,25 @@ class AgentService:
             async with self.models.use():
                 pass
             log.info("model %s preloaded", self.models.status().name)
-        except Exception as exc:  # a refusal (e.g. too little RAM) is already in /v1/status; the agent serves on
+        except BackendError as exc:  # a refusal (e.g. too little RAM) is in /v1/status; the agent serves on
             log.warning("preloading the model failed: %s", exc)
 
     async def stop(self) -> None:
-        if self._preload is not None:
-            self._preload.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._preload
-        if self._sampler is not None:
-            self._sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+        """Stop in the reverse order of start; each step's failure is logged and the next step still runs."""
+        self._stopping = True
+        log.info("agent %s: shutting down%s", self.settings.device_id,
+                 f" after a fatal error ({self.fatal})" if self.fatal else "")
         if self.device_session is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await self.device_session.stop()
-        if self._server is not None and self._serve_task is not None:
+            except (OSError, MqttError) as exc:
+                log.error("agent: stopping the device session failed: %r", exc)
+        if self._server is not None:
             self._server.should_exit = True
-            with contextlib.suppress(Exception):
-                await self._serve_task
+            serving = self._serve_task
+            if serving is not None and not serving.done():
+                await asyncio.wait({serving}, timeout=10)  # uvicorn's own graceful shutdown (3 s for requests)
+        await self.tasks.stop()
         remove_socket(self.settings.socket_path, self._inode)
         await self.models.close()
         if self.dispatcher.cloud is not None:
@@ -192,11 +266,20 @@ class AgentService:
             if self.settings.tcp_listen:
                 line += f" and http://{self.settings.tcp_listen}"
             (ready or (lambda s: print(s, file=sys.stdout, flush=True)))(line)
-            await stop.wait()
+            done = asyncio.ensure_future(stop.wait())
+            fatal = asyncio.ensure_future(self._stop_requested.wait())
+            await asyncio.wait({done, fatal}, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in (done, fatal):
+                waiter.cancel()
+            if not self.fatal:
+                log.info("agent %s: stop requested by a signal", self.settings.device_id)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.stop()
+        if self.fatal is not None:
+            raise AgentFatal(f"the agent stopped because a part it cannot run without died: {self.fatal}") \
+                from self.fatal
 
     # -- AgentHooks ------------------------------------------------------------------------------------------
     def model_state(self) -> fleet_pb2.ModelState:
@@ -216,8 +299,23 @@ class AgentService:
             gateway_reachable=conn.gateway_configured and conn.gateway_reachable and not conn.circuit_open,
         )
 
-    async def apply_policy(self, policy: fleet_pb2.RoutingPolicy) -> None:
+    async def apply_policy(self, policy: fleet_pb2.RoutingPolicy, *, persist: bool = True) -> None:
+        """Install `policy` in the router and keep it on disk (`persist`), logging what changed. Raises
+        PolicyRefused for one addressed elsewhere (the device session refuses those before they get here)."""
+        device_policy.check_addressed(policy, self.settings.fleet, self.settings.device_id)
+        old, self.policy = self.policy, policy
+        self.policy_source = "controller" if persist else "stored"
         self.dispatcher.policy = Policy.from_proto(policy)
+        self.policy_counts["applied"] += 1
+        log.info("agent: applied policy v%d (%s)", policy.version, device_policy.changes(old, policy))
+        if persist:
+            try:
+                await asyncio.to_thread(self.policy_file.save, policy)
+                self.policy_error = ""
+            except device_policy.PolicyFileError as exc:  # applied in memory; lost on a restart: say so
+                self.policy_counts["policy_file_unusable"] += 1
+                self.policy_error = exc.message
+                log.error("agent: policy v%d applied but not stored: %s", policy.version, exc.message)
         if policy.model_source:
             current = self.models.spec
             try:

@@ -1,14 +1,15 @@
 """Telemetry kept on disk while the broker is unreachable: bounded, oldest dropped first (and counted), FIFO.
 
-SQLite in the agent's data dir, so a restart replays what was buffered before it. Blocking: callers on the event
+SQLite in the agent's data dir (0600), so a restart replays what was buffered before it. Blocking: callers on the event
 loop go through `asyncio.to_thread`.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
+
+from nanofleet.sqlite_db import connect
 
 
 class TelemetryBuffer:
@@ -17,9 +18,7 @@ class TelemetryBuffer:
             raise ValueError("max_items must be at least 1")
         self.max_items = max_items
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = connect(path)  # 0600 whatever the umask, WAL, synchronous=NORMAL, autocommit
         self._db.execute("CREATE TABLE IF NOT EXISTS buf (id INTEGER PRIMARY KEY AUTOINCREMENT, payload BLOB NOT NULL)")
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
 

@@ -1,6 +1,7 @@
 """The listening sockets of the agent, created safely.
 
-The unix socket is made 0660 inside a 0700 folder. A socket file left by a crash (nothing accepts on it) is replaced;
+The unix socket is made 0660 inside a 0750 folder (DESIGN.md: apps in the agent's group reach it). A socket file
+left by a crash (nothing accepts on it) is replaced;
 a live one means another agent is serving there, and we refuse to start rather than steal it. TCP is opt-in and
 loopback only.
 
@@ -47,12 +48,12 @@ def _alive(path: Path) -> bool:
 
 
 def bind_unix(path: Path, mode: int = 0o660) -> socket.socket:
-    """A listening unix socket at `path` (folder 0700, socket `mode`)."""
+    """A listening unix socket at `path` (folder 0750, socket `mode`)."""
     path = Path(path)
     folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o750)
     if folder.stat().st_uid == os.getuid():
-        os.chmod(folder, 0o700)
+        os.chmod(folder, 0o750)  # group members may enter and connect; others may not even list it
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise UnsafeListen(f"{path} exists and is not a socket; refusing to replace it")

@@ -109,6 +109,7 @@ class BatchOutcome:
     rebirth: list[str] = field(default_factory=list)  # devices to ask for a rebirth
     new_devices: list[str] = field(default_factory=list)
     events: list[DeviceEvent] = field(default_factory=list)
+    births: list[str] = field(default_factory=list)  # every accepted birth, a same-session rebirth included
     gaps: int = 0
 
 
@@ -271,6 +272,7 @@ class DeviceStates:
                 dev.telemetry_interval_s = float(s.telemetry_interval_s)
             dev.status_json = json.dumps({"capabilities": list(s.capabilities), "board": s.hardware.board,
                                           "machine": s.hardware.machine, "cpu_count": s.hardware.cpu_count})
+            out.births.append(dev.device_id)
             if dev.state != "online" or new_session:
                 self._event(out, dev, "online", "birth", at)
         elif dev.state != "offline" or new_session or created:

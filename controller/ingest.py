@@ -243,7 +243,7 @@ class Ingest:
             self.stats.duplicates += outcome.duplicates
             self.stats.gaps += outcome.gaps
             self.stats.batches += 1
-            if self._on_outcome and (outcome.rebirth or outcome.new_devices or outcome.events):
+            if self._on_outcome and (outcome.rebirth or outcome.new_devices or outcome.events or outcome.births):
                 self._call_soon(self._on_outcome, outcome)
 
     def _settle(self, item: _Inflight) -> BatchOutcome | None:

@@ -167,9 +167,10 @@ class ControllerService:
                 except MqttError as exc:  # the gap stays counted; the next one asks again (REBIRTH_EVERY_MS)
                     self.rebirth_failures += 1
                     log.warning("controller: rebirth request to %s not sent: %s", device_id, exc)
-        # a new device needs its first policy; a new birth gets its policy again, live, which also tells the
-        # device the controller listens (it replays its buffer then) and restores a retained copy a broker lost
-        fresh = set(outcome.new_devices) | {e.device_id for e in outcome.events if e.reason == "birth"}
+        # a new device needs its first policy; every birth (a `rebirth` of the same session too) gets its policy
+        # again, live: that tells the device the controller listens (it replays its buffer then), restores a
+        # retained copy a broker lost, and replaces a stray policy the device took (it applies the last received)
+        fresh = set(outcome.new_devices) | set(outcome.births)
         if fresh:
             first = not self._pending_policy
             self._pending_policy.update(fresh)

@@ -150,7 +150,7 @@ def create_app(
     dispatcher: Dispatcher, sessions: SessionStore | None = None, *, max_body_bytes: int = 1 << 20,
     status_extra: Callable[[], dict[str, Any]] | None = None,
 ) -> HotPath:
-    from nanofleet.agent.api import session_routes
+    from nanofleet.agent.api import session_routes, status_routes
 
     app = FastAPI(title="nanofleet agent", version="1", summary="Local model API of a nanofleet device",
                   docs_url=None, redoc_url=None)
@@ -224,35 +224,7 @@ def create_app(
                          "route": "cloud", "availability": "available", "context_window": None})
         return JsonAnswer({"object": "list", "data": data}, "agent", "metadata")
 
-    @app.get("/v1/status", tags=["nanofleet"], summary="Model availability, route health, queue depth, device")
-    async def status() -> Response:
-        st = models.status()
-        dev, conn, adm = dispatcher.device(), dispatcher.connectivity(), dispatcher.admission
-        body = {
-            "model": {"name": st.name, "availability": st.availability, "progress": round(st.progress, 4),
-                      "loaded": st.loaded, "reason": st.reason, "tokens_per_s": round(st.tokens_per_s, 1),
-                      "context_window": st.context_window, "slots": st.n_parallel,
-                      "keep_alive": models.spec.keep_alive},
-            "routes": {
-                "local": {"healthy": st.availability != "unavailable" and not st.reason, "reason": st.reason},
-                "cloud": {"configured": conn.gateway_configured, "reachable": conn.gateway_reachable,
-                          "circuit_open": conn.circuit_open, "tokens_today": conn.cloud_tokens_used_today,
-                          "retry_in": round(float(getattr(dispatcher.cloud, "retry_in", 0.0) or 0.0), 1)},
-                "queue": {"available": False, "reason": "the offline queue is not available in this agent yet"},
-            },
-            "queue_depth": adm.waiting,
-            "concurrency": {"active": adm.active, "waiting": adm.waiting, "slots": adm.slots,
-                            "max_waiting": adm.max_waiting},
-            "device": {"thermal_level": dev.thermal_level, "ram_available_mb": dev.ram_available_mb,
-                       "battery_pct": dev.battery_pct, "charging": dev.charging, "metered": dev.metered},
-            "policy_version": dispatcher.policy.version,
-            "route_counts": dict(dispatcher.counts),
-            "sessions": len(app.state.sessions),
-        }
-        if status_extra is not None:
-            body.update(status_extra())
-        return JsonAnswer(body, "agent", "status")
-
+    status_routes.install(app, [status_extra] if status_extra is not None else None)
     session_routes.install(app)
 
     def openapi() -> dict[str, Any]:

@@ -100,8 +100,11 @@ class Dispatcher:
         today = dt.datetime.now(dt.UTC).date().isoformat()  # the gateway's budget day is the UTC day too
         if today != self._cloud_day:
             self._cloud_day, self.cloud_tokens_today = today, 0
-        return Connectivity(True, bool(getattr(cloud, "reachable", True)), bool(getattr(cloud, "circuit_open", False)),
-                            self.cloud_tokens_today)
+        admits = bool(getattr(cloud, "reachable", True))  # the breaker lets a call through now
+        state = "serving" if admits else str(getattr(cloud, "state", "unreachable"))
+        return Connectivity(True, gateway_reachable=state != "unreachable", circuit_open=not admits,
+                            cloud_tokens_used_today=self.cloud_tokens_today,
+                            gateway_serving=state != "not_serving", gateway_refused=state == "refused")
 
     def decide(self, req: RouteRequest) -> Decision:
         """The router's decision, or the ApiError when no route serves now. The rule for the status: 4xx when no

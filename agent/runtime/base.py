@@ -65,6 +65,12 @@ class InsufficientMemory(BackendUnavailable):
     code = "insufficient_ram"
 
 
+class WarmupFailed(BackendUnavailable):
+    """The model loaded but its warm-up generation failed: it is not marked loaded (and is closed again)."""
+
+    code = "warmup_failed"
+
+
 class BackendTimeout(BackendError):
     status = 504
     code = "deadline_exceeded"

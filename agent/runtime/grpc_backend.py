@@ -5,12 +5,14 @@ Every call has a deadline; the device token goes in `authorization: Bearer …` 
 A circuit breaker (`breaker.py`) opens on a transport failure, so the router stops choosing a dead route, and lets
 one probe call through after its cooldown (doubling, capped, while probes keep failing), so the route comes back.
 
-gRPC status → our errors (`runtime/base.py` tree; three cloud-specific leaves are defined here)::
+gRPC status → our errors (`runtime/base.py` tree; the cloud-specific leaves are defined here)::
 
-    UNAVAILABLE, breaker open          GatewayUnreachable (BackendUnavailable, 503 cloud_unavailable)
+    UNAVAILABLE, no answer to health   GatewayUnreachable (BackendUnavailable, 503 cloud_unavailable)
+    UNAVAILABLE, the server answers    CloudNotServing (BackendUnavailable, 503, reason cloud_not_serving): the
+      its health check                 gateway is up but says its upstream cannot serve (its UpstreamError tree)
     DEADLINE_EXCEEDED                  BackendTimeout (504)
     FAILED_PRECONDITION                CloudRefused (Refused, 403 cloud_refused): the gateway's policy said no
-    PERMISSION_DENIED, UNAUTHENTICATED Refused (403): token unknown, revoked or missing
+    PERMISSION_DENIED, UNAUTHENTICATED GatewayRefused (Refused, 403, reason cloud_refused): token unknown, revoked
     RESOURCE_EXHAUSTED                 RateLimited (Busy, 429 rate_limited) with the gateway's retry-after
     INVALID_ARGUMENT, OUT_OF_RANGE     BadRequest (400)
 
@@ -18,6 +20,12 @@ As a local bridge (`role="bridge"`) the model is on this device, so "busy" or "r
 model is unavailable for now" (ML Kit's BUSY, BACKGROUND_USE_BLOCKED, battery quota...): UNAVAILABLE (breaker open),
 RESOURCE_EXHAUSTED and FAILED_PRECONDITION all become `BridgeUnavailable` (503, reason `model_unavailable`) with the
 bridge's `retry-after` trailer, and the route is paused that long — before the first token the router falls back.
+
+The route's `state` (for /v1/status and the router's Connectivity) keeps these apart: `unknown` (no call yet),
+`serving`, `unreachable` (transport), `not_serving` (reachable, the server says it cannot serve: the gateway's health
+check answers — grpc.health.v1, called by hand so the device needs no extra package), `refused` (the device's
+credentials); `why` carries the server's own words. The three failures open the breaker, so the router stops choosing
+the route and one probe goes through after the cooldown.
 """
 
 from __future__ import annotations
@@ -74,6 +82,25 @@ class GatewayUnreachable(BackendUnavailable):
     reason = "gateway_unreachable"
 
 
+class CloudNotServing(BackendUnavailable):
+    """The gateway answered but cannot serve (its upstream is down or unconfigured): `retry_after` until the probe."""
+
+    code = "cloud_unavailable"
+    reason = "cloud_not_serving"
+
+
+class GatewayRefused(Refused):
+    """The gateway refused this device's credentials (UNAUTHENTICATED / PERMISSION_DENIED: unknown or revoked)."""
+
+    code = "cloud_refused"
+    reason = "cloud_refused"
+
+
+RouteState = Literal["unknown", "serving", "unreachable", "not_serving", "refused"]
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+_HEALTH_NAMES = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
 class BridgeUnavailable(BackendUnavailable):
     """The local bridge cannot serve now (unreachable, busy, blocked): `retry_after` is when to try it again."""
 
@@ -124,6 +151,8 @@ class GrpcBackend(Backend):
         self._clock = clock
         self._paused_until = 0.0   # a bridge said "busy, retry in N s" (RESOURCE_EXHAUSTED...): no call until then
         self.last_error = ""       # what made it unreachable or paused, for /v1/status
+        self.state: RouteState = "unknown"
+        self.why = ""              # the server's (or the transport's) words for `state`
         self.served_model = ""     # the model named in the last answer
 
     @property
@@ -176,6 +205,12 @@ class GrpcBackend(Backend):
         probe = self.breaker.acquire(now)
         if probe is None:
             wait = self.retry_in
+            if self.role == "gateway" and self.state == "not_serving":
+                raise CloudNotServing(f"{self.name} ({self.address}) is not serving: {self.why}; next try in "
+                                      f"{wait:.0f}s", retry_after=max(wait, 1.0))
+            if self.role == "gateway" and self.state == "refused":
+                raise GatewayRefused(f"{self.name} ({self.address}) refused this device: {self.why}; next try in "
+                                     f"{wait:.0f}s", retry_after=max(wait, 1.0))
             if self.role == "bridge":
                 raise BridgeUnavailable(f"{self.name} ({self.address}) {self.last_error}; next try in {wait:.0f}s",
                                         retry_after=max(wait, 1.0))
@@ -184,10 +219,58 @@ class GrpcBackend(Backend):
                 retry_after=max(wait, 1.0))
         return probe
 
+    async def _health(self) -> tuple[str, str] | None:
+        """The server's own health of the Inference service and its `nanofleet-detail`, or None when it does not
+        answer at all (so the failure was the transport's). A server without the health service still answered."""
+        self._stub_now()
+        assert self._channel is not None
+        service = b"nanofleet.v1.Inference"
+        check = self._channel.unary_unary(_HEALTH_CHECK, request_serializer=None, response_deserializer=None)
+        call = check(b"\n" + bytes([len(service)]) + service, timeout=min(2.0, self.timeout))
+        try:
+            raw: bytes = await call
+            trailing = await call.trailing_metadata()
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _TRANSPORT:
+                return None
+            return exc.code().name, exc.details() or ""
+        status = raw[1] if len(raw) >= 2 and raw[0] == 0x08 else 0
+        return _HEALTH_NAMES.get(status, "UNKNOWN"), dict(trailing or ()).get("nanofleet-detail", "")
+
+    async def _failure(self, exc: grpc.aio.AioRpcError, probe: bool) -> BackendError:
+        """`_error`, after telling an UNAVAILABLE the server sent (not serving) from one of the transport."""
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            health = await self._health()
+            if health is not None:
+                return self._not_serving(exc, health, probe)
+        return self._error(exc, probe)
+
+    def _set_state(self, state: RouteState, why: str = "") -> None:
+        self.state, self.why = state, why
+
+    def _not_serving(self, exc: grpc.aio.AioRpcError, health: tuple[str, str], probe: bool) -> BackendError:
+        detail, (status, health_detail) = exc.details() or "", health
+        self.breaker.failure(self._clock(), probe)
+        why = detail if not health_detail or health_detail in detail else f"{detail} ({health_detail})"
+        self._set_state("not_serving", f"{why} [health: {status}]")
+        self.last_error = f"not serving: {self.why}"
+        wait = max(self.retry_in, 1.0)
+        where = f"{self.name} ({self.address})"
+        if self.role == "bridge":
+            self._pause(_retry_after(exc, 1.0))  # a bridge's own "come back in N s" (ML Kit BUSY)
+            return BridgeUnavailable(f"{where} {self.last_error}", retry_after=max(self.retry_in, 1.0))
+        return CloudNotServing(f"{where} is reachable but not serving: {why}", retry_after=wait)
+
     def _error(self, exc: grpc.aio.AioRpcError, probe: bool) -> BackendError:
         code, detail = exc.code(), exc.details() or ""
         where = f"{self.name} ({self.address})"
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            self.breaker.failure(self._clock(), probe)  # a revoked token stays refused: probe after the cooldown
+            self._set_state("refused", f"{code.name}: {detail}")
+            self.last_error = f"refused: {self.why}"
+            return GatewayRefused(f"{where} refused: {detail}", retry_after=max(self.retry_in, 1.0))
         if code in _TRANSPORT:
+            self._set_state("unreachable", f"{code.name}: {detail}")
             self.breaker.failure(self._clock(), probe)
             if self.breaker.open_until is not None:
                 self._drop_channel()
@@ -201,6 +284,7 @@ class GrpcBackend(Backend):
                 return BridgeUnavailable(f"{where} {self.last_error}", retry_after=wait)
             return GatewayUnreachable(f"{where} unavailable: {detail}", retry_after=wait)
         self.breaker.success()  # it answered, so it is reachable
+        self._set_state("serving")
         if self.role == "bridge" and code in _BRIDGE_PAUSE:
             self.last_error = f"busy: {code.name}: {detail}"
             self._pause(_retry_after(exc, 1.0))
@@ -209,8 +293,6 @@ class GrpcBackend(Backend):
             return CloudRefused(f"{where} refused: {detail}", reason=_refusal_reason(detail))
         if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
             return BadRequest(f"{where}: {detail}")
-        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-            return Refused(f"{where} refused: {detail}")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             retry = dict(exc.trailing_metadata() or ()).get("retry-after")
             return RateLimited(f"{where}: {detail}", retry_after=float(retry) if retry else 1.0)
@@ -252,10 +334,11 @@ class GrpcBackend(Backend):
             resp = await send(self._stub_now())
             verdict = True
             self.breaker.success()
+            self._set_state("serving")
             return resp
         except grpc.aio.AioRpcError as exc:
             verdict = True
-            raise self._error(exc, probe) from exc
+            raise await self._failure(exc, probe) from exc
         finally:
             if not verdict:
                 self.breaker.release(probe)
@@ -270,15 +353,17 @@ class GrpcBackend(Backend):
                 if not verdict:
                     verdict = True
                     self.breaker.success()
+                    self._set_state("serving")
                 self.served_model = chunk.model or self.served_model
                 yield Chunk(chunk.text, chunk.finish_reason or None,
                             _usage(chunk.usage) if chunk.HasField("usage") else None, chunk.model or self.name)
             if not verdict:
                 verdict = True
                 self.breaker.success()
+                self._set_state("serving")
         except grpc.aio.AioRpcError as exc:
             verdict = True
-            raise self._error(exc, probe) from exc
+            raise await self._failure(exc, probe) from exc
         finally:
             call.cancel()  # a consumer that stops early stops the remote generation too
             if not verdict:

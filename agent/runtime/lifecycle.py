@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,13 +25,21 @@ import psutil
 
 from nanofleet.agent.models.download import ModelFileError, pull
 from nanofleet.agent.models.files import ModelFile, resolve
-from nanofleet.agent.models.memory import estimate_bytes
-from nanofleet.agent.runtime.base import Backend, BackendUnavailable, ChatRequest, InsufficientMemory
+from nanofleet.agent.models.memory import RamGuard, estimate_bytes
+from nanofleet.agent.runtime.base import (
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    ChatRequest,
+    InsufficientMemory,
+    WarmupFailed,
+)
 from nanofleet.agent.runtime.grpc_backend import GrpcBackend
 from nanofleet.agent.runtime.llama import LlamaBackend
 from nanofleet.config import ModelSpec
 
 BackendFactory = Callable[[ModelFile, ModelSpec], Backend]
+log = logging.getLogger("nanofleet.agent.model")
 REFUSED_REST_S = 5.0  # after a load refused for RAM, the local route rests this long before trying again
 
 
@@ -87,6 +96,7 @@ class ModelManager:
         self.cache_dir = cache_dir
         self.private_dir = private_dir
         self.free_ram = free_ram
+        self.ram_guard = RamGuard()
         self.warmup = warmup
         self._factory = backend_factory or self._llama
         self._loaded: _Loaded | None = None
@@ -159,21 +169,38 @@ class ModelManager:
             if self._loaded is not None:
                 return self._loaded
             path = await self._ensure_file()
-            need = await asyncio.to_thread(estimate_bytes, path, self.spec.n_ctx, self.spec.n_parallel)
-            free = self.free_ram()
-            if free < need:
+            before = self.ram_guard.errors
+            need = await asyncio.to_thread(estimate_bytes, path, self.spec.n_ctx, self.spec.n_parallel, self.ram_guard)
+            free = self.ram_guard.free_bytes(self.free_ram)
+            if self.ram_guard.errors == before:
+                self.ram_guard.ok()
+            if free is not None and free < need:
                 self.reason = (f"insufficient_ram: model needs about {need >> 20} MB, "
                                f"{free >> 20} MB free; not loaded")
                 self.refused_at = time.monotonic()
                 raise InsufficientMemory(self.reason)
             backend = await asyncio.to_thread(self._factory, self.file, self.spec)
             if self.warmup:
-                with contextlib.suppress(Exception):
-                    await backend.generate(ChatRequest([{"role": "user", "content": "hi"}], max_tokens=1))
+                await self._warm_up(backend)
             self.reason = ""
             self.loads += 1
             self._loaded = _Loaded(backend)
             return self._loaded
+
+    async def _warm_up(self, backend: Backend) -> None:
+        """One token, so the first request does not pay llama.cpp's first-call costs. A model that cannot produce
+        it is not served: closed again, the reason in status, the local route rests as after a refused load."""
+        try:
+            await backend.generate(ChatRequest([{"role": "user", "content": "hi"}], max_tokens=1))
+        except BackendError as exc:
+            await backend.close()
+            self.reason = f"warmup_failed: {exc.message}; not loaded"
+            self.refused_at = time.monotonic()
+            log.error("model %s: %s", self.spec.source, self.reason)
+            raise WarmupFailed(self.reason) from exc
+        except BaseException:
+            await backend.close()
+            raise
 
     async def _ensure_file(self) -> Path:
         file = self.file

@@ -145,7 +145,7 @@ class LlamaBackend(Backend):
         def run() -> None:
             try:
                 self._server.handle_chat_completions(body, on_chunk)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - not swallowed: raised again by the awaiting stream
                 put(exc)
             finally:
                 put(_END)

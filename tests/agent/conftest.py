@@ -3,16 +3,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import json
+import queue
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
+from google.protobuf import json_format
 
 from nanofleet.agent.runtime.llama import LlamaBackend
 from nanofleet.agent.service import AgentService
 from nanofleet.agent.settings import AgentSettings
+from nanofleet.protos import fleet_pb2, topics
+from tests.conftest import until
+from tests.gateway.conftest import fake_gemini, make_gateway  # noqa: F401 - the real gateway, for cloud-route tests
 
 
 @pytest.fixture
@@ -76,3 +83,47 @@ async def llama(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[LlamaBackend]:
     b = LlamaBackend(tiny_gguf, model_name="tiny", private_dir=tmp_path / "p", n_ctx=256, n_parallel=2)
     yield b
     await b.close()
+
+
+FLEET, DEV = "pol", "dev-01"
+
+
+class Controller:
+    """A stand-in for the controller's MQTT side: publishes policies and commands, collects results."""
+
+    def __init__(self, port: int) -> None:
+        self.got: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        self.c.on_message = lambda c, u, m: self.got.put((m.topic, json.loads(m.payload)))
+        self.c.connect("127.0.0.1", port)
+        self.c.loop_start()
+        self.c.subscribe([(topics.cmd_result(FLEET, DEV), 1)])
+
+    def policy(self, **fields: Any) -> None:
+        p = fleet_pb2.RoutingPolicy(**{"fleet": FLEET, "device_id": DEV, **fields})
+        self.c.publish(topics.policy(FLEET, DEV), json_format.MessageToJson(p), qos=1, retain=True).wait_for_publish()
+
+    def cmd(self, cid: str, kind: str) -> None:
+        c = fleet_pb2.Command(id=cid, kind=kind, issued_at_ms=1)
+        self.c.publish(topics.cmd(FLEET, DEV), json_format.MessageToJson(c), qos=1).wait_for_publish()
+
+    async def result(self, cid: str) -> dict[str, Any]:
+        def final() -> dict[str, Any] | None:
+            while not self.got.empty():
+                self.seen.append(self.got.get_nowait())
+            return next((m for _, m in self.seen if m.get("id") == cid and m.get("status") != "ack"), None)
+
+        return await until(final, what=f"the result of command {cid}")  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.c.publish(topics.policy(FLEET, DEV), b"", qos=1, retain=True).wait_for_publish()
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+@pytest.fixture
+def controller(broker: Any) -> Iterator[Controller]:
+    ctl = Controller(broker.port)
+    yield ctl
+    ctl.close()

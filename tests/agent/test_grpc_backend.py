@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from nanofleet.agent.runtime.base import BackendTimeout, ChatRequest, Refused
-from nanofleet.agent.runtime.grpc_backend import GatewayUnreachable, GrpcBackend
+from nanofleet.agent.runtime.grpc_backend import GatewayRefused, GatewayUnreachable, GrpcBackend
 from nanofleet.agent.runtime.llama import LlamaBackend
 from nanofleet.agent.service import AgentService
 from tests.agent import inference_server
@@ -45,7 +45,10 @@ async def test_wrong_token_is_refused(bridge) -> None:
     async with GrpcBackend(f"127.0.0.1:{port}", token="wrong", timeout=10) as b:
         with pytest.raises(Refused, match="device token"):
             await b.generate(HI)
-        assert b.reachable and not b.circuit_open
+        # refused, not unreachable: calls pause (a revoked token stays refused) until a probe after the cooldown
+        assert b.state == "refused" and "device token" in b.why and b.circuit_open
+        with pytest.raises(GatewayRefused, match="refused this device"):
+            await b.generate(HI)
 
 
 async def test_deadline_on_every_call(llama: LlamaBackend) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -23,6 +24,9 @@ HI = ChatRequest([{"role": "user", "content": "hi"}], max_tokens=2)
 def manager(tmp_path: Path, tiny_gguf: Path, **spec) -> ModelManager:
     return ModelManager(ModelSpec(source=f"file:{tiny_gguf}", n_ctx=256, **spec), tmp_path / "cache",
                         tmp_path / "private", warmup=False)
+
+
+ME = {"fleet": "demo", "device_id": "dev-test"}  # policies are addressed to the device
 
 
 async def test_lazy_load_and_keep_alive_zero_unloads_at_once(tmp_path: Path, tiny_gguf: Path) -> None:
@@ -126,7 +130,7 @@ async def test_hooks_commands_policy_and_metrics(make_settings) -> None:
         assert res.status == "error" and "no offline queue" in res.message
         res = await svc.handle_command(fleet_pb2.Command(id="c3", kind="self-destruct"))
         assert res.status == "error" and "unknown command" in res.message
-        await svc.apply_policy(fleet_pb2.RoutingPolicy(version=9, prefer="local", cloud_allowed=True,
+        await svc.apply_policy(fleet_pb2.RoutingPolicy(**ME, version=9, prefer="local", cloud_allowed=True,
                                                        thermal_limit=fleet_pb2.THERMAL_LEVEL_SEVERE,
                                                        max_local_prompt_tokens=10))
         assert svc.agent_metrics().policy_version == 9
@@ -163,9 +167,73 @@ async def test_policy_with_a_new_model_switches_to_it(make_settings, tmp_path: P
     await asyncio.to_thread(shutil.copy, tiny_gguf, other)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
         assert (await c.post("/v1/chat/completions", json=CHAT)).json()["model"] == tiny_gguf.stem
-        await svc.apply_policy(fleet_pb2.RoutingPolicy(version=2, prefer="local", model_source=f"file:{other}"))
+        await svc.apply_policy(fleet_pb2.RoutingPolicy(**ME, version=2, prefer="local", model_source=f"file:{other}"))
         assert not svc.models.loaded  # the old model is gone; the new one loads on first use
         assert (await c.post("/v1/chat/completions", json=CHAT)).json()["model"] == "fleet-model"
-        await svc.apply_policy(fleet_pb2.RoutingPolicy(version=3, prefer="local", model_source="ftp://nope"))
+        await svc.apply_policy(fleet_pb2.RoutingPolicy(**ME, version=3, prefer="local", model_source="ftp://nope"))
         assert svc.models.spec.source == f"file:{other}" and svc.dispatcher.policy.version == 3
+    await svc.models.close()
+
+
+async def test_a_failed_warm_up_leaves_the_model_not_loaded_with_the_reason(make_settings, caplog) -> None:
+    from nanofleet.agent.runtime.base import BackendUnavailable
+    from nanofleet.agent.runtime.fake import FunctionBackend
+
+    made: list[FunctionBackend] = []
+    closed: list[FunctionBackend] = []
+    broken = {"on": True}
+
+    def answer(request: Any) -> str:
+        if broken["on"]:
+            raise BackendUnavailable("llama.cpp: failed to decode the batch")
+        return "ok"
+
+    class Tracked(FunctionBackend):
+        async def close(self) -> None:
+            closed.append(self)
+
+    def factory(file: Any, spec: Any) -> FunctionBackend:
+        made.append(Tracked(answer))
+        return made[-1]
+
+    svc = AgentService(make_settings(), warmup=True, backend_factory=factory)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "warmup_failed"
+        status = (await c.get("/v1/status")).json()
+        assert status["model"]["loaded"] is False and not svc.models.loaded
+        assert status["model"]["reason"].startswith("warmup_failed: llama.cpp: failed to decode the batch")
+        assert status["routes"]["local"]["healthy"] is False
+        assert svc.model_state().loaded is False and svc.model_state().reason.startswith("warmup_failed")
+        assert closed == made  # the half-loaded model's memory is given back
+        assert any("warmup_failed" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+        broken["on"] = False
+        svc.models.refused_at = 0.0  # as if the rest had passed
+        r = await c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200 and svc.models.loaded and svc.model_state().reason == ""
+    await svc.models.close()
+
+
+async def test_the_ram_guard_says_when_it_guesses_or_cannot_read_free_ram(make_settings, tmp_path: Path,
+                                                                          caplog) -> None:
+    from nanofleet.agent.models.memory import RamGuard, estimate_bytes
+
+    garbage = tmp_path / "broken.gguf"
+    garbage.write_bytes(b"GGUF" + b"\xff" * 4096)  # a header gguf cannot read
+    guard = RamGuard()
+    for _ in range(3):
+        assert estimate_bytes(garbage, 512, 1, guard) > garbage.stat().st_size  # a guess, still a guard
+    assert guard.state == "approximate" and "GGUF header unreadable" in guard.why and guard.errors == 3
+    assert sum("GGUF header unreadable" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+    def broken_reading() -> int:
+        raise OSError("/proc/meminfo: permission denied")
+
+    svc = AgentService(make_settings(), warmup=False, free_ram=broken_reading)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
+        assert (await c.get("/v1/status")).json()["model"]["ram_guard"]["state"] == "on"
+        assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 200  # psutil's reading stood in
+        guard_status = (await c.get("/v1/status")).json()["model"]["ram_guard"]
+    assert guard_status["state"] == "approximate" and guard_status["errors"] == 1
+    assert "permission denied" in guard_status["why"] and "psutil" in guard_status["why"]
     await svc.models.close()

@@ -31,11 +31,13 @@ policies = st.builds(Policy, prefer=st.sampled_from(["local", "cloud"]), cloud_a
                      apps=st.sampled_from([{}, {"notes": AppRule(privacy="sensitive")},
                                            {"notes": AppRule(mode="cloud_only")}]))
 devices = st.builds(DeviceState, thermal_level=st.integers(0, 6), ram_available_mb=st.integers(0, 8192),
-                    battery_pct=st.none() | st.floats(0, 100), charging=st.booleans(), metered=st.booleans(),
+                    battery_pct=st.none() | st.floats(0, 100), charging=st.none() | st.booleans(),
+                    metered=st.booleans(),
                     model_availability=st.sampled_from(["unavailable", "downloadable", "downloading", "available"]),
                     model_refused=st.booleans())
 conns = st.builds(Connectivity, gateway_configured=st.booleans(), gateway_reachable=st.booleans(),
-                  circuit_open=st.booleans(), cloud_tokens_used_today=st.integers(0, 2000))
+                  circuit_open=st.booleans(), cloud_tokens_used_today=st.integers(0, 2000),
+                  gateway_serving=st.booleans(), gateway_refused=st.booleans())
 
 
 def routes(d: Decision) -> set[str]:
@@ -155,3 +157,26 @@ def test_policy_from_proto() -> None:
                                                                                               False)
     assert p.apps["notes"].privacy == "sensitive"
     assert decide(RouteRequest(), p, OK, UP).route == "local"  # cloud denied: prefer=cloud cannot apply
+
+
+def test_a_gateway_that_answers_but_cannot_serve_or_refuses_is_not_called_unreachable() -> None:
+    p, ok = Policy(), DeviceState()
+    not_serving = Connectivity(gateway_configured=True, gateway_reachable=True, circuit_open=True,
+                               gateway_serving=False)
+    refused = Connectivity(gateway_configured=True, gateway_reachable=True, circuit_open=True, gateway_refused=True)
+    assert decide(RouteRequest(mode="cloud_only"), p, ok, not_serving) == Decision("queue", "cloud_not_serving")
+    assert decide(RouteRequest(mode="cloud_only"), p, ok, refused) == Decision("queue", "cloud_refused")
+    # prefer_cloud still falls back to the local model, with the cloud's reason
+    assert decide(RouteRequest(mode="prefer_cloud"), p, ok, not_serving) == Decision("local", "cloud_not_serving")
+    # neither is permanent: a restored upstream or a re-issued token opens the route again
+    assert not decide(RouteRequest(mode="cloud_only", queue_allowed=False), p, ok, refused).permanent
+    # sensitive and cloud-denied still come first
+    assert decide(RouteRequest(mode="cloud_only"), Policy(cloud_allowed=False), ok, refused).reason == "cloud_denied"
+
+
+def test_charging_unknown_is_no_battery_rule_without_a_battery_and_unplugged_with_one() -> None:
+    p = Policy(battery_floor_pct=20)
+    assert decide(RouteRequest(), p, DeviceState(battery_pct=None, charging=None), UP) == Decision(
+        "local", "prefer_local", ("cloud",))
+    assert decide(RouteRequest(), p, DeviceState(battery_pct=10, charging=None), UP).reason == "battery_low"
+    assert decide(RouteRequest(), p, DeviceState(battery_pct=10, charging=True), UP).route == "local"

@@ -146,6 +146,10 @@ async def test_a_running_controller_never_undoes_policy_apply(broker, tmp_path: 
             await birth(2)  # a reboot: the controller answers with a live copy of the last published policy
             await until(lambda: len(seen) > count, what="the policy answering the new birth")
             assert (seen[-1].version, seen[-1].min_free_ram_mb) == (applied, 300)
+            count = len(seen)
+            await birth(2)  # a rebirth of the same session (the `rebirth` command): the policy again, too
+            await until(lambda: len(seen) > count, what="the policy answering the rebirth")
+            assert (seen[-1].version, seen[-1].min_free_ram_mb) == (applied, 300)
             reader.cancel()
     finally:
         await svc.stop()

@@ -35,3 +35,19 @@ def test_keeps_the_newest_max_items_in_order(tmp_path_factory: pytest.TempPathFa
     assert [p for _, p in b.peek(100)] == (payloads[-cap:] if payloads else [])
     assert b.dropped == max(0, len(payloads) - cap)
     b.close()
+
+
+def test_the_buffer_file_is_private_whatever_the_umask(tmp_path) -> None:
+    import os
+    import stat
+
+    from nanofleet.agent.telemetry_buffer import TelemetryBuffer
+
+    old = os.umask(0o002)  # a permissive umask, as a service manager might leave it
+    try:
+        buf = TelemetryBuffer(tmp_path / "telemetry_buffer.db", 10)
+        buf.push(b"x")
+        buf.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "telemetry_buffer.db").stat().st_mode) == 0o600
