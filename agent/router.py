@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from nanofleet.protos import fleet_pb2
+from nanofleet.protos.names import THERMAL_LEVELS
 
 Route = Literal["local", "cloud", "queue", "reject"]
 Mode = Literal["prefer_local", "local_only", "cloud_only", "prefer_cloud"]
 MODES: tuple[str, ...] = ("prefer_local", "local_only", "cloud_only", "prefer_cloud")
 # Blocks that waiting cannot clear (only a new policy, or a different request, can): the rest pass with time.
 PERMANENT_BLOCKS = frozenset({"sensitive", "local_only", "cloud_denied", "no_gateway", "prompt_too_large"})
-THERMAL_NAMES = ("none", "light", "moderate", "severe", "critical", "emergency", "shutdown")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +109,7 @@ def _local_block(req: RouteRequest, policy: Policy, dev: DeviceState) -> str | N
     if dev.model_availability == "unavailable" or dev.model_refused:
         return "model_unavailable"
     if dev.thermal_level >= policy.thermal_limit:
-        return f"thermal_{THERMAL_NAMES[min(max(dev.thermal_level, 0), 6)]}"
+        return f"thermal_{THERMAL_LEVELS[min(max(dev.thermal_level, 0), len(THERMAL_LEVELS) - 1)]}"
     if dev.ram_available_mb < policy.min_free_ram_mb:
         return "low_ram"
     return None

@@ -14,8 +14,6 @@ from nanofleet.protos import fleet_pb2, names
 
 ROOT = Path(__file__).resolve().parents[2]
 _SPELLED = re.compile(r'"none",\s*"light",\s*"moderate",\s*"severe"')
-# agent/router.py is another change's (issue #12): its THERMAL_NAMES line moves to protos.names there.
-_PENDING = {"agent/router.py"}
 
 
 def test_thermal_names_come_from_the_proto_enum() -> None:
@@ -33,7 +31,7 @@ def test_thermal_names_come_from_the_proto_enum() -> None:
 def test_the_names_are_spelled_out_only_in_protos_names() -> None:
     spelled = sorted(str(p.relative_to(ROOT)) for folder in ("agent", "controller", "nanofleet", "protos")
                      for p in (ROOT / folder).rglob("*.py") if _SPELLED.search(p.read_text(encoding="utf-8")))
-    assert spelled == sorted({"protos/names.py", *_PENDING})
+    assert spelled == ["protos/names.py"]
 
 
 def test_one_list_of_command_kinds_for_the_service_and_the_web_api() -> None:
