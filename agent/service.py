@@ -24,6 +24,8 @@ from nanofleet.agent import thermal
 from nanofleet.agent.api import Dispatcher, create_app
 from nanofleet.agent.api.protocol import AgentHttpProtocol
 from nanofleet.agent.hooks import AgentMetrics
+from nanofleet.agent.queue.drain import Drainer
+from nanofleet.agent.queue.store import Limits, QueueStore
 from nanofleet.agent.router import DeviceState, Policy
 from nanofleet.agent.runtime.base import Backend, BackendError
 from nanofleet.agent.runtime.grpc_backend import GrpcBackend
@@ -34,6 +36,7 @@ from nanofleet.agent.telemetry import sysfs
 from nanofleet.agent.unix_socket import bind_tcp, bind_unix, remove_socket
 from nanofleet.config import ModelSpec
 from nanofleet.protos import fleet_pb2
+from nanofleet.tasks import TaskSupervisor
 
 log = logging.getLogger("nanofleet.agent")
 
@@ -80,8 +83,14 @@ class AgentService:
         if cloud is None and settings.gateway_address:
             cloud = GrpcBackend(settings.gateway_address, token=settings.gateway_token, ca=settings.gateway_ca)
         self._device = sample_device(settings.sysfs_root)
+        self.queue = QueueStore(settings.data_dir / "queue.db", Limits(
+            settings.queue_max_items, settings.queue_max_bytes, settings.queue_ttl_s, settings.queue_keep_s),
+            max_file_bytes=settings.queue_max_file_bytes)
         self.dispatcher = Dispatcher(self.models, cloud, max_waiting=max_waiting,
-                                     device_state=lambda: self._device)
+                                     device_state=lambda: self._device, queue=self.queue)
+        self.tasks = TaskSupervisor("agent")
+        self.drainer = Drainer(self.queue, self.dispatcher, self.tasks,
+                               concurrency=self.models.spec.n_parallel + (1 if cloud is not None else 0))
         self._sampler: asyncio.Task[None] | None = None
         self._preload: asyncio.Task[None] | None = None
         self.sessions = SessionStore()
@@ -118,14 +127,23 @@ class AgentService:
 
     # -- process ---------------------------------------------------------------------------------------------
     async def _sample_forever(self) -> None:
-        """Refresh the device state off the request path, so routing never waits on sysfs."""
+        """Refresh the device state off the request path, so routing never waits on sysfs. A change that may
+        open a route for queued entries (cooler, more RAM) kicks the drainer."""
         while True:
             await asyncio.sleep(DEVICE_SAMPLE_S)
             with contextlib.suppress(OSError):
+                before = self._device
                 self._device = await asyncio.to_thread(sample_device, self.settings.sysfs_root)
+                if (self._device.thermal_level < before.thermal_level
+                        or self._device.ram_available_mb > before.ram_available_mb + 64):
+                    self.drainer.kick()
 
     async def start(self) -> None:
         self._sampler = asyncio.create_task(self._sample_forever())
+        self.drainer.start()
+        if self.queue.recovered:
+            log.info("offline queue: %d entries cut mid-run by the last stop go back to the queue",
+                     self.queue.recovered)
         sockets = [bind_unix(self.settings.socket_path)]
         self._inode = self.settings.socket_path.stat().st_ino
         if self.settings.tcp_listen:
@@ -175,6 +193,8 @@ class AgentService:
             with contextlib.suppress(Exception):
                 await self._serve_task
         remove_socket(self.settings.socket_path, self._inode)
+        await self.tasks.stop()
+        await asyncio.to_thread(self.queue.close)
         await self.models.close()
         if self.dispatcher.cloud is not None:
             await self.dispatcher.cloud.close()
@@ -207,16 +227,26 @@ class AgentService:
     def agent_metrics(self) -> AgentMetrics:
         counts = self.dispatcher.counts
         conn = self.dispatcher.connectivity()
+        q = self.queue.counts
         return AgentMetrics(
-            route_counts={"local": counts["local"], "cloud": counts["cloud"], "queued": 0,
+            route_counts={"local": counts["local"], "cloud": counts["cloud"], "queued": counts["queued"],
                           "rejected": counts["rejected"] + counts["queue_unavailable"]},
-            queue_depth=self.dispatcher.admission.waiting,
+            queue_depth=self.queue.depth,
+            slots_waiting=self.dispatcher.admission.waiting,
+            queue_oldest_age_s=self.queue.oldest_age_s() if self.queue.depth else 0.0,
+            queue_counters={"enqueued": q["enqueued"], "drained_local": q["drained_local"],
+                            "drained_cloud": q["drained_cloud"], "expired": q["expired"], "failed": q["failed"],
+                            "cancelled": q["cancelled"]},
             policy_version=self.dispatcher.policy.version,
             gateway_reachable=conn.gateway_configured and conn.gateway_reachable and not conn.circuit_open,
         )
 
     async def apply_policy(self, policy: fleet_pb2.RoutingPolicy) -> None:
         self.dispatcher.policy = Policy.from_proto(policy)
+        lim = self.queue.limits
+        self.queue.set_limits(Limits(policy.queue_max_items or lim.max_items, lim.max_bytes,
+                                     float(policy.queue_ttl_s or lim.ttl_s), lim.keep_s))
+        self.drainer.kick()  # a new policy may open a route for queued entries
         if policy.model_source:
             current = self.models.spec
             try:
@@ -244,6 +274,7 @@ class AgentService:
         except BackendError as exc:
             return result("error", f"{command.kind} failed: {exc.message}")
         if command.kind == "drain-queue":
-            return result("error", "drain-queue: this agent has no offline queue yet (queued answers are refused "
-                                   "with 503 queue_unavailable), so there is nothing to drain", queue_depth="0")
+            self.drainer.kick()
+            return result("ok", f"draining: {self.queue.depth} entries in the offline queue",
+                          queue_depth=str(self.queue.depth))
         return result("error", f"unknown command {command.kind!r}")

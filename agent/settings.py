@@ -93,6 +93,11 @@ class AgentSettings(BaseModel):
     telemetry_interval_s: float = Field(10, gt=0, le=86_400)
     max_body_bytes: int = Field(1_048_576, ge=1024)
     preload: bool = Field(False, description="load the model at start instead of on the first request")
+    queue_max_items: int = Field(10_000, ge=1, le=10_000_000)   # until a policy sets queue.max_items
+    queue_ttl_s: float = Field(86_400, gt=0)                    # until a policy sets queue.ttl
+    queue_max_bytes: int = Field(64 << 20, ge=1024)
+    queue_keep_s: float = Field(86_400, ge=0)
+    queue_max_file_bytes: int | None = Field(None, ge=65_536)
 
     @property
     def cache_dir(self) -> Path:
