@@ -102,10 +102,10 @@ class Drainer:
         claimed = await self.store.claim(rid)
         if claimed is None:
             return  # cancelled or expired meanwhile
-        request, attempts = claimed
-        if attempts > self.retry.max_attempts:  # e.g. an entry whose every run ended in a crash
-            await self.store.fail(rid, "queue", "attempts_exhausted",
-                                  f"started {attempts - 1} times without finishing; not retried")
+        request, attempts, restarts = claimed
+        if restarts > self.retry.max_restarts:  # the agent died each time it ran this one: do not run it again
+            await self.store.fail(rid, "queue", "crashed_while_running",
+                                  f"the agent stopped {restarts} times while running it; not retried")
             return
         try:
             outcome = await self.runner.run(rid, request)

@@ -35,6 +35,7 @@ class Candidate:
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     max_attempts: int = 5
+    max_restarts: int = 20      # agent crashes while the entry ran: past this, the entry is taken for the cause
     base_s: float = 1.0
     cap_s: float = 300.0
 

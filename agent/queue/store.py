@@ -52,6 +52,7 @@ CREATE TABLE requests (
   size INTEGER NOT NULL,
   state TEXT NOT NULL,
   attempts INTEGER NOT NULL DEFAULT 0,
+  restarts INTEGER NOT NULL DEFAULT 0,
   route TEXT NOT NULL DEFAULT 'queue',
   reason TEXT NOT NULL,
   created_ms INTEGER NOT NULL,
@@ -67,8 +68,8 @@ CREATE INDEX requests_state ON requests(state, seq);
 CREATE INDEX requests_finished ON requests(finished_ms) WHERE finished_ms IS NOT NULL
 """)]
 
-_COLUMNS = ("id, uid, app, state, attempts, route, reason, created_ms, updated_ms, not_before_ms, expires_ms, "
-            "finished_ms, result, error, seq")
+_COLUMNS = ("id, uid, app, state, attempts, restarts, route, reason, created_ms, updated_ms, not_before_ms, "
+            "expires_ms, finished_ms, result, error, seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +112,11 @@ class QueueStore:
 
     # -- writer-thread jobs ----------------------------------------------------------------------------------
     def _recover(self, conn: sqlite3.Connection) -> int:
-        """At start: entries cut mid-run go back to the queue (run again, once); counters from the file."""
-        n = conn.execute("UPDATE requests SET state = 'queued', reason = 'restarted', updated_ms = ? "
-                         "WHERE state = 'running'", (self._now_ms(),)).rowcount
+        """At start: entries cut mid-run go back to the queue (run again, once): the cut attempt is not theirs to
+        pay, but it is counted in `restarts`, so an entry that brings the agent down each time ends (drain.py)."""
+        n = conn.execute("UPDATE requests SET state = 'queued', reason = 'restarted', updated_ms = ?, "
+                         "attempts = attempts - 1, restarts = restarts + 1 WHERE state = 'running'",
+                         (self._now_ms(),)).rowcount
         self._recount(conn)
         return n
 
@@ -296,16 +299,17 @@ class QueueStore:
                                                    (rid,)).fetchone())
         return None if row is None else json.loads(row[0])
 
-    async def claim(self, rid: str) -> tuple[dict[str, Any], int] | None:
-        """queued → running (the attempt is counted on disk before it starts); None if no longer queued."""
-        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], int] | None:
+    async def claim(self, rid: str) -> tuple[dict[str, Any], int, int] | None:
+        """queued → running (the attempt is counted on disk before it starts): (request, attempts, restarts), or
+        None if it is no longer queued."""
+        def job(conn: sqlite3.Connection) -> tuple[dict[str, Any], int, int] | None:
             now = self._now_ms()
             row = conn.execute("UPDATE requests SET state = 'running', attempts = attempts + 1, updated_ms = ? "
-                               "WHERE id = ? AND state = 'queued' AND expires_ms > ? RETURNING request, attempts",
-                               (now, rid, now)).fetchone()
-            return None if row is None else (json.loads(row[0]), row[1])
+                               "WHERE id = ? AND state = 'queued' AND expires_ms > ? RETURNING request, attempts, "
+                               "restarts", (now, rid, now)).fetchone()
+            return None if row is None else (json.loads(row[0]), row[1], row[2])
 
-        claimed: tuple[dict[str, Any], int] | None = await self._write(job)
+        claimed: tuple[dict[str, Any], int, int] | None = await self._write(job)
         if claimed is not None:
             self._changed(rid)
         return claimed
@@ -378,11 +382,11 @@ class QueueStore:
 
 
 def _entry(row: tuple[Any, ...]) -> dict[str, Any]:
-    (rid, _uid, app, state, attempts, route, reason, created, updated, _nb, expires, finished, result, error,
+    (rid, _uid, app, state, attempts, restarts, route, reason, created, updated, _nb, expires, finished, result, error,
      _seq) = row
     out: dict[str, Any] = {"id": rid, "object": "nanofleet.request", "state": state, "app": app,
-                           "attempts": attempts, "route": route, "reason": reason, "created_ms": created,
-                           "updated_ms": updated, "expires_ms": expires, "finished_ms": finished}
+                           "attempts": attempts, "restarts": restarts, "route": route, "reason": reason,
+                           "created_ms": created, "updated_ms": updated, "expires_ms": expires, "finished_ms": finished}
     if result is not None:
         out["result"] = json.loads(result)
     if error is not None:

@@ -133,13 +133,13 @@ async def test_a_running_entry_at_a_crash_runs_again(path: Path) -> None:
     q = QueueStore(path)
     a = await q.enqueue(req(), uid=UID, app="app", reason="r")
     claimed = await q.claim(a.id)
-    assert claimed is not None and claimed[1] == 1
+    assert claimed is not None and claimed[1:] == (1, 0)
     assert await q.claim(a.id) is None  # claimed once only
     q._writer.close()  # the process dies: no finish
     again = QueueStore(path)
     assert again.recovered == 1
     entry = await again.get(a.id, UID)
-    assert (entry["state"], entry["reason"], entry["attempts"]) == ("queued", "restarted", 1)
+    assert (entry["state"], entry["reason"], entry["attempts"], entry["restarts"]) == ("queued", "restarted", 0, 1)
     again.close()
 
 
