@@ -64,11 +64,13 @@ async def test_queued_round_trip_hot_then_cool(make_settings: Callable[..., Agen
             assert svc.agent_metrics().queue_depth == 2 and svc.agent_metrics().slots_waiting == 0
 
             sysfs.set(temp_c=40.0)  # it cools: the sampler sees it, kicks the drainer
+            seen = []
             for _ in range(30):  # each long-poll returns at a change of state (queued → running → done)
                 done = (await c.get(f"/v1/requests/{rid}", params={"wait": 30}, timeout=40)).json()
+                seen.append((done["state"], done["reason"], done["attempts"]))
                 if done["state"] not in ("queued", "running"):
                     break
-            assert (done["state"], done["route"]) == ("done", "local"), done
+            assert (done["state"], done["route"]) == ("done", "local"), (seen, done, svc.drainer.counts)
             assert done["result"]["object"] == "chat.completion" and done["result"]["choices"][0]["message"]
             assert done["result"]["usage"]["completion_tokens"] >= 1
             await until(lambda: svc.queue.depth == 0, within=30, what="the streamed entry drained too")
