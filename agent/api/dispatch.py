@@ -15,7 +15,7 @@ import datetime as dt
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import psutil
@@ -157,9 +157,9 @@ class Dispatcher:
         """Commit the request to the offline queue (202 only after this returns)."""
         if self.queue is None:
             raise QueueUnavailable("this agent has no offline queue", retry_after=QUEUE_RETRY_AFTER)
-        request = {"chat": dataclasses.asdict(chat), "route": dataclasses.asdict(req), "stream": stream,
-                   "model": model}
-        request["chat"]["request_id"] = ""  # the entry's id becomes the request_id (same body → same hash)
+        fields: dict[str, Any] = dataclasses.asdict(chat)
+        fields["request_id"] = ""  # the entry's id becomes the request_id (same body → same hash)
+        request = {"chat": fields, "route": dataclasses.asdict(req), "stream": stream, "model": model}
         accepted = await self.queue.enqueue(request, uid=uid, app=req.app_id, reason=reason, idem_key=idem_key)
         if accepted.new:
             self.counts["queued"] += 1
@@ -208,7 +208,8 @@ class Dispatcher:
     async def generate(self, chat: ChatRequest, req: RouteRequest,
                        decision: Decision | None = None) -> tuple[Completion, Route, str]:
         decision = decision or self._live(req)
-        route, reason, tried = decision.route, decision.reason, ()
+        route, reason = decision.route, decision.reason
+        tried: tuple[Route, ...] = ()
         busy: Busy | None = None
         while True:
             try:
@@ -241,7 +242,8 @@ class Dispatcher:
                           decision: Decision | None = None) -> tuple[Route, str, AsyncIterator[Chunk]]:
         """Start streaming; falls back only until the first chunk arrives, so the route is known for the headers."""
         decision = decision or self._live(req)
-        route, reason, tried = decision.route, decision.reason, ()
+        route, reason = decision.route, decision.reason
+        tried: tuple[Route, ...] = ()
         busy: Busy | None = None
         while True:
             gen = self._stream_on(route, chat)
@@ -266,7 +268,7 @@ class Dispatcher:
             self.counts[route] += 1
             return route, reason, self._chain(first, gen)
 
-    async def _stream_on(self, route: Route, chat: ChatRequest) -> AsyncIterator[Chunk]:
+    async def _stream_on(self, route: Route, chat: ChatRequest) -> AsyncGenerator[Chunk, None]:
         if route == "cloud":
             assert self.cloud is not None
             async with contextlib.aclosing(self.cloud.stream(chat)) as chunks:
@@ -283,8 +285,8 @@ class Dispatcher:
                 yield chunk
 
     @staticmethod
-    async def _chain(first: Chunk | None, gen: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        async with contextlib.aclosing(gen):  # type: ignore[type-var]
+    async def _chain(first: Chunk | None, gen: AsyncGenerator[Chunk, None]) -> AsyncIterator[Chunk]:
+        async with contextlib.aclosing(gen):
             if first is not None:
                 yield first
             async for chunk in gen:

@@ -68,7 +68,7 @@ def install(app: FastAPI) -> None:
                            code="invalid_query")
         limit = int(_number(request, "limit", 50, 1, MAX_PAGE))
         after = int(_number(request, "after", 0, 0, 2 ** 62))
-        entries, cursor = await queue().list(scope_uid(request), state=state,
+        entries, cursor = await queue().entries(scope_uid(request), state=state,
                                              app=request.query_params.get("app"), limit=limit, after=after)
         return JsonAnswer({"object": "list", "data": entries, "next_after": cursor}, "queue", "list")
 

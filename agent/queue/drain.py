@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter
@@ -88,13 +89,13 @@ class Drainer:
                 continue  # its route is closed: FIFO keeps the app's later entries behind it
             self._cursor = cand.app
             self._running.add(cand.id)
-            task = self.supervisor.spawn(lambda rid=cand.id: self._run_one(rid), "queue-entry", on_death="log",
+            task = self.supervisor.spawn(functools.partial(self._run_one, cand.id), "queue-entry", on_death="log",
                                          forever=False)
-            task.add_done_callback(lambda _t, rid=cand.id: self._finished(rid))
+            task.add_done_callback(functools.partial(self._finished, cand.id))
             started += 1
         return started
 
-    def _finished(self, rid: str) -> None:
+    def _finished(self, rid: str, _task: object = None) -> None:
         self._running.discard(rid)
         self._kick.set()  # capacity freed
 

@@ -242,7 +242,7 @@ class QueueStore:
         if event is not None:
             event.set()
 
-    async def list(self, uid: int, *, state: str | None = None, app: str | None = None, limit: int = 50,
+    async def entries(self, uid: int, *, state: str | None = None, app: str | None = None, limit: int = 50,
                    after: int = 0) -> tuple[list[dict[str, Any]], int | None]:
         """A page of entries in queue order, and the cursor of the next page (None: the last)."""
         where, args = self._visible(uid)

@@ -102,7 +102,7 @@ async def test_a_full_disk_is_507_and_loses_nothing_acknowledged(path: Path) -> 
     await q.cancel(accepted[0], UID)  # the queue still answers
     q.close()
     again = QueueStore(path)
-    entries, _ = await again.list(UID, limit=500)
+    entries, _ = await again.entries(UID, limit=500)
     assert [e["id"] for e in entries] == accepted
     again.close()
 
@@ -151,8 +151,8 @@ async def test_entries_are_visible_to_their_owner_and_root_only(path: Path) -> N
         await q.get(theirs.id, UID)
     with pytest.raises(RequestNotFound):
         await q.cancel(theirs.id, UID)
-    assert [e["id"] for e in (await q.list(UID))[0]] == [mine.id]
-    assert {e["id"] for e in (await q.list(0))[0]} == {mine.id, theirs.id}  # root
+    assert [e["id"] for e in (await q.entries(UID))[0]] == [mine.id]
+    assert {e["id"] for e in (await q.entries(0))[0]} == {mine.id, theirs.id}  # root
     assert (await q.get(theirs.id, 0))["app"] == "a2"
     q.close()
 
@@ -160,17 +160,17 @@ async def test_entries_are_visible_to_their_owner_and_root_only(path: Path) -> N
 async def test_cancel_list_and_pages(path: Path) -> None:
     q = QueueStore(path)
     ids = [(await q.enqueue(req(str(i)), uid=UID, app="ab"[i % 2], reason="r")).id for i in range(7)]
-    page, nxt = await q.list(UID, limit=3)
+    page, nxt = await q.entries(UID, limit=3)
     assert [e["id"] for e in page] == ids[:3] and nxt is not None
-    page, nxt = await q.list(UID, limit=3, after=nxt)
+    page, nxt = await q.entries(UID, limit=3, after=nxt)
     assert [e["id"] for e in page] == ids[3:6]
-    assert [e["id"] for e in (await q.list(UID, app="b"))[0]] == ids[1::2]
+    assert [e["id"] for e in (await q.entries(UID, app="b"))[0]] == ids[1::2]
     assert (await q.cancel(ids[0], UID))["state"] == "cancelled"
     with pytest.raises(NotCancellable):
         await q.cancel(ids[0], UID)
     await q.claim(ids[1])
     with pytest.raises(NotCancellable, match="running"):
         await q.cancel(ids[1], UID)
-    assert [e["id"] for e in (await q.list(UID, state="cancelled"))[0]] == [ids[0]]
+    assert [e["id"] for e in (await q.entries(UID, state="cancelled"))[0]] == [ids[0]]
     assert q.depth == 6 and q.counts["cancelled"] == 1
     q.close()
