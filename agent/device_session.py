@@ -255,6 +255,10 @@ class DeviceSession:
         for route, n in m.route_counts.items():
             t.route_counts[route] = n
         t.queue_depth = m.queue_depth
+        t.slots_waiting = m.slots_waiting
+        t.queue_oldest_age_s = m.queue_oldest_age_s
+        for name, n in m.queue_counters.items():
+            t.queue_counters[name] = n
         t.policy_version = self.policy_version or m.policy_version
         t.gateway_reachable = m.gateway_reachable
         return t

@@ -15,7 +15,10 @@ from nanofleet.protos import fleet_pb2
 @dataclass(slots=True)
 class AgentMetrics:
     route_counts: dict[str, int] = field(default_factory=dict)  # "local" | "cloud" | "queued" | "rejected" -> n
-    queue_depth: int = 0
+    queue_depth: int = 0            # entries in the offline queue not finished (queued + running)
+    slots_waiting: int = 0          # requests waiting for a local slot now (not the offline queue)
+    queue_oldest_age_s: float = 0.0
+    queue_counters: dict[str, int] = field(default_factory=dict)  # enqueued, drained_<route>, expired, failed, …
     policy_version: int = 0
     gateway_reachable: bool = False
 

@@ -30,6 +30,8 @@ from nanofleet.agent.api import Dispatcher, create_app
 from nanofleet.agent.api.fastpath import choose_http_protocol
 from nanofleet.agent.errors import AgentFatal
 from nanofleet.agent.hooks import AgentMetrics
+from nanofleet.agent.queue.drain import Drainer
+from nanofleet.agent.queue.store import Limits, QueueStore
 from nanofleet.agent.router import DeviceState, Policy
 from nanofleet.agent.runtime.base import Backend, BackendError
 from nanofleet.agent.runtime.grpc_backend import GrpcBackend
@@ -88,9 +90,14 @@ class AgentService:
         if cloud is None and settings.gateway_address:
             cloud = GrpcBackend(settings.gateway_address, token=settings.gateway_token, ca=settings.gateway_ca)
         self._device = sample_device(settings.sysfs_root)
+        self.queue = QueueStore(settings.data_dir / "queue.db", Limits(
+            settings.queue_max_items, settings.queue_max_bytes, settings.queue_ttl_s, settings.queue_keep_s),
+            max_file_bytes=settings.queue_max_file_bytes)
         self.dispatcher = Dispatcher(self.models, cloud, max_waiting=max_waiting,
-                                     device_state=lambda: self._device)
+                                     device_state=lambda: self._device, queue=self.queue)
         self.tasks = TaskSupervisor("agent", on_fatal=self._fatal)
+        self.drainer = Drainer(self.queue, self.dispatcher, self.tasks,
+                               concurrency=self.models.spec.n_parallel + (1 if cloud is not None else 0))
         self.fatal: BaseException | None = None
         self._stopping = False
         self.sample_errors = 0
@@ -155,9 +162,11 @@ class AgentService:
 
     # -- process ---------------------------------------------------------------------------------------------
     async def _sample_forever(self) -> None:
-        """Refresh the device state off the request path, so routing never waits on sysfs."""
+        """Refresh the device state off the request path, so routing never waits on sysfs. A change that may
+        open a route for queued entries (cooler, more RAM) kicks the drainer."""
         while True:
             await asyncio.sleep(DEVICE_SAMPLE_S)
+            before = self._device
             try:
                 self._device = await asyncio.to_thread(sample_device, self.settings.sysfs_root)
             except OSError as exc:  # a sensor gone for a moment: keep the last state, say so (first of a run)
@@ -167,6 +176,9 @@ class AgentService:
                 self._sample_ok = False
             else:
                 self._sample_ok = True
+                if (self._device.thermal_level < before.thermal_level
+                        or self._device.ram_available_mb > before.ram_available_mb + 64):
+                    self.drainer.kick()  # cooler or more RAM may open a route for queued entries
 
     def _fatal(self, name: str, exc: BaseException) -> None:
         """A task the agent cannot run without died: stop the process (its supervisor restarts it)."""
@@ -193,6 +205,10 @@ class AgentService:
     async def start(self) -> None:
         await self._restore_policy()
         self.tasks.spawn(self._sample_forever, "device-sampler")
+        self.drainer.start()
+        if self.queue.recovered:
+            log.info("offline queue: %d entries cut mid-run by the last stop go back to the queue",
+                     self.queue.recovered)
         sockets = [bind_unix(self.settings.socket_path)]
         self._inode = self.settings.socket_path.stat().st_ino
         if self.settings.tcp_listen:
@@ -250,6 +266,7 @@ class AgentService:
                 await asyncio.wait({serving}, timeout=10)  # uvicorn's own graceful shutdown (3 s for requests)
         await self.tasks.stop()
         remove_socket(self.settings.socket_path, self._inode)
+        await asyncio.to_thread(self.queue.close)
         await self.models.close()
         if self.dispatcher.cloud is not None:
             await self.dispatcher.cloud.close()
@@ -291,10 +308,16 @@ class AgentService:
     def agent_metrics(self) -> AgentMetrics:
         counts = self.dispatcher.counts
         conn = self.dispatcher.connectivity()
+        q = self.queue.counts
         return AgentMetrics(
-            route_counts={"local": counts["local"], "cloud": counts["cloud"], "queued": 0,
+            route_counts={"local": counts["local"], "cloud": counts["cloud"], "queued": counts["queued"],
                           "rejected": counts["rejected"] + counts["queue_unavailable"]},
-            queue_depth=self.dispatcher.admission.waiting,
+            queue_depth=self.queue.depth,
+            slots_waiting=self.dispatcher.admission.waiting,
+            queue_oldest_age_s=self.queue.oldest_age_s() if self.queue.depth else 0.0,
+            queue_counters={"enqueued": q["enqueued"], "drained_local": q["drained_local"],
+                            "drained_cloud": q["drained_cloud"], "expired": q["expired"], "failed": q["failed"],
+                            "cancelled": q["cancelled"]},
             policy_version=self.dispatcher.policy.version,
             gateway_reachable=conn.gateway_configured and conn.gateway_reachable and not conn.circuit_open,
         )
@@ -316,6 +339,10 @@ class AgentService:
                 self.policy_counts["policy_file_unusable"] += 1
                 self.policy_error = exc.message
                 log.error("agent: policy v%d applied but not stored: %s", policy.version, exc.message)
+        lim = self.queue.limits
+        self.queue.set_limits(Limits(policy.queue_max_items or lim.max_items, lim.max_bytes,
+                                     float(policy.queue_ttl_s or lim.ttl_s), lim.keep_s))
+        self.drainer.kick()  # a new policy may open a route for queued entries
         if policy.model_source:
             current = self.models.spec
             try:
@@ -343,6 +370,7 @@ class AgentService:
         except BackendError as exc:
             return result("error", f"{command.kind} failed: {exc.message}")
         if command.kind == "drain-queue":
-            return result("error", "drain-queue: this agent has no offline queue yet (queued answers are refused "
-                                   "with 503 queue_unavailable), so there is nothing to drain", queue_depth="0")
+            self.drainer.kick()
+            return result("ok", f"draining: {self.queue.depth} entries in the offline queue",
+                          queue_depth=str(self.queue.depth))
         return result("error", f"unknown command {command.kind!r}")

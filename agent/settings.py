@@ -95,6 +95,11 @@ class AgentSettings(BaseModel):
     preload: bool = Field(False, description="load the model at start instead of on the first request")
     http_fast_path: bool = Field(True, description="serve non-streaming chat completions on the fast HTTP protocol "
                                  "(agent/api/fastpath.py); false: uvicorn's stock protocol")
+    queue_max_items: int = Field(10_000, ge=1, le=10_000_000)   # until a policy sets queue.max_items
+    queue_ttl_s: float = Field(86_400, gt=0)                    # until a policy sets queue.ttl
+    queue_max_bytes: int = Field(64 << 20, ge=1024)
+    queue_keep_s: float = Field(86_400, ge=0)
+    queue_max_file_bytes: int | None = Field(None, ge=65_536)
 
     @property
     def cache_dir(self) -> Path:

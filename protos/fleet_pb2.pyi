@@ -108,7 +108,7 @@ class Battery(_message.Message):
     def __init__(self, present: _Optional[bool] = ..., percent: _Optional[float] = ..., charging: _Optional[bool] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("device_id", "bd_seq", "seq", "ts_ms", "cpu_percent", "load1", "ram_total_mb", "ram_available_mb", "swap_used_mb", "disk_free_mb", "temperatures_c", "temp_max_c", "thermal_level", "throttle_ratio", "throttled", "pi_throttled_flags", "battery", "model", "route_counts", "queue_depth", "policy_version", "gateway_reachable", "metered_network", "replayed")
+    __slots__ = ("device_id", "bd_seq", "seq", "ts_ms", "cpu_percent", "load1", "ram_total_mb", "ram_available_mb", "swap_used_mb", "disk_free_mb", "temperatures_c", "temp_max_c", "thermal_level", "throttle_ratio", "throttled", "pi_throttled_flags", "battery", "model", "route_counts", "queue_depth", "policy_version", "gateway_reachable", "metered_network", "replayed", "slots_waiting", "queue_oldest_age_s", "queue_counters")
     class TemperaturesCEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,13 @@ class Telemetry(_message.Message):
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     class RouteCountsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class QueueCountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +154,9 @@ class Telemetry(_message.Message):
     GATEWAY_REACHABLE_FIELD_NUMBER: _ClassVar[int]
     METERED_NETWORK_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_WAITING_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_OLDEST_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_COUNTERS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     bd_seq: int
     seq: int
@@ -171,7 +181,10 @@ class Telemetry(_message.Message):
     gateway_reachable: bool
     metered_network: bool
     replayed: bool
-    def __init__(self, device_id: _Optional[str] = ..., bd_seq: _Optional[int] = ..., seq: _Optional[int] = ..., ts_ms: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., load1: _Optional[float] = ..., ram_total_mb: _Optional[int] = ..., ram_available_mb: _Optional[int] = ..., swap_used_mb: _Optional[int] = ..., disk_free_mb: _Optional[int] = ..., temperatures_c: _Optional[_Mapping[str, float]] = ..., temp_max_c: _Optional[float] = ..., thermal_level: _Optional[_Union[ThermalLevel, str]] = ..., throttle_ratio: _Optional[float] = ..., throttled: _Optional[bool] = ..., pi_throttled_flags: _Optional[int] = ..., battery: _Optional[_Union[Battery, _Mapping]] = ..., model: _Optional[_Union[ModelState, _Mapping]] = ..., route_counts: _Optional[_Mapping[str, int]] = ..., queue_depth: _Optional[int] = ..., policy_version: _Optional[int] = ..., gateway_reachable: _Optional[bool] = ..., metered_network: _Optional[bool] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    slots_waiting: int
+    queue_oldest_age_s: float
+    queue_counters: _containers.ScalarMap[str, int]
+    def __init__(self, device_id: _Optional[str] = ..., bd_seq: _Optional[int] = ..., seq: _Optional[int] = ..., ts_ms: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., load1: _Optional[float] = ..., ram_total_mb: _Optional[int] = ..., ram_available_mb: _Optional[int] = ..., swap_used_mb: _Optional[int] = ..., disk_free_mb: _Optional[int] = ..., temperatures_c: _Optional[_Mapping[str, float]] = ..., temp_max_c: _Optional[float] = ..., thermal_level: _Optional[_Union[ThermalLevel, str]] = ..., throttle_ratio: _Optional[float] = ..., throttled: _Optional[bool] = ..., pi_throttled_flags: _Optional[int] = ..., battery: _Optional[_Union[Battery, _Mapping]] = ..., model: _Optional[_Union[ModelState, _Mapping]] = ..., route_counts: _Optional[_Mapping[str, int]] = ..., queue_depth: _Optional[int] = ..., policy_version: _Optional[int] = ..., gateway_reachable: _Optional[bool] = ..., metered_network: _Optional[bool] = ..., replayed: _Optional[bool] = ..., slots_waiting: _Optional[int] = ..., queue_oldest_age_s: _Optional[float] = ..., queue_counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class AppPolicy(_message.Message):
     __slots__ = ("privacy", "mode")

@@ -22,9 +22,10 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nanofleet.agent.api.dispatch import Dispatcher
-from nanofleet.agent.api.errors import ApiError, from_validation
+from nanofleet.agent.api.dispatch import Dispatcher, completion_body
+from nanofleet.agent.api.errors import ApiError, from_agent, from_validation
 from nanofleet.agent.api.openapi_doc import document_answers
+from nanofleet.agent.api.peer import ERROR_SCHEMA, PEER_KEY
 from nanofleet.agent.api.schemas import (
     CHAT,
     ChatCompletionBody,
@@ -33,6 +34,8 @@ from nanofleet.agent.api.schemas import (
     SessionPromptBody,
     route_request,
 )
+from nanofleet.agent.errors import AgentError
+from nanofleet.agent.queue.store import TCP_UID
 from nanofleet.agent.runtime.base import BackendError, ChatRequest, Chunk
 from nanofleet.agent.sessions import SessionStore
 from nanofleet.allow import allowed_methods
@@ -150,7 +153,7 @@ def create_app(
     dispatcher: Dispatcher, sessions: SessionStore | None = None, *, max_body_bytes: int = 1 << 20,
     status_extra: Callable[[], dict[str, Any]] | None = None,
 ) -> HotPath:
-    from nanofleet.agent.api import session_routes, status_routes
+    from nanofleet.agent.api import request_routes, session_routes, status_routes
 
     app = FastAPI(title="nanofleet agent", version="1", summary="Local model API of a nanofleet device",
                   docs_url=None, redoc_url=None)
@@ -164,6 +167,10 @@ def create_app(
         if exc.status < 500 and exc.code not in ("busy",):
             dispatcher.counts["bad_request"] += 1
         return Response(dumps(exc.body()), exc.status, exc.headers(), _JSON)
+
+    @app.exception_handler(AgentError)
+    async def _agent_error(request: Request, exc: AgentError) -> Response:
+        return await _api_error(request, from_agent(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -187,31 +194,32 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         headers = header_dict(request.scope["headers"])
         body: ChatCompletionBody = parse(CHAT, await read_body(request, max_body_bytes, headers))
-        return await answer_chat(body, headers)
+        return await answer_chat(body, headers, int(request.scope.get(PEER_KEY, TCP_UID)))
 
-    async def answer_chat(body: ChatCompletionBody, headers: dict[str, str]) -> Response:
+    async def answer_chat(body: ChatCompletionBody, headers: dict[str, str], uid: int) -> Response:
         chat = chat_request(body, models.spec.n_ctx)
         req = route_request(body.nanofleet, headers, estimate_tokens(chat.messages))
         chat.app_id, chat.sensitive = req.app_id, req.sensitive
-        chat.request_id = headers.get("idempotency-key", "")
+        idem_key = idempotency_key(headers)
+        chat.request_id = idem_key or ""
+        decision = dispatcher.decide(req)
+        if decision.route == "queue":  # committed to disk before the 202 (a queued stream is answered whole)
+            accepted = await dispatcher.enqueue(chat, req, decision.reason, uid=uid, idem_key=idem_key,
+                                                stream=body.stream, model=body.model)
+            return Accepted202(accepted.id, accepted.state, accepted.reason)
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
         if body.stream:
-            route, reason, chunks = await dispatcher.open_stream(chat, req)
+            route, reason, chunks = await dispatcher.open_stream(chat, req, decision)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventStream(_sse_chat(chunks, cid, created, include_usage),
                                {"x-nanofleet-route": route, "x-nanofleet-reason": reason})
-        completion, route, reason = await dispatcher.generate(chat, req)
-        return JsonAnswer({
-            "id": cid, "object": "chat.completion", "created": created, "model": completion.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                         "finish_reason": completion.finish_reason}],
-            "usage": completion.usage.as_openai(),
-        }, route, reason)
+        completion, route, reason = await dispatcher.generate(chat, req, decision)
+        return JsonAnswer(completion_body(completion, cid=cid, created=created), route, reason)
 
     # Registered for the OpenAPI schema (and reached through it by the ASGITransport-free path too), but served by
     # `HotPath` below, which skips FastAPI's routing, dependency and middleware layers on the hot path.
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], tags=["openai"],
-                      openapi_extra=_body_doc(ChatCompletionBody),
+                      openapi_extra=_body_doc(ChatCompletionBody), responses=_CHAT_RESPONSES,
                       summary="OpenAI-compatible chat completion (stream: true → server-sent events)")
 
     @app.get("/v1/models", tags=["openai"], summary="Models this agent serves (OpenAI list format)")
@@ -226,11 +234,13 @@ def create_app(
 
     status_routes.install(app, [status_extra] if status_extra is not None else None)
     session_routes.install(app)
+    request_routes.install(app)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components["Error"] = ERROR_SCHEMA
             for model in (ChatCompletionBody, SessionCreateBody, SessionPromptBody, ErrorBody):
                 doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(doc.pop("$defs", {}))
@@ -256,7 +266,7 @@ class HotPath:
     `parse_fast` + `complete` serve the same endpoint without ASGI, for agent/api/protocol.py."""
 
     def __init__(self, api: FastAPI, chat: Callable[[Request], Any], on_error: Callable[[ApiError], Any],
-                 answer: Callable[[ChatCompletionBody, dict[str, str]], Any], max_body_bytes: int) -> None:
+                 answer: Callable[[ChatCompletionBody, dict[str, str], int], Any], max_body_bytes: int) -> None:
         self.api = api
         self.state = api.state
         self._chat = chat
@@ -273,9 +283,9 @@ class HotPath:
             return None
         return None if body.stream else body
 
-    async def complete(self, body: ChatCompletionBody, headers: dict[str, str]) -> Response:
+    async def complete(self, body: ChatCompletionBody, headers: dict[str, str], uid: int = TCP_UID) -> Response:
         """The answer to a parsed non-streaming chat completion, errors as responses (never raises)."""
-        return await self._guarded(self._answer(body, headers))
+        return await self._guarded(self._answer(body, headers, uid))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != "/v1/chat/completions" or scope["method"] != "POST":
@@ -288,11 +298,50 @@ class HotPath:
             return await answer
         except ApiError as exc:
             return await self._on_error(exc)
+        except AgentError as exc:
+            return await self._on_error(from_agent(exc))
         except Exception:
             logger.exception("chat completion failed")
             self.state.dispatcher.counts["internal_error"] += 1
             return await self._on_error(ApiError(500, "internal error in the agent; see its log",
                                                  code="internal_error"))
+
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def idempotency_key(headers: dict[str, str]) -> str | None:
+    """The `Idempotency-Key` header (1–255 visible ASCII characters), None when absent; else a 400 naming it."""
+    key = headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not all(33 <= ord(ch) < 127 for ch in key):
+        raise ApiError(400, f"header Idempotency-Key: expected 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters",
+                       param="Idempotency-Key", code="invalid_header")
+    return key
+
+
+class Accepted202(JsonAnswer):
+    """`202 Accepted`: the request is on disk in the offline queue; `Location` is where its answer will be."""
+
+    def __init__(self, rid: str, state: str, reason: str) -> None:
+        super().__init__({"id": rid, "object": "nanofleet.request", "state": state, "reason": reason,
+                          "location": f"/v1/requests/{rid}"}, "queue", reason, 202)
+        self.raw_headers.append((b"location", f"/v1/requests/{rid}".encode()))
+
+
+def _doc_error(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {_JSON: {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+_CHAT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    202: {"description": "queued (committed to disk): `Location: /v1/requests/{id}`, `X-Nanofleet-Route: queue`"},
+    409: _doc_error("idempotency_conflict: the Idempotency-Key was used with another body"),
+    429: _doc_error("busy (local slots full) or queue_full, with Retry-After"),
+    503: _doc_error("no route now (cloud_unavailable, no_route, queue_unavailable), with Retry-After"),
+    507: _doc_error("queue_disk_full: the offline queue's disk is full; nothing was queued"),
+}
 
 
 def _body_doc(model: type) -> dict[str, Any]:

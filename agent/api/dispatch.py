@@ -1,19 +1,28 @@
 """Runs one request on the route the router picks: admission to local slots, fallback before the first token,
-route counts. The HTTP layer (`app.py`) only parses, calls this, and formats."""
+the offline queue, route counts. It raises domain errors (nanofleet.agent.errors); the HTTP layer (`app.py`) only
+parses, calls this, and formats.
+
+When every route tried failed and one of them was the local model refusing for a full slot line, the answer is
+that `Busy` (429, its short Retry-After): the local route frees within a second, an unreachable cloud does not. Such
+a request is not queued either — the queue is for routes that are closed, a full slot line is not one."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
+import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import psutil
 
-from nanofleet.agent.api.errors import ApiError, from_backend
+from nanofleet.agent.errors import NoRoute, QueueUnavailable
+from nanofleet.agent.queue.drain import Outcome
+from nanofleet.agent.queue.store import Accepted, QueueStore
 from nanofleet.agent.router import Connectivity, Decision, DeviceState, Policy, Route, RouteRequest, decide, next_route
 from nanofleet.agent.runtime.base import (
     Backend,
@@ -31,7 +40,7 @@ from nanofleet.agent.runtime.lifecycle import LocalModel
 # Errors after which the next route is tried (before the first token): the route is down, slow, full, or the
 # gateway refused by policy (a cloud-denied device whose app said prefer_cloud is still served locally).
 _FALLBACK_ON = (BackendUnavailable, BackendTimeout, Busy, Refused)
-_CLOUD_DOWN = ("gateway_unreachable", "circuit_open")
+_CLOUD_DOWN = ("gateway_unreachable", "circuit_open", "cloud_not_serving")
 QUEUE_RETRY_AFTER = 5.0
 
 
@@ -47,10 +56,9 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        if self.active >= self.slots or self.waiting:
-            if self.waiting >= self.max_waiting:
-                raise Busy(f"the local model is busy: {self.active} running, {self.waiting} waiting; retry later",
-                           retry_after=1)
+        if (self.active >= self.slots or self.waiting) and self.waiting >= self.max_waiting:
+            raise Busy(f"the local model is busy: {self.active} running, {self.waiting} waiting; retry later",
+                       retry_after=1)
         self.waiting += 1
         try:
             await self._sem.acquire()
@@ -71,10 +79,11 @@ def default_device_state() -> DeviceState:
 class Dispatcher:
     def __init__(
         self, models: LocalModel, cloud: Backend | None = None, *, max_waiting: int = 8,
-        device_state: Callable[[], DeviceState] = default_device_state,
+        device_state: Callable[[], DeviceState] = default_device_state, queue: QueueStore | None = None,
     ) -> None:
         self.models = models
         self.cloud = cloud
+        self.queue = queue
         self.policy = Policy()
         self.admission = Admission(models.spec.n_parallel, max_waiting)
         self.counts: Counter[str] = Counter()
@@ -106,31 +115,90 @@ class Dispatcher:
                             cloud_tokens_used_today=self.cloud_tokens_today,
                             gateway_serving=state != "not_serving", gateway_refused=state == "refused")
 
+    def route(self, req: RouteRequest) -> Decision:
+        """The router's decision, without side effects (the drainer asks it for every queued entry)."""
+        return decide(req, self.policy, self.device(), self.connectivity())
+
     def decide(self, req: RouteRequest) -> Decision:
-        """The router's decision, or the ApiError when no route serves now. The rule for the status: 4xx when no
-        retry can help (`permanent`), 503 + Retry-After when waiting can."""
-        decision = decide(req, self.policy, self.device(), self.connectivity())
-        if decision.route in ("local", "cloud"):
+        """The router's decision (`queue` only when this agent has a queue), or `NoRoute` when no route serves now.
+        The rule for the status: 4xx when no retry can help (`permanent`), 503 + Retry-After when waiting can."""
+        decision = self.route(req)
+        if decision.route in ("local", "cloud") or (decision.route == "queue" and self.queue is not None):
             return decision
         self.counts["rejected" if decision.route == "reject" else "queue_unavailable"] += 1
         if decision.permanent:
-            raise ApiError(403, f"no route may ever serve this request under the current policy: {decision.reason}",
-                           code="route_forbidden", route="reject", reason=decision.reason)
+            raise NoRoute(f"no route may ever serve this request under the current policy: {decision.reason}",
+                          status=403, code="route_forbidden", route="reject", reason=decision.reason)
+        wait = float(getattr(self.cloud, "retry_in", 0.0) or 0.0)
         if decision.reason in _CLOUD_DOWN:  # the same answer as a call that just failed (GatewayUnreachable)
-            wait = float(getattr(self.cloud, "retry_in", 0.0) or 0.0)
-            raise ApiError(503, f"the cloud route is unavailable ({decision.reason}) and no other route may serve "
-                           f"this request; next try of the gateway in {wait:.0f}s", code="cloud_unavailable",
-                           route=decision.route, reason="gateway_unreachable", retry_after=max(wait, 1.0))
+            raise NoRoute(f"the cloud route is unavailable ({decision.reason}) and no other route may serve "
+                          f"this request; next try of the gateway in {wait:.0f}s", status=503,
+                          code="cloud_unavailable", route=decision.route,
+                          reason="gateway_unreachable" if decision.reason == "circuit_open" else decision.reason,
+                          retry_after=max(wait, 1.0))
+        if decision.reason == "cloud_refused":  # the gateway refused this device (e.g. a revoked token)
+            why = str(getattr(self.cloud, "last_error", "") or "see /v1/status")
+            raise NoRoute(f"the gateway refuses this device ({why}) and no other route may serve this request",
+                          status=403, code="cloud_refused", route="reject", reason="cloud_refused",
+                          retry_after=max(wait, 1.0))
         # when the local model said how long it rests (a busy bridge's delay, a refused load), that is the wait
         wait = self.models.retry_in if decision.reason == "model_unavailable" else 0.0
         retry_after = max(wait, 1.0) if wait > 0 else QUEUE_RETRY_AFTER
         if decision.route == "queue":
-            raise ApiError(503, f"no route can serve this request now ({decision.reason}) and the offline queue is "
-                           "not available in this agent yet; retry later", code="queue_unavailable",
-                           route="queue", reason=decision.reason, retry_after=retry_after)
-        raise ApiError(503, f"no route can serve this request now ({decision.reason}) and queueing was denied; "
-                       "retry later", code="no_route", route="reject", reason=decision.reason,
-                       retry_after=retry_after)
+            raise QueueUnavailable(f"no route can serve this request now ({decision.reason}) and this agent has "
+                                   "no offline queue; retry later", retry_after=retry_after, reason=decision.reason)
+        raise NoRoute(f"no route can serve this request now ({decision.reason}) and queueing was denied; "
+                      "retry later", status=503, code="no_route", route="reject", reason=decision.reason,
+                      retry_after=retry_after)
+
+    def _live(self, req: RouteRequest) -> Decision:
+        """The decision for a caller that cannot be queued (Prompt-API sessions hold state in this process)."""
+        decision = self.decide(req)
+        if decision.route == "queue":
+            self.counts["queue_unavailable"] += 1
+            raise NoRoute(f"no route can serve this request now ({decision.reason}); session prompts are not "
+                          "queued: retry later", status=503, code="no_route", route="queue", reason=decision.reason,
+                          retry_after=QUEUE_RETRY_AFTER)
+        return decision
+
+    async def enqueue(self, chat: ChatRequest, req: RouteRequest, reason: str, *, uid: int,
+                      idem_key: str | None, stream: bool = False, model: str | None = None) -> Accepted:
+        """Commit the request to the offline queue (202 only after this returns)."""
+        if self.queue is None:
+            raise QueueUnavailable("this agent has no offline queue", retry_after=QUEUE_RETRY_AFTER)
+        fields: dict[str, Any] = dataclasses.asdict(chat)
+        fields["request_id"] = ""  # the entry's id becomes the request_id (same body → same hash)
+        request = {"chat": fields, "route": dataclasses.asdict(req), "stream": stream, "model": model}
+        accepted = await self.queue.enqueue(request, uid=uid, app=req.app_id, reason=reason, idem_key=idem_key)
+        if accepted.new:
+            self.counts["queued"] += 1
+        return accepted
+
+    # -- the drainer's runner (agent/queue/drain.py Runner) ---------------------------------------------------
+    def ready(self, request: dict[str, Any]) -> bool:
+        return self.route(RouteRequest(**request["route"])).route in ("local", "cloud")
+
+    async def run(self, rid: str, request: dict[str, Any]) -> Outcome:
+        """One queued entry, on the route picked now; its id is the request_id (a re-run is not charged twice)."""
+        chat = ChatRequest(**request["chat"])
+        chat.request_id = rid
+        req = RouteRequest(**request["route"])
+        decision = self.route(req)
+        if decision.route == "queue" or (decision.route == "reject" and not decision.permanent):
+            return Outcome("defer", reason=decision.reason)
+        if decision.route == "reject":
+            return Outcome("fail", "reject", decision.reason, error=f"no route may serve it: {decision.reason}")
+        try:
+            completion, route, reason = await self.generate(chat, req, decision)
+        except Busy as exc:
+            return Outcome("defer", "local", "busy", retry_after=exc.retry_after)
+        except BackendUnavailable as exc:  # the route closed again: wait for it, without using an attempt
+            return Outcome("defer", reason=getattr(exc, "reason", "") or exc.code, retry_after=exc.retry_after)
+        except BackendTimeout as exc:
+            return Outcome("retry", reason=exc.code, retry_after=exc.retry_after, error=exc.message)
+        except BackendError as exc:
+            return Outcome("fail", reason=getattr(exc, "reason", "") or exc.code, error=exc.message)
+        return Outcome("done", route, reason, completion_body(completion, request.get("model")))
 
     def _count(self, route: str, completion_tokens: int = 0, prompt_tokens: int = 0) -> None:
         self.counts[route] += 1
@@ -146,21 +214,27 @@ class Dispatcher:
             return sum(len(m["content"].encode()) // 3 + 4 for m in messages)
 
     # -- running ---------------------------------------------------------------------------------------------
-    async def generate(self, chat: ChatRequest, req: RouteRequest) -> tuple[Completion, Route, str]:
-        decision = self.decide(req)
-        route, reason, tried = decision.route, decision.reason, ()
+    async def generate(self, chat: ChatRequest, req: RouteRequest,
+                       decision: Decision | None = None) -> tuple[Completion, Route, str]:
+        decision = decision or self._live(req)
+        route, reason = decision.route, decision.reason
+        tried: tuple[Route, ...] = ()
+        busy: Busy | None = None
         while True:
             try:
                 completion = await self._generate_on(route, chat)
             except _FALLBACK_ON as exc:
+                exc.route = route
+                busy = exc if isinstance(exc, Busy) and route == "local" else busy
                 tried += (route,)
                 nxt = next_route(decision, tried, 0)
                 if nxt is None:
-                    raise from_backend(exc, route) from exc
+                    raise (busy or exc) from None
                 route, reason = nxt, f"fallback_{exc.code}"
                 continue
             except BackendError as exc:
-                raise from_backend(exc, route) from exc
+                exc.route = route
+                raise
             self._count(route, completion.usage.completion_tokens, completion.usage.prompt_tokens)
             return completion, route, reason
 
@@ -173,10 +247,13 @@ class Dispatcher:
         self.models.record_speed(completion.tokens_per_s)
         return completion
 
-    async def open_stream(self, chat: ChatRequest, req: RouteRequest) -> tuple[Route, str, AsyncIterator[Chunk]]:
+    async def open_stream(self, chat: ChatRequest, req: RouteRequest,
+                          decision: Decision | None = None) -> tuple[Route, str, AsyncIterator[Chunk]]:
         """Start streaming; falls back only until the first chunk arrives, so the route is known for the headers."""
-        decision = self.decide(req)
-        route, reason, tried = decision.route, decision.reason, ()
+        decision = decision or self._live(req)
+        route, reason = decision.route, decision.reason
+        tried: tuple[Route, ...] = ()
+        busy: Busy | None = None
         while True:
             gen = self._stream_on(route, chat)
             try:
@@ -185,19 +262,22 @@ class Dispatcher:
                 first = None
             except _FALLBACK_ON as exc:
                 await gen.aclose()
+                exc.route = route
+                busy = exc if isinstance(exc, Busy) and route == "local" else busy
                 tried += (route,)
                 nxt = next_route(decision, tried, 0)
                 if nxt is None:
-                    raise from_backend(exc, route) from exc
+                    raise (busy or exc) from None
                 route, reason = nxt, f"fallback_{exc.code}"
                 continue
             except BackendError as exc:
                 await gen.aclose()
-                raise from_backend(exc, route) from exc
+                exc.route = route
+                raise
             self.counts[route] += 1
             return route, reason, self._chain(first, gen)
 
-    async def _stream_on(self, route: Route, chat: ChatRequest) -> AsyncIterator[Chunk]:
+    async def _stream_on(self, route: Route, chat: ChatRequest) -> AsyncGenerator[Chunk, None]:
         if route == "cloud":
             assert self.cloud is not None
             async with contextlib.aclosing(self.cloud.stream(chat)) as chunks:
@@ -214,9 +294,21 @@ class Dispatcher:
                 yield chunk
 
     @staticmethod
-    async def _chain(first: Chunk | None, gen: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        async with contextlib.aclosing(gen):  # type: ignore[type-var]
+    async def _chain(first: Chunk | None, gen: AsyncGenerator[Chunk, None]) -> AsyncIterator[Chunk]:
+        async with contextlib.aclosing(gen):
             if first is not None:
                 yield first
             async for chunk in gen:
                 yield chunk
+
+
+def completion_body(completion: Completion, model: str | None = None, cid: str | None = None,
+                    created: int | None = None) -> dict[str, Any]:
+    """The OpenAI chat.completion body (the synchronous answer, and a queued entry's result)."""
+    return {
+        "id": cid or "chatcmpl-" + secrets.token_hex(12), "object": "chat.completion",
+        "created": created or int(time.time()), "model": completion.model or model or "",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
+                     "finish_reason": completion.finish_reason}],
+        "usage": completion.usage.as_openai(),
+    }

@@ -1,7 +1,8 @@
 """HTTP-facing errors of the socket API: each carries its status and an OpenAI-style body.
 
     ApiError                     root; .status, .type, .param, .code → {"error": {message, type, param, code}}
-    └── (built from)             runtime `BackendError`s via `from_backend()`, pydantic errors via `from_validation()`
+    └── (built from)             any domain `AgentError` via `from_agent()` (its status, code, route, reason and
+                                 Retry-After), pydantic errors via `from_validation()`
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from nanofleet.agent.runtime.base import BackendError
+from nanofleet.agent.errors import AgentError
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_error", 503: "service_unavailable_error", 504: "timeout_error"}
+          429: "rate_limit_error", 507: "server_error", 503: "service_unavailable_error", 504: "timeout_error"}
 
 
 _UNION_TAG = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|function-.*|[A-Z]\w*)$")
@@ -51,10 +52,11 @@ class ApiError(Exception):
         return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
 
 
-def from_backend(exc: BackendError, route: str) -> ApiError:
-    """The reason is the error's own `reason` when it has one (e.g. the gateway's `cloud_denied`), else its code."""
+def from_agent(exc: AgentError, route: str | None = None) -> ApiError:
+    """The one mapping of domain errors to answers. The reason is the error's own `reason` when it has one (e.g.
+    the gateway's `cloud_denied`), else its code; the route is the one it happened on."""
     return ApiError(exc.status, exc.message, param=exc.param, code=exc.code, retry_after=exc.retry_after,
-                    route=route, reason=getattr(exc, "reason", None) or exc.code)
+                    route=route or exc.route, reason=exc.reason or exc.code)
 
 
 def from_validation(exc: ValidationError) -> ApiError:

@@ -9,6 +9,8 @@
    to uvicorn exactly as if it had been read normally, so every error keeps coming from one place.
    Keep-alive, pipelining (a request that arrives meanwhile waits, as uvicorn queues it), disconnects and graceful
    shutdown (the task is one of the server's) behave as under uvicorn.
+3. The unix-socket peer's uid (SO_PEERCRED, agent/api/peer.py) is read once per connection and given to every
+   request (ASGI scope key `nanofleet.peer_uid`): the offline queue's entries are visible only to their owner.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from nanofleet.agent.api.app import header_dict
+from nanofleet.agent.api.peer import PEER_KEY, peer_uid
 
 _CHAT = b"/v1/chat/completions"
 
@@ -71,6 +74,11 @@ class AgentHttpProtocol(HttpToolsProtocol):
         self._hot_app: Any = app if hasattr(app, "parse_fast") else None
         self._hot_parts: list[bytes] | None = None
         self._hot_size = 0
+        self._peer_uid = peer_uid(transport.get_extra_info("socket"))  # who may see the entries it queues
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[PEER_KEY] = self._peer_uid  # type: ignore[literal-required]
 
     def on_headers_complete(self) -> None:
         if (self._hot_app is not None and self.url == _CHAT and self.parser.get_method() == b"POST"
@@ -112,7 +120,7 @@ class AgentHttpProtocol(HttpToolsProtocol):
 
     async def _answer(self, body: Any, headers: dict[str, str], cycle: _HotCycle) -> None:
         try:
-            response = await self._hot_app.complete(body, headers)
+            response = await self._hot_app.complete(body, headers, self._peer_uid)
         finally:
             cycle.response_complete = True
         if cycle.disconnected or self.transport.is_closing():

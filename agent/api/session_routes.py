@@ -18,7 +18,7 @@ from nanofleet.agent.api.app import (
     sse,
 )
 from nanofleet.agent.api.dispatch import Dispatcher
-from nanofleet.agent.api.errors import ApiError, from_backend
+from nanofleet.agent.api.errors import ApiError, from_agent
 from nanofleet.agent.api.schemas import (
     SESSION_CREATE,
     SESSION_PROMPT,
@@ -107,7 +107,7 @@ def install(app: FastAPI) -> None:
             except ContextOverflow as exc:
                 raise ApiError(400, exc.message, param="prompt", code="context_length_exceeded") from None
             except BackendError as exc:
-                raise from_backend(exc, "local") from None
+                raise from_agent(exc, "local") from None
             req = route_request(body.nanofleet, request.headers, tokens)
             options: dict[str, Any] = {}
             if body.seed is not None:

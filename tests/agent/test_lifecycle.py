@@ -127,7 +127,7 @@ async def test_hooks_commands_policy_and_metrics(make_settings) -> None:
         res = await svc.handle_command(fleet_pb2.Command(id="c2", kind="reload-model"))
         assert res.status == "ok" and svc.models.loaded
         res = await svc.handle_command(fleet_pb2.Command(id="c4", kind="drain-queue"))
-        assert res.status == "error" and "no offline queue" in res.message
+        assert (res.status, res.data["queue_depth"]) == ("ok", "0")
         res = await svc.handle_command(fleet_pb2.Command(id="c3", kind="self-destruct"))
         assert res.status == "error" and "unknown command" in res.message
         await svc.apply_policy(fleet_pb2.RoutingPolicy(**ME, version=9, prefer="local", cloud_allowed=True,
@@ -155,8 +155,11 @@ async def test_hot_device_stops_local_serving(make_settings, tmp_path: Path) -> 
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
         status = (await c.get("/v1/status")).json()
         assert status["device"]["thermal_level"] >= fleet_pb2.THERMAL_LEVEL_SEVERE
-        r = await c.post("/v1/chat/completions", json=CHAT)
+        r = await c.post("/v1/chat/completions", json={**CHAT, "nanofleet": {"queue": "deny"}})
         assert r.status_code == 503 and r.headers["x-nanofleet-reason"].startswith("thermal_")
+        r = await c.post("/v1/chat/completions", json=CHAT)  # allowed to wait: kept in the offline queue
+        assert (r.status_code, r.headers["x-nanofleet-route"]) == (202, "queue")
+        assert r.headers["x-nanofleet-reason"].startswith("thermal_")
         assert not svc.models.loaded  # never touched the model
     await svc.models.close()
 

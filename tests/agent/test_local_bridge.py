@@ -21,7 +21,7 @@ from nanofleet.config import ConfigError
 from tests.agent import inference_server
 from tests.agent.conftest import CHAT, sse_events, uds_client
 
-LOCAL_ONLY = {**CHAT, "nanofleet": {"mode": "local_only"}}
+LOCAL_ONLY = {**CHAT, "nanofleet": {"mode": "local_only", "queue": "deny"}}  # a 503 now, not the queue
 
 
 async def until(check: Callable[[], Awaitable[Any]], within: float = 10.0, what: str = "") -> Any:

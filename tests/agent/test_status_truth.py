@@ -32,8 +32,13 @@ async def test_a_gateway_whose_upstream_is_not_serving_is_reachable_but_not_serv
             cloud = (await c.get("/v1/status")).json()["routes"]["cloud"]
             assert cloud["state"] == "not_serving" and cloud["reachable"] is True and cloud["serving"] is False
             assert cloud["refused"] is False and "GEMINI_API_KEY" in cloud["why"]
-            again = await c.post("/v1/chat/completions", json=CLOUD_ONLY)  # decided before calling now
-            assert again.status_code == 503 and again.headers["x-nanofleet-reason"] == "cloud_not_serving"
+            again = await c.post("/v1/chat/completions", json=CLOUD_ONLY)  # decided before calling now: queued
+            assert again.status_code == 202 and again.headers["x-nanofleet-route"] == "queue"
+            assert again.headers["x-nanofleet-reason"] == "cloud_not_serving"
+            denied = await c.post("/v1/chat/completions",
+                                  json={**CLOUD_ONLY, "nanofleet": {**CLOUD_ONLY["nanofleet"], "queue": "deny"}})
+            assert denied.status_code == 503 and denied.headers["x-nanofleet-reason"] == "cloud_not_serving"
+            assert denied.json()["error"]["code"] == "cloud_unavailable"
             local = await c.post("/v1/chat/completions", json=CHAT)  # the local route is not affected
             assert local.status_code == 200 and local.headers["x-nanofleet-route"] == "local"
     finally:
@@ -55,8 +60,11 @@ async def test_a_revoked_token_shows_as_refused_with_the_gateways_words(make_gat
             cloud = (await c.get("/v1/status")).json()["routes"]["cloud"]
             assert cloud["state"] == "refused" and cloud["refused"] is True and cloud["reachable"] is True
             assert "PERMISSION_DENIED" in cloud["why"] or "UNAUTHENTICATED" in cloud["why"]
-            again = await c.post("/v1/chat/completions", json=CLOUD_ONLY)
-            assert again.headers["x-nanofleet-reason"] == "cloud_refused"
+            again = await c.post("/v1/chat/completions", json=CLOUD_ONLY)  # decided before calling: queued
+            assert again.status_code == 202 and again.headers["x-nanofleet-reason"] == "cloud_refused"
+            denied = await c.post("/v1/chat/completions",
+                                  json={**CLOUD_ONLY, "nanofleet": {**CLOUD_ONLY["nanofleet"], "queue": "deny"}})
+            assert denied.status_code == 403 and denied.json()["error"]["code"] == "cloud_refused"
     finally:
         await svc.stop()
 

@@ -300,10 +300,11 @@ def test_with_the_gateway_down_local_still_answers_and_cloud_only_fails_fast(sta
         # first the call fails at connect (refused: no waiting for the 30 s deadline); from then on the router
         # knows the gateway is away and answers without trying. One outage, one error shape: only the route says
         # whether the cloud was tried; Retry-After counts down to the breaker's next probe (cooldown 5 s).
-        expected = [("cloud", "unavailable: failed to connect"), ("queue", "(gateway_unreachable)")]
+        # (`queue: deny`: allowed to wait, the second would be queued — tests/e2e/test_queue_faults.py)
+        expected = [("cloud", "unavailable: failed to connect"), ("reject", "(gateway_unreachable)")]
         for route, says in expected:
             t0 = time.monotonic()
-            r = chat(c, "cloud please", CLOUD_ONLY)
+            r = chat(c, "cloud please", {**CLOUD_ONLY, "queue": "deny"})
             elapsed = time.monotonic() - t0
             assert elapsed < 10, f"{route}: took {elapsed:.1f}s"
             assert r.status_code == 503, r.text

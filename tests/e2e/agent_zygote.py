@@ -1,0 +1,38 @@
+"""A fork server for `kill -9` cycles: imports the agent once, then forks a real agent process per `start` line on
+stdin and prints its pid. Each child is the real `AgentService` on its real socket and files — only the Python
+start-up (seconds of imports on a small machine) is paid once, so fifty crashes fit in a minute.
+
+Usage: python -m tests.e2e.agent_zygote AGENT_YAML   (children are reaped by the kernel: SIGCHLD ignored)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+from nanofleet.agent.service import AgentService
+from nanofleet.agent.settings import load_agent_settings
+
+
+def main() -> None:
+    config = sys.argv[1]
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    for line in sys.stdin:
+        if line.strip() != "start":
+            continue
+        pid = os.fork()
+        if pid == 0:  # the agent: no threads or loops exist yet in this process, so forking here is safe
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            code = 1
+            try:
+                asyncio.run(AgentService(load_agent_settings(config)).run(ready=lambda _line: None))
+                code = 0
+            finally:
+                os._exit(code)
+        print(pid, flush=True)
+
+
+if __name__ == "__main__":
+    main()
