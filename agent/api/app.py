@@ -36,7 +36,7 @@ from nanofleet.agent.api.schemas import (
 )
 from nanofleet.agent.errors import AgentError
 from nanofleet.agent.queue.store import TCP_UID
-from nanofleet.agent.runtime.base import BackendError, ChatRequest, Chunk
+from nanofleet.agent.runtime.base import BackendError, BackendTimeout, BackendUnavailable, ChatRequest, Chunk
 from nanofleet.agent.sessions import SessionStore
 from nanofleet.allow import allowed_methods
 
@@ -203,17 +203,29 @@ def create_app(
         idem_key = idempotency_key(headers)
         chat.request_id = idem_key or ""
         decision = dispatcher.decide(req)
-        if decision.route == "queue":  # committed to disk before the 202 (a queued stream is answered whole)
-            accepted = await dispatcher.enqueue(chat, req, decision.reason, uid=uid, idem_key=idem_key,
+
+        async def enqueue(reason: str) -> Response:  # committed to disk before the 202 (a stream is answered whole)
+            accepted = await dispatcher.enqueue(chat, req, reason, uid=uid, idem_key=idem_key,
                                                 stream=body.stream, model=body.model)
             return Accepted202(accepted.id, accepted.state, accepted.reason)
+
+        if decision.route == "queue":
+            return await enqueue(decision.reason)
         cid, created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-        if body.stream:
-            route, reason, chunks = await dispatcher.open_stream(chat, req, decision)
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(_sse_chat(chunks, cid, created, include_usage),
-                               {"x-nanofleet-route": route, "x-nanofleet-reason": reason})
-        completion, route, reason = await dispatcher.generate(chat, req, decision)
+        try:
+            if body.stream:
+                route, reason, chunks = await dispatcher.open_stream(chat, req, decision)
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                return EventStream(_sse_chat(chunks, cid, created, include_usage),
+                                   {"x-nanofleet-route": route, "x-nanofleet-reason": reason})
+            completion, route, reason = await dispatcher.generate(chat, req, decision)
+        except (BackendUnavailable, BackendTimeout):
+            # every route tried went down before answering (nothing was sent): if the router, knowing that now,
+            # would queue this request, it is queued — the app gets its 202 rather than an error to retry itself
+            after = dispatcher.queue_after_failure(req)
+            if after is None:
+                raise
+            return await enqueue(after)
         return JsonAnswer(completion_body(completion, cid=cid, created=created), route, reason)
 
     # Registered for the OpenAPI schema (and reached through it by the ASGITransport-free path too), but served by

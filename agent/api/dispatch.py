@@ -151,6 +151,15 @@ class Dispatcher:
                       "retry later", status=503, code="no_route", route="reject", reason=decision.reason,
                       retry_after=retry_after)
 
+    def queue_after_failure(self, req: RouteRequest) -> str | None:
+        """After the routes tried failed before answering: the queue's reason if the router would now queue this
+        request (the failed route's breaker is open, so it is decided without it), else None."""
+        decision = self.route(req)
+        if decision.route != "queue" or self.queue is None:
+            return None
+        self.counts["queued_after_failure"] += 1
+        return decision.reason
+
     def _live(self, req: RouteRequest) -> Decision:
         """The decision for a caller that cannot be queued (Prompt-API sessions hold state in this process)."""
         decision = self.decide(req)

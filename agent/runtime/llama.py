@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +31,8 @@ from nanofleet.agent.runtime.base import (
     ContextOverflow,
     Usage,
 )
+
+log = logging.getLogger("nanofleet.agent.llama")
 
 _END = object()
 _serial = itertools.count(1)
@@ -201,12 +205,36 @@ class LlamaBackend(Backend):
             raise BackendUnavailable(f"llama.cpp tokenizer failed: {exc}") from exc
         return len(r.json()["tokens"])
 
+    async def _listener_running(self, within: float = 5.0) -> bool:
+        """Whether llama.cpp's HTTP listener thread has entered its accept loop (one answered request proves it).
+
+        Why: xllamacpp's `~Server` stops that listener and joins its thread while holding the GIL. A stop that comes
+        before the thread started listening (a model closed right after it loaded, e.g. a failed warm-up) is lost,
+        the thread then blocks in accept() for good, and the join hangs the whole agent — seen in this suite
+        (py-spy: `~Server` in `std::thread::join`, every other thread waiting for the GIL)."""
+        import httpx
+
+        deadline = time.monotonic() + within
+        async with httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(self.socket_path)),
+                                     base_url="http://llama", timeout=1.0) as client:
+            while True:
+                try:
+                    await client.get("/health")
+                    return True
+                except httpx.HTTPError:
+                    if time.monotonic() > deadline:
+                        return False
+                    await asyncio.sleep(0.01)
+
     async def close(self) -> None:
         for cancel in list(self._cancels):
             cancel.set()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        if self._server is not None and not await self._listener_running():
+            log.error("llama.cpp's listener on %s never answered: closing the model may hang (xllamacpp joins "
+                      "that thread); the agent's supervisor restarts it if so", self.socket_path)
         if self._server is not None:
             holder = [self._server]  # the last reference is dropped on a worker thread: the destructor joins
             self._server = None      # llama.cpp's loop thread, which must not block the event loop

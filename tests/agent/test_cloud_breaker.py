@@ -130,7 +130,8 @@ async def test_the_route_stays_shut_while_open_with_one_error_shape_and_comes_ba
     c, clock, svc = agent
     assert (await c.post("/v1/chat/completions", json=CLOUD_ONLY)).status_code == 200
     await gateway.stop()
-    r = await c.post("/v1/chat/completions", json=CLOUD_ONLY)  # tried, failed: the breaker opens
+    deny = {**CLOUD_ONLY, "nanofleet": {"mode": "cloud_only", "queue": "deny"}}
+    r = await c.post("/v1/chat/completions", json=deny)  # tried, failed: the breaker opens
     assert shape(r) == (503, "cloud_unavailable", "gateway_unreachable", "5") and r.headers["x-nanofleet-route"] == \
         "cloud"
     clock.now += 2

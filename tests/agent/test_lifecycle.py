@@ -76,7 +76,7 @@ async def test_refuses_to_load_without_enough_free_ram(make_settings) -> None:
     free = {"bytes": 8 << 20}
     svc = AgentService(make_settings(), warmup=False, free_ram=lambda: free["bytes"])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
-        r = await c.post("/v1/chat/completions", json=CHAT)
+        r = await c.post("/v1/chat/completions", json={**CHAT, "nanofleet": {"queue": "deny"}})
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "insufficient_ram"
         assert "MB free" in r.json()["error"]["message"]
@@ -85,6 +85,8 @@ async def test_refuses_to_load_without_enough_free_ram(make_settings) -> None:
         assert status["model"]["reason"].startswith("insufficient_ram: model needs about")
         assert status["routes"]["local"]["healthy"] is False
         assert svc.model_state().reason.startswith("insufficient_ram")
+        queued = await c.post("/v1/chat/completions", json=CHAT)  # queueing allowed: kept until the model fits
+        assert queued.status_code == 202 and queued.headers["x-nanofleet-reason"] == "model_unavailable"
         free["bytes"] = 64 << 30
         svc.models.refused_at = 0.0  # as if the retry delay had passed
         r = await c.post("/v1/chat/completions", json=CHAT)
@@ -201,7 +203,7 @@ async def test_a_failed_warm_up_leaves_the_model_not_loaded_with_the_reason(make
 
     svc = AgentService(make_settings(), warmup=True, backend_factory=factory)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
-        r = await c.post("/v1/chat/completions", json=CHAT)
+        r = await c.post("/v1/chat/completions", json={**CHAT, "nanofleet": {"queue": "deny"}})
         assert r.status_code == 503 and r.json()["error"]["code"] == "warmup_failed"
         status = (await c.get("/v1/status")).json()
         assert status["model"]["loaded"] is False and not svc.models.loaded

@@ -27,8 +27,9 @@ async def test_a_gateway_whose_upstream_is_not_serving_is_reachable_but_not_serv
     await svc.start()
     try:
         async with uds_client(svc.settings.socket_path) as c:
-            first = await c.post("/v1/chat/completions", json=CLOUD_ONLY)
-            assert first.status_code == 503 and first.headers["x-nanofleet-reason"] == "cloud_not_serving"
+            first = await c.post("/v1/chat/completions", json=CLOUD_ONLY)  # the call fails: then it is queued
+            assert first.status_code == 202 and first.headers["x-nanofleet-route"] == "queue"
+            assert first.headers["x-nanofleet-reason"] == "cloud_not_serving"
             cloud = (await c.get("/v1/status")).json()["routes"]["cloud"]
             assert cloud["state"] == "not_serving" and cloud["reachable"] is True and cloud["serving"] is False
             assert cloud["refused"] is False and "GEMINI_API_KEY" in cloud["why"]
