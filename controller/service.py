@@ -138,6 +138,7 @@ class ControllerService:
             "policy": {"rounds": self.policy_rounds, "failures": self.policy_failures,
                        "rebirth_failures": self.rebirth_failures},
             "ingest": None if ingest is None else {**ingest.stats.as_dict(), "backlog": ingest.backlog},
+            "transport": None if ingest is None else ingest.transport_status(),
             "store": None if store is None else {
                 "commit_errors": store.db.commit_errors, "housekeeping_errors": store.db.housekeeping_errors,
                 "checkpoint_errors": store.db.checkpoint_errors, "state_reloads": store.reloads},
@@ -218,7 +219,7 @@ class ControllerService:
         if token:
             self.echo(f"operator token: {token}  (shown once; stored hashed in {self.data_dir})")
         app = create_app(self.store, self.config, operator_token_hash=token_hash, commands=self.commands,
-                         usage_db=self.usage_db)
+                         usage_db=self.usage_db, status=self.status)
         host, port = listen.rsplit(":", 1)
 
         class _Server(uvicorn.Server):

@@ -11,6 +11,7 @@ from nanofleet.protos.names import CommandKind
 
 __all__ = [
     "MAX_TS_MS",
+    "AlertOut",
     "CommandIn",
     "CommandOut",
     "ConvergenceOut",
@@ -64,6 +65,15 @@ class DeviceOut(_Out):
     route_counts: dict[str, int] = {}
     rejected_count: int = 0
     gap_count: int = 0
+
+
+class AlertOut(_Out):
+    device_id: str
+    kind: Literal["offline", "thermal", "low_ram", "queue_depth"] = Field(
+        description="which fleet.yaml `alerts` threshold the device crossed")
+    detail: str = Field(description="the value and the threshold, for a person")
+    value: float
+    threshold: float
 
 
 class TelemetryPointOut(_Out):
