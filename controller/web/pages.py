@@ -15,7 +15,7 @@ from nanofleet.config import Alerts
 
 from .alerts import device_alerts
 from .charts import Series, bar_chart, line_chart, meter
-from .format import THERMAL_ORDER, fmt_mb, fmt_num, iso_utc, relative_time, state_badge
+from .format import THERMAL_ORDER, fmt_age, fmt_mb, fmt_num, iso_utc, relative_time, state_badge
 from .panels import controller_panel
 
 __all__ = ["WINDOWS", "api_doc_page", "device_charts", "device_page", "device_url", "login_page", "overview_page"]
@@ -71,7 +71,8 @@ def _device_row(d: Any, alerts: Alerts, now_ms: int) -> str:
     ram_html = _flag(f"{escape(fmt_mb(avail))} / {escape(fmt_mb(total))}", ram_low,
                      f"below {alerts.min_free_ram_mb} MB free") + meter(avail, total)
     queue_html = _flag(escape(str(queue if queue is not None else "—")),
-                       queue is not None and queue >= alerts.queue_depth, f"queue at or above {alerts.queue_depth}")
+                       queue is not None and queue >= alerts.queue_depth,
+                       f"offline queue at or above {alerts.queue_depth}")
     raised = device_alerts(d, alerts, now_ms)
     alerts_html = " ".join(f'<span class="alert" data-alert="{a.kind}" title="{escape(a.detail)}">'
                            f'{_ALERT_LABELS[a.kind]}</span>' for a in raised)
@@ -89,7 +90,10 @@ def _device_row(d: Any, alerts: Alerts, now_ms: int) -> str:
         f'<td class="num">{escape(fmt_num(_g(d, "cpu_percent"), "%"))}</td>'
         f'<td>{escape(model)} <span class="muted">{escape(availability)}</span></td>'
         f'<td class="num">{escape(str(policy) if policy is not None else "—")}</td>'
-        f'<td class="num">{queue_html}</td><td class="alerts">{alerts_html}</td></tr>'
+        f'<td class="num" data-col="queue">{queue_html}</td>'
+        f'<td class="num" data-col="oldest">{escape(fmt_age(_g(d, "queue_oldest_age_s")))}</td>'
+        f'<td class="num" data-col="slots_waiting">{escape(_s(_g(d, "slots_waiting")))}</td>'
+        f'<td class="alerts">{alerts_html}</td></tr>'
     )
 
 
@@ -194,7 +198,8 @@ def overview_page(devices: Sequence[Any], convergence: dict[int, int], rejection
         table = (
             '<table class="devices"><thead><tr><th>Device</th><th>Group</th><th>State</th><th>Last seen</th>'
             '<th class="num">Temp</th><th>Thermal</th><th class="num">RAM avail / total</th><th class="num">CPU</th>'
-            '<th>Model</th><th class="num">Policy</th><th class="num">Queue</th><th>Alerts</th></tr></thead>'
+            '<th>Model</th><th class="num">Policy</th><th class="num">Queue</th><th class="num">Oldest</th>'
+            '<th class="num">Slots waiting</th><th>Alerts</th></tr></thead>'
             f"<tbody>{rows}</tbody></table>{note}"
         )
     elif devices:
@@ -252,7 +257,11 @@ def _facts(d: Any, now_ms: int) -> str:
                         f'{escape(_g(d, "thermal_level") or "—")}{", throttled" if _g(d, "throttled") else ""}</span>'),
         ("RAM available", f'{escape(fmt_mb(_g(d, "ram_available_mb")))} of {escape(fmt_mb(_g(d, "ram_total_mb")))}'),
         ("Battery", escape(battery_text)),
-        ("Queue depth", escape(_s(_g(d, "queue_depth")))),
+        ("Offline queue", escape(_s(_g(d, "queue_depth")))
+         + f' <span class="muted">oldest {escape(fmt_age(_g(d, "queue_oldest_age_s")))}</span>'),
+        ("Waiting for a model slot", escape(_s(_g(d, "slots_waiting")))),
+        ("Queue counters", escape(", ".join(f"{k}: {v}" for k, v in sorted((_g(d, "queue_counters") or {}).items()))
+                                  or "—")),
         ("Routes", escape(", ".join(f"{k}: {v}" for k, v in sorted(routes.items())) or "—")),
         ("Rejected / gaps", f'{int(_g(d, "rejected_count", 0) or 0)} / {int(_g(d, "gap_count", 0) or 0)}'),
     ]
