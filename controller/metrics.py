@@ -6,7 +6,8 @@ Exposed (all prefixed `nanofleet_controller_`): `up` (0 once a fatal part died),
 `ingest_batches_total`, `ingest_write_retries_total`, `ingest_dropped_total{reason}` (messages lost after the
 retries, by SQLite error name), `ingest_backlog`, `task_running{task}`, `task_deaths_total{task}`,
 `store_errors_total{kind}` (commit, housekeeping, checkpoint), `store_state_reloads_total`,
-`policy_failures_total` (policy publishing rounds that failed) and, from the web layer, `web_errors_total{code}`
+`policy_failures_total` (policy publishing rounds that failed), `command_issues_total{reason}` (fire_not_sent,
+results_rejected, results_unclaimed) and, from the web layer, `web_errors_total{code}`
 (answers given for bugs: 500 internal_error, each logged with an error id).
 Rejections by reason are not labels (a reason may quote the payload's schema error): the dashboard lists them.
 """
@@ -69,6 +70,12 @@ class ControllerCollector(Collector):
         policy = s.get("policy") or {}
         yield CounterMetricFamily(f"{_P}policy_failures", "policy publishing rounds that failed (each logged)",
                                   value=policy.get("failures", 0))
+        issues = CounterMetricFamily(f"{_P}command_issues", "commands not sent and results not used, by reason",
+                                     labels=["reason"])
+        commands = s.get("commands") or {}
+        for reason in ("fire_not_sent", "results_rejected", "results_unclaimed"):
+            issues.add_metric([reason], commands.get(reason, 0))
+        yield issues
 
 
 class WebErrorsCollector(Collector):

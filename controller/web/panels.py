@@ -1,6 +1,7 @@
 """The dashboard's "Controller" panel: the controller's own health from `ControllerService.status()` — broker
 connection, the MQTT reader, ingest counters (dropped and retried writes, rejections, backlog), supervised tasks and
-their deaths with the last error, store and policy-publishing failures. Pure: status in, escaped HTML out."""
+their deaths with the last error, store and policy-publishing failures, commands not sent. Pure: status in, escaped
+HTML out."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def controller_panel(status: Mapping[str, Any] | None) -> str:
     transport = status.get("transport") or {}
     store = status.get("store") or {}
     policy = status.get("policy") or {}
+    commands = status.get("commands") or {}
     dropped_by = ingest.get("dropped_by_reason") or {}
     dropped_text = str(_n(ingest.get("dropped"))) + (
         " (" + ", ".join(f"{escape(str(k))}: {_n(v)}" for k, v in sorted(dropped_by.items())) + ")"
@@ -56,6 +58,10 @@ def controller_panel(status: Mapping[str, Any] | None) -> str:
         _fact("Store errors", str(store_errors), "store_errors", warn=store_errors > 0),
         _fact("Policy publishing failures", str(_n(policy.get("failures"))), "policy_failures",
               warn=_n(policy.get("failures")) > 0),
+        _fact("Commands not sent", str(_n(commands.get("fire_not_sent"))), "fire_not_sent",
+              warn=_n(commands.get("fire_not_sent")) > 0),
+        _fact("Command results rejected / late", f'{_n(commands.get("results_rejected"))} / '
+                                                 f'{_n(commands.get("results_unclaimed"))}', "command_results"),
     ])
     tasks = status.get("tasks") or {}
     running = ", ".join(escape(str(t)) for t in sorted(tasks.get("running") or ())) or "—"

@@ -46,6 +46,7 @@ async def test_metrics_need_the_operator_and_show_the_controller_and_its_500s(br
             assert _sample(r.text, "nanofleet_controller_broker_connected") == 1
             assert _sample(r.text, "nanofleet_controller_web_errors_total", '{code="internal_error"}') == 0
             assert _sample(r.text, "nanofleet_controller_policy_failures_total") == 0
+            assert _sample(r.text, "nanofleet_controller_command_issues_total", '{reason="fire_not_sent"}') == 0
 
             def broken() -> list:  # type: ignore[type-arg]
                 raise RuntimeError("store read bug")
