@@ -119,7 +119,37 @@ class BatchOutcome:
 
 
 class _Dev:
+    """One device's row (the `devices` columns, set from _COLUMNS) and its live bookkeeping."""
+
     __slots__ = (*_COLUMNS, "last_seq", "rebirth_ms", "latest_ts")
+    # the columns, declared for the type checker (slots above; set in __init__ from the row)
+    device_id: str
+    fleet: str
+    state: str
+    last_seen_ms: int
+    birth_ms: int
+    bd_seq: int
+    agent_version: str
+    model_name: str
+    model_availability: str
+    policy_version: int
+    cpu_percent: float
+    ram_total_mb: int
+    ram_available_mb: int
+    temp_max_c: float | None
+    thermal_level: int
+    throttled: int
+    battery_pct: float | None
+    charging: int | None
+    queue_depth: int
+    route_counts: str  # JSON
+    rejected_count: int
+    gap_count: int
+    telemetry_interval_s: float
+    status_json: str
+    slots_waiting: int
+    queue_oldest_age_s: float
+    queue_counters: str  # JSON
 
     def __init__(self, values: dict[str, Any]) -> None:
         for name in _COLUMNS:
