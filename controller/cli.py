@@ -168,9 +168,11 @@ def devices_cmd(device: str, kind: str, args: tuple[str, ...], config_path: Path
     cfg = _load(config_path)
     kv = _parse_args(args)
 
+    services: list[Any] = [None]
+
     async def main() -> Any:
         client = await _client(cfg, broker_url, mqtt_username, mqtt_password)
-        svc = CommandService(client, cfg.fleet)
+        svc = services[0] = CommandService(client, cfg.fleet)
         listener = asyncio.create_task(svc.listen())
         try:
             await asyncio.sleep(0.05)
@@ -187,6 +189,11 @@ def devices_cmd(device: str, kind: str, args: tuple[str, ...], config_path: Path
         raise click.UsageError(str(exc)) from None
     except TimeoutError as exc:
         raise click.ClickException(str(exc)) from None
+    finally:  # each skipped result was logged; say so here too (a timeout may be why), a CLI user may not see logs
+        rejected = services[0].counters["results_rejected"] if services[0] is not None else 0
+        if rejected:
+            click.echo(f"warning: {rejected} malformed command result(s) on the fleet's result topic were skipped",
+                       err=True)
     click.echo(f"{device} {kind}: {out.status} {out.message} ({out.elapsed_ms:.0f} ms)")
     for k, v in sorted(out.data.items()):
         click.echo(f"  {k} = {v}")

@@ -2,24 +2,33 @@
 
 Results arrive on `.../cmd/result` (ingest hands them to `on_result`, or `listen()` subscribes itself for a CLI).
 
-Exceptions (errors.py): CommandError ← UnknownCommand; timeouts raise TimeoutError (the web API maps it to 504).
+Nothing is lost silently: `counters` counts a fire the client did not take (`fire_not_sent`, also raised as
+CommandNotSent), a result `listen()` could not use (`results_rejected`, logged) and a result no one waits for any
+more (`results_unclaimed`: late, after its timeout, or another controller's).
+
+Exceptions (errors.py): CommandError ← UnknownCommand, CommandNotSent; timeouts raise TimeoutError (the web API maps
+it to 504).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 from google.protobuf import json_format
 
-from nanofleet.controller.errors import CommandError, UnknownCommand
+from nanofleet.controller.errors import CommandError, CommandNotSent, UnknownCommand
 from nanofleet.mqtt import MqttClient
 from nanofleet.protos import fleet_pb2, topics
 from nanofleet.protos.names import COMMAND_KINDS
 
-__all__ = ["KINDS", "CommandError", "CommandOutcome", "CommandService", "UnknownCommand"]
+__all__ = ["KINDS", "CommandError", "CommandNotSent", "CommandOutcome", "CommandService", "UnknownCommand"]
+
+log = logging.getLogger(__name__)
 
 KINDS = COMMAND_KINDS  # the one list (protos/names.py)
 
@@ -47,11 +56,13 @@ class CommandService:
         self.client, self.fleet = client, fleet
         self.default_timeout_s = default_timeout_s
         self._waiters: dict[str, _Waiter] = {}
+        self.counters: Counter[str] = Counter()  # fire_not_sent, results_rejected, results_unclaimed
 
     def on_result(self, result: fleet_pb2.CommandResult) -> None:
         """Feed one CommandResult (call on the event loop)."""
         w = self._waiters.get(result.id)
         if w is None:
+            self.counters["results_unclaimed"] += 1
             return
         if result.status == "ack":
             w.acked.set()
@@ -60,9 +71,14 @@ class CommandService:
             w.result.set_result(result)
 
     def fire(self, device_id: str, kind: str, args: dict[str, str] | None = None) -> str:
-        """Publish without waiting (e.g. the controller's own rebirth requests)."""
+        """Publish without waiting (e.g. the controller's own rebirth requests); CommandNotSent (counted) when the
+        client did not take it."""
         cmd = self._command(kind, args or {}, self.default_timeout_s)
-        self.client.publish_nowait(topics.cmd(self.fleet, device_id), json_format.MessageToJson(cmd, indent=None), 1)
+        payload = json_format.MessageToJson(cmd, indent=None)
+        if not self.client.publish_nowait(topics.cmd(self.fleet, device_id), payload, 1):
+            self.counters["fire_not_sent"] += 1
+            raise CommandNotSent(f"{kind} to {device_id}: not sent (the MQTT client did not take it: "
+                                 f"{getattr(self.client, 'last_error', None) or 'not connected'})")
         return cmd.id
 
     def _command(self, kind: str, args: dict[str, str], timeout_s: float) -> fleet_pb2.Command:
@@ -103,5 +119,6 @@ class CommandService:
             try:
                 t = topics.parse(msg.topic)
                 self.on_result(decode_result(msg.payload, t.device))
-            except (topics.TopicError, PayloadError):
-                continue
+            except (topics.TopicError, PayloadError) as exc:
+                self.counters["results_rejected"] += 1
+                log.warning("command result on %r skipped: %s", msg.topic, exc)

@@ -190,6 +190,7 @@ def decode_telemetry(payload: bytes, device_id: str) -> TelemetryRow:
             t.queue_depth, t.policy_version, t.route_counts or None,
             model.name if model is not None else None,
             availability_name(model.availability) if model is not None else None,
+            t.slots_waiting, t.queue_oldest_age_s, t.queue_counters or None,
         )
     return _check_telemetry(row, device_id)
 

@@ -30,7 +30,7 @@ _COLUMNS = (
     "device_id", "fleet", "state", "last_seen_ms", "birth_ms", "bd_seq", "agent_version", "model_name",
     "model_availability", "policy_version", "cpu_percent", "ram_total_mb", "ram_available_mb", "temp_max_c",
     "thermal_level", "throttled", "battery_pct", "charging", "queue_depth", "route_counts", "rejected_count",
-    "gap_count", "telemetry_interval_s", "status_json",
+    "gap_count", "telemetry_interval_s", "status_json", "slots_waiting", "queue_oldest_age_s", "queue_counters",
 )
 _encode = msgspec.json.Encoder().encode  # ~10x json.dumps on a small dict: this runs per message
 _UPSERT = f"INSERT OR REPLACE INTO devices ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -38,7 +38,8 @@ _UPSERT = f"INSERT OR REPLACE INTO devices ({', '.join(_COLUMNS)}) VALUES ({', '
 _HOT = (
     "state", "last_seen_ms", "bd_seq", "gap_count", "rejected_count", "cpu_percent", "ram_total_mb",
     "ram_available_mb", "temp_max_c", "thermal_level", "throttled", "battery_pct", "charging", "queue_depth",
-    "route_counts", "policy_version", "model_name", "model_availability",
+    "route_counts", "policy_version", "model_name", "model_availability", "slots_waiting", "queue_oldest_age_s",
+    "queue_counters",
 )
 _UPDATE_HOT = f"UPDATE devices SET {', '.join(c + ' = ?' for c in _HOT)} WHERE device_id = ?"
 
@@ -73,6 +74,9 @@ class TelemetryRow(NamedTuple):
     route_counts: dict[str, int] | None = None
     model_name: str | None = None
     model_availability: str | None = None
+    slots_waiting: int = 0  # requests waiting for a local model slot (queue_depth is the offline queue)
+    queue_oldest_age_s: float = 0.0
+    queue_counters: dict[str, int] | None = None
 
 
 def row_from_pb(t: fleet_pb2.Telemetry) -> TelemetryRow:
@@ -84,7 +88,8 @@ def row_from_pb(t: fleet_pb2.Telemetry) -> TelemetryRow:
         t.throttle_ratio, t.throttled, t.battery.percent if has_battery else None,
         t.battery.charging if has_battery else None, t.queue_depth, t.policy_version,
         dict(t.route_counts) if t.route_counts else None, t.model.name if has_model else None,
-        availability_name(t.model.availability) if has_model else None,
+        availability_name(t.model.availability) if has_model else None, t.slots_waiting, t.queue_oldest_age_s,
+        dict(t.queue_counters) if t.queue_counters else None,
     )
 
 
@@ -114,7 +119,37 @@ class BatchOutcome:
 
 
 class _Dev:
+    """One device's row (the `devices` columns, set from _COLUMNS) and its live bookkeeping."""
+
     __slots__ = (*_COLUMNS, "last_seq", "rebirth_ms", "latest_ts")
+    # the columns, declared for the type checker (slots above; set in __init__ from the row)
+    device_id: str
+    fleet: str
+    state: str
+    last_seen_ms: int
+    birth_ms: int
+    bd_seq: int
+    agent_version: str
+    model_name: str
+    model_availability: str
+    policy_version: int
+    cpu_percent: float
+    ram_total_mb: int
+    ram_available_mb: int
+    temp_max_c: float | None
+    thermal_level: int
+    throttled: int
+    battery_pct: float | None
+    charging: int | None
+    queue_depth: int
+    route_counts: str  # JSON
+    rejected_count: int
+    gap_count: int
+    telemetry_interval_s: float
+    status_json: str
+    slots_waiting: int
+    queue_oldest_age_s: float
+    queue_counters: str  # JSON
 
     def __init__(self, values: dict[str, Any]) -> None:
         for name in _COLUMNS:
@@ -131,6 +166,7 @@ class _Dev:
             "cpu_percent": 0.0, "ram_total_mb": 0, "ram_available_mb": 0, "temp_max_c": None, "thermal_level": 0,
             "throttled": 0, "battery_pct": None, "charging": None, "queue_depth": 0, "route_counts": "{}",
             "rejected_count": 0, "gap_count": 0, "telemetry_interval_s": 10.0, "status_json": "{}",
+            "slots_waiting": 0, "queue_oldest_age_s": 0.0, "queue_counters": "{}",
         })
 
     row = property(operator.attrgetter(*_COLUMNS))  # the devices-table row, in column order
@@ -242,6 +278,9 @@ class DeviceStates:
         dev.cpu_percent, dev.ram_available_mb, dev.temp_max_c = r.cpu_percent, r.ram_available_mb, r.temp_max_c
         dev.thermal_level, dev.throttled, dev.queue_depth = r.thermal_level, int(r.throttled), r.queue_depth
         dev.battery_pct, dev.charging = r.battery_pct, None if r.charging is None else int(r.charging)
+        dev.slots_waiting, dev.queue_oldest_age_s = r.slots_waiting, r.queue_oldest_age_s
+        # counters are cumulative since the agent started: an absent map is "none yet" (a fresh agent), not "same"
+        dev.queue_counters = "{}" if r.queue_counters is None else _encode(r.queue_counters).decode()
         if r.ram_total_mb:
             dev.ram_total_mb = r.ram_total_mb
         if r.policy_version:

@@ -6,7 +6,8 @@
     ├── AuthError                     the operator token                               (auth.py)
     │   └── TokenFileError            hash file unreadable, malformed or too open
     ├── CommandError                  a command to a device                            (commands.py)
-    │   └── UnknownCommand            a kind the agent does not implement
+    │   ├── UnknownCommand            a kind the agent does not implement
+    │   └── CommandNotSent            the MQTT client did not take a fire-and-forget publish
     ├── PayloadError(reason)          an MQTT payload refused by ingest; also a ValueError (decode.py)
     └── WebError(status, code, detail)  HTTP-facing: status, stable code, detail       (web/security.py)
         └── Unauthorized              401: no, wrong or expired credentials
@@ -20,6 +21,7 @@ from __future__ import annotations
 __all__ = [
     "AuthError",
     "CommandError",
+    "CommandNotSent",
     "ControllerError",
     "PayloadError",
     "StoreClosed",
@@ -56,6 +58,10 @@ class CommandError(ControllerError):
 
 class UnknownCommand(CommandError):
     """A kind the agent does not implement."""
+
+
+class CommandNotSent(CommandError):
+    """fire(): the MQTT client did not take the publish (not connected, queue full); the client counted why."""
 
 
 class PayloadError(ControllerError, ValueError):

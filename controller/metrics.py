@@ -5,7 +5,10 @@ Exposed (all prefixed `nanofleet_controller_`): `up` (0 once a fatal part died),
 `ingest_received_total`, `ingest_stored_total`, `ingest_duplicates_total`, `ingest_rejected_total`, `ingest_gaps_total`,
 `ingest_batches_total`, `ingest_write_retries_total`, `ingest_dropped_total{reason}` (messages lost after the
 retries, by SQLite error name), `ingest_backlog`, `task_running{task}`, `task_deaths_total{task}`,
-`store_errors_total{kind}` (commit, housekeeping, checkpoint) and `store_state_reloads_total`.
+`store_errors_total{kind}` (commit, housekeeping, checkpoint), `store_state_reloads_total`,
+`policy_failures_total` (policy publishing rounds that failed), `command_issues_total{reason}` (fire_not_sent,
+results_rejected, results_unclaimed) and, from the web layer, `web_errors_total{code}`
+(answers given for bugs: 500 internal_error, each logged with an error id).
 Rejections by reason are not labels (a reason may quote the payload's schema error): the dashboard lists them.
 """
 
@@ -18,7 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "ControllerCollector", "registry_for", "render"]
+__all__ = ["CONTENT_TYPE", "ControllerCollector", "WebErrorsCollector", "registry_for", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _P = "nanofleet_controller_"
@@ -64,16 +67,45 @@ class ControllerCollector(Collector):
         yield errors
         yield CounterMetricFamily(f"{_P}store_state_reloads", "device state reloaded from the file after a rollback",
                                   value=store.get("state_reloads", 0))
+        policy = s.get("policy") or {}
+        yield CounterMetricFamily(f"{_P}policy_failures", "policy publishing rounds that failed (each logged)",
+                                  value=policy.get("failures", 0))
+        issues = CounterMetricFamily(f"{_P}command_issues", "commands not sent and results not used, by reason",
+                                     labels=["reason"])
+        commands = s.get("commands") or {}
+        for reason in ("fire_not_sent", "results_rejected", "results_unclaimed"):
+            issues.add_metric([reason], commands.get(reason, 0))
+        yield issues
+
+
+class WebErrorsCollector(Collector):
+    """The web layer's answers for bugs, by code (`app.state.errors`), read live at each scrape."""
+
+    def __init__(self, errors: Mapping[str, int]) -> None:
+        self._errors = errors
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(f"{_P}web_errors", "answers the dashboard/API gave for bugs (500, logged with "
+                                     "an error id), by code", labels=["code"])
+        counts = {"internal_error": 0, **self._errors}  # the series exists before the first bug: alerts can rate() it
+        for code, n in sorted(counts.items()):
+            family.add_metric([code], n)
+        yield family
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{_P}{name}", doc, value=value)
 
 
-def registry_for(status: Callable[[], Mapping[str, Any]]) -> CollectorRegistry:
-    """A registry holding only the controller's collector (not the process-global default one)."""
+def registry_for(status: Callable[[], Mapping[str, Any]] | None,
+                 web_errors: Mapping[str, int] | None = None) -> CollectorRegistry:
+    """A registry holding only the controller's collectors (not the process-global default one): the service's
+    status when given, the web layer's error counts when given."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(ControllerCollector(status))
+    if status is not None:
+        registry.register(ControllerCollector(status))
+    if web_errors is not None:
+        registry.register(WebErrorsCollector(web_errors))
     return registry
 
 

@@ -115,8 +115,26 @@ def _m002_telemetry_ts_index(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX telemetry_ts ON telemetry (ts_ms)")
 
 
+def _m003_queue_telemetry(db: sqlite_utils.Database) -> None:
+    # Telemetry now tells the offline queue (queue_depth: its entries not finished) from the requests waiting for a
+    # local model slot (slots_waiting), with the oldest entry's age and the queue's counters since the agent started.
+    # Before this, agents reported slot waiters as queue_depth: older rows keep that meaning, with slots_waiting 0.
+    # ADD COLUMN with a constant default rewrites nothing (also on the WITHOUT ROWID telemetry table).
+    _run_script(
+        db,
+        """
+        ALTER TABLE devices ADD COLUMN slots_waiting INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE devices ADD COLUMN queue_oldest_age_s REAL NOT NULL DEFAULT 0;
+        ALTER TABLE devices ADD COLUMN queue_counters TEXT NOT NULL DEFAULT '{}';
+        ALTER TABLE telemetry ADD COLUMN slots_waiting INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE telemetry ADD COLUMN queue_oldest_age_s REAL NOT NULL DEFAULT 0
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     ("001_initial", _m001_initial),
     ("002_telemetry_ts_index", _m002_telemetry_ts_index),
+    ("003_queue_telemetry", _m003_queue_telemetry),
 ]
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller import policy
-from nanofleet.controller.commands import CommandService
+from nanofleet.controller.commands import CommandError, CommandService
 from nanofleet.controller.ingest import Ingest
 from nanofleet.controller.metrics import registry_for
 from nanofleet.controller.store import BatchOutcome, Store
@@ -138,6 +138,8 @@ class ControllerService:
             "policy": {"rounds": self.policy_rounds, "failures": self.policy_failures,
                        "rebirth_failures": self.rebirth_failures},
             "ingest": None if ingest is None else {**ingest.stats.as_dict(), "backlog": ingest.backlog},
+            "transport": None if ingest is None else ingest.transport_status(),
+            "commands": None if self.commands is None else dict(self.commands.counters),
             "store": None if store is None else {
                 "commit_errors": store.db.commit_errors, "housekeeping_errors": store.db.housekeeping_errors,
                 "checkpoint_errors": store.db.checkpoint_errors, "state_reloads": store.reloads},
@@ -164,7 +166,7 @@ class ControllerService:
             if self.ingest.client.connected:
                 try:
                     self.commands.fire(device_id, "rebirth")
-                except MqttError as exc:  # the gap stays counted; the next one asks again (REBIRTH_EVERY_MS)
+                except (MqttError, CommandError) as exc:  # counted; the next gap asks again (REBIRTH_EVERY_MS)
                     self.rebirth_failures += 1
                     log.warning("controller: rebirth request to %s not sent: %s", device_id, exc)
         # a new device needs its first policy; every birth (a `rebirth` of the same session too) gets its policy
@@ -218,7 +220,7 @@ class ControllerService:
         if token:
             self.echo(f"operator token: {token}  (shown once; stored hashed in {self.data_dir})")
         app = create_app(self.store, self.config, operator_token_hash=token_hash, commands=self.commands,
-                         usage_db=self.usage_db)
+                         usage_db=self.usage_db, status=self.status)
         host, port = listen.rsplit(":", 1)
 
         class _Server(uvicorn.Server):

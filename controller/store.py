@@ -168,11 +168,11 @@ class Store:
         if batch.telemetry:
             before = conn.total_changes
             conn.executemany(
-                "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [
                     (r.device_id, r.ts_ms, r.bd_seq, r.seq, batch.received_ms, r.cpu_percent, r.load1,
                      r.ram_available_mb, r.temp_max_c, r.thermal_level, r.throttle_ratio, r.queue_depth,
-                     r.battery_pct, r.replayed)
+                     r.battery_pct, r.replayed, r.slots_waiting, r.queue_oldest_age_s)
                     for r in batch.telemetry
                 ],
             )
@@ -269,7 +269,8 @@ class Store:
     _DEVICE_SQL = """SELECT d.device_id, d.fleet, g.grp, d.state, d.last_seen_ms, d.birth_ms, d.bd_seq,
         d.agent_version, d.model_name, d.model_availability, d.policy_version, d.cpu_percent, d.ram_total_mb,
         d.ram_available_mb, d.temp_max_c, d.thermal_level, d.throttled, d.battery_pct, d.charging, d.queue_depth,
-        d.route_counts, d.rejected_count, d.gap_count, d.telemetry_interval_s
+        d.route_counts, d.rejected_count, d.gap_count, d.telemetry_interval_s, d.slots_waiting,
+        d.queue_oldest_age_s, d.queue_counters
         FROM devices d LEFT JOIN device_groups g ON g.device_id = d.device_id"""
 
     @staticmethod
@@ -279,6 +280,7 @@ class Store:
         r[16] = bool(r[16])
         r[18] = None if r[18] is None else bool(r[18])
         r[20] = json.loads(r[20] or "{}")
+        r[26] = json.loads(r[26] or "{}")
         return DeviceView(*r)
 
     def list_devices(self) -> list[DeviceView]:
@@ -294,11 +296,12 @@ class Store:
         """Newest `limit` points at or after `since_ms`, oldest first."""
         rows = self._rows(
             """SELECT ts_ms, cpu_percent, ram_available_mb, temp_max_c, thermal_level, throttle_ratio, queue_depth,
-                      battery_pct FROM telemetry WHERE device_id = ? AND ts_ms >= ?
+                      battery_pct, slots_waiting, queue_oldest_age_s FROM telemetry WHERE device_id = ? AND ts_ms >= ?
                ORDER BY ts_ms DESC LIMIT ?""",
             (device_id, since_ms or 0, limit),
         )
-        return [TelemetryPoint(r[0], r[1], r[2], r[3], ds.thermal_name(r[4]), r[5], r[6], r[7]) for r in reversed(rows)]
+        return [TelemetryPoint(r[0], r[1], r[2], r[3], ds.thermal_name(r[4]), r[5], r[6], r[7], r[8], r[9])
+                for r in reversed(rows)]
 
     def rollups(
         self, device_id: str, resolution: Literal["1m", "1h"], since_ms: int | None = None

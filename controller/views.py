@@ -32,11 +32,14 @@ class DeviceView:
     throttled: bool
     battery_pct: float | None
     charging: bool | None
-    queue_depth: int
+    queue_depth: int  # the offline queue's entries not finished (queued + running)
     route_counts: dict[str, int] = field(default_factory=dict)
     rejected_count: int = 0
     gap_count: int = 0
     telemetry_interval_s: float = 10.0
+    slots_waiting: int = 0  # requests waiting for a local model slot now (not the offline queue)
+    queue_oldest_age_s: float = 0.0  # age of the oldest queued entry (0: none)
+    queue_counters: dict[str, int] = field(default_factory=dict)  # since the agent started: enqueued, drained_local…
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,8 @@ class TelemetryPoint:
     throttle_ratio: float
     queue_depth: int
     battery_pct: float | None
+    slots_waiting: int = 0
+    queue_oldest_age_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

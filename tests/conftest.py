@@ -11,10 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from nanofleet.agent.tiny_model import make_tiny_gguf
 from nanofleet.broker import mosquitto_binary as find_mosquitto
 from nanofleet.tcp import free_port
+
+# No per-example deadline for the whole suite: on a loaded 2-core CI machine hypothesis's default 200 ms deadline
+# fails examples for being slow, not wrong. Examples stay random (no derandomize).
+settings.register_profile("nanofleet", deadline=None)
+settings.load_profile("nanofleet")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> object:

@@ -2,11 +2,15 @@
 
 `create_app(store, config, operator_token_hash=...)` returns the ASGI app; the caller serves it (uvicorn, bound to
 loopback unless the operator chooses otherwise). Everything but ``/healthz`` needs the operator: a Bearer token for
-the API, or the session cookie set by ``/login`` for the browser. Store reads are blocking SQLite calls, so the
-handlers that make them are plain ``def`` (FastAPI runs those in its thread pool, off the event loop).
+the API (and ``/metrics``: Prometheus sends it with `authorization: {credentials: …}`), or the session cookie set by
+``/login`` for the browser. With `status` (ControllerService.status) ``/healthz`` answers 503 once a part the
+controller needs died, ``/metrics`` exposes the controller's counters and the overview shows a "Controller" panel.
+Store reads are blocking SQLite calls, so the handlers that make them are plain ``def`` (FastAPI runs those in its
+thread pool, off the event loop).
 
     routes_auth    /healthz, /login, /logout                  (unauthenticated)
-    routes_pages   /, /devices/{id}, /api, /openapi.json      (server-rendered dashboard)
+    routes_pages   /, /devices/{id}, /api, /openapi.json,     (server-rendered dashboard)
+                   /metrics                                   (Prometheus text format)
     routes_api     /api/...                                   (REST API, docs/rest-api.md)
     errors         the error edge; context: WebContext and the dependencies every route takes
 """
@@ -15,13 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
 from nanofleet.config import FleetConfig
+from nanofleet.controller.metrics import registry_for
 from nanofleet.protos.names import COMMAND_KINDS
 
 from . import routes_api, routes_auth, routes_pages
@@ -45,9 +50,10 @@ def create_app(
     session_ttl_s: float = 12 * 3600,
     refresh_s: int = 3,
     clock: Callable[[], float] = time.time,
+    status: Callable[[], Mapping[str, Any]] | None = None,
 ) -> FastAPI:
     """Build the dashboard + API app. `session_secret` defaults to a random per-process key (sessions end on
-    restart); `clock` exists for tests of expiry."""
+    restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status()."""
 
     def now_ms() -> int:
         return int(clock() * 1000)
@@ -56,7 +62,7 @@ def create_app(
     usage = UsageReader(Path(usage_db) if usage_db is not None else None)
     ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms),
                      signer=signer, now_ms=now_ms, commands=commands, usage=usage, session_ttl_s=session_ttl_s,
-                     refresh_s=refresh_s)
+                     refresh_s=refresh_s, status=status)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -72,6 +78,7 @@ def create_app(
     )
     app.state.web = ctx
     app.state.errors = ctx.errors  # answers given for bugs, by code: a test and an operator can see them
+    app.state.metrics = registry_for(status, web_errors=ctx.errors)  # served at /metrics
     app.state.close = usage.close  # for a parent app that mounts us (a mounted app's lifespan does not run)
     app.add_middleware(SecurityHeaders)
     install_error_handlers(app)

@@ -1,5 +1,6 @@
 """What every router of the web app works over: `WebContext` (the typed store, fleet config, operator auth, command
-service, usage reader) on `app.state.web`, and the FastAPI dependencies that hand it and the operator to a route."""
+service, usage reader, the controller's status) on `app.state.web`, and the FastAPI dependencies that hand it and
+the operator to a route."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
@@ -88,6 +89,7 @@ class WebContext:
     session_ttl_s: float
     refresh_s: int
     errors: Counter[str] = dataclasses.field(default_factory=Counter)  # answers given for bugs, by code
+    status: Callable[[], Mapping[str, Any]] | None = None  # ControllerService.status, when a service runs us
 
     def html(self, request: Request, content: str, *, title: str, operator: Operator | None, status: int = 200,
              refresh: bool = False) -> HTMLResponse:

@@ -35,7 +35,8 @@ def _error_json(exc: WebError) -> JSONResponse:
 
 def _wants_json(request: Request) -> bool:
     path = request.url.path
-    return path.startswith("/api/") or path == "/openapi.json" or request.headers.get("x-fragment") == "1"
+    return (path.startswith("/api/") or path in ("/openapi.json", "/metrics")
+            or request.headers.get("x-fragment") == "1")
 
 
 async def _web_error(request: Request, exc: WebError) -> Response:

@@ -9,7 +9,7 @@ from html import escape
 
 from nanofleet.protos.names import THERMAL_LEVELS
 
-__all__ = ["STATE_LABELS", "THERMAL_ORDER", "fmt_mb", "fmt_num", "iso_utc", "relative_time", "state_badge"]
+__all__ = ["STATE_LABELS", "THERMAL_ORDER", "fmt_age", "fmt_mb", "fmt_num", "iso_utc", "relative_time", "state_badge"]
 
 STATE_LABELS = {"online": "online", "offline": "offline", "stale": "stale"}
 THERMAL_ORDER = THERMAL_LEVELS  # from the proto enum (protos/names.py)
@@ -55,6 +55,19 @@ def fmt_num(value: float | None, unit: str = "", digits: int = 1) -> str:
         return "—"
     text = f"{f:.{digits}f}"
     return f"{text} {unit}".rstrip() if unit else text
+
+
+def fmt_age(seconds: float | None) -> str:
+    """A duration in its two largest units ("42 s", "2m 5s", "3h 4m", "2d 3h"); an em dash for none (0)."""
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        return "—"
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    for unit, size, sub, sub_size in (("d", 86_400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit} {s % size // sub_size}{sub}"
+    return f"{s} s"  # unreachable: s >= 60 matched "m"
 
 
 def fmt_mb(value: float | None) -> str:

@@ -6,15 +6,17 @@ here; the tests feed ids like ``<script>`` through the whole app to hold that li
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any
 from urllib.parse import quote
 
 from nanofleet.config import Alerts
 
+from .alerts import device_alerts
 from .charts import Series, bar_chart, line_chart, meter
-from .format import THERMAL_ORDER, fmt_mb, fmt_num, iso_utc, relative_time, state_badge
+from .format import THERMAL_ORDER, fmt_age, fmt_mb, fmt_num, iso_utc, relative_time, state_badge
+from .panels import controller_panel
 
 __all__ = ["WINDOWS", "api_doc_page", "device_charts", "device_page", "device_url", "login_page", "overview_page"]
 
@@ -53,6 +55,9 @@ def _flag(text: str, warn: bool, why: str) -> str:
     return f'<span class="warn" title="{escape(why)}">{text} ⚠</span>' if warn else text
 
 
+_ALERT_LABELS = {"offline": "offline", "thermal": "hot", "low_ram": "low RAM", "queue_depth": "queue"}
+
+
 def _device_row(d: Any, alerts: Alerts, now_ms: int) -> str:
     did = _g(d, "device_id", "")
     state = _g(d, "state", "unknown")
@@ -66,7 +71,11 @@ def _device_row(d: Any, alerts: Alerts, now_ms: int) -> str:
     ram_html = _flag(f"{escape(fmt_mb(avail))} / {escape(fmt_mb(total))}", ram_low,
                      f"below {alerts.min_free_ram_mb} MB free") + meter(avail, total)
     queue_html = _flag(escape(str(queue if queue is not None else "—")),
-                       queue is not None and queue >= alerts.queue_depth, f"queue at or above {alerts.queue_depth}")
+                       queue is not None and queue >= alerts.queue_depth,
+                       f"offline queue at or above {alerts.queue_depth}")
+    raised = device_alerts(d, alerts, now_ms)
+    alerts_html = " ".join(f'<span class="alert" data-alert="{a.kind}" title="{escape(a.detail)}">'
+                           f'{_ALERT_LABELS[a.kind]}</span>' for a in raised)
     model = _g(d, "model_name") or "—"
     availability = _g(d, "model_availability") or ""
     policy = _g(d, "policy_version")
@@ -81,7 +90,10 @@ def _device_row(d: Any, alerts: Alerts, now_ms: int) -> str:
         f'<td class="num">{escape(fmt_num(_g(d, "cpu_percent"), "%"))}</td>'
         f'<td>{escape(model)} <span class="muted">{escape(availability)}</span></td>'
         f'<td class="num">{escape(str(policy) if policy is not None else "—")}</td>'
-        f'<td class="num">{queue_html}</td></tr>'
+        f'<td class="num" data-col="queue">{queue_html}</td>'
+        f'<td class="num" data-col="oldest">{escape(fmt_age(_g(d, "queue_oldest_age_s")))}</td>'
+        f'<td class="num" data-col="slots_waiting">{escape(_s(_g(d, "slots_waiting")))}</td>'
+        f'<td class="alerts">{alerts_html}</td></tr>'
     )
 
 
@@ -169,7 +181,8 @@ def _filter_form(query: str, state: str) -> str:
 
 def overview_page(devices: Sequence[Any], convergence: dict[int, int], rejections: Sequence[Any],
                   usage_rows: Sequence[Any] | None, *, alerts: Alerts, now_ms: int,
-                  behind: Sequence[Any] = (), query: str = "", state: str = "", max_rows: int = MAX_ROWS) -> str:
+                  behind: Sequence[Any] = (), query: str = "", state: str = "", max_rows: int = MAX_ROWS,
+                  controller: Mapping[str, Any] | None = None) -> str:
     counts = {s: sum(1 for d in devices if _g(d, "state") == s) for s in ("online", "offline", "stale")}
     cards = "".join(
         f'<a class="card" href="/?state={key}" data-count="{key or "total"}"><div class="n">{n}</div>'
@@ -185,7 +198,8 @@ def overview_page(devices: Sequence[Any], convergence: dict[int, int], rejection
         table = (
             '<table class="devices"><thead><tr><th>Device</th><th>Group</th><th>State</th><th>Last seen</th>'
             '<th class="num">Temp</th><th>Thermal</th><th class="num">RAM avail / total</th><th class="num">CPU</th>'
-            '<th>Model</th><th class="num">Policy</th><th class="num">Queue</th></tr></thead>'
+            '<th>Model</th><th class="num">Policy</th><th class="num">Queue</th><th class="num">Oldest</th>'
+            '<th class="num">Slots waiting</th><th>Alerts</th></tr></thead>'
             f"<tbody>{rows}</tbody></table>{note}"
         )
     elif devices:
@@ -194,6 +208,7 @@ def overview_page(devices: Sequence[Any], convergence: dict[int, int], rejection
         table = '<p class="muted">No device has reported yet. Start an agent or <code>nanofleet sim</code>.</p>'
     return (
         f'<h1>Fleet</h1><div class="cards">{cards}</div>'
+        f"{controller_panel(controller)}"
         f"<h2>Devices</h2>{_filter_form(query, state) if devices else ''}{table}"
         f"<h2>Policy convergence</h2>{_convergence_html(convergence)}{_behind_html(behind)}"
         f"<h2>Rejected payloads</h2>{_rejections_html(rejections, now_ms)}"
@@ -242,7 +257,11 @@ def _facts(d: Any, now_ms: int) -> str:
                         f'{escape(_g(d, "thermal_level") or "—")}{", throttled" if _g(d, "throttled") else ""}</span>'),
         ("RAM available", f'{escape(fmt_mb(_g(d, "ram_available_mb")))} of {escape(fmt_mb(_g(d, "ram_total_mb")))}'),
         ("Battery", escape(battery_text)),
-        ("Queue depth", escape(_s(_g(d, "queue_depth")))),
+        ("Offline queue", escape(_s(_g(d, "queue_depth")))
+         + f' <span class="muted">oldest {escape(fmt_age(_g(d, "queue_oldest_age_s")))}</span>'),
+        ("Waiting for a model slot", escape(_s(_g(d, "slots_waiting")))),
+        ("Queue counters", escape(", ".join(f"{k}: {v}" for k, v in sorted((_g(d, "queue_counters") or {}).items()))
+                                  or "—")),
         ("Routes", escape(", ".join(f"{k}: {v}" for k, v in sorted(routes.items())) or "—")),
         ("Rejected / gaps", f'{int(_g(d, "rejected_count", 0) or 0)} / {int(_g(d, "gap_count", 0) or 0)}'),
     ]

@@ -1,5 +1,5 @@
-"""The REST API (docs/rest-api.md): devices, telemetry, policy convergence, ingest rejections, gateway usage, and —
-in `commands_router`, included when the controller has a command service — commands to devices."""
+"""The REST API (docs/rest-api.md): devices, alerts, telemetry, policy convergence, ingest rejections, gateway usage,
+and — in `commands_router`, included when the controller has a command service — commands to devices."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 from . import schemas
+from .alerts import fleet_alerts
 from .context import Authed, Web, Writer
 from .security import WebError
 
@@ -29,6 +30,14 @@ def api_devices(ctx: Web, operator: Authed) -> list[Any]:
             tags=["devices"], summary="One device's latest state")
 def api_device(ctx: Web, device_id: str, operator: Authed) -> Any:
     return ctx.device(device_id)
+
+
+@router.get("/alerts", response_model=list[schemas.AlertOut], responses=_ERR401, tags=["devices"],
+            summary="Devices over fleet.yaml's alert thresholds now",
+            description="One entry per device and crossed threshold (offline_after_s, thermal_at, min_free_ram_mb, "
+                        "queue_depth: the real offline-queue depth), computed from each device's latest state.")
+def api_alerts(ctx: Web, operator: Authed) -> list[Any]:
+    return fleet_alerts(ctx.store.list_devices(), ctx.config.alerts, ctx.now_ms())
 
 
 @router.get("/devices/{device_id}/telemetry", response_model=schemas.TelemetryOut,

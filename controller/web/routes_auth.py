@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from . import pages
 from .context import Web
@@ -15,8 +15,17 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, bool]:
-    return {"ok": True}
+def healthz(ctx: Web) -> JSONResponse:
+    """Open to load balancers and supervisors: 503 once a part the controller needs died (status()["ok"] false),
+    naming the part but not its error (that is for the operator: the dashboard and /metrics)."""
+    if ctx.status is None:
+        return JSONResponse({"ok": True})
+    status = ctx.status()
+    ok = bool(status.get("ok"))
+    failed = status.get("failed") or {}
+    body = {"ok": ok, "broker_connected": bool(status.get("broker_connected")),
+            "failed": failed.get("task") if not ok else None}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/login")

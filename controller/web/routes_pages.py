@@ -1,5 +1,5 @@
-"""The dashboard's server-rendered pages: fleet overview, device page (charts, command buttons), the API page and
-the OpenAPI document behind it."""
+"""The dashboard's server-rendered pages: fleet overview (with the alerts and the controller's own health), device
+page (charts, command buttons), the API page and the OpenAPI document behind it; and /metrics for Prometheus."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from nanofleet.controller import metrics
 from nanofleet.protos.names import COMMAND_KINDS
 
 from . import pages
@@ -26,7 +27,8 @@ def overview(request: Request, ctx: Web, operator: Authed, q: Annotated[str, Que
     devices = [ctx.with_group(d) for d in ctx.store.list_devices()]
     content = pages.overview_page(devices, ctx.store.policy_convergence(), ctx.store.rejections(50), ctx.usage.rows(),
                                   alerts=ctx.config.alerts, now_ms=ctx.now_ms(), behind=ctx.behind(devices),
-                                  query=q, state=state)
+                                  query=q, state=state,
+                                  controller=ctx.status() if ctx.status is not None else None)
     return ctx.html(request, content, title="Fleet", operator=operator, refresh=True)
 
 
@@ -78,3 +80,11 @@ def api_doc(request: Request, ctx: Web, operator: Authed) -> HTMLResponse:
 @router.get("/openapi.json")
 def openapi(request: Request, operator: Authed) -> JSONResponse:
     return JSONResponse(request.app.openapi())
+
+
+@router.get("/metrics")
+def prometheus_metrics(request: Request, operator: Authed) -> Response:
+    """The controller's counters in the Prometheus text format, behind the operator token like the API: they name
+    devices' failure reasons and the controller's internals, and the dashboard may listen beyond loopback."""
+    return Response(metrics.render(request.app.state.metrics), media_type=None,
+                    headers={"Content-Type": metrics.CONTENT_TYPE})

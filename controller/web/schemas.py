@@ -11,6 +11,7 @@ from nanofleet.protos.names import CommandKind
 
 __all__ = [
     "MAX_TS_MS",
+    "AlertOut",
     "CommandIn",
     "CommandOut",
     "ConvergenceOut",
@@ -60,10 +61,25 @@ class DeviceOut(_Out):
     throttled: bool | None = None
     battery_pct: float | None = None
     charging: bool | None = None
-    queue_depth: int | None = None
+    queue_depth: int | None = Field(None, description="the offline queue's entries not finished (queued + running)")
+    slots_waiting: int | None = Field(None, description="requests waiting for a local model slot now (not the "
+                                                        "offline queue)")
+    queue_oldest_age_s: float | None = Field(None, description="age of the oldest queued entry, seconds (0: none)")
+    queue_counters: dict[str, int] = Field({}, description="the offline queue's counters since the agent started: "
+                                                           "enqueued, drained_local, drained_cloud, expired, failed, "
+                                                           "cancelled …")
     route_counts: dict[str, int] = {}
     rejected_count: int = 0
     gap_count: int = 0
+
+
+class AlertOut(_Out):
+    device_id: str
+    kind: Literal["offline", "thermal", "low_ram", "queue_depth"] = Field(
+        description="which fleet.yaml `alerts` threshold the device crossed")
+    detail: str = Field(description="the value and the threshold, for a person")
+    value: float
+    threshold: float
 
 
 class TelemetryPointOut(_Out):
@@ -77,6 +93,8 @@ class TelemetryPointOut(_Out):
     thermal_level: str | None = None
     throttle_ratio: float | None = None
     queue_depth: int | None = None
+    slots_waiting: int | None = None
+    queue_oldest_age_s: float | None = None
     battery_pct: float | None = None
 
 

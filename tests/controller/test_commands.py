@@ -100,3 +100,51 @@ def test_cli_controller_sim_devices_list_and_cmd(broker, tmp_path: Path) -> None
     assert "operator token: " in ctl_out and "dashboard: http://127.0.0.1:" in ctl_out
     r = CliRunner().invoke(main, ["devices", "list", "--data-dir", str(data)])
     assert r.output.count(" offline ") == 2, r.output
+
+
+async def test_a_fire_the_client_did_not_take_is_counted_and_raised() -> None:
+    """fire() used to ignore publish_nowait's False: a rebirth request lost without a trace."""
+    from nanofleet.controller.commands import CommandNotSent, CommandService
+    from nanofleet.controller.mqtt_reader import AsyncPublisher, MqttReader
+
+    never_connected = AsyncPublisher(MqttReader(f"mqtt://127.0.0.1:{free_port()}", [], lambda _m: None))
+    svc = CommandService(never_connected, "cmdf")  # type: ignore[arg-type]
+    with pytest.raises(CommandNotSent, match="rebirth to d1: not sent"):
+        svc.fire("d1", "rebirth")
+    assert svc.counters["fire_not_sent"] == 1
+
+
+async def test_listen_counts_and_logs_the_results_it_cannot_use(broker, caplog: pytest.LogCaptureFixture) -> None:
+    """listen() (the CLI's results) used to skip a malformed result without a count; a good one still answers."""
+    import asyncio
+    import contextlib
+
+    from google.protobuf import json_format
+
+    from nanofleet.controller.commands import CommandService
+    from nanofleet.mqtt import MqttClient
+    from nanofleet.protos import fleet_pb2, topics
+
+    async with MqttClient(broker.url) as client, MqttClient(broker.url) as device:
+        await client.wait_connected(5)
+        await device.wait_connected(5)
+        svc = CommandService(client, "cmdl")
+        listener = asyncio.create_task(svc.listen())
+        try:
+            device.subscribe([(topics.cmd("cmdl", "d1"), 1)])
+            await asyncio.sleep(0.2)  # both subscriptions in place (SUBACK is not awaited by subscribe)
+            sent = asyncio.create_task(svc.send("d1", "ping", timeout_s=10))
+            cmd_msg = await asyncio.wait_for(anext(device.messages()), 10)
+            cmd = json_format.Parse(cmd_msg.payload, fleet_pb2.Command())
+            result_topic = topics.cmd_result("cmdl", "d1")
+            await device.publish(result_topic, b"not json", qos=1)
+            await device.publish(result_topic, json_format.MessageToJson(fleet_pb2.CommandResult(
+                id=cmd.id, device_id="d1", status="ok", message="pong")), qos=1)
+            out = await asyncio.wait_for(sent, 10)
+            assert out.status == "ok" and out.message == "pong"
+            assert svc.counters["results_rejected"] == 1
+            assert "command result on" in caplog.text and "skipped" in caplog.text
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener

@@ -1,5 +1,6 @@
-"""The dashboard in a real Chromium: log in through the form, see the fleet, open a device's charts, and watch a
-device turn offline when the store records its last will — served by real uvicorn on a loopback port."""
+"""The dashboard in a real Chromium: log in through the form, see the fleet, open a device's charts, watch a device
+turn offline when the store records its last will and another raise its offline-queue alert — served by real
+uvicorn on a loopback port."""
 
 from __future__ import annotations
 
@@ -116,6 +117,20 @@ def test_login_overview_device_charts_and_offline_transition(served: Served) -> 
             assert time.monotonic() - started < 8
             assert page.locator('tr[data-device="pi-lobby"] [data-state="online"]').count() == 1
             assert page.locator('[data-count="offline"] .n').inner_text() == "1"
+            assert page.locator('tr[data-device="pi-kitchen"] [data-alert="offline"]').count() == 0  # < 60 s ago
+
+            # the offline queue over alerts.queue_depth (500) raises the row's alert badge on the next refresh;
+            # requests waiting for a model slot are shown apart and raise none
+            now = int(time.time() * 1000)
+            served.store.write_telemetry("demo", [fleet_pb2.Telemetry(
+                device_id="pi-lobby", bd_seq=1, seq=59, ts_ms=now, ram_total_mb=8192, ram_available_mb=4000,
+                queue_depth=650, slots_waiting=3, queue_oldest_age_s=75)], now)
+            badge = 'tr[data-device="pi-lobby"] [data-alert="queue_depth"]'
+            page.wait_for_selector(badge, timeout=8000)
+            assert "650" in (page.get_attribute(badge, "title") or "")
+            lobby = page.locator('tr[data-device="pi-lobby"]')
+            assert lobby.locator('[data-col="oldest"]').inner_text() == "1m 15s"
+            assert lobby.locator('[data-col="slots_waiting"]').inner_text() == "3"
             assert problems == []  # e.g. a CSP violation blocking our own inline script or style
         finally:
             browser.close()

@@ -330,10 +330,11 @@ def test_a_store_file_of_the_previous_format_opens_and_is_migrated(tmp_path: Pat
     finally:
         os.umask(old)
     with Store(path) as store:
-        assert store.db.applied == ["002_telemetry_ts_index"]
-        assert store.get_device("old-1").bd_seq == 7
+        assert store.db.applied == ["002_telemetry_ts_index", "003_queue_telemetry"]
+        old_1 = store.get_device("old-1")
+        assert old_1.bd_seq == 7 and old_1.slots_waiting == 0 and old_1.queue_counters == {}
         names = store.read(lambda c: [r[0] for r in c.execute("SELECT name FROM _migrations ORDER BY name")])
-        assert names == ["001_initial", "002_telemetry_ts_index"]
+        assert names == ["001_initial", "002_telemetry_ts_index", "003_queue_telemetry"]
         store.write_status("f", birth("old-1", 8), T0)
         assert store.get_device("old-1").state == "online"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -353,3 +354,30 @@ def test_a_new_store_is_private_whatever_the_umask(tmp_path: Path) -> None:
         p = tmp_path / "ctl" / f"controller.db{suffix}"
         if p.exists():
             assert stat.S_IMODE(p.stat().st_mode) == 0o600, suffix
+
+
+def test_the_offline_queue_and_slot_waiting_are_stored_apart(tmp_path: Path) -> None:
+    """queue_depth is the offline queue; slots_waiting (requests waiting for a local model slot) has its own column,
+    with the oldest entry's age and the queue's counters, on the device (latest) and per telemetry row."""
+    from nanofleet.controller.decode import decode_telemetry
+    from nanofleet.controller.store import Batch
+
+    with Store(tmp_path / "q.db") as store:
+        store.write_status("f", birth("d1", 1), T0)
+        store.write_telemetry("f", [tel("d1", 1, 0, T0, queue_depth=12, slots_waiting=3, queue_oldest_age_s=42.5,
+                                        queue_counters={"enqueued": 20, "drained_local": 5, "expired": 3})], T0)
+        d = store.get_device("d1")
+        assert (d.queue_depth, d.slots_waiting, d.queue_oldest_age_s) == (12, 3, 42.5)
+        assert d.queue_counters == {"enqueued": 20, "drained_local": 5, "expired": 3}
+        # the JSON the agent publishes, through ingest's fast decode path (uint64 counters as strings)
+        payload = (b'{"deviceId": "d1", "bdSeq": "1", "seq": 1, "tsMs": "%d", "slotsWaiting": 1, '
+                   b'"queueCounters": {"enqueued": "21", "drained_cloud": "8"}}' % (T0 + 1000))
+        store.apply(Batch("f", T0 + 1000, telemetry=[decode_telemetry(payload, "d1")]))
+        d = store.get_device("d1")
+        assert (d.queue_depth, d.slots_waiting, d.queue_oldest_age_s) == (0, 1, 0.0)
+        assert d.queue_counters == {"enqueued": 21, "drained_cloud": 8}
+        points = store.telemetry("d1")
+        assert [(p.queue_depth, p.slots_waiting, p.queue_oldest_age_s) for p in points] == [(12, 3, 42.5), (0, 1, 0)]
+    with Store(tmp_path / "q.db") as store:  # the hot-column UPDATE wrote them to the file, not only the mirror
+        d = store.get_device("d1")
+        assert (d.queue_depth, d.slots_waiting, d.queue_counters["drained_cloud"]) == (0, 1, 8)

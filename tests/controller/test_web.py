@@ -410,3 +410,69 @@ async def test_device_controlled_strings_are_escaped(tmp_path: Path, token_and_h
             assert api["device_id"] == EVIL_ID and api["model_name"] == EVIL_MODEL
     finally:
         s.close()
+
+
+async def test_alerts_api_and_column_flag_devices_over_each_threshold(tmp_path: Path, token_and_hash) -> None:
+    s = Store(tmp_path / "alerts2.db")
+    try:
+        now = int(time.time() * 1000)
+        s.write_status("demo", birth("hot"), now)
+        s.write_telemetry("demo", [fleet_pb2.Telemetry(
+            device_id="hot", bd_seq=1, seq=0, ts_ms=now, cpu_percent=99, ram_total_mb=4096, ram_available_mb=100,
+            temp_max_c=91.5, thermal_level=fleet_pb2.THERMAL_LEVEL_CRITICAL, queue_depth=500, slots_waiting=9000)],
+            now)
+        s.write_status("demo", birth("calm"), now)  # waiting for a slot is not the offline queue: no queue alert
+        s.write_telemetry("demo", [fleet_pb2.Telemetry(
+            device_id="calm", bd_seq=1, seq=0, ts_ms=now, ram_total_mb=4096, ram_available_mb=3000,
+            queue_depth=499, slots_waiting=9000)], now)
+        s.write_status("demo", birth("quiet"), now - 600_000)
+        s.sweep_stale(now)  # quiet: 10 s interval, silent for 10 min: stale, and past offline_after_s (60 s)
+        s.write_status("demo", birth("gone"), now - 5_000)
+        s.write_status("demo", death("gone"), now - 5_000)  # offline 5 s ago: under offline_after_s
+        app = create_app(s, FLEET, operator_token_hash=token_and_hash[1])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            assert (await c.get("/api/alerts")).status_code == 401
+            got = (await c.get("/api/alerts", headers=bearer(token_and_hash))).json()
+            assert [(a["device_id"], a["kind"]) for a in got] == [
+                ("hot", "thermal"), ("hot", "low_ram"), ("hot", "queue_depth"), ("quiet", "offline")]
+            queue = got[2]
+            assert queue["value"] == 500 and queue["threshold"] == 500 and "offline queue" in queue["detail"]
+            assert got[3]["threshold"] == 60 and got[3]["value"] >= 600
+            await login(c, token_and_hash[0])
+            html = (await c.get("/")).text
+            rows = dict(re.findall(r'<tr class="row-\w+" data-device="([^"]+)">(.*?)</tr>', html))
+            alerts_of = {d: re.findall(r'data-alert="(\w+)"', row) for d, row in rows.items()}
+            assert alerts_of == {"hot": ["thermal", "low_ram", "queue_depth"], "calm": [], "quiet": ["offline"],
+                                 "gone": []}
+            assert "<th>Alerts</th>" in html
+    finally:
+        s.close()
+
+
+async def test_queue_depth_oldest_age_and_slots_waiting_are_shown_apart(tmp_path: Path, token_and_hash) -> None:
+    s = Store(tmp_path / "queue.db")
+    try:
+        now = int(time.time() * 1000)
+        s.write_status("demo", birth("q1"), now)
+        s.write_telemetry("demo", [fleet_pb2.Telemetry(
+            device_id="q1", bd_seq=1, seq=0, ts_ms=now, ram_total_mb=4096, ram_available_mb=3000, queue_depth=17,
+            slots_waiting=4, queue_oldest_age_s=125.0, queue_counters={"enqueued": 30, "drained_cloud": 13})], now)
+        app = create_app(s, FLEET, operator_token_hash=token_and_hash[1])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            d = (await c.get("/api/devices/q1", headers=bearer(token_and_hash))).json()
+            assert (d["queue_depth"], d["slots_waiting"], d["queue_oldest_age_s"]) == (17, 4, 125.0)
+            assert d["queue_counters"] == {"enqueued": 30, "drained_cloud": 13}
+            points = (await c.get("/api/devices/q1/telemetry", headers=bearer(token_and_hash))).json()["points"]
+            assert [(p["queue_depth"], p["slots_waiting"], p["queue_oldest_age_s"]) for p in points] == [(17, 4, 125)]
+            await login(c, token_and_hash[0])
+            html = (await c.get("/")).text
+            assert '<th class="num">Queue</th><th class="num">Oldest</th><th class="num">Slots waiting</th>' in html
+            row = re.search(r'<tr class="row-\w+" data-device="q1">(.*?)</tr>', html)
+            assert row and re.search(r'<td class="num" data-col="queue">17</td><td class="num" data-col="oldest">'
+                                     r'2m 5s</td><td class="num" data-col="slots_waiting">4</td>', row.group(1))
+            page = (await c.get("/devices/q1")).text
+            assert "<dt>Offline queue</dt><dd>17 <span class=\"muted\">oldest 2m 5s</span></dd>" in page
+            assert "<dt>Waiting for a model slot</dt><dd>4</dd>" in page
+            assert "<dt>Queue counters</dt><dd>drained_cloud: 13, enqueued: 30</dd>" in page
+    finally:
+        s.close()

@@ -1,0 +1,18 @@
+"""The suite's hypothesis profile (tests/conftest.py): no per-example deadline, since on a loaded 2-core CI machine
+a slow example is not a failing one; examples stay random."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+def test_the_suite_profile_has_no_deadline_and_stays_random() -> None:
+    assert settings().deadline is None
+    assert settings().derandomize is False
+
+
+@given(st.integers())
+def test_a_given_test_takes_the_profile(n: int) -> None:
+    assert settings().deadline is None
+    assert isinstance(n, int)
