@@ -61,6 +61,12 @@ async def test_queued_round_trip_hot_then_cool(make_settings: Callable[..., Agen
             st = svc.queue.status()
             assert st["available"] and st["depth"] == 2 and st["counters"]["enqueued"] == 3
             assert svc.agent_metrics().queue_depth == 2 and svc.agent_metrics().slots_waiting == 0
+            status = (await c.get("/v1/status")).json()  # the queue as /v1/status shows it, apart from slots
+            assert status["routes"]["queue"]["available"] is True and status["slots_waiting"] == 0
+            q = status["queue"]
+            assert (q["depth"], q["counters"]["enqueued"], q["counters"]["cancelled"]) == (2, 3, 1), q
+            assert q["oldest_age_s"] >= 0 and q["bytes"] > 0 and q["limits"]["max_items"] == 10_000
+            assert "queue_depth" not in status
 
             sysfs.set(temp_c=40.0)  # it cools: the sampler sees it, kicks the drainer
             seen = []
