@@ -367,6 +367,10 @@ class QueueStore:
         """Entries not finished (queued + running)."""
         return self._depth
 
+    @property
+    def closed(self) -> bool:
+        return self._writer.closed
+
     def oldest_age_s(self) -> float:
         row = self._writer.read(lambda c: c.execute(
             "SELECT created_ms FROM requests WHERE state = 'queued' ORDER BY seq LIMIT 1").fetchone())
