@@ -41,7 +41,7 @@ async def test_an_outcome_the_full_disk_refused_is_written_once_space_returns(tm
     drainer = Drainer(q, runner, supervisor, tick_s=0.1)
     drainer.start()
     try:
-        await until(lambda: drainer.counts["settle_retries"] >= 1, within=10, what="the refused commit to be retried")
+        await until(lambda: q.counts["settle_retries"] >= 1, within=10, what="the refused commit to be retried")
         assert (await q.get(first, UID))["state"] == "running" and runner.calls == 1
         q._writer.call(lambda c: c.execute("PRAGMA max_page_count=1000000"))  # space returns
         entry = await q.wait(first, UID, 15)
