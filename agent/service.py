@@ -98,6 +98,7 @@ class AgentService:
         self.tasks = TaskSupervisor("agent", on_fatal=self._fatal)
         self.drainer = Drainer(self.queue, self.dispatcher, self.tasks,
                                concurrency=self.models.spec.n_parallel + (1 if cloud is not None else 0))
+        self._drain_triggers(cloud)
         self.fatal: BaseException | None = None
         self._stopping = False
         self.sample_errors = 0
@@ -117,6 +118,17 @@ class AgentService:
         self._serve_task: asyncio.Task[None] | None = None
         self._inode: int | None = None
         self.started_at = time.time()
+
+    def _drain_triggers(self, cloud: Backend | None) -> None:
+        """Routes that open tell the drainer at once (the periodic tick is only the safety net): the gateway
+        serving again or its breaker's cooldown over, the local model loaded, a local bridge back."""
+        kick = self.drainer.kick
+        if isinstance(cloud, GrpcBackend):
+            cloud.on_open = kick
+        if isinstance(self.models, ModelManager):
+            self.models.on_ready = kick
+        elif isinstance(self.models, BridgeModel):
+            self.models.backend.on_open = kick
 
     @staticmethod
     def _local_model(settings: AgentSettings, free_ram: Callable[[], int], backend_factory: BackendFactory | None,

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nanofleet.agent.api.dispatch import Dispatcher, completion_body
 from nanofleet.agent.api.errors import ApiError, from_agent, from_validation
 from nanofleet.agent.api.openapi_doc import document_answers
-from nanofleet.agent.api.peer import ERROR_SCHEMA, PEER_KEY
+from nanofleet.agent.api.peer import ERROR_SCHEMA, scope_uid
 from nanofleet.agent.api.schemas import (
     CHAT,
     ChatCompletionBody,
@@ -194,7 +194,7 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         headers = header_dict(request.scope["headers"])
         body: ChatCompletionBody = parse(CHAT, await read_body(request, max_body_bytes, headers))
-        return await answer_chat(body, headers, int(request.scope.get(PEER_KEY, TCP_UID)))
+        return await answer_chat(body, headers, scope_uid(request.scope))
 
     async def answer_chat(body: ChatCompletionBody, headers: dict[str, str], uid: int) -> Response:
         chat = chat_request(body, models.spec.n_ctx)

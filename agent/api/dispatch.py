@@ -22,7 +22,7 @@ import psutil
 
 from nanofleet.agent.errors import NoRoute, QueueUnavailable
 from nanofleet.agent.queue.drain import Outcome
-from nanofleet.agent.queue.store import Accepted, QueueStore
+from nanofleet.agent.queue.store import PEER_UNKNOWN, Accepted, QueueStore
 from nanofleet.agent.router import Connectivity, Decision, DeviceState, Policy, Route, RouteRequest, decide, next_route
 from nanofleet.agent.runtime.base import (
     Backend,
@@ -175,6 +175,10 @@ class Dispatcher:
         """Commit the request to the offline queue (202 only after this returns)."""
         if self.queue is None:
             raise QueueUnavailable("this agent has no offline queue", retry_after=QUEUE_RETRY_AFTER)
+        if uid == PEER_UNKNOWN:  # fail closed: an entry with no known owner would be visible to every local user
+            self.queue.counts["peer_unknown"] += 1
+            raise QueueUnavailable("the offline queue needs the caller's uid (SO_PEERCRED) and this connection's "
+                                   "could not be read: not queued", reason="peer_unknown")
         fields: dict[str, Any] = dataclasses.asdict(chat)
         fields["request_id"] = ""  # the entry's id becomes the request_id (same body → same hash)
         request = {"chat": fields, "route": dataclasses.asdict(req), "stream": stream, "model": model}

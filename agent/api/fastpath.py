@@ -5,7 +5,9 @@ cycle (`_HotCycle`). pyproject.toml pins the uvicorn range it was tested with; o
 checks at start what the subclass relies on: the module-level names it imports, the methods it overrides or calls,
 the instance attributes it reads, and every `self.cycle.<attr>` uvicorn's protocol reads (the stand-in must have
 each). When anything is missing the agent logs what and serves on uvicorn's stock protocol (correct, ~0.1–0.3 ms
-slower a request); `http_fast_path: false` in agent.yaml chooses the stock protocol by hand.
+slower a request); `http_fast_path: false` in agent.yaml chooses the stock protocol by hand. Either way the stock
+protocol still carries the peer's uid (`PeerHttpProtocol`, checked by `missing_peer_internals()`); if even that
+does not fit, the queue fails closed for unix-socket callers (agent/api/peer.py).
 """
 
 from __future__ import annotations
@@ -62,6 +64,27 @@ def missing_internals() -> list[str]:
     return missing
 
 
+def missing_peer_internals() -> list[str]:
+    """What `PeerHttpProtocol` (the stock protocol plus the peer's uid) needs of uvicorn and does not find: the
+    protocol class, `connection_made()`, and the `self.app` attribute its request cycles are built from."""
+    try:
+        module = importlib.import_module(_MODULE)
+    except ImportError as exc:
+        return [f"module {_MODULE} ({exc})"]
+    cls = getattr(module, "HttpToolsProtocol", None)
+    if cls is None:
+        return [f"{_MODULE}.HttpToolsProtocol"]
+    missing = [] if callable(getattr(cls, "connection_made", None)) else ["HttpToolsProtocol.connection_made()"]
+    try:
+        if not hasattr(_instance(cls), "app"):
+            missing.append("HttpToolsProtocol.app")
+    except Exception as exc:  # noqa: BLE001 - any failure to build one means the internals moved: reported as such
+        missing.append(f"HttpToolsProtocol(config, server_state, app_state) ({type(exc).__name__}: {exc})")
+    if "self.app" not in _source(cls, "on_headers_complete"):
+        missing.append("HttpToolsProtocol.on_headers_complete() reading self.app")
+    return missing
+
+
 def _source(cls: type, method: str) -> str:
     fn = getattr(cls, method, None)
     try:
@@ -86,15 +109,24 @@ def _instance(cls: type) -> Any:
 
 
 def choose_http_protocol(fast_path: bool) -> Any:
-    """The `http` argument for uvicorn.Config: the fast protocol class, or "httptools" (uvicorn's own)."""
-    if not fast_path:
-        log.info("socket API on uvicorn's stock HTTP protocol (http_fast_path: false)")
-        return "httptools"
-    missing = missing_internals()
-    if missing:
+    """The `http` argument for uvicorn.Config: the fast protocol class; else the stock protocol with the peer's
+    uid (`PeerHttpProtocol`); else "httptools" (uvicorn's own), on which the queue fails closed (`peer_unknown`)."""
+    if fast_path:
+        missing = missing_internals()
+        if not missing:
+            from nanofleet.agent.api.protocol import AgentHttpProtocol
+
+            return AgentHttpProtocol
         log.warning("socket API on uvicorn's stock HTTP protocol: this uvicorn lacks what the fast path needs (%s); "
                     "pin uvicorn to the range in pyproject.toml to get it back", ", ".join(missing))
-        return "httptools"
-    from nanofleet.agent.api.protocol import AgentHttpProtocol
+    else:
+        log.info("socket API on uvicorn's stock HTTP protocol (http_fast_path: false)")
+    missing = missing_peer_internals()
+    if not missing:
+        from nanofleet.agent.api.protocol import PeerHttpProtocol
 
-    return AgentHttpProtocol
+        return PeerHttpProtocol
+    log.error("socket API cannot read its peers' uid on this uvicorn (%s): the offline queue refuses unix-socket "
+              "callers (503 queue_unavailable, reason peer_unknown) rather than show every user's entries to all; "
+              "pin uvicorn to the range in pyproject.toml", ", ".join(missing))
+    return "httptools"

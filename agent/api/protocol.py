@@ -11,6 +11,9 @@
    shutdown (the task is one of the server's) behave as under uvicorn.
 3. The unix-socket peer's uid (SO_PEERCRED, agent/api/peer.py) is read once per connection and given to every
    request (ASGI scope key `nanofleet.peer_uid`): the offline queue's entries are visible only to their owner.
+
+`PeerHttpProtocol` is uvicorn's stock protocol with only change 3, for when the fast path is off or does not fit
+this uvicorn: it wraps the protocol's ASGI app per connection (`self.app`, read when each request's cycle starts).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from nanofleet.agent.api.app import header_dict
-from nanofleet.agent.api.peer import PEER_KEY, peer_uid
+from nanofleet.agent.api.peer import PEER_KEY, WithPeer, peer_uid
 
 _CHAT = b"/v1/chat/completions"
 
@@ -135,3 +138,11 @@ class AgentHttpProtocol(HttpToolsProtocol):
         if not cycle.keep_alive:
             self.transport.close()
         self.on_response_complete()
+
+
+class PeerHttpProtocol(HttpToolsProtocol):
+    """uvicorn's stock protocol, plus the peer's uid in each request's scope (nothing else differs)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.app = WithPeer(self.app, peer_uid(transport.get_extra_info("socket")))

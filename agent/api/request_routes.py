@@ -3,7 +3,8 @@
 Each entry belongs to the uid of the socket peer that queued it (SO_PEERCRED, read by the HTTP protocol when the
 connection is made): another uid gets 404 for it, as if it did not exist; root sees every entry. Peers on the
 optional loopback TCP listener have no peer credentials: they share one owner of their own (`TCP_UID`) and never
-see an entry queued over the unix socket.
+see an entry queued over the unix socket. A unix-socket peer whose uid could not be read gets 503
+`queue_unavailable`, reason `peer_unknown` (agent/api/peer.py): fail closed, never a shared owner.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from starlette.responses import Response
 
 from nanofleet.agent.api.app import JsonAnswer
 from nanofleet.agent.api.errors import ApiError
-from nanofleet.agent.api.peer import scope_uid
+from nanofleet.agent.api.peer import owner
 from nanofleet.agent.queue.schedule import STATES
 from nanofleet.agent.queue.store import QueueStore
 
@@ -55,7 +56,8 @@ def install(app: FastAPI) -> None:
              summary="A queued request: state, attempts, route, reason, and the result when done (?wait=s)")
     async def get_request(request: Request, request_id: str) -> Response:
         wait = _number(request, "wait", 0.0, 0.0, MAX_WAIT_S)
-        store, uid = queue(), scope_uid(request)
+        store = queue()
+        uid = owner(request.scope, store.counts)
         entry = await (store.wait(request_id, uid, wait) if wait > 0 else store.get(request_id, uid))
         return JsonAnswer(entry, "queue", entry["state"])
 
@@ -68,12 +70,14 @@ def install(app: FastAPI) -> None:
                            code="invalid_query")
         limit = int(_number(request, "limit", 50, 1, MAX_PAGE))
         after = int(_number(request, "after", 0, 0, 2 ** 62))
-        entries, cursor = await queue().entries(scope_uid(request), state=state,
-                                             app=request.query_params.get("app"), limit=limit, after=after)
+        store = queue()
+        entries, cursor = await store.entries(owner(request.scope, store.counts), state=state,
+                                              app=request.query_params.get("app"), limit=limit, after=after)
         return JsonAnswer({"object": "list", "data": entries, "next_after": cursor}, "queue", "list")
 
     @app.delete("/v1/requests/{request_id}", tags=["queue"], responses=_errors(404, 409, 503),
                 summary="Cancel a request that is still queued (not one already running)")
     async def cancel_request(request: Request, request_id: str) -> Response:
-        entry = await queue().cancel(request_id, scope_uid(request))
+        store = queue()
+        entry = await store.cancel(request_id, owner(request.scope, store.counts))
         return JsonAnswer(entry, "queue", "cancelled")

@@ -8,6 +8,9 @@ endpoint down: the answer lists it under `errors`, the failure is logged with it
 The cloud route's `state` tells apart `unknown` (no call yet), `serving`, `unreachable` (transport), `not_serving`
 (the gateway answers but says its upstream cannot serve) and `refused` (it refused this device's token), with `why`
 in the gateway's words; `reachable`, `serving` and `refused` are what the router sees now (the breaker's view).
+
+`queue` (also under `routes.queue`) is the offline queue's own figures; `slots_waiting` is the other, distinct
+thing: requests waiting in memory for a local model slot.
 """
 
 from __future__ import annotations
@@ -53,16 +56,25 @@ def cloud_route(dispatcher: Dispatcher) -> dict[str, Any]:
             "retry_in": round(float(getattr(cloud, "retry_in", 0.0) or 0.0), 1)}
 
 
+def queue_route(dispatcher: Dispatcher) -> dict[str, Any]:
+    """The offline queue as the store sees it (availability, depth, oldest age, bytes, limits, counters)."""
+    if dispatcher.queue is None:
+        return {"available": False, "reason": "this agent has no offline queue", "depth": 0}
+    return dispatcher.queue.status()
+
+
 def routes_section(dispatcher: Dispatcher) -> dict[str, Any]:
     st = dispatcher.models.status()
     adm = dispatcher.admission
+    queue = queue_route(dispatcher)
     return {
         "routes": {
             "local": {"healthy": st.availability != "unavailable" and not st.reason, "reason": st.reason},
             "cloud": cloud_route(dispatcher),
-            "queue": {"available": False, "reason": "the offline queue is not available in this agent yet"},
+            "queue": queue,
         },
-        "queue_depth": adm.waiting,
+        "queue": queue,
+        "slots_waiting": adm.waiting,
         "concurrency": {"active": adm.active, "waiting": adm.waiting, "slots": adm.slots,
                         "max_waiting": adm.max_waiting},
     }

@@ -6,6 +6,7 @@ cloud); the order comes from `schedule.plan` (FIFO per app, round-robin across a
 An entry is marked `running` on disk before it runs (a crash then re-runs it once, under the same request_id);
 what follows a failure comes from `schedule.after_failure`: a closed route defers it without using an attempt, a
 transient failure retries with backoff (never sooner than the backend's Retry-After), anything else ends `failed`.
+An outcome the store cannot record yet (a full disk) is kept and written again with backoff, never dropped.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from nanofleet.agent.errors import QueueDiskFull, QueueUnavailable
 from nanofleet.agent.queue.schedule import RetryPolicy, after_failure, plan
 from nanofleet.agent.queue.store import QueueStore
+from nanofleet.backoff import backoff
 from nanofleet.tasks import TaskSupervisor
 
 log = logging.getLogger("nanofleet.agent.queue")
 DEFER_CAP_S = 5.0   # a closed route is looked at again at least this often (the breaker decides when to probe)
+SETTLE_RETRY_S, SETTLE_RETRY_CAP_S = 0.2, 10.0  # recording an outcome the store refused (e.g. a full disk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,10 +118,29 @@ class Drainer:
             log.exception("queued request %s: run failed", rid)
             self.counts["run_errors"] += 1
             outcome = Outcome("retry", reason="internal_error", error=f"{type(exc).__name__}: {exc}")
-        await self._settle(rid, attempts, outcome)
+        await self._settle_durably(rid, attempts, outcome)
+
+    async def _settle_durably(self, rid: str, attempts: int, outcome: Outcome) -> None:
+        """Record the outcome; a commit the store refuses (full disk, a failed write) is tried again with backoff,
+        the entry held `running` and its slot taken meanwhile (a full disk slows draining; it loses no result).
+        Only a closed store ends it: the entry is then run again after the restart, as after a crash."""
+        failures = 0
+        while True:
+            try:
+                await self._settle(rid, attempts, outcome)
+                return
+            except (QueueDiskFull, QueueUnavailable) as exc:
+                if self.store.closed:
+                    raise
+                self.store.counts["settle_retries"] += 1  # shown in /v1/status queue.counters
+                if failures % 10 == 0:
+                    log.warning("queued request %s: its %s could not be recorded (%s); trying again", rid,
+                                outcome.kind, exc.message)
+                delay = backoff(failures, SETTLE_RETRY_S, SETTLE_RETRY_CAP_S)
+                failures += 1
+                await asyncio.sleep(delay)
 
     async def _settle(self, rid: str, attempts: int, outcome: Outcome) -> None:
-        self.counts[outcome.kind] += 1
         if outcome.kind == "done":
             await self.store.finish(rid, outcome.route, outcome.reason, outcome.result or {})
         elif outcome.kind == "defer":
@@ -130,4 +153,5 @@ class Drainer:
                 await self.store.requeue(rid, verdict.delay_s, outcome.reason)
             else:
                 await self.store.fail(rid, outcome.route, verdict.reason, outcome.error or verdict.reason)
+        self.counts[outcome.kind] += 1
 

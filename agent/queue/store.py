@@ -38,6 +38,7 @@ from nanofleet.sqlite_db import DatabaseClosed, Writer
 log = logging.getLogger("nanofleet.agent.queue")
 ROOT_UID = 0
 TCP_UID = -1      # peers on the optional loopback TCP listener: no SO_PEERCRED, one owner of their own
+PEER_UNKNOWN = -2  # a unix-socket peer whose uid could not be read: may queue nothing, sees nothing
 ACTIVE = ("queued", "running")
 
 MIGRATIONS = [("001_requests", """
@@ -365,6 +366,10 @@ class QueueStore:
     def depth(self) -> int:
         """Entries not finished (queued + running)."""
         return self._depth
+
+    @property
+    def closed(self) -> bool:
+        return self._writer.closed
 
     def oldest_age_s(self) -> float:
         row = self._writer.read(lambda c: c.execute(

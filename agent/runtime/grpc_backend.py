@@ -31,6 +31,7 @@ the route and one probe goes through after the cooldown.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -53,6 +54,8 @@ from nanofleet.agent.runtime.base import (
 )
 from nanofleet.agent.runtime.breaker import CircuitBreaker
 from nanofleet.protos import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger("nanofleet.agent.runtime")
 
 _TRANSPORT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -154,6 +157,11 @@ class GrpcBackend(Backend):
         self.state: RouteState = "unknown"
         self.why = ""              # the server's (or the transport's) words for `state`
         self.served_model = ""     # the model named in the last answer
+        # called when the route may have opened (back to serving; the breaker's cooldown over, a probe may go):
+        # the offline queue's drainer looks at its entries then, not at its next tick
+        self.on_open: Callable[[], None] | None = None
+        self.on_open_errors = 0
+        self._half_open: asyncio.TimerHandle | None = None
 
     @property
     def reachable(self) -> bool:
@@ -246,11 +254,36 @@ class GrpcBackend(Backend):
         return self._error(exc, probe)
 
     def _set_state(self, state: RouteState, why: str = "") -> None:
-        self.state, self.why = state, why
+        was, self.state, self.why = self.state, state, why
+        if state == "serving" and was != "serving":
+            self._opened()
+
+    def _breaker_failure(self, probe: bool) -> None:
+        """The breaker's verdict; when it (re)opens, `on_open` is called again as its cooldown ends."""
+        self.breaker.failure(self._clock(), probe)
+        if self.breaker.open_until is None or self.on_open is None:
+            return
+        if self._half_open is not None:
+            self._half_open.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a sync caller): the drainer's tick still looks later
+            return
+        self._half_open = loop.call_later(self.breaker.retry_in(self._clock()) + 0.01, self._opened)
+
+    def _opened(self) -> None:
+        self._half_open = None
+        if self.on_open is None:
+            return
+        try:
+            self.on_open()
+        except Exception:  # a hook's bug must not break the call that reported the route open: logged, counted
+            self.on_open_errors += 1
+            log.exception("%s (%s): the on_open hook failed", self.name, self.address)
 
     def _not_serving(self, exc: grpc.aio.AioRpcError, health: tuple[str, str], probe: bool) -> BackendError:
         detail, (status, health_detail) = exc.details() or "", health
-        self.breaker.failure(self._clock(), probe)
+        self._breaker_failure(probe)
         why = detail if not health_detail or health_detail in detail else f"{detail} ({health_detail})"
         self._set_state("not_serving", f"{why} [health: {status}]")
         self.last_error = f"not serving: {self.why}"
@@ -265,13 +298,13 @@ class GrpcBackend(Backend):
         code, detail = exc.code(), exc.details() or ""
         where = f"{self.name} ({self.address})"
         if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-            self.breaker.failure(self._clock(), probe)  # a revoked token stays refused: probe after the cooldown
+            self._breaker_failure(probe)  # a revoked token stays refused: probe after the cooldown
             self._set_state("refused", f"{code.name}: {detail}")
             self.last_error = f"refused: {self.why}"
             return GatewayRefused(f"{where} refused: {detail}", retry_after=max(self.retry_in, 1.0))
         if code in _TRANSPORT:
             self._set_state("unreachable", f"{code.name}: {detail}")
-            self.breaker.failure(self._clock(), probe)
+            self._breaker_failure(probe)
             if self.breaker.open_until is not None:
                 self._drop_channel()
             self.last_error = f"unreachable: {code.name}: {detail}"
@@ -377,6 +410,9 @@ class GrpcBackend(Backend):
         return int(resp.total_tokens)
 
     async def close(self) -> None:
+        if self._half_open is not None:
+            self._half_open.cancel()
+            self._half_open = None
         if self._channel is not None:
             await self._channel.close()
             self._channel, self._stub = None, None

@@ -109,6 +109,8 @@ class ModelManager:
         self.tokens_per_s = 0.0
         self.loads = 0
         self.file = resolve(spec, cache_dir)
+        self.on_ready: Callable[[], None] | None = None  # a load finished: the offline queue may drain locally
+        self.on_ready_errors = 0
 
     def _llama(self, file: ModelFile, spec: ModelSpec) -> Backend:
         return LlamaBackend(file.path, model_name=file.name, private_dir=self.private_dir, n_ctx=spec.n_ctx,
@@ -183,9 +185,20 @@ class ModelManager:
             if self.warmup:
                 await self._warm_up(backend)
             self.reason = ""
+            self.refused_at = 0.0  # loaded: the rest after an earlier refusal is over (the router may send again)
             self.loads += 1
             self._loaded = _Loaded(backend)
+            self._ready()
             return self._loaded
+
+    def _ready(self) -> None:
+        if self.on_ready is None:
+            return
+        try:
+            self.on_ready()
+        except Exception:  # a hook's bug must not fail the load that just succeeded: logged, counted
+            self.on_ready_errors += 1
+            log.exception("model %s: the on_ready hook failed", self.spec.source)
 
     async def _warm_up(self, backend: Backend) -> None:
         """One token, so the first request does not pay llama.cpp's first-call costs. A model that cannot produce

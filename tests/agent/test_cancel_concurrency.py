@@ -72,7 +72,8 @@ async def test_parallel_slots_then_fair_wait_then_429(small_queue: AgentService)
                                                                           "max_tokens": 4}))
         await until(lambda: svc.dispatcher.admission.waiting == 1, what="third request to wait")
         status = (await c.get("/v1/status")).json()
-        assert status["queue_depth"] == 1 and status["concurrency"]["active"] == 2
+        assert status["slots_waiting"] == 1 and status["concurrency"]["active"] == 2
+        assert status["queue"]["depth"] == 0  # the offline queue is another thing: nothing queued
         r = await c.post("/v1/chat/completions", json={**LONG, "stream": False})
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"

@@ -11,7 +11,7 @@ import pytest
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from nanofleet.agent.api import fastpath
-from nanofleet.agent.api.protocol import AgentHttpProtocol
+from nanofleet.agent.api.protocol import AgentHttpProtocol, PeerHttpProtocol
 from nanofleet.agent.service import AgentService
 from nanofleet.agent.settings import AgentSettings
 from tests.agent.conftest import uds_client
@@ -22,6 +22,15 @@ def test_installed_uvicorn_has_everything_the_fast_protocol_uses() -> None:
     # the pin in pyproject.toml (the agent falls back to the stock protocol meanwhile, see the tests below).
     assert fastpath.missing_internals() == []
     assert fastpath.choose_http_protocol(True) is AgentHttpProtocol
+    assert fastpath.missing_peer_internals() == []  # the stock protocol can carry the peer's uid too
+
+
+def test_the_stock_protocols_peer_hook_names_what_moved(monkeypatch: pytest.MonkeyPatch) -> None:
+    def on_headers_complete(self: Any) -> None:  # a uvicorn that builds its cycles from something else
+        self.handler = None
+
+    monkeypatch.setattr(HttpToolsProtocol, "on_headers_complete", on_headers_complete)
+    assert fastpath.missing_peer_internals() == ["HttpToolsProtocol.on_headers_complete() reading self.app"]
 
 
 def test_a_moved_internal_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,9 +58,9 @@ def test_incompatible_uvicorn_falls_back_with_a_warning(monkeypatch: pytest.Monk
                                                         caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.delattr(HttpToolsProtocol, "on_response_complete")
     with caplog.at_level(logging.WARNING, logger="nanofleet.agent.api"):
-        assert fastpath.choose_http_protocol(True) == "httptools"
+        assert fastpath.choose_http_protocol(True) is PeerHttpProtocol  # stock, with the peer's uid
     assert "on_response_complete" in caplog.text and "stock HTTP protocol" in caplog.text
-    assert fastpath.choose_http_protocol(False) == "httptools"
+    assert fastpath.choose_http_protocol(False) is PeerHttpProtocol
 
 
 async def test_the_fallback_switch_serves_on_the_stock_protocol(
@@ -59,7 +68,7 @@ async def test_the_fallback_switch_serves_on_the_stock_protocol(
     svc = AgentService(make_settings(http_fast_path=False))
     await svc.start()
     try:
-        assert svc._server is not None and svc._server.config.http == "httptools"
+        assert svc._server is not None and svc._server.config.http is PeerHttpProtocol
         async with uds_client(svc.settings.socket_path) as c:
             r = await c.post("/v1/chat/completions",
                              json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})

@@ -20,6 +20,7 @@ import pytest
 from nanofleet.agent.service import AgentService
 from nanofleet.agent.settings import AgentSettings
 from tests.agent.conftest import CHAT, uds_client
+from tests.conftest import until
 from tests.telemetry.fake_sysfs import FakeSysfs
 
 LOCAL_ONLY = {**CHAT, "nanofleet": {"mode": "local_only", "app": "com.example.notes"}}
@@ -61,6 +62,12 @@ async def test_queued_round_trip_hot_then_cool(make_settings: Callable[..., Agen
             st = svc.queue.status()
             assert st["available"] and st["depth"] == 2 and st["counters"]["enqueued"] == 3
             assert svc.agent_metrics().queue_depth == 2 and svc.agent_metrics().slots_waiting == 0
+            status = (await c.get("/v1/status")).json()  # the queue as /v1/status shows it, apart from slots
+            assert status["routes"]["queue"]["available"] is True and status["slots_waiting"] == 0
+            q = status["queue"]
+            assert (q["depth"], q["counters"]["enqueued"], q["counters"]["cancelled"]) == (2, 3, 1), q
+            assert q["oldest_age_s"] >= 0 and q["bytes"] > 0 and q["limits"]["max_items"] == 10_000
+            assert "queue_depth" not in status
 
             sysfs.set(temp_c=40.0)  # it cools: the sampler sees it, kicks the drainer
             seen = []
@@ -85,12 +92,15 @@ async def test_queued_round_trip_hot_then_cool(make_settings: Callable[..., Agen
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast_protocol", "stock_protocol"])
 async def test_another_uid_sees_only_its_own_entries(make_settings: Callable[..., AgentSettings],
-                                                     tmp_path: Path) -> None:
+                                                     tmp_path: Path, fast_path: bool) -> None:
+    """On the fast protocol and on uvicorn's stock one (`http_fast_path: false`) alike."""
     sysfs = FakeSysfs(tmp_path / "sys")
     sysfs.set(temp_c=95.0)
     run_dir = Path(tempfile.mkdtemp(prefix="nf-queue-"))  # pytest's tmp is root-only: the other user needs a path
-    svc = AgentService(make_settings(sysfs_root=sysfs.root, socket_path=run_dir / "a.sock"), warmup=False)
+    svc = AgentService(make_settings(sysfs_root=sysfs.root, socket_path=run_dir / "a.sock",
+                                     http_fast_path=fast_path), warmup=False)
     await svc.start()
     try:
         sock = svc.settings.socket_path
@@ -124,6 +134,34 @@ async def test_another_uid_sees_only_its_own_entries(make_settings: Callable[...
     finally:
         await svc.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+async def test_a_unix_peer_that_cannot_be_known_is_refused_not_shared(
+        make_settings: Callable[..., AgentSettings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A uvicorn whose internals moved: neither the fast protocol nor the stock one with peer credentials can be
+    used, so no request carries its peer's uid. Queueing and /v1/requests then fail closed (503, `peer_unknown`)
+    rather than give every local user one shared owner; routes that need no owner still serve."""
+    from nanofleet.agent.api import fastpath
+
+    monkeypatch.setattr(fastpath, "_MODULE", "uvicorn.protocols.http.moved_away")
+    assert fastpath.choose_http_protocol(True) == "httptools"
+    sysfs = FakeSysfs(tmp_path / "sys")
+    sysfs.set(temp_c=95.0)
+    svc = AgentService(make_settings(sysfs_root=sysfs.root), warmup=False)
+    await svc.start()
+    try:
+        async with uds_client(svc.settings.socket_path) as c:
+            for r in (await c.post("/v1/chat/completions", json=LOCAL_ONLY), await c.get("/v1/requests"),
+                      await c.get("/v1/requests/req_x"), await c.delete("/v1/requests/req_x")):
+                assert (r.status_code, r.json()["error"]["code"], r.headers["x-nanofleet-reason"]) == (
+                    503, "queue_unavailable", "peer_unknown"), r.text
+            assert svc.queue.depth == 0 and svc.queue.counts["peer_unknown"] == 4
+            sysfs.set(temp_c=40.0)
+            await until(lambda: svc._device.thermal_level == 0, within=15, what="the device to cool")
+            r = await c.post("/v1/chat/completions", json=LOCAL_ONLY)
+            assert (r.status_code, r.headers["x-nanofleet-route"]) == (200, "local"), r.text
+    finally:
+        await svc.stop()
 
 
 async def test_without_a_socket_peer_the_asgi_path_is_one_owner(asgi: httpx.AsyncClient) -> None:

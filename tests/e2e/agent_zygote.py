@@ -2,7 +2,8 @@
 stdin and prints its pid. Each child is the real `AgentService` on its real socket and files — only the Python
 start-up (seconds of imports on a small machine) is paid once, so fifty crashes fit in a minute.
 
-Usage: python -m tests.e2e.agent_zygote AGENT_YAML   (children are reaped by the kernel: SIGCHLD ignored)
+Usage: python -m tests.e2e.agent_zygote AGENT_YAML   (children are reaped by the kernel: SIGCHLD ignored); a line
+`start OTHER.yaml` starts one agent on another settings file (a test's own data dir or limits).
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ def main() -> None:
     config = sys.argv[1]
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     for line in sys.stdin:
-        if line.strip() != "start":
+        words = line.split()
+        if not words or words[0] != "start":
             continue
+        settings = words[1] if len(words) > 1 else config
         pid = os.fork()
         if pid == 0:  # the agent: no threads or loops exist yet in this process, so forking here is safe
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             code = 1
             try:
-                asyncio.run(AgentService(load_agent_settings(config)).run(ready=lambda _line: None))
+                asyncio.run(AgentService(load_agent_settings(settings)).run(ready=lambda _line: None))
                 code = 0
             finally:
                 os._exit(code)

@@ -325,8 +325,10 @@ def test_the_cloud_route_comes_back_when_the_gateway_does(stack: Stack) -> None:
     before = len(stack.fake.calls())
 
     def answered() -> httpx.Response | None:
+        # `queue: deny`: a poll allowed to wait would be queued (202) and drained by the agent itself as soon as
+        # the breaker's cooldown ends — more Gemini calls than this one (tests/e2e/test_queue_faults.py covers that)
         with stack.phone.client() as c:
-            r = chat(c, "back again", CLOUD_ONLY)
+            r = chat(c, "back again", {**CLOUD_ONLY, "queue": "deny"})
         return r if r.status_code == 200 else None
 
     # the breaker's cooldown is 5 s: by then the agent must try the gateway again

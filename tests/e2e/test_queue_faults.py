@@ -7,6 +7,13 @@ gateway process sits a TCP relay the test cuts and restores (the gateway "goes a
    ends `done` exactly once with its result, none is lost, and Gemini saw each cloud request at most once (the
    entry id is the gateway request_id, so a drain cut after the cloud answered is not charged twice).
 2. The relay cut → `cloud_only` requests queue (`gateway_unreachable`); restored → they drain through the gateway.
+3. The device heats (fake sysfs) → `local_only` requests queue; it cools → they drain locally.
+4. The disk fills (a small tmpfs when the test may mount one, else `queue_max_file_bytes`): 507 `queue_disk_full`,
+   a local request is still answered 200 meanwhile, and every entry acknowledged before ends `done` once space
+   returns and the agent restarts.
+5. Restart with entries queued, one of them `running` (its cloud call in flight at a slow Gemini): draining resumes
+   after the restart, that entry runs again (`restarts` 1) and Gemini sees its prompt once (the gateway's
+   request_id idempotency answers the re-run).
 """
 
 from __future__ import annotations
@@ -107,11 +114,13 @@ class Stack:
     socket: Path
     zygote: subprocess.Popen[str]
     gateway: Proc
+    config: dict[str, Any]
     pid: int = 0
 
-    def start_agent(self) -> None:
+    def start_agent(self, config: Path | None = None) -> None:
+        """A real agent process, on the stack's agent.yaml or on `config`."""
         assert self.zygote.stdin is not None and self.zygote.stdout is not None
-        self.zygote.stdin.write("start\n")
+        self.zygote.stdin.write(f"start {config}\n" if config else "start\n")
         self.zygote.stdin.flush()
         self.pid = int(self.zygote.stdout.readline())
 
@@ -139,16 +148,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Iterator
     sysfs = FakeSysfs(tmp / "sys")
     sock = tmp / "run" / "q.sock"
     config = tmp / "agent.yaml"
-    config.write_text(yaml.safe_dump({
+    settings: dict[str, Any] = {
         "fleet": "e2e", "device_id": "q-1", "data_dir": str(tmp / "data"), "socket_path": str(sock),
         "broker_url": None, "gateway_address": f"127.0.0.1:{relay.port}", "gateway_token": token,
         "model": {"source": f"file:{tiny_gguf}", "n_ctx": 256, "n_parallel": 2, "keep_alive": -1},
-        "sysfs_root": str(sysfs.root)}))
+        "sysfs_root": str(sysfs.root)}
+    config.write_text(yaml.safe_dump(settings))
     log = (tmp / "agent.log").open("ab")
     zygote = subprocess.Popen([sys.executable, "-m", "tests.e2e.agent_zygote", str(config)], cwd=ROOT,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                               env=clean_env())
-    s = Stack(fake, relay, sysfs, sock, zygote, gateway)
+    s = Stack(fake, relay, sysfs, sock, zygote, gateway, settings)
     try:
         gateway.wait_ready()
         yield s
@@ -304,3 +314,142 @@ async def test_gateway_away_queues_cloud_requests_and_they_drain_when_it_returns
             assert (e["state"], e["route"]) == ("done", "cloud"), e
         assert time.monotonic() - back < 15
     stack.kill_agent()
+
+
+def upstream_calls(stack: Stack, text: str) -> int:
+    """How many times Gemini was asked a prompt containing `text` (each is a charge)."""
+    return sum(1 for call in stack.fake.calls() if text in json.dumps(call.body))
+
+
+async def test_device_heats_local_only_queues_and_drains_locally_when_it_cools(stack: Stack) -> None:
+    stack.sysfs.set(temp_c=95.0)
+    stack.relay.up = True
+    stack.start_agent()
+    await serving(stack)
+    async with stack.client() as c:
+        ids = []
+        for i in range(3):
+            r = await c.post("/v1/chat/completions", json=body(f"heat-{i}-end", "local_only"))
+            assert (r.status_code, r.headers["x-nanofleet-route"]) == (202, "queue"), r.text
+            assert r.headers["x-nanofleet-reason"].startswith("thermal_"), r.headers
+            ids.append(r.json()["id"])
+        assert (await c.get("/v1/status")).json()["queue"]["depth"] >= 3
+        cooled = time.monotonic()
+        stack.sysfs.set(temp_c=40.0)  # the agent's sampler sees it within its 2 s period and kicks the drainer
+        for rid in ids:
+            e = await finished(c, rid, within=20)
+            assert (e["state"], e["route"]) == ("done", "local"), e
+            assert e["result"]["usage"]["completion_tokens"] >= 1
+        assert time.monotonic() - cooled < 15
+    stack.kill_agent()
+    assert all(upstream_calls(stack, f"heat-{i}-end") == 0 for i in range(3))  # local_only never left the device
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path) -> Iterator[tuple[Path, dict[str, Any], Any]]:
+    """A data dir whose disk fills: a 320 KB tmpfs when this process may mount one (root), else a `queue.db` capped
+    by `queue_max_file_bytes` (SQLite's max_page_count). Yields (data dir, settings to add, give_space())."""
+    data = folder / "small-disk"
+    data.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k,mode=0700", "tmpfs", str(data)],
+                             capture_output=True, check=False).returncode == 0 if os.geteuid() == 0 else False
+    extra: dict[str, Any] = {} if mounted else {"queue_max_file_bytes": 160 * 1024}
+
+    def give_space() -> None:
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,size=16m", str(data)], check=True, capture_output=True)
+        else:
+            extra.pop("queue_max_file_bytes")
+
+    try:
+        yield data, extra, give_space
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(data)], check=False, capture_output=True)
+
+
+async def test_disk_full_is_a_507_other_routes_serve_and_nothing_acknowledged_is_lost(
+        stack: Stack, tmp_path: Path) -> None:
+    stack.sysfs.set(temp_c=40.0)
+    stack.relay.cut()  # the cloud is away: cloud_only requests queue, the local model serves
+    with small_disk(tmp_path) as (data, extra, give_space):
+        config = tmp_path / "agent-small.yaml"
+        config.write_text(yaml.safe_dump({**stack.config, "data_dir": str(data), **extra}))
+        stack.start_agent(config)
+        await serving(stack)
+        acked: dict[str, str] = {}
+        async with stack.client() as c:
+            assert (await c.post("/v1/chat/completions", json=body("full-0-end", "cloud_only"))).status_code == 503
+            full = None
+            for i in range(1, 400):
+                text = f"full-{i}-end " + "x" * 4000
+                r = await c.post("/v1/chat/completions", json=body(text, "cloud_only"))
+                if r.status_code == 202:
+                    acked[r.json()["id"]] = f"full-{i}-end"
+                    continue
+                full = r
+                break
+            assert full is not None, "the disk never filled"
+            assert (full.status_code, full.json()["error"]["code"], full.headers["retry-after"]) == (
+                507, "queue_disk_full", "60"), full.text
+            assert len(acked) >= 3, len(acked)
+            local = await c.post("/v1/chat/completions", json=body("full-local-end", "local_only"))
+            assert (local.status_code, local.headers["x-nanofleet-route"]) == (200, "local"), local.text
+            again = await c.post("/v1/chat/completions", json=body("full-again-end " + "y" * 4000, "cloud_only"))
+            assert again.status_code == 507, again.text
+            counters = (await c.get("/v1/status")).json()["queue"]["counters"]
+            assert counters["disk_full"] >= 2, counters
+        stack.kill_agent()
+        give_space()
+        config.write_text(yaml.safe_dump({**stack.config, "data_dir": str(data), **extra}))
+        stack.relay.up = True
+        stack.start_agent(config)
+        await serving(stack)
+        async with stack.client() as c:
+            for rid, text in acked.items():
+                e = await finished(c, rid, within=30)
+                assert (e["state"], e["route"]) == ("done", "cloud"), e
+                assert text in e["result"]["choices"][0]["message"]["content"]
+            listed = (await c.get("/v1/requests", params={"limit": 500})).json()["data"]
+            assert {e["id"] for e in listed} == set(acked)  # and nothing that got a 507 was queued after all
+        stack.kill_agent()
+    assert all(upstream_calls(stack, text) == 1 for text in acked.values())
+
+
+async def test_restart_resumes_draining_and_reruns_the_running_entry_once(stack: Stack) -> None:
+    from tests.gateway.fake_gemini import Reply
+
+    stack.sysfs.set(temp_c=95.0)  # only the cloud may serve these
+    stack.relay.cut()
+    stack.start_agent()
+    await serving(stack)
+    texts: dict[str, str] = {}
+    async with stack.client() as c:
+        assert (await c.post("/v1/chat/completions", json=body("rr-0-end", "cloud_only"))).status_code == 503
+        for i in range(1, 5):
+            r = await c.post("/v1/chat/completions", json=body(f"rr-{i}-end", "cloud_only"))
+            assert r.status_code == 202, r.text
+            texts[r.json()["id"]] = f"rr-{i}-end"
+        before = len(stack.fake.calls())
+        stack.fake.push(Reply(delay=4.0))  # the next upstream call hangs: its entry is `running` when we kill
+        stack.relay.up = True  # the breaker's cooldown ends within 5 s: the drainer's first entry is the probe
+        deadline = time.monotonic() + 15
+        while len(stack.fake.calls()) == before:
+            assert time.monotonic() < deadline, "no entry reached Gemini"
+            await asyncio.sleep(0.01)
+        slow_text = next(t for t in texts.values() if t in json.dumps(stack.fake.calls()[before].body))
+        slow = next(rid for rid, t in texts.items() if t == slow_text)
+        assert (await c.get(f"/v1/requests/{slow}")).json()["state"] == "running"
+    stack.kill_agent()
+    stack.start_agent()
+    await serving(stack)
+    async with stack.client() as c:
+        for rid, text in texts.items():
+            e = await finished(c, rid, within=30)
+            assert (e["state"], e["route"]) == ("done", "cloud"), e
+            assert text in e["result"]["choices"][0]["message"]["content"]
+        e = (await c.get(f"/v1/requests/{slow}")).json()
+        # run again after the crash, once: the cut attempt is counted in `restarts`, not against its attempts
+        assert (e["restarts"], e["attempts"]) == (1, 1), e
+    stack.kill_agent()
+    assert {t: upstream_calls(stack, t) for t in texts.values()} == {t: 1 for t in texts.values()}
