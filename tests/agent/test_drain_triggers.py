@@ -24,6 +24,11 @@ LONG_TICK_S = 60.0
 WITHIN_S = 3.0  # an entry kicked by its trigger is done well inside this (under load); the tick is 60 s away
 
 
+def denied(body: dict[str, Any]) -> dict[str, Any]:
+    """The same request with `queue: deny`: the failed try is the answer (queueing allowed, it would be queued)."""
+    return {**body, "nanofleet": {**body["nanofleet"], "queue": "deny"}}
+
+
 @pytest.fixture
 async def llama(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[LlamaBackend]:
     b = LlamaBackend(tiny_gguf, model_name="tiny", private_dir=tmp_path / "p", n_ctx=256, n_parallel=2)
@@ -62,7 +67,7 @@ async def test_a_successful_probe_drains_the_queue_at_once(make_settings: Callab
     try:
         async with uds_client(svc.settings.socket_path) as c:
             await gateway.stop()
-            assert (await c.post("/v1/chat/completions", json=CLOUD_ONLY)).status_code == 503  # breaker opens
+            assert (await c.post("/v1/chat/completions", json=denied(CLOUD_ONLY))).status_code == 503  # breaker opens
             r = await c.post("/v1/chat/completions", json=CLOUD_ONLY)
             assert (r.status_code, r.headers["x-nanofleet-reason"]) == (202, "gateway_unreachable"), r.text
             rid = r.json()["id"]
@@ -86,7 +91,7 @@ async def test_the_breakers_cooldown_ending_drains_with_no_other_traffic(
     try:
         async with uds_client(svc.settings.socket_path) as c:
             await gateway.stop()
-            assert (await c.post("/v1/chat/completions", json=CLOUD_ONLY)).status_code == 503
+            assert (await c.post("/v1/chat/completions", json=denied(CLOUD_ONLY))).status_code == 503
             r = await c.post("/v1/chat/completions", json=CLOUD_ONLY)
             assert r.status_code == 202, r.text
             opened = time.monotonic()
@@ -103,7 +108,7 @@ async def test_the_model_loading_drains_local_only_entries(make_settings: Callab
     svc = await _start(AgentService(make_settings(), warmup=False, free_ram=lambda: free["bytes"]))
     try:
         async with uds_client(svc.settings.socket_path) as c:
-            r = await c.post("/v1/chat/completions", json=LOCAL_ONLY)
+            r = await c.post("/v1/chat/completions", json=denied(LOCAL_ONLY))
             assert (r.status_code, r.json()["error"]["code"]) == (503, "insufficient_ram")
             r = await c.post("/v1/chat/completions", json=LOCAL_ONLY)  # the local route rests: queued
             assert (r.status_code, r.headers["x-nanofleet-reason"]) == (202, "model_unavailable"), r.text

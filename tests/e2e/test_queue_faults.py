@@ -180,6 +180,11 @@ def body(text: str, mode: str) -> dict[str, Any]:
             "nanofleet": {"mode": mode, "app": f"app-{mode}"}}
 
 
+def denied(b: dict[str, Any]) -> dict[str, Any]:
+    """`queue: deny`: the failed try that opens the breaker is answered, not queued after it."""
+    return {**b, "nanofleet": {**b["nanofleet"], "queue": "deny"}}
+
+
 async def serving(stack: Stack) -> None:
     async def ok() -> bool:
         try:
@@ -224,7 +229,7 @@ async def test_kill_9_during_enqueues_and_drains_loses_nothing_and_charges_once(
                     if r.status_code == 202:
                         acked[r.json()["id"]] = text
 
-                await one("cloud_only")  # the refused call that opens the breaker (503, not queued)
+                await one("cloud_only")  # the refused call that opens the breaker (queued after its failed try)
                 burst = [asyncio.ensure_future(one(rng.choice(["local_only", "cloud_only"]))) for _ in range(24)]
                 await asyncio.sleep(rng.uniform(0.01, 0.25))
                 stack.kill_agent()
@@ -379,7 +384,8 @@ async def test_disk_full_is_a_507_other_routes_serve_and_nothing_acknowledged_is
         await serving(stack)
         acked: dict[str, str] = {}
         async with stack.client() as c:
-            assert (await c.post("/v1/chat/completions", json=body("full-0-end", "cloud_only"))).status_code == 503
+            opening = await c.post("/v1/chat/completions", json=denied(body("full-0-end", "cloud_only")))
+            assert opening.status_code == 503
             full = None
             for i in range(1, 400):
                 text = f"full-{i}-end " + "x" * 4000
@@ -425,7 +431,7 @@ async def test_restart_resumes_draining_and_reruns_the_running_entry_once(stack:
     await serving(stack)
     texts: dict[str, str] = {}
     async with stack.client() as c:
-        assert (await c.post("/v1/chat/completions", json=body("rr-0-end", "cloud_only"))).status_code == 503
+        assert (await c.post("/v1/chat/completions", json=denied(body("rr-0-end", "cloud_only")))).status_code == 503
         for i in range(1, 5):
             r = await c.post("/v1/chat/completions", json=body(f"rr-{i}-end", "cloud_only"))
             assert r.status_code == 202, r.text
