@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from google.protobuf import json_format
 from google.protobuf.message import Message as PbMessage
@@ -65,6 +65,13 @@ class DeviceSessionError(AgentError):
 
 class SampleSource(Protocol):
     def sample(self) -> fleet_pb2.Telemetry: ...
+
+
+@runtime_checkable
+class ReportsReadErrors(Protocol):
+    """A sample source that counts its failed reads (the real Collector); status() shows them."""
+
+    def status(self) -> dict[str, Any]: ...
 
 
 def to_json(msg: PbMessage) -> bytes:
@@ -205,11 +212,12 @@ class DeviceSession:
     def status(self) -> dict[str, Any]:
         """The MQTT side of /v1/status: connection, policy reception, counters, loops."""
         client_error = self.client.last_error if self.client is not None else None
+        sensors = self.collector.status() if isinstance(self.collector, ReportsReadErrors) else None
         return {"broker": self.settings.broker_url, "connected": self.connected,
                 "since": self.connected_since, "last_error": client_error or self.last_error or None,
                 "bd_seq": self.bd_seq, "telemetry_sent": self.sent, "telemetry_buffered": self._buffered,
                 "policy_error": self.policy_error or None, "counts": dict(self.counts),
-                "tasks": self.tasks.status()}
+                "tasks": self.tasks.status(), "sensors": sensors}
 
     # -- birth -----------------------------------------------------------------------------------------------------
     def birth(self) -> fleet_pb2.DeviceStatus:
