@@ -25,9 +25,9 @@ from gmqtt.mqtt.constants import MQTTv311
 from google.protobuf import json_format
 from google.protobuf.message import Message as PbMessage
 
-from nanofleet.agent.thermal import classify_thermal
 from nanofleet.backoff import Backoff
 from nanofleet.protos import fleet_pb2, topics
+from nanofleet.thermal import classify_thermal
 
 log = logging.getLogger("nanofleet.sim")
 Scenario = Literal["steady", "heatwave", "flaky-network"]

@@ -17,10 +17,10 @@ _SPELLED = re.compile(r'"none",\s*"light",\s*"moderate",\s*"severe"')
 
 
 def test_thermal_names_come_from_the_proto_enum() -> None:
-    from nanofleet.agent.thermal import level_name
     from nanofleet.config import THERMAL_LEVELS
     from nanofleet.controller.devstate import thermal_name
     from nanofleet.controller.web.format import THERMAL_ORDER
+    from nanofleet.thermal import level_name
 
     from_enum = tuple(n.removeprefix("THERMAL_LEVEL_").lower() for n in fleet_pb2.ThermalLevel.keys())  # noqa: SIM118
     assert from_enum == names.THERMAL_LEVELS
