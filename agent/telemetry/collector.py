@@ -14,11 +14,11 @@ import subprocess
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psutil
 
-from nanofleet.agent import thermal
+from nanofleet import thermal
 from nanofleet.agent.telemetry import sysfs
 from nanofleet.protos import fleet_pb2
 
@@ -90,7 +90,8 @@ class Collector:
             t.pi_throttled_flags = flags
         t.throttled = bool((freq and freq.capped) or sysfs.cooling_active(self.root)
                            or (flags is not None and sysfs.pi_throttled_now(flags)))
-        t.thermal_level = thermal.classify_device(((z.temp_c, z.trips) for z in zones), throttled=t.throttled)
+        level = thermal.classify_device(((z.temp_c, z.trips) for z in zones), throttled=t.throttled)
+        t.thermal_level = cast(fleet_pb2.ThermalLevel, level)  # protoc's stubs type the enum as a class: it is an int
         bat = sysfs.battery(self.root)
         if bat is not None:
             t.battery.present, t.battery.percent, t.battery.charging = True, bat.percent, bat.charging
