@@ -1,6 +1,6 @@
 """One simulated device: its own MQTT session (gmqtt, asyncio — no thread), speaking the agent's protocol.
 
-What it publishes is what `agent/device_session.py` publishes: a retained birth (DeviceStatus, online) after every
+What it publishes is what `agent/device_session/` publishes: a retained birth (DeviceStatus, online) after every
 CONNACK with the last will (offline, reason last_will) carrying the same bdSeq, telemetry with seq 0..255 restarting
 at each birth, a retained shutdown status on a clean stop. It follows its policy topic (a policy addressed to another
 fleet or device is refused and counted; a new version is applied and announced by a rebirth) and answers commands

@@ -44,7 +44,8 @@ def test_one_list_of_command_kinds_for_the_service_and_the_web_api() -> None:
 
 def test_the_agent_handles_exactly_the_command_kinds() -> None:
     """Every kind the agent's device session or service compares a command against, and nothing else."""
-    src = "\n".join((ROOT / "agent" / f).read_text(encoding="utf-8") for f in ("device_session.py", "service.py"))
+    files = [*sorted((ROOT / "agent" / "device_session").glob("*.py")), ROOT / "agent" / "service.py"]
+    src = "\n".join(f.read_text(encoding="utf-8") for f in files)
     handled = set(re.findall(r'\b(?:cmd|command)\.kind == "([a-z-]+)"', src))
     assert handled == set(names.COMMAND_KINDS)
 
