@@ -6,13 +6,17 @@ import asyncio
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from nanofleet.config import ConfigError
 
+if TYPE_CHECKING:
+    from nanofleet.agent.settings import AgentSettings
 
-def _settings(config: str | None, **overrides: object) -> object:
+
+def _settings(config: str | None, **overrides: object) -> AgentSettings:
     from nanofleet.agent.settings import load_agent_settings
 
     try:
@@ -44,7 +48,7 @@ def agent(config: str | None, device_id: str | None, socket_path: str | None, da
     settings = _settings(config, device_id=device_id, socket_path=socket_path, data_dir=data_dir)
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(AgentService(settings).run())  # type: ignore[arg-type]
+            runner.run(AgentService(settings).run())
     except (SocketError, AgentFatal) as exc:  # exit 1: systemd / `nanofleet up` restart the agent
         raise click.ClickException(str(exc)) from None
 
@@ -58,19 +62,20 @@ def _cache_dir(config: str | None, data_dir: str | None) -> Path:
     if data_dir:
         return Path(data_dir) / "models"
     if config:
-        return _settings(config).cache_dir  # type: ignore[attr-defined,no-any-return]
+        return _settings(config).cache_dir
     from nanofleet.agent.settings import default_data_dir
 
     return default_data_dir() / "models"
 
 
+F = TypeVar("F", bound=Callable[..., Any])
 _cache_options = [
     click.option("--config", type=click.Path(dir_okay=False), help="agent.yaml (its data_dir holds the cache)"),
     click.option("--data-dir", type=click.Path(file_okay=False), help="the agent's data folder"),
 ]
 
 
-def _with_cache(f):  # type: ignore[no-untyped-def]
+def _with_cache(f: F) -> F:
     for option in reversed(_cache_options):
         f = option(f)
     return f

@@ -7,7 +7,7 @@ these; only the HTTP layer (`agent/api/errors.py`) turns them into responses, by
     ├── SessionLimit                  too many Prompt-API sessions (sessions.py)
     ├── ModelFileError                a model file could not be fetched or verified (models/download.py)
     ├── SocketError                   the socket could not be served (unix_socket.py)
-    ├── DeviceSessionError            the MQTT device session (device_session.py)
+    ├── DeviceSessionError            the MQTT device session (device_session/)
     ├── PolicyError                   a policy refused (not addressed to this device) or its file unusable
     │                                 (device_policy.py: PolicyRefused, PolicyFileError)
     ├── AgentFatal                    a part the agent cannot run without died (the socket server): the process

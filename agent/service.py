@@ -25,11 +25,12 @@ import psutil
 import uvicorn
 from pydantic import ValidationError
 
-from nanofleet.agent import device_policy, thermal
+from nanofleet import thermal
+from nanofleet.agent import device_policy
 from nanofleet.agent.api import Dispatcher, create_app
 from nanofleet.agent.api.fastpath import choose_http_protocol
+from nanofleet.agent.device_session.hooks import AgentMetrics
 from nanofleet.agent.errors import AgentFatal
-from nanofleet.agent.hooks import AgentMetrics
 from nanofleet.agent.queue.drain import Drainer
 from nanofleet.agent.queue.store import Limits, QueueStore
 from nanofleet.agent.router import DeviceState, Policy

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from google.protobuf import json_format
 
 from nanofleet.controller.errors import CommandError, CommandNotSent, UnknownCommand
-from nanofleet.mqtt import MqttClient
+from nanofleet.mqtt import MqttClient, Publisher
 from nanofleet.protos import fleet_pb2, topics
 from nanofleet.protos.names import COMMAND_KINDS
 
@@ -52,7 +52,7 @@ class _Waiter:
 
 
 class CommandService:
-    def __init__(self, client: MqttClient, fleet: str, *, default_timeout_s: float = 10.0) -> None:
+    def __init__(self, client: Publisher, fleet: str, *, default_timeout_s: float = 10.0) -> None:
         self.client, self.fleet = client, fleet
         self.default_timeout_s = default_timeout_s
         self._waiters: dict[str, _Waiter] = {}
@@ -114,6 +114,7 @@ class CommandService:
         """Subscribe to the fleet's results on this client and feed them (for a client without ingest)."""
         from nanofleet.controller.decode import PayloadError, decode_result
 
+        assert isinstance(self.client, MqttClient), "listen() needs a subscribing client"
         self.client.subscribe([(topics.fleet_filter(self.fleet, "cmd/result"), 1)])
         async for msg in self.client.messages():
             try:

@@ -14,7 +14,7 @@ Exceptions: PayloadError(reason) (errors.py) — a rejected payload, with a shor
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 from google.protobuf import json_format
@@ -42,6 +42,12 @@ _INT_RANGES = {
 _FLOAT32 = msgspec.Meta(ge=-_F32, le=_F32)
 
 
+def _message_type(f: FieldDescriptor) -> Descriptor:
+    """The message type of a TYPE_MESSAGE field (protobuf types it Optional: it is None only for scalars)."""
+    assert f.message_type is not None, f.full_name
+    return f.message_type
+
+
 class _Message:
     """A msgspec Struct for one message type, plus what msgspec cannot check: integers given as JSON strings
     (proto3 JSON writes 64-bit ones that way) and their ranges, enum names, nested messages and maps."""
@@ -66,7 +72,7 @@ class _Message:
     def _type(self, f: FieldDescriptor) -> Any:
         """The JSON shape msgspec checks for `f`; None leaves the field out (unknown: goes to Parse)."""
         if f.type == FieldDescriptor.TYPE_MESSAGE:
-            entry = f.message_type
+            entry = _message_type(f)
             if entry.GetOptions().map_entry:
                 value = entry.fields_by_name["value"]
                 if value.type in _INT_RANGES:
@@ -98,11 +104,12 @@ class _Message:
         if t == FieldDescriptor.TYPE_STRING:
             return str
         if t == FieldDescriptor.TYPE_ENUM:
+            assert f.enum_type is not None, f.full_name  # set for every TYPE_ENUM field
             names = {v.name: v.number for v in f.enum_type.values}
             if name is None:
                 return None
             self.enums.append((name, names))
-            return Literal[tuple(names)] | Literal[tuple(set(names.values()))]  # type: ignore[misc]
+            return Literal[tuple(names)] | Literal[tuple(set(names.values()))]
         return None  # bytes: Parse
 
 
@@ -134,7 +141,7 @@ class _Message:
 def _default(f: FieldDescriptor) -> Any:
     """proto3's absent value; messages are None (an explicit null is refused: Parse decides that one)."""
     if f.type == FieldDescriptor.TYPE_MESSAGE:
-        return msgspec.field(default_factory=dict) if f.message_type.GetOptions().map_entry else None
+        return msgspec.field(default_factory=dict) if _message_type(f).GetOptions().map_entry else None
     if f.type in _INT_RANGES or f.type == FieldDescriptor.TYPE_ENUM:
         return 0
     if f.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
@@ -149,7 +156,8 @@ def _int(v: str) -> int:
     raise _Slow
 
 
-_TELEMETRY = _Message(fleet_pb2.Telemetry.DESCRIPTOR)
+# the generated stubs type DESCRIPTOR as the upb Descriptor too, which has the same API as the Python one
+_TELEMETRY = _Message(cast(Descriptor, fleet_pb2.Telemetry.DESCRIPTOR))
 
 
 def _parse_slow(payload: bytes, message: Any) -> Any:

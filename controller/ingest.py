@@ -132,7 +132,7 @@ class Ingest:
         else:
             inbox = self._inbox
             self.client = MqttClient(broker_url, client_id=client_id, username=username, password=password,
-                                     sink=lambda m: inbox.append((m.topic, m.payload)),
+                                     sink=lambda m: inbox.append((m.topic, bytes(m.payload))),
                                      on_connect=self._connected, on_disconnect=self._disconnected,
                                      max_queued=100_000, ca=ca)
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from nanofleet.config import THERMAL_LEVELS, FleetConfig
+from nanofleet.config import FleetConfig
 from nanofleet.controller.store import Store
 from nanofleet.controller.views import PublishedPolicy
-from nanofleet.mqtt import MqttClient
+from nanofleet.mqtt import Publisher
 from nanofleet.protos import fleet_pb2, topics
 
 _VOLATILE = ("version", "issued_at_ms")
@@ -33,7 +33,7 @@ def compile_policy(config: FleetConfig, device_id: str, version: int, issued_at_
     return fleet_pb2.RoutingPolicy(
         fleet=config.fleet, device_id=device_id, group=config.group_of(device_id) or "", version=version,
         issued_at_ms=issued_at_ms, prefer=r.prefer, cloud_allowed=r.cloud == "allowed",
-        thermal_limit=THERMAL_LEVELS.index(r.thermal_limit), min_free_ram_mb=r.min_free_ram_mb,
+        thermal_limit=f"THERMAL_LEVEL_{r.thermal_limit.upper()}", min_free_ram_mb=r.min_free_ram_mb,
         battery_floor_pct=r.battery_floor_pct, metered_network=r.metered_network,
         max_local_prompt_tokens=r.max_local_prompt_tokens,
         cloud_budget=fleet_pb2.CloudBudget(tokens_per_day=r.cloud_budget.tokens_per_day),
@@ -93,7 +93,7 @@ def target_devices(config: FleetConfig, store: Store) -> set[str]:
     return set(config.devices) | {d.device_id for d in store.list_devices() if d.fleet in ("", config.fleet)}
 
 
-async def publish(client: MqttClient, store: Store, changes: list[PolicyChange], *, within: float = 10) -> int:
+async def publish(client: Publisher, store: Store, changes: list[PolicyChange], *, within: float = 10) -> int:
     """Give `changes` the fleet's next version, publish them retained (QoS 1), record them. Returns the version."""
     if not changes:
         return 0
@@ -110,7 +110,7 @@ async def publish(client: MqttClient, store: Store, changes: list[PolicyChange],
     return version
 
 
-async def republish(client: MqttClient, store: Store, fleet: str, *, only: Iterable[str] | None = None,
+async def republish(client: Publisher, store: Store, fleet: str, *, only: Iterable[str] | None = None,
                     within: float = 10) -> int:
     """Publish last-published policies again, all or `only` some (retained messages vanish when a broker restarts
     empty; a live copy also tells a device the controller is listening)."""
@@ -121,7 +121,7 @@ async def republish(client: MqttClient, store: Store, fleet: str, *, only: Itera
     return len(futs)
 
 
-async def apply(client: MqttClient, store: Store, config: FleetConfig,
+async def apply(client: Publisher, store: Store, config: FleetConfig,
                 device_ids: Iterable[str] | None = None, *, new_only: bool = False) -> tuple[int, list[PolicyChange]]:
     """Publish what changed. `new_only`: only devices that never had a policy — the running controller's rule, so a
     later `nanofleet policy apply` is never undone by the fleet.yaml the controller happened to start with."""

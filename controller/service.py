@@ -216,6 +216,7 @@ class ControllerService:
         from nanofleet.controller.auth import ensure_operator_token
         from nanofleet.controller.web.app import create_app
 
+        assert self.store is not None, "the store opens before the web app starts"
         token, token_hash = await asyncio.to_thread(ensure_operator_token, self.data_dir)
         if token:
             self.echo(f"operator token: {token}  (shown once; stored hashed in {self.data_dir})")

@@ -16,7 +16,7 @@ COMMANDS: dict[str, str] = {
     "controller": "nanofleet.controller.cli:controller",
     "devices": "nanofleet.controller.cli:devices",
     "policy": "nanofleet.controller.cli:policy",
-    "enroll": "nanofleet.enroll:enroll",
+    "enroll": "nanofleet.controller.enroll:enroll",
     "gateway": "nanofleet.controller.gateway.cli:gateway",
     "sim": "nanofleet.sim:sim",
 }

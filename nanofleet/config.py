@@ -15,8 +15,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from nanofleet.protos import topics
-
-from nanofleet.protos.names import THERMAL_LEVELS as THERMAL_LEVELS  # re-exported: the policy compiler uses it
+from nanofleet.protos.names import THERMAL_LEVELS as THERMAL_LEVELS  # re-exported: the names fleet.yaml takes
 from nanofleet.protos.names import ThermalName
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -49,34 +48,34 @@ class _Model(BaseModel):
 
 
 class CloudBudget(_Model):
-    tokens_per_day: int = Field(200_000, ge=0)
+    tokens_per_day: int = Field(default=200_000, ge=0)
 
 
 class AppRule(_Model):
     privacy: Literal["normal", "sensitive"] = "normal"
     mode: Literal["prefer_local", "local_only", "cloud_only", "prefer_cloud"] | None = None
-    tokens_per_day: int | None = Field(None, ge=0, description="cloud budget for this app on each device")
+    tokens_per_day: int | None = Field(default=None, ge=0, description="cloud budget for this app on each device")
 
 
 class Routing(_Model):
     prefer: Literal["local", "cloud"] = "local"
     cloud: Literal["allowed", "denied"] = "allowed"
     thermal_limit: ThermalName = "severe"
-    min_free_ram_mb: int = Field(512, ge=0, le=1_048_576)
-    battery_floor_pct: int = Field(20, ge=0, le=100)
+    min_free_ram_mb: int = Field(default=512, ge=0, le=1_048_576)
+    battery_floor_pct: int = Field(default=20, ge=0, le=100)
     metered_network: Literal["local_only", "allowed"] = "local_only"
-    max_local_prompt_tokens: int = Field(6000, ge=1, le=10_000_000)
+    max_local_prompt_tokens: int = Field(default=6000, ge=1, le=10_000_000)
     cloud_budget: CloudBudget = CloudBudget()
     apps: dict[str, AppRule] = {}
 
 
 class ModelSpec(_Model):
-    source: str = Field("builtin:tiny-test", pattern=r"^(builtin:[a-z0-9-]+|hf://\S+|https?://\S+|file:\S+)$")
-    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    source: str = Field(default="builtin:tiny-test", pattern=r"^(builtin:[a-z0-9-]+|hf://\S+|https?://\S+|file:\S+)$")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     keep_alive: Duration | Literal[-1] = 300.0  # seconds idle before unloading; 0 = at once; -1 = keep loaded
-    n_ctx: int = Field(2048, ge=128, le=1_048_576)
-    n_parallel: int = Field(2, ge=1, le=64)
-    threads: int | None = Field(None, ge=1, le=1024, description="llama.cpp threads; None: llama.cpp's default")
+    n_ctx: int = Field(default=2048, ge=128, le=1_048_576)
+    n_parallel: int = Field(default=2, ge=1, le=64)
+    threads: int | None = Field(default=None, ge=1, le=1024, description="llama.cpp threads; None: llama.cpp's default")
 
     @model_validator(mode="after")
     def _remote_needs_hash(self) -> ModelSpec:
@@ -86,14 +85,14 @@ class ModelSpec(_Model):
 
 
 class QueueSpec(_Model):
-    max_items: int = Field(10_000, ge=1, le=10_000_000)
+    max_items: int = Field(default=10_000, ge=1, le=10_000_000)
     ttl: Duration = 86_400.0
 
 
 class Profile(_Model):
     """What one device runs: `defaults`, then its group's overrides, then its own."""
 
-    telemetry_interval_s: float = Field(10, gt=0, le=86_400)
+    telemetry_interval_s: float = Field(default=10, gt=0, le=86_400)
     model: ModelSpec = ModelSpec()
     routing: Routing = Routing()
     queue: QueueSpec = QueueSpec()
@@ -111,8 +110,9 @@ class DeviceEntry(_Model):
 
 
 class Broker(_Model):
-    url: str = Field("mqtt://127.0.0.1:1883", pattern=r"^mqtts?://[^/\s:]+(:\d{1,5})?/?$")
-    ca: Path | None = Field(None, description="the fleet's CA (PEM) for an mqtts:// broker; None: the system store")
+    url: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://[^/\s:]+(:\d{1,5})?/?$")
+    ca: Path | None = Field(default=None,
+                            description="the fleet's CA (PEM) for an mqtts:// broker; None: the system store")
 
     @model_validator(mode="after")
     def _ca_needs_tls(self) -> Broker:
@@ -124,11 +124,11 @@ class Broker(_Model):
 class Upstream(_Model):
     kind: Literal["gemini", "openai", "llamacpp"] = "gemini"
     model: str = "gemini-2.5-flash"
-    api_key_env: str = Field("GEMINI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_key_env: str = Field(default="GEMINI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     base_url: str | None = None
-    thinking_budget: int | None = Field(0, ge=-1, le=24_576)
+    thinking_budget: int | None = Field(default=0, ge=-1, le=24_576)
     timeout: Duration = 30.0
-    max_retries: int = Field(2, ge=0, le=10)
+    max_retries: int = Field(default=2, ge=0, le=10)
 
 
 class Price(_Model):
@@ -143,12 +143,12 @@ DEFAULT_PRICES = {
 
 
 class Budgets(_Model):
-    fleet_tokens_per_day: int | None = Field(None, ge=0)
-    app_tokens_per_day: int | None = Field(None, ge=0, description="default per-app cloud budget for the fleet")
+    fleet_tokens_per_day: int | None = Field(default=None, ge=0)
+    app_tokens_per_day: int | None = Field(default=None, ge=0, description="default per-app cloud budget for the fleet")
 
 
 class Gateway(_Model):
-    listen: str = Field("127.0.0.1:50051", pattern=r"^[^\s:]+:\d{1,5}$")
+    listen: str = Field(default="127.0.0.1:50051", pattern=r"^[^\s:]+:\d{1,5}$")
     upstream: Upstream = Upstream()
     prices_per_million: dict[str, Price] = DEFAULT_PRICES
     budgets: Budgets = Budgets()
@@ -156,16 +156,16 @@ class Gateway(_Model):
 
 
 class Controller(_Model):
-    listen: str = Field("127.0.0.1:8080", pattern=r"^[^\s:]+:\d{1,5}$")
+    listen: str = Field(default="127.0.0.1:8080", pattern=r"^[^\s:]+:\d{1,5}$")
     # the controller's own MQTT 3.1.1 reader (controller/mqtt_reader.py) or paho, ~3x its cost a message
     ingest_reader: Literal["builtin", "paho"] = "builtin"
 
 
 class Alerts(_Model):
-    offline_after_s: float = Field(60, gt=0)
+    offline_after_s: float = Field(default=60, gt=0)
     thermal_at: ThermalName = "severe"
-    min_free_ram_mb: int = Field(256, ge=0)
-    queue_depth: int = Field(500, ge=0)
+    min_free_ram_mb: int = Field(default=256, ge=0)
+    queue_depth: int = Field(default=500, ge=0)
 
 
 class FleetConfig(_Model):

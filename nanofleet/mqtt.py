@@ -24,7 +24,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -69,6 +69,19 @@ class Message:
     qos: int = 0
     retain: bool = False
     conn: int = 0  # which connection (MqttClient.connects at arrival) delivered it
+
+
+class Publisher(Protocol):
+    """The publishing side the controller's policy and command code need: MqttClient, or the controller's own
+    reader's AsyncPublisher (controller/mqtt_reader.py)."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0,
+                retain: bool = False) -> asyncio.Future[None]: ...
+
+    def publish_nowait(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False) -> bool: ...
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
@@ -279,7 +292,8 @@ class MqttClient:
 
     def _arm_backoff_and_will(self) -> None:
         # paho waits exactly this long before its next attempt: reconnect_delay_set resets its own doubling
-        self._client.reconnect_delay_set(max(self._backoff.next(), 0.01), self._backoff.cap)
+        # paho annotates these int but takes seconds as floats (it only adds and compares them)
+        self._client.reconnect_delay_set(max(self._backoff.next(), 0.01), self._backoff.cap)  # type: ignore[arg-type]
         will = self._will() if callable(self._will) else self._will
         self._client.will_clear()
         if will is not None:
@@ -324,7 +338,7 @@ class MqttClient:
                 self._failed("sink", f"{msg.topic}: {exc!r}", exc)
         else:
             self._call_soon(self._queue.put_nowait,
-                            Message(msg.topic, msg.payload, msg.qos, msg.retain, self.connects))
+                            Message(msg.topic, bytes(msg.payload), msg.qos, msg.retain, self.connects))
 
     def _cb_publish(self, client: paho.Client, userdata: Any, mid: int, rc: Any, props: Any) -> None:
         self._call_soon(self._acked, mid)

@@ -1,6 +1,6 @@
 """One simulated device: its own MQTT session (gmqtt, asyncio — no thread), speaking the agent's protocol.
 
-What it publishes is what `agent/device_session.py` publishes: a retained birth (DeviceStatus, online) after every
+What it publishes is what `agent/device_session/` publishes: a retained birth (DeviceStatus, online) after every
 CONNACK with the last will (offline, reason last_will) carrying the same bdSeq, telemetry with seq 0..255 restarting
 at each birth, a retained shutdown status on a clean stop. It follows its policy topic (a policy addressed to another
 fleet or device is refused and counted; a new version is applied and announced by a rebirth) and answers commands
@@ -25,9 +25,9 @@ from gmqtt.mqtt.constants import MQTTv311
 from google.protobuf import json_format
 from google.protobuf.message import Message as PbMessage
 
-from nanofleet.agent.thermal import classify_thermal
 from nanofleet.backoff import Backoff
 from nanofleet.protos import fleet_pb2, topics
+from nanofleet.thermal import classify_thermal
 
 log = logging.getLogger("nanofleet.sim")
 Scenario = Literal["steady", "heatwave", "flaky-network"]

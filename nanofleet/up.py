@@ -12,7 +12,6 @@ import click
 
 from nanofleet.broker import CONTROLLER_USER, BrokerAccounts, broker_command
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
-from nanofleet.enroll import enroll_device
 from nanofleet.sim import argv as sim_argv
 from nanofleet.sim import device_ids
 from nanofleet.supervisor import Child, StartError, Supervisor, http_ok, tcp_open
@@ -87,6 +86,8 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
     accounts = BrokerAccounts(state_dir, cfg.fleet)
     controller_password = accounts.ensure(CONTROLLER_USER, "controller")
     device_id = next(iter(cfg.devices), "dev-01")
+    from nanofleet.controller.enroll import enroll_device  # the CLI reaches a side only when a command runs
+
     agent_yaml = enroll_device(cfg, state_dir, device_id, broker_url=broker_url,
                                gateway_address=f"{host}:{ports.gateway}", local=True, socket_path=socket_path)
     if simulate:  # each simulated device its own broker account, as `nanofleet enroll` gives a real one

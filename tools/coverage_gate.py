@@ -2,7 +2,7 @@
 
 `make test` runs pytest with `--cov` (configured in pyproject's [tool.coverage.*]: the processes the e2e tests start
 are measured too and combined into one `.coverage`), then this. Modules are named as they are imported
-(agent/thermal.py → nanofleet.agent.thermal), from setup.py's folder mapping, so the figures match the code's names.
+(agent/router.py → nanofleet.agent.router), from setup.py's folder mapping, so the figures match the code's names.
 
 Exit status: 0 when every module is at or above the floor (or with --report-only), 1 when some are under it,
 2 when there is no coverage data to judge (pytest ran without --cov, or not at all).

@@ -16,7 +16,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import psutil
 
@@ -293,14 +293,14 @@ class Dispatcher:
     async def _stream_on(self, route: Route, chat: ChatRequest) -> AsyncGenerator[Chunk, None]:
         if route == "cloud":
             assert self.cloud is not None
-            async with contextlib.aclosing(self.cloud.stream(chat)) as chunks:
+            async with contextlib.aclosing(_closable(self.cloud.stream(chat))) as chunks:
                 async for chunk in chunks:
                     if chunk.usage:
                         self.cloud_tokens_today += chunk.usage.total_tokens
                     yield chunk
             return
         async with self.admission.slot(), self.models.use() as backend, contextlib.aclosing(
-                backend.stream(chat)) as chunks:
+                _closable(backend.stream(chat))) as chunks:
             async for chunk in chunks:
                 if chunk.tokens_per_s:
                     self.models.record_speed(chunk.tokens_per_s)
@@ -325,3 +325,10 @@ def completion_body(completion: Completion, model: str | None = None, cid: str |
                      "finish_reason": completion.finish_reason}],
         "usage": completion.usage.as_openai(),
     }
+
+
+def _closable(stream: AsyncIterator[Chunk]) -> AsyncGenerator[Chunk, None]:
+    """Every backend's `stream` is an async generator (closing it stops generation: Backend's contract), though
+    Backend types it as an AsyncIterator; the right fix, typing Backend.stream as AsyncGenerator, needs every backend
+    (agent/runtime/grpc_backend.py too) annotated the same way at once."""
+    return cast(AsyncGenerator[Chunk, None], stream)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanofleet.agent.thermal import TripPoint
+from nanofleet.thermal import TripPoint
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from nanofleet.config import ConfigError, load_fleet
+from nanofleet.config import ConfigError, FleetConfig, load_fleet
 
 from .auth import issue_token, list_tokens, revoke_token
 from .errors import GatewayError
@@ -53,7 +53,8 @@ def _failures(group: BaseExceptionGroup[BaseException]) -> str:
     return f"{group.message}: " + "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
 
 
-async def _serve(config, data_dir, listen, tls_cert, tls_key, grace) -> None:  # type: ignore[no-untyped-def]
+async def _serve(config: FleetConfig, data_dir: Path, listen: str | None, tls_cert: str | None, tls_key: str | None,
+                 grace: float) -> None:
     from .server import Gateway
 
     gw = Gateway(config, data_dir, listen=listen, tls_cert=tls_cert, tls_key=tls_key, grace=grace)

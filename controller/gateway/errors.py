@@ -7,6 +7,7 @@
     ├── BudgetExceeded                device / app / fleet tokens per day used up    (RESOURCE_EXHAUSTED + retry_after)
     ├── InvalidRequest                a request the gateway cannot serve as sent     (INVALID_ARGUMENT)
     ├── DeadlineExceeded              the caller's deadline ran out                   (DEADLINE_EXCEEDED)
+    ├── InternalError                 a bug in the gateway, logged; only its type shown (INTERNAL)
     └── UpstreamError                 anything the upstream model service did wrong
         ├── UpstreamRateLimited       upstream 429                                    (RESOURCE_EXHAUSTED + retry_after)
         ├── UpstreamRejected          upstream 400/404: its message, passed on        (INVALID_ARGUMENT)
@@ -59,6 +60,14 @@ class DeadlineExceeded(GatewayError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class InternalError(GatewayError):
+    """A bug (any other exception) turned into an answer: the device sees its type, the log has its traceback."""
+
+    @classmethod
+    def about(cls, exc: BaseException) -> InternalError:
+        return cls(f"internal gateway error: {type(exc).__name__} (logged)")
+
+
 class UpstreamError(GatewayError):
     code = grpc.StatusCode.UNAVAILABLE
 
@@ -95,6 +104,7 @@ __all__ = [
     "BudgetExceeded",
     "DeadlineExceeded",
     "GatewayError",
+    "InternalError",
     "InvalidRequest",
     "PermissionDenied",
     "PolicyRefused",

@@ -13,6 +13,7 @@ import contextlib
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from nanofleet.protos import inference_pb2
 
@@ -78,7 +79,8 @@ class Idempotency:
         self._inflight[key] = future
         return future
 
-    def committer(self, key: Key, response: inference_pb2.GenerateResponse, now: float):  # type: ignore[no-untyped-def]
+    def committer(self, key: Key, response: inference_pb2.GenerateResponse,
+                  now: float) -> Callable[[sqlite3.Connection], None]:
         """The write (run in the usage row's transaction) that makes `response` the answer for `key`."""
         data = response.SerializeToString()
 

@@ -4,7 +4,7 @@ Each problem raises `InvalidRequest` naming the field, as the device sent it."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 
 from nanofleet.protos import inference_pb2
 
@@ -26,10 +26,11 @@ def pick_model(requested: str, default: str, offered: Collection[str]) -> str:
                          f"(offered: {', '.join(sorted({default, *offered}))})")
 
 
-def _messages(messages: object, field: str = "messages", need_user: bool = True) -> tuple[Message, ...]:
+def _messages(messages: Iterable[inference_pb2.ChatMessage], field: str = "messages",
+              need_user: bool = True) -> tuple[Message, ...]:
     out = []
     total = 0
-    for i, m in enumerate(messages):  # type: ignore[attr-defined]
+    for i, m in enumerate(messages):
         if m.role not in ROLES:
             raise InvalidRequest(f"{field}[{i}].role: expected one of {', '.join(ROLES)}, got {m.role!r}")
         total += len(m.content)

@@ -72,7 +72,8 @@ class _DetailedHealth(HealthServicer):
         self.details: dict[str, str] = {}
         self.process_detail: Callable[[], str] | None = None  # live detail of the process entry ("")
 
-    async def Check(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
         detail = self.details.get(request.service)
         if request.service == "" and self.process_detail is not None:
             detail = self.process_detail() or detail

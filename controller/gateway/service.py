@@ -3,8 +3,10 @@
 Every call runs under a deadline: the caller's, capped by the upstream timeout (a call without one gets the cap).
 A unary call with a request_id runs in its own task, so an answer the device gave up on still completes once,
 is charged once and is returned to the device's retry for free. Such detached work (and the usage of a stream the
-device left) runs under nanofleet.tasks.TaskSupervisor: an error it was not built to answer (a GatewayError goes to
-the caller through the idempotency record) is logged and recorded in `tasks.deaths`, which the health service shows.
+device left) runs under nanofleet.tasks.TaskSupervisor: an error it was not built to answer is logged and recorded in
+`tasks.deaths`, which the health service shows. A bug (not a GatewayError) inside a call with a request_id is logged
+here with its traceback and handed to every caller waiting on that request_id as InternalError (INTERNAL, counted);
+the request_id is forgotten, so a retry after the fix runs afresh.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from nanofleet.tasks import TaskSupervisor
 
 from . import rules
 from .auth import Authenticator, DeviceIdentity
-from .errors import BudgetExceeded, DeadlineExceeded, GatewayError, PolicyRefused, UpstreamError
+from .errors import BudgetExceeded, DeadlineExceeded, GatewayError, InternalError, PolicyRefused, UpstreamError
 from .idempotency import Idempotency
 from .requests import count_request, pick_model, to_upstream
 from .upstreams.base import UpstreamChunk, UpstreamRequest, UpstreamResult
@@ -47,6 +49,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.clock = clock
         self.refusals: collections.Counter[str] = collections.Counter()  # status code name -> count
         self.upstream_calls = 0
+        self.bugs = 0  # exceptions outside the GatewayError tree, counted where they happen (a caller may be gone)
+        self.last_bug = ""  # its type only: the health detail reaches devices, the traceback is in the log
         self._profiles: dict[tuple[str, str | None], Profile] = {}
         self.tasks = TaskSupervisor("gateway")
         self._detached: set[asyncio.Task[Any]] = set()
@@ -95,9 +99,29 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def _internal(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
-        self.refusals["INTERNAL"] += 1
-        log.exception("internal gateway error")
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal gateway error: {type(exc).__name__} (logged)")
+        await self._abort(context, self._bug(exc))
+
+    def _bug(self, exc: Exception) -> InternalError:
+        """Log a bug with its traceback, count it, and return the INTERNAL answer that shows only its type."""
+        log.error("internal gateway error", exc_info=exc)
+        self.bugs += 1
+        self.last_bug = type(exc).__name__
+        return InternalError.about(exc)
+
+    def _fail_key(self, key: tuple[str, str], exc: BaseException, what: str) -> BaseException:
+        """Answer every caller waiting on `key` with what went wrong; returns the error to raise in its place.
+
+        A bug is logged here (no caller may be left to log it: the device may have given up) and becomes
+        InternalError, not a retryable UNAVAILABLE that would send the device back into the same bug."""
+        if isinstance(exc, GatewayError):
+            self.idem.fail(key, exc)
+            return exc
+        if isinstance(exc, Exception):
+            internal = self._bug(exc)
+            self.idem.fail(key, internal)
+            return internal
+        self.idem.fail(key, UpstreamError(f"the original {what} with this request_id was interrupted"))
+        return exc
 
     async def _admit(self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext,
                      ) -> tuple[DeviceIdentity, UpstreamRequest]:
@@ -175,10 +199,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await self._account(identity, request.app_id, result, response, key)
             return response
         except BaseException as exc:
-            if key is not None:
-                self.idem.fail(key, exc if isinstance(exc, GatewayError) else UpstreamError(
-                    "the original call with this request_id was interrupted"))
-            raise
+            error = exc if key is None else self._fail_key(key, exc, "call")
+            if error is exc:
+                raise
+            raise error from exc
 
     async def _account(self, identity: DeviceIdentity, app_id: str, result: UpstreamResult,
                        response: inference_pb2.GenerateResponse | None, key: tuple[str, str] | None) -> None:
@@ -241,15 +265,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             finished = True
             await self._account(identity, request.app_id, result, response, key)
         except BaseException as exc:
-            if key is not None:
-                self.idem.fail(key, exc if isinstance(exc, GatewayError) else UpstreamError(
-                    "the original stream with this request_id was interrupted"))
+            error = exc if key is None else self._fail_key(key, exc, "stream")
             if not finished and seen:  # charged upstream even if the device went away: count what we know
                 partial = _fold(seen, up_req.model)
                 self._spawn(self.ledger.record(identity.device_id, request.app_id, partial.model,
                                                partial.input_tokens, partial.output_tokens, self.clock()),
                             "record-partial-usage")
-            raise
+            if error is exc:
+                raise
+            raise error from exc
 
     # -- CountTokens ---------------------------------------------------------------------------------------------
 
@@ -280,11 +304,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         return await self.tasks.stop()
 
     def health_detail(self) -> str:
-        """One line for the health service: the detached work that died, if any."""
-        deaths = self.tasks.deaths
-        if not deaths:
-            return ""
-        return "tasks died: " + "; ".join(f"{d.name} x{d.count} (last: {d.error})" for d in deaths.values())
+        """One line for the health service: the detached work that died and the bugs answered INTERNAL, if any."""
+        parts = []
+        if self.tasks.deaths:
+            parts.append("tasks died: " + "; ".join(f"{d.name} x{d.count} (last: {d.error})"
+                                                    for d in self.tasks.deaths.values()))
+        if self.bugs:
+            parts.append(f"internal errors: {self.bugs} (last: {self.last_bug}, see the log)")
+        return "; ".join(parts)
 
 
 def _fold(chunks: list[UpstreamChunk], model: str) -> UpstreamResult:

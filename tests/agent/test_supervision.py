@@ -101,3 +101,15 @@ async def test_a_socket_server_that_stops_on_its_own_stops_the_agent(make_settin
     finally:
         if not run.done():
             run.cancel()
+
+
+def test_a_failing_sensor_read_shows_in_the_sessions_status(make_settings, tmp_path) -> None:
+    """The MQTT section of /v1/status carries the collector's read errors (the sample itself has no field for them)."""
+    from nanofleet.agent.telemetry import Collector
+
+    settings = make_settings(broker_url="mqtt://127.0.0.1:1", fleet=FLEET, device_id=DEV)
+    hooks = AgentService(settings, warmup=False)
+    session = DeviceSession(settings, hooks, collector=Collector(tmp_path, disk_path=tmp_path / "gone", vcgencmd=None))
+    session.collector.sample()
+    sensors = session.status()["sensors"]
+    assert sensors["errors"] == {"disk_usage": 1} and "gone" in sensors["last_error"]

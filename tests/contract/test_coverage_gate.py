@@ -54,13 +54,13 @@ def test_module_names_follow_setup_py_mapping() -> None:
 
 
 def test_names_each_module_under_the_floor_and_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = _data(tmp_path, {"protos/topics.py": 1.0, "agent/thermal.py": 0.5, "nanofleet/tcp.py": 0.0})
+    data = _data(tmp_path, {"protos/topics.py": 1.0, "agent/router.py": 0.5, "nanofleet/tcp.py": 0.0})
     assert gate.gate(data) == 1
     out = capsys.readouterr().out
     assert "nanofleet.protos.topics" in out and "100.0 %" in out
     verdict = out.strip().splitlines()[-1]
     assert verdict.startswith("coverage gate: 2 module(s) under 80 %")
-    assert "nanofleet.agent.thermal (" in verdict and "nanofleet.tcp (0.0 %)" in verdict
+    assert "nanofleet.agent.router (" in verdict and "nanofleet.tcp (0.0 %)" in verdict
     assert "nanofleet.protos.topics" not in verdict
 
 

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from nanofleet.broker import CONTROLLER_USER, BrokerAccounts, write_mosquitto_config
-from nanofleet.enroll import enroll, reload_broker
+from nanofleet.controller.enroll import enroll, reload_broker
 from tests.conftest import _port_open, free_port, mosquitto_binary, wait_for
 from tests.contract.test_broker import _client
 

@@ -17,10 +17,10 @@ _SPELLED = re.compile(r'"none",\s*"light",\s*"moderate",\s*"severe"')
 
 
 def test_thermal_names_come_from_the_proto_enum() -> None:
-    from nanofleet.agent.thermal import level_name
     from nanofleet.config import THERMAL_LEVELS
     from nanofleet.controller.devstate import thermal_name
     from nanofleet.controller.web.format import THERMAL_ORDER
+    from nanofleet.thermal import level_name
 
     from_enum = tuple(n.removeprefix("THERMAL_LEVEL_").lower() for n in fleet_pb2.ThermalLevel.keys())  # noqa: SIM118
     assert from_enum == names.THERMAL_LEVELS
@@ -44,7 +44,8 @@ def test_one_list_of_command_kinds_for_the_service_and_the_web_api() -> None:
 
 def test_the_agent_handles_exactly_the_command_kinds() -> None:
     """Every kind the agent's device session or service compares a command against, and nothing else."""
-    src = "\n".join((ROOT / "agent" / f).read_text(encoding="utf-8") for f in ("device_session.py", "service.py"))
+    files = [*sorted((ROOT / "agent" / "device_session").glob("*.py")), ROOT / "agent" / "service.py"]
+    src = "\n".join(f.read_text(encoding="utf-8") for f in files)
     handled = set(re.findall(r'\b(?:cmd|command)\.kind == "([a-z-]+)"', src))
     assert handled == set(names.COMMAND_KINDS)
 

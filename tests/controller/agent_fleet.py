@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Literal
 
 from nanofleet.agent.device_session import DeviceSession
-from nanofleet.agent.hooks import AgentMetrics
+from nanofleet.agent.device_session.hooks import AgentMetrics
 from nanofleet.agent.settings import AgentSettings
-from nanofleet.agent.thermal import classify_thermal
 from nanofleet.protos import fleet_pb2
+from nanofleet.thermal import classify_thermal
 
 Scenario = Literal["steady", "heatwave", "flaky-network"]
 SCENARIOS: tuple[Scenario, ...] = ("steady", "heatwave", "flaky-network")

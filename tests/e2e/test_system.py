@@ -192,7 +192,10 @@ def test_kill_9_of_the_controller_restarts_it_while_the_agent_keeps_answering(sy
     """It used to stop everything ("stopping the rest"): the agent and the simulator went down with it."""
     def controller_process() -> psutil.Process | None:
         for child in psutil.Process(system.proc.pid).children(recursive=True):
-            cmd = child.cmdline()
+            try:  # the killed one is a zombie (or gone) until `up` reaps it: no cmdline to read then
+                cmd = child.cmdline()
+            except (psutil.ZombieProcess, psutil.NoSuchProcess):
+                continue
             if "controller" in cmd and "--config" in cmd and child.status() != psutil.STATUS_ZOMBIE:
                 return child
         return None

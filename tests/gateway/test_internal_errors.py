@@ -66,3 +66,35 @@ async def test_count_tokens_bug_is_internal(make_gateway: MakeGateway) -> None:
     _internal(info.value, "KeyError")
     assert gw.gateway.service.refusals["INTERNAL"] == 1
 
+
+async def test_a_bug_behind_a_request_id_is_internal_and_logged_too(make_gateway: MakeGateway,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """An idempotent call runs in its own task: the bug must not turn into a plain UNAVAILABLE nobody logged."""
+    handler = Flaky()
+    gw = await make_gateway(upstream=HandlerUpstream(handler))
+    client = gw.client()
+    with caplog.at_level(logging.ERROR, logger="nanofleet.gateway"), pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.generate("hi", request_id="r-1")
+    assert any(r.name == "nanofleet.gateway" and r.exc_info and "secret detail" in str(r.exc_info[1])
+               for r in caplog.records), f"the bug was not logged: {[r.getMessage() for r in caplog.records]}"
+    _internal(info.value, "RuntimeError")
+    assert dict(gw.gateway.service.refusals) == {"INTERNAL": 1}
+    assert not gw.gateway.service.tasks.deaths  # answered (INTERNAL) and logged: not a task death besides
+    handler.broken = False
+    assert (await client.generate("hi", request_id="r-1")).text == "fine"  # the failed key does not stick
+
+
+async def test_a_bug_in_a_stream_with_a_request_id_is_logged_once_and_internal(
+        make_gateway: MakeGateway, caplog: pytest.LogCaptureFixture) -> None:
+    handler = Flaky()
+    gw = await make_gateway(upstream=HandlerUpstream(handler))
+    client = gw.client()
+    with caplog.at_level(logging.ERROR, logger="nanofleet.gateway"), pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.stream("hi", request_id="s-1")
+    _internal(info.value, "RuntimeError")
+    logged = [r for r in caplog.records if r.name == "nanofleet.gateway" and r.exc_info]
+    assert len(logged) == 1 and "secret detail" in str(logged[0].exc_info)
+    assert dict(gw.gateway.service.refusals) == {"INTERNAL": 1}
+    handler.broken = False
+    chunks = await client.stream("hi", request_id="s-1")
+    assert "".join(c.text for c in chunks) == "fine"

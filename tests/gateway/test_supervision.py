@@ -9,26 +9,43 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nanofleet.controller.gateway.server import DETAIL_KEY
 from nanofleet.controller.gateway.upstreams.base import HandlerUpstream, UpstreamRequest, UpstreamResult
+from tests.conftest import until
 
-from .conftest import MakeGateway
+from .conftest import Client, MakeGateway
 
 
 async def _buggy(request: UpstreamRequest) -> UpstreamResult:
     raise KeyError("upstream adapter bug")
 
 
-async def test_a_detached_call_that_dies_is_shown_by_health(make_gateway: MakeGateway) -> None:
+async def _health_detail(client: Client) -> str:
+    call = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    assert (await call).status == health_pb2.HealthCheckResponse.SERVING  # the process serves; the trouble is shown
+    return str(dict(await call.trailing_metadata() or ()).get(DETAIL_KEY, ""))
+
+
+async def test_a_bug_in_a_detached_call_is_internal_and_shown_by_health(make_gateway: MakeGateway) -> None:
     gw = await make_gateway(upstream=HandlerUpstream(_buggy))
     client = gw.client("dev-1")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await client.generate("hi", request_id="r-bug")
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "interrupted" in (err.value.details() or "")
-    deaths = gw.gateway.service.tasks.deaths
-    assert deaths["generate"].count == 1 and "KeyError" in deaths["generate"].error
-    call = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-    assert (await call).status == health_pb2.HealthCheckResponse.SERVING  # the process serves; the death is shown
-    detail = dict(await call.trailing_metadata() or ()).get(DETAIL_KEY, "")
-    assert "tasks died: generate x1" in detail and "upstream adapter bug" in detail
+    assert err.value.code() == grpc.StatusCode.INTERNAL  # not a retryable UNAVAILABLE into the same bug
+    assert gw.gateway.service.tasks.deaths == {}  # answered and logged: not a death besides
+    detail = await _health_detail(client)
+    assert detail == "internal errors: 1 (last: KeyError, see the log)"  # the message stays in the log
+
+
+async def test_detached_work_that_dies_is_shown_by_health(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway()
+    service = gw.gateway.service
+
+    async def broken_write() -> None:
+        raise OSError("usage row lost")
+
+    service._spawn(broken_write(), "record-partial-usage")
+    await until(lambda: "record-partial-usage" in service.tasks.deaths, what="the death recorded")
+    detail = await _health_detail(gw.client("dev-1"))
+    assert detail == "tasks died: record-partial-usage x1 (last: OSError: usage row lost)"
 
 
 async def test_refusals_of_detached_calls_are_answers_not_deaths(make_gateway: MakeGateway) -> None:

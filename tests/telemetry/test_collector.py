@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import stat
 from pathlib import Path
+
+import pytest
 
 from nanofleet.agent.telemetry import Collector
 from nanofleet.agent.telemetry.sysfs import hwmon_sensors, parse_pi_throttled, pi_throttled_now
@@ -74,3 +77,29 @@ def test_hwmon_sensors_and_garbage_are_tolerated(tmp_path: Path) -> None:
     assert [(z.name, z.temp_c) for z in zones] == [("coretemp/Package id 0", 91.0)]
     s = Collector(root, vcgencmd=None).sample()
     assert s.thermal_level == fleet_pb2.THERMAL_LEVEL_SEVERE  # at max (passive 90), below (90+100)/2
+
+
+def test_a_failing_disk_read_is_counted_logged_once_and_shown(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeSysfs(tmp_path / "sys")
+    data = tmp_path / "data"
+    c = Collector(fake.root, disk_path=data, vcgencmd=None)
+    caplog.set_level(logging.INFO, logger="nanofleet.agent.telemetry")
+    for _ in range(3):
+        sample = c.sample()
+        assert sample.disk_free_mb == 0 and sample.ram_total_mb > 0  # the rest of the sample is still taken
+    assert c.status()["errors"] == {"disk_usage": 3}
+    assert str(data) in c.status()["last_error"] and "FileNotFoundError" in c.status()["last_error"]
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(logged) == 1 and "disk usage" in logged[0], logged  # once, not once per sample
+    data.mkdir()
+    assert c.sample().disk_free_mb > 0
+    assert c.status() == {"errors": {"disk_usage": 3}, "last_error": None}  # counts stay; the error is over
+    assert any("readable again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failing_vcgencmd_is_counted_too(tmp_path: Path) -> None:
+    fake = FakeSysfs(tmp_path / "sys")
+    c = Collector(fake.root, disk_path=tmp_path, vcgencmd=str(tmp_path / "nope"))
+    c.sample()
+    assert c.status()["errors"] == {"vcgencmd": 1} and "nope" in c.status()["last_error"]

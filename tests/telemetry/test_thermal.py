@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nanofleet.agent.thermal import (
+from nanofleet.thermal import (
     CRITICAL,
     EMERGENCY,
     LIGHT,

@@ -7,7 +7,7 @@ they enter our code. `HandlerUpstream` takes a plain function, for unit tests an
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -59,7 +59,7 @@ class Upstream(abc.ABC):
     async def generate(self, request: UpstreamRequest) -> UpstreamResult: ...
 
     @abc.abstractmethod
-    def stream(self, request: UpstreamRequest) -> AsyncIterator[UpstreamChunk]: ...
+    def stream(self, request: UpstreamRequest) -> AsyncGenerator[UpstreamChunk, None]: ...
 
     @abc.abstractmethod
     async def count_tokens(self, request: UpstreamRequest) -> int: ...
@@ -85,7 +85,7 @@ class UnavailableUpstream(Upstream):
     async def generate(self, request: UpstreamRequest) -> UpstreamResult:
         raise UpstreamUnavailable(self.unavailable or "upstream unavailable", retryable=False)
 
-    async def stream(self, request: UpstreamRequest) -> AsyncIterator[UpstreamChunk]:
+    async def stream(self, request: UpstreamRequest) -> AsyncGenerator[UpstreamChunk, None]:
         raise UpstreamUnavailable(self.unavailable or "upstream unavailable", retryable=False)
         yield UpstreamChunk()  # pragma: no cover - makes this an async generator
 
@@ -113,7 +113,7 @@ class HandlerUpstream(Upstream):
             return answer
         return collect(answer, request.model)
 
-    async def stream(self, request: UpstreamRequest) -> AsyncIterator[UpstreamChunk]:
+    async def stream(self, request: UpstreamRequest) -> AsyncGenerator[UpstreamChunk, None]:
         answer = await self._answer(request)
         if isinstance(answer, UpstreamResult):
             yield UpstreamChunk(answer.text, answer.finish_reason, answer.input_tokens, answer.output_tokens,

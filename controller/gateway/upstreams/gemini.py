@@ -5,7 +5,7 @@ We hand google-genai our own `httpx.AsyncClient`, so the connection pool is ours
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -47,7 +47,7 @@ class GeminiUpstream(Upstream):
         except Exception as exc:
             raise convert(exc) from exc
 
-    async def stream(self, request: UpstreamRequest) -> AsyncIterator[UpstreamChunk]:
+    async def stream(self, request: UpstreamRequest) -> AsyncGenerator[UpstreamChunk, None]:
         try:
             chunks = await self._client.aio.models.generate_content_stream(
                 model=request.model, contents=_contents(request), config=_config(request))

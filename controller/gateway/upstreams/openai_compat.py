@@ -9,7 +9,7 @@ separate GPU box. `llamacpp=True` adds what only llama.cpp has: `top_k` and toke
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -76,7 +76,7 @@ class OpenAICompatUpstream(Upstream):
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise UpstreamMalformed(f"malformed upstream answer: {type(exc).__name__}: {exc}"[:500]) from exc
 
-    async def stream(self, request: UpstreamRequest) -> AsyncIterator[UpstreamChunk]:
+    async def stream(self, request: UpstreamRequest) -> AsyncGenerator[UpstreamChunk, None]:
         try:
             async with self._http.stream("POST", "/chat/completions", json=self._body(request, True)) as response:
                 if response.status_code >= 400:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TypeVar
 
 from nanofleet.backoff import backoff
@@ -33,9 +33,14 @@ class RetryingUpstream(Upstream):
         self._rand = rand
         self.retries = 0  # counted, for tests and status
 
-    @property  # type: ignore[override]
+    @property
     def unavailable(self) -> str | None:
+        """The wrapped upstream's, live (it may learn it is unavailable after the wrapper was built)."""
         return self.inner.unavailable
+
+    @unavailable.setter
+    def unavailable(self, value: str | None) -> None:
+        self.inner.unavailable = value
 
     def _delay_or_raise(self, attempt: int, exc: UpstreamError, deadline: float | None) -> float:
         if not exc.retryable or attempt >= self.max_retries:
@@ -62,7 +67,8 @@ class RetryingUpstream(Upstream):
     async def count_tokens(self, request: UpstreamRequest, deadline: float | None = None) -> int:
         return await self._call(lambda: self.inner.count_tokens(request), deadline)
 
-    async def stream(self, request: UpstreamRequest, deadline: float | None = None) -> AsyncIterator[UpstreamChunk]:
+    async def stream(self, request: UpstreamRequest,
+                     deadline: float | None = None) -> AsyncGenerator[UpstreamChunk, None]:
         attempt = 0
         while True:
             chunks = self.inner.stream(request)

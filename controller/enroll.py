@@ -1,5 +1,9 @@
 """`nanofleet enroll`: give a device its identity — a broker account confined by the ACL to its own topics, a
-gateway token, and the `agent.yaml` that carries both to the device."""
+gateway token, and the `agent.yaml` that carries both to the device.
+
+Run on the fleet's server (it writes the gateway's token table and the broker's accounts), so it lives with the
+controller; it validates agent.yaml with the agent's own settings model (the controller may import the agent's
+schema; the agent never imports the controller, and `nanofleet/` neither: tests/contract/test_layers.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import yaml
 from nanofleet.agent.settings import AgentSettings
 from nanofleet.broker import BrokerAccounts, mosquitto_binary, write_mosquitto_config
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
+from nanofleet.controller.gateway.auth import issue_token
 from nanofleet.params import DEVICE_ID
 from nanofleet.protos import topics
 
@@ -35,8 +40,6 @@ def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_u
     `local` is for an agent on this machine (`nanofleet up`): its data folder and socket are paths here. For a real
     device they are left out of agent.yaml, so the agent uses the device's own defaults (XDG folders).
     """
-    from nanofleet.controller.gateway.auth import issue_token  # controller side only
-
     topics.check_id(device_id, "device")
     folder = state_dir / "devices" / device_id
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -54,12 +57,12 @@ def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_u
         paths["data_dir"] = folder / "data"
         if socket_path:
             paths["socket_path"] = socket_path
-    settings = AgentSettings(
-        fleet=cfg.fleet, device_id=device_id,
-        broker_url=broker_url, mqtt_username=device_id, mqtt_password=accounts.ensure(device_id, "device"),
-        gateway_address=gateway_address, gateway_token=token, model=profile.model,
-        telemetry_interval_s=profile.telemetry_interval_s, **paths,
-    )
+    settings = AgentSettings.model_validate({
+        "fleet": cfg.fleet, "device_id": device_id,
+        "broker_url": broker_url, "mqtt_username": device_id, "mqtt_password": accounts.ensure(device_id, "device"),
+        "gateway_address": gateway_address, "gateway_token": token, "model": profile.model,
+        "telemetry_interval_s": profile.telemetry_interval_s, **paths,
+    })
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True, exclude=_DEVICE_LOCAL - set(paths)),

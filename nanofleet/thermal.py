@@ -5,6 +5,8 @@ shuts down). Android's levels are laid out around them: SEVERE where throttling 
 trip, the others between; LIGHT and MODERATE warn before throttling. A zone without trips gets a Raspberry Pi-like
 default (throttling at 80 °C, critical at 95 °C). Active throttling (cpufreq capped, Pi firmware flags) means at
 least MODERATE whatever the temperature says.
+
+Shared: the agent's collector classifies real sensors with it, the simulator its simulated ones.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 
 from nanofleet.protos import fleet_pb2
 
+__all__ = ["CRITICAL", "DEFAULT_CRITICAL_C", "DEFAULT_PASSIVE_C", "EMERGENCY", "LIGHT", "MODERATE", "NONE", "SEVERE",
+           "SHUTDOWN", "Thresholds", "TripPoint", "classify_device", "classify_thermal", "level_name",
+           "thresholds_from_trips"]
 NONE, LIGHT, MODERATE, SEVERE, CRITICAL, EMERGENCY, SHUTDOWN = range(7)
 DEFAULT_PASSIVE_C = 80.0
 DEFAULT_CRITICAL_C = 95.0
