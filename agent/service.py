@@ -353,7 +353,7 @@ class AgentService:
                 self.policy_error = exc.message
                 log.error("agent: policy v%d applied but not stored: %s", policy.version, exc.message)
         lim = self.queue.limits
-        self.queue.set_limits(Limits(policy.queue_max_items or lim.max_items, lim.max_bytes,
+        self.queue.set_limits(Limits(policy.queue_max_items or lim.max_items, policy.queue_max_bytes or lim.max_bytes,
                                      float(policy.queue_ttl_s or lim.ttl_s), lim.keep_s))
         self.drainer.kick()  # a new policy may open a route for queued entries
         if policy.model_source:

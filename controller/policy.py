@@ -41,7 +41,7 @@ def compile_policy(config: FleetConfig, device_id: str, version: int, issued_at_
               for name, rule in r.apps.items()},
         telemetry_interval_s=max(1, round(profile.telemetry_interval_s)), model_source=profile.model.source,
         model_sha256=profile.model.sha256 or "", queue_max_items=profile.queue.max_items,
-        queue_ttl_s=int(profile.queue.ttl),
+        queue_ttl_s=int(profile.queue.ttl), queue_max_bytes=profile.queue.max_bytes,
     )
 
 

@@ -87,6 +87,7 @@ class ModelSpec(_Model):
 class QueueSpec(_Model):
     max_items: int = Field(default=10_000, ge=1, le=10_000_000)
     ttl: Duration = 86_400.0
+    max_bytes: int = Field(default=64 << 20, ge=1024, le=1 << 40)
 
 
 class Profile(_Model):

@@ -201,7 +201,7 @@ class CloudBudget(_message.Message):
     def __init__(self, tokens_per_day: _Optional[int] = ...) -> None: ...
 
 class RoutingPolicy(_message.Message):
-    __slots__ = ("fleet", "device_id", "group", "version", "issued_at_ms", "prefer", "cloud_allowed", "thermal_limit", "min_free_ram_mb", "battery_floor_pct", "metered_network", "max_local_prompt_tokens", "cloud_budget", "apps", "telemetry_interval_s", "model_source", "model_sha256", "queue_max_items", "queue_ttl_s")
+    __slots__ = ("fleet", "device_id", "group", "version", "issued_at_ms", "prefer", "cloud_allowed", "thermal_limit", "min_free_ram_mb", "battery_floor_pct", "metered_network", "max_local_prompt_tokens", "cloud_budget", "apps", "telemetry_interval_s", "model_source", "model_sha256", "queue_max_items", "queue_ttl_s", "queue_max_bytes")
     class AppsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class RoutingPolicy(_message.Message):
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     fleet: str
     device_id: str
     group: str
@@ -247,7 +248,8 @@ class RoutingPolicy(_message.Message):
     model_sha256: str
     queue_max_items: int
     queue_ttl_s: int
-    def __init__(self, fleet: _Optional[str] = ..., device_id: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[int] = ..., issued_at_ms: _Optional[int] = ..., prefer: _Optional[str] = ..., cloud_allowed: _Optional[bool] = ..., thermal_limit: _Optional[_Union[ThermalLevel, str]] = ..., min_free_ram_mb: _Optional[int] = ..., battery_floor_pct: _Optional[int] = ..., metered_network: _Optional[str] = ..., max_local_prompt_tokens: _Optional[int] = ..., cloud_budget: _Optional[_Union[CloudBudget, _Mapping]] = ..., apps: _Optional[_Mapping[str, AppPolicy]] = ..., telemetry_interval_s: _Optional[int] = ..., model_source: _Optional[str] = ..., model_sha256: _Optional[str] = ..., queue_max_items: _Optional[int] = ..., queue_ttl_s: _Optional[int] = ...) -> None: ...
+    queue_max_bytes: int
+    def __init__(self, fleet: _Optional[str] = ..., device_id: _Optional[str] = ..., group: _Optional[str] = ..., version: _Optional[int] = ..., issued_at_ms: _Optional[int] = ..., prefer: _Optional[str] = ..., cloud_allowed: _Optional[bool] = ..., thermal_limit: _Optional[_Union[ThermalLevel, str]] = ..., min_free_ram_mb: _Optional[int] = ..., battery_floor_pct: _Optional[int] = ..., metered_network: _Optional[str] = ..., max_local_prompt_tokens: _Optional[int] = ..., cloud_budget: _Optional[_Union[CloudBudget, _Mapping]] = ..., apps: _Optional[_Mapping[str, AppPolicy]] = ..., telemetry_interval_s: _Optional[int] = ..., model_source: _Optional[str] = ..., model_sha256: _Optional[str] = ..., queue_max_items: _Optional[int] = ..., queue_ttl_s: _Optional[int] = ..., queue_max_bytes: _Optional[int] = ...) -> None: ...
 
 class Command(_message.Message):
     __slots__ = ("id", "kind", "args", "issued_at_ms", "timeout_s")
