@@ -85,6 +85,17 @@ async def llama(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[LlamaBackend]:
     await b.close()
 
 
+@pytest.fixture
+async def gateway(llama: LlamaBackend) -> AsyncIterator[Any]:
+    """A stand-in gateway: the test Inference server over the tiny model (stop/start it to cut the cloud route)."""
+    from tests.agent import inference_server
+    from tests.agent.test_cloud_breaker import Gateway
+
+    gw = await Gateway(inference_server.Servicer(llama)).start()
+    yield gw
+    await gw.stop()
+
+
 FLEET, DEV = "pol", "dev-01"
 
 

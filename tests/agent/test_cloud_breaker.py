@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,7 +12,6 @@ import httpx
 import pytest
 
 from nanofleet.agent.runtime.grpc_backend import CloudRefused, GatewayUnreachable, GrpcBackend, RateLimited
-from nanofleet.agent.runtime.llama import LlamaBackend
 from nanofleet.agent.service import AgentService
 from nanofleet.agent.settings import AgentSettings
 from tests.agent import inference_server
@@ -29,13 +27,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-async def llama(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[LlamaBackend]:
-    b = LlamaBackend(tiny_gguf, model_name="tiny", private_dir=tmp_path / "p", n_ctx=256, n_parallel=2)
-    yield b
-    await b.close()
 
 
 class Gateway:
@@ -54,13 +45,6 @@ class Gateway:
         if self.server is not None:
             await self.server.stop(None)
             self.server = None
-
-
-@pytest.fixture
-async def gateway(llama: LlamaBackend) -> AsyncIterator[Gateway]:
-    gw = await Gateway(inference_server.Servicer(llama)).start()
-    yield gw
-    await gw.stop()
 
 
 async def test_the_backend_opens_probes_once_backs_off_and_closes_when_the_server_returns(gateway: Gateway) -> None:

@@ -5,14 +5,10 @@ seconds was started by the trigger, not by the tick."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from nanofleet.agent.runtime.grpc_backend import GrpcBackend
-from nanofleet.agent.runtime.llama import LlamaBackend
 from nanofleet.agent.service import AgentService
 from nanofleet.agent.settings import AgentSettings
 from tests.agent.conftest import CHAT, uds_client
@@ -27,22 +23,6 @@ WITHIN_S = 3.0  # an entry kicked by its trigger is done well inside this (under
 def denied(body: dict[str, Any]) -> dict[str, Any]:
     """The same request with `queue: deny`: the failed try is the answer (queueing allowed, it would be queued)."""
     return {**body, "nanofleet": {**body["nanofleet"], "queue": "deny"}}
-
-
-@pytest.fixture
-async def llama(tmp_path: Path, tiny_gguf: Path) -> AsyncIterator[LlamaBackend]:
-    b = LlamaBackend(tiny_gguf, model_name="tiny", private_dir=tmp_path / "p", n_ctx=256, n_parallel=2)
-    yield b
-    await b.close()
-
-
-@pytest.fixture
-async def gateway(llama: LlamaBackend) -> AsyncIterator[Gateway]:
-    from tests.agent import inference_server
-
-    gw = await Gateway(inference_server.Servicer(llama)).start()
-    yield gw
-    await gw.stop()
 
 
 async def _start(svc: AgentService) -> AgentService:
