@@ -28,7 +28,7 @@ async def test_hostile_policy_for_another_device_is_refused_and_cannot_lock_out_
     try:
         # the issue's hostile message: retained on dev-01's topic, addressed to "other", version 50
         controller.policy(device_id="other", version=50, cloud_allowed=False)
-        await until(lambda: svc.device_session.counts["policy_refused"] == 1, what="the foreign policy refused")
+        await until(lambda: svc.device_session.counts["policy_refused"] >= 1, what="the foreign policy refused")
         assert svc.dispatcher.policy.version == 0 and svc.dispatcher.policy.cloud_allowed
         assert "addressed to fleet 'pol' device 'other'" in svc.device_session.policy_error
         assert any("refused" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
@@ -46,7 +46,7 @@ async def test_hostile_policy_for_another_device_is_refused_and_cannot_lock_out_
             status = (await c.get("/v1/status")).json()
         assert status["policy_version"] == 5
         assert status["policy"]["content"]["minFreeRamMb"] == 64 and status["policy"]["source"] == "controller"
-        assert status["mqtt"]["counts"]["policy_refused"] == 1
+        assert status["mqtt"]["counts"]["policy_refused"] >= 1  # each delivery (a retained copy again too)
     finally:
         await svc.stop()
     logged = [r.getMessage() for r in caplog.records]
