@@ -45,9 +45,9 @@ async def test_bad_payloads_are_counted_and_the_session_goes_on(broker, controll
         assert "malformed policy" in session.policy_error
         publish(controller, topics.cmd(FLEET, DEV), b"\xff\xfe")
         await until(lambda: session.counts["command_malformed"] == 1, what="the malformed command counted")
-        controller.policy(version=3, telemetry_interval_s=3)  # the session follows the policy's interval
+        controller.policy(version=3, min_free_ram_mb=77)
         await until(lambda: svc.dispatcher.policy.version == 3, what="v3 applied after the bad ones")
-        assert session.interval_s == 3 and session.policy_error == ""
+        assert svc.dispatcher.policy.min_free_ram_mb == 77 and session.policy_error == ""
         controller.cmd("b1", "rebirth")
         assert (await controller.result("b1"))["message"] == "reborn"
     finally:
