@@ -45,9 +45,11 @@ async def test_bad_payloads_are_counted_and_the_session_goes_on(broker, controll
         assert "malformed policy" in session.policy_error
         publish(controller, topics.cmd(FLEET, DEV), b"\xff\xfe")
         await until(lambda: session.counts["command_malformed"] == 1, what="the malformed command counted")
-        controller.policy(version=3, min_free_ram_mb=77)
+        controller.policy(version=3, min_free_ram_mb=77, telemetry_interval_s=3)
         await until(lambda: svc.dispatcher.policy.version == 3, what="v3 applied after the bad ones")
-        assert svc.dispatcher.policy.min_free_ram_mb == 77 and session.policy_error == ""
+        assert svc.dispatcher.policy.min_free_ram_mb == 77
+        # the session takes the policy's interval once the agent has stored the policy (an await later)
+        await until(lambda: session.interval_s == 3 and session.policy_error == "", what="the policy's interval")
         controller.cmd("b1", "rebirth")
         assert (await controller.result("b1"))["message"] == "reborn"
     finally:
