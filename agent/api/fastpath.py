@@ -37,19 +37,13 @@ _CYCLE_USE = re.compile(r"self\.cycle\.(\w+)")
 
 def missing_internals() -> list[str]:
     """What the fast protocol needs of uvicorn and does not find (empty: compatible)."""
-    try:
-        module = importlib.import_module(_MODULE)
-    except ImportError as exc:
-        return [f"module {_MODULE} ({exc})"]
-    missing = [f"{_MODULE}.{name}" for name in _NAMES if not hasattr(module, name)]
-    if missing:
+    cls, missing = _protocol_class(_NAMES)
+    if cls is None:
         return missing
-    cls = module.HttpToolsProtocol
     missing += [f"HttpToolsProtocol.{m}()" for m in _METHODS if not callable(getattr(cls, m, None))]
-    try:
-        instance = _instance(cls)
-    except Exception as exc:  # noqa: BLE001 - any failure to build one means the internals moved: reported as such
-        return [*missing, f"HttpToolsProtocol(config, server_state, app_state) ({type(exc).__name__}: {exc})"]
+    instance, error = _built(cls)
+    if instance is None:
+        return [*missing, error]
     missing += [f"HttpToolsProtocol.{a}" for a in _ATTRS if not hasattr(instance, a)]
     sources = {m: _source(cls, m) for m in _METHODS}
     missing += [f"the source of HttpToolsProtocol.{m}()" for m, src in sources.items() if not src]
@@ -67,22 +61,37 @@ def missing_internals() -> list[str]:
 def missing_peer_internals() -> list[str]:
     """What `PeerHttpProtocol` (the stock protocol plus the peer's uid) needs of uvicorn and does not find: the
     protocol class, `connection_made()`, and the `self.app` attribute its request cycles are built from."""
-    try:
-        module = importlib.import_module(_MODULE)
-    except ImportError as exc:
-        return [f"module {_MODULE} ({exc})"]
-    cls = getattr(module, "HttpToolsProtocol", None)
+    cls, missing = _protocol_class(("HttpToolsProtocol",))
     if cls is None:
-        return [f"{_MODULE}.HttpToolsProtocol"]
-    missing = [] if callable(getattr(cls, "connection_made", None)) else ["HttpToolsProtocol.connection_made()"]
-    try:
-        if not hasattr(_instance(cls), "app"):
-            missing.append("HttpToolsProtocol.app")
-    except Exception as exc:  # noqa: BLE001 - any failure to build one means the internals moved: reported as such
-        missing.append(f"HttpToolsProtocol(config, server_state, app_state) ({type(exc).__name__}: {exc})")
+        return missing
+    if not callable(getattr(cls, "connection_made", None)):
+        missing.append("HttpToolsProtocol.connection_made()")
+    instance, error = _built(cls)
+    if instance is None:
+        missing.append(error)
+    elif not hasattr(instance, "app"):
+        missing.append("HttpToolsProtocol.app")
     if "self.app" not in _source(cls, "on_headers_complete"):
         missing.append("HttpToolsProtocol.on_headers_complete() reading self.app")
     return missing
+
+
+def _protocol_class(names: tuple[str, ...]) -> tuple[type | None, list[str]]:
+    """uvicorn's httptools protocol class, or None and what is missing of `names` in its module."""
+    try:
+        module = importlib.import_module(_MODULE)
+    except ImportError as exc:
+        return None, [f"module {_MODULE} ({exc})"]
+    missing = [f"{_MODULE}.{name}" for name in names if not hasattr(module, name)]
+    return (None, missing) if missing else (module.HttpToolsProtocol, [])
+
+
+def _built(cls: type) -> tuple[Any, str]:
+    """An instance of `cls` built as uvicorn builds one, or None and why it could not be."""
+    try:
+        return _instance(cls), ""
+    except Exception as exc:  # noqa: BLE001 - any failure to build one means the internals moved: reported as such
+        return None, f"HttpToolsProtocol(config, server_state, app_state) ({type(exc).__name__}: {exc})"
 
 
 def _source(cls: type, method: str) -> str:
