@@ -22,7 +22,8 @@ from nanofleet.controller.commands import CommandError, UnknownCommand
 from nanofleet.controller.views import DeviceView, Rejection, RollupPoint, TelemetryPoint
 
 from . import schemas
-from .layout import content_security_policy, new_nonce, page
+from .alerts import fleet_alerts
+from .layout import TEMPLATES, content_security_policy, new_nonce, render_block
 from .security import Operator, OperatorAuth, WebError
 from .sessions import SessionSigner
 
@@ -91,18 +92,25 @@ class WebContext:
     errors: Counter[str] = dataclasses.field(default_factory=Counter)  # answers given for bugs, by code
     status: Callable[[], Mapping[str, Any]] | None = None  # ControllerService.status, when a service runs us
 
-    def html(self, request: Request, content: str, *, title: str, operator: Operator | None, status: int = 200,
-             refresh: bool = False) -> HTMLResponse:
-        """A whole page (or only `content` for the dashboard's fragment refresh), with a fresh CSP nonce."""
-        if request.headers.get("x-fragment") == "1":
-            return HTMLResponse(content, status_code=status)
+    def render(self, request: Request, name: str, *, title: str, operator: Operator | None, status: int = 200,
+               refresh: bool = False, **variables: Any) -> HTMLResponse:
+        """Template `name` as a whole page under a fresh CSP nonce, or only its ``content`` block for a request
+        with ``X-Fragment: 1`` (the dashboard's refresh swaps that into ``#content``)."""
         nonce = new_nonce()
         csrf = self.signer.csrf_token(operator.session) if operator and operator.session else (
             "" if operator else None)
-        body = page(title=title, content=content, nonce=nonce, fleet=self.config.fleet, csrf=csrf,
-                    refresh_s=self.refresh_s if refresh else None)
-        return HTMLResponse(body, status_code=status, headers={"Content-Security-Policy": content_security_policy(
-            nonce)})
+        values: dict[str, Any] = {
+            "request": request, "title": title, "operator": operator, "nonce": nonce, "csrf": csrf,
+            "fleet": self.config.fleet, "refresh_s": self.refresh_s if refresh else None,
+            "open_alerts": self.open_alert_count() if operator is not None else None, **variables}
+        if request.headers.get("x-fragment") == "1":
+            return HTMLResponse(render_block(name, "content", values), status_code=status)
+        return TEMPLATES.TemplateResponse(request, name, values, status_code=status,
+                                          headers={"Content-Security-Policy": content_security_policy(nonce)})
+
+    def open_alert_count(self) -> int | None:
+        """Open alerts for the header's count (alerts computed from the devices' latest state, web/alerts.py)."""
+        return len(fleet_alerts(self.store.list_devices(), self.config.alerts, self.now_ms()))
 
     def device(self, device_id: str) -> Any:
         view = self.store.get_device(device_id)

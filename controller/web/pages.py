@@ -18,7 +18,7 @@ from .charts import Series, bar_chart, line_chart, meter
 from .format import THERMAL_ORDER, fmt_age, fmt_mb, fmt_num, iso_utc, relative_time, state_badge
 from .panels import controller_panel
 
-__all__ = ["WINDOWS", "api_doc_page", "device_charts", "device_page", "device_url", "login_page", "overview_page"]
+__all__ = ["WINDOWS", "api_doc_page", "device_charts", "device_page", "device_url", "overview_page"]
 
 # window name -> (milliseconds, store source: raw telemetry or a rollup resolution)
 WINDOWS: dict[str, tuple[int, str]] = {
@@ -303,21 +303,6 @@ def device_page(d: Any, charts: Iterable[str], *, window: str, now_ms: int, csrf
         f"{_facts(d, now_ms)}"
         f'<h2>History</h2><p class="windows">Window: {windows} <span class="muted">(UTC)</span></p>'
         f'<div class="charts">{"".join(charts)}</div>{commands}{_events_html(events, now_ms)}'
-    )
-
-
-def login_page(*, next_path: str, error: str | None = None) -> str:
-    err = f'<p class="flash error" role="alert">{escape(error)}</p>' if error else ""
-    return (
-        '<form class="login" method="post" action="/login"><h1>Operator login</h1>'
-        f"{err}"
-        '<label for="token">Operator token</label>'
-        '<input id="token" name="token" type="password" autocomplete="current-password" required autofocus>'
-        f'<input type="hidden" name="next" value="{escape(next_path)}">'
-        '<button class="primary" type="submit">Log in</button>'
-        '<p class="muted">The token was printed once when the controller first started. '
-        "Lost it? <code>nanofleet controller rotate-token</code> on the controller host prints a new one "
-        "(restart the controller to apply it).</p></form>"
     )
 
 

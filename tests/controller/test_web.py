@@ -183,7 +183,7 @@ async def test_unknown_device_is_a_clear_404(client: httpx.AsyncClient, token_an
         assert r.json() == {"error": "device_not_found", "detail": "no device 'ghost' has reported to this controller"}
     await login(client, token_and_hash[0])
     page = await client.get("/devices/ghost")
-    assert page.status_code == 404 and "no device &#x27;ghost&#x27; has reported" in page.text
+    assert page.status_code == 404 and "no device &#39;ghost&#39; has reported" in page.text
 
 
 async def test_api_telemetry_raw_and_rollups(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
