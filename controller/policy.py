@@ -106,7 +106,7 @@ async def publish(client: Publisher, store: Store, changes: list[PolicyChange], 
         futs.append(client.publish(topics.policy(ch.policy.fleet, ch.device_id), body, qos=1, retain=True))
         records.append(PublishedPolicy(ch.device_id, version, content_hash(ch.policy), body, now))
     await asyncio.wait_for(asyncio.gather(*futs), within)
-    await asyncio.to_thread(store.record_policies, records)
+    await asyncio.to_thread(store.record_policies, records, {ch.device_id: ch.changes for ch in changes})
     return version
 
 
