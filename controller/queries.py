@@ -259,10 +259,18 @@ def alert_count(conn: sqlite3.Connection, alerts: Alerts, now_ms: int) -> int:
     return sum(int(v or 0) for v in row)
 
 
-def overview(conn: sqlite3.Connection, alerts: Alerts, now_ms: int, *, hottest: int = 10) -> Overview:
+def states_and_groups(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
+    """Devices by state, and by group (the device list's cards and group filter)."""
     by_state = dict.fromkeys(("online", "offline", "stale"), 0)
     for state, n in conn.execute("SELECT state, count(*) FROM devices GROUP BY state"):
         by_state[state] = n
+    groups = dict(conn.execute(f"SELECT coalesce(g.grp, '{DEFAULT_GROUP}') AS grp, count(*)" + _FROM
+                               + " GROUP BY grp ORDER BY grp").fetchall())
+    return by_state, groups
+
+
+def overview(conn: sqlite3.Connection, alerts: Alerts, now_ms: int, *, hottest: int = 10) -> Overview:
+    by_state, groups = states_and_groups(conn)
     by_thermal = dict.fromkeys(THERMAL_LEVELS, 0)
     for level, n in conn.execute("SELECT thermal_level, count(*) FROM devices GROUP BY thermal_level"):
         name = THERMAL_LEVELS[level] if 0 <= level < len(THERMAL_LEVELS) else "none"
@@ -280,8 +288,6 @@ def overview(conn: sqlite3.Connection, alerts: Alerts, now_ms: int, *, hottest: 
                + _FROM + " WHERE d.temp_max_c IS NOT NULL ORDER BY d.temp_max_c DESC, d.device_id LIMIT ?",
                (hottest,))]
     rejected = conn.execute("SELECT coalesce(sum(count), 0) FROM rejections").fetchone()[0]
-    groups = dict(conn.execute(f"SELECT coalesce(g.grp, '{DEFAULT_GROUP}') AS grp, count(*)" + _FROM
-                               + " GROUP BY grp ORDER BY grp").fetchall())
     return Overview(total=sum(by_state.values()), by_state=by_state, by_thermal=by_thermal, queue_depth=depth,
                     slots_waiting=waiting, queue_devices=queued, routes_last_hour=routes, routes_since_ms=since,
                     policy_total=p_total, policy_behind=p_behind, policy_latest=p_latest, hottest=hot,
@@ -330,10 +336,68 @@ def group_summaries(conn: sqlite3.Connection, *, behind_limit: int = 20) -> dict
             for name, by_state in sorted(states.items())}
 
 
+@dataclass(frozen=True)
+class PolicyLag:
+    device_id: str
+    applied: int
+    published: int
+
+
+def policy_lag(conn: sqlite3.Connection, limit: int = 20) -> list[PolicyLag]:
+    """The first `limit` devices (by id) not yet on the policy version published for them."""
+    rows = conn.execute("SELECT d.device_id, d.policy_version, p.version FROM devices d JOIN policies p "
+                        "ON p.device_id = d.device_id WHERE p.version != d.policy_version ORDER BY d.device_id "
+                        "LIMIT ?", (limit,)).fetchall()
+    return [PolicyLag(*r) for r in rows]
+
+
 def last_policy_round(conn: sqlite3.Connection) -> PolicyRound | None:
     row = conn.execute("SELECT version, published_ms, devices, changes_json FROM policy_rounds "
                        "ORDER BY version DESC LIMIT 1").fetchone()
     return PolicyRound(row[0], row[1], row[2], json.loads(row[3])) if row else None
+
+
+# -- device page ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Bucket:
+    """A device's worst thermal level and deepest queues within one time bucket (raw telemetry)."""
+
+    ts_ms: int
+    thermal_level: int
+    queue_depth: int
+    slots_waiting: int
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    id: str
+    status: str
+    message: str
+    data: dict[str, str]
+    ts_ms: int
+
+
+def buckets(conn: sqlite3.Connection, device_id: str, since_ms: int, bucket_ms: int) -> list[Bucket]:
+    """Thermal level and queue depth of one device over time, one row per `bucket_ms` (its maximum there), from raw
+    telemetry: rollups keep CPU, temperature and RAM only, and a day of 10 s samples is ~8,640 rows on the
+    primary key's range."""
+    rows = conn.execute(
+        "SELECT ts_ms - ts_ms % ?, max(thermal_level), max(queue_depth), max(slots_waiting) FROM telemetry "
+        "WHERE device_id = ? AND ts_ms >= ? GROUP BY 1 ORDER BY 1", (bucket_ms, device_id, since_ms)).fetchall()
+    return [Bucket(*r) for r in rows]
+
+
+def recent_commands(conn: sqlite3.Connection, device_id: str, limit: int = 10) -> list[CommandRecord]:
+    rows = conn.execute("SELECT id, status, message, data_json, ts_ms FROM command_results WHERE device_id = ? "
+                        "ORDER BY ts_ms DESC LIMIT ?", (device_id, limit)).fetchall()
+    return [CommandRecord(r[0], r[1], r[2], {str(k): str(v) for k, v in json.loads(r[3] or "{}").items()}, r[4])
+            for r in rows]
+
+
+def published_version(conn: sqlite3.Connection, device_id: str) -> int | None:
+    row = conn.execute("SELECT version FROM policies WHERE device_id = ?", (device_id,)).fetchone()
+    return int(row[0]) if row else None
 
 
 class Queries:
@@ -350,6 +414,10 @@ class Queries:
         result: Overview = self.store.read(lambda c: overview(c, alerts, now_ms, hottest=hottest))
         return result
 
+    def states_and_groups(self) -> tuple[dict[str, int], dict[str, int]]:
+        result: tuple[dict[str, int], dict[str, int]] = self.store.read(states_and_groups)
+        return result
+
     def alert_count(self, alerts: Alerts, now_ms: int) -> int:
         result: int = self.store.read(lambda c: alert_count(c, alerts, now_ms))
         return result
@@ -358,8 +426,24 @@ class Queries:
         result: dict[str, GroupSummary] = self.store.read(group_summaries)
         return result
 
+    def policy_lag(self, limit: int = 20) -> list[PolicyLag]:
+        result: list[PolicyLag] = self.store.read(lambda c: policy_lag(c, limit))
+        return result
+
     def last_policy_round(self) -> PolicyRound | None:
         result: PolicyRound | None = self.store.read(last_policy_round)
+        return result
+
+    def buckets(self, device_id: str, since_ms: int, bucket_ms: int) -> list[Bucket]:
+        result: list[Bucket] = self.store.read(lambda c: buckets(c, device_id, since_ms, bucket_ms))
+        return result
+
+    def recent_commands(self, device_id: str, limit: int = 10) -> list[CommandRecord]:
+        result: list[CommandRecord] = self.store.read(lambda c: recent_commands(c, device_id, limit))
+        return result
+
+    def published_version(self, device_id: str) -> int | None:
+        result: int | None = self.store.read(lambda c: published_version(c, device_id))
         return result
 
     def models(self) -> list[str]:

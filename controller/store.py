@@ -214,7 +214,10 @@ class Store:
 
     def set_group_resolver(self, group_of: Callable[[str], str]) -> None:
         """Give every device its group by fleet.yaml's one rule (FleetConfig.group_of): each known device now, each
-        new one in the batch that first stores it — so the dashboard filters and sorts by group in SQL."""
+        new one in the batch that first stores it — so the dashboard filters and sorts by group in SQL. The same
+        rule again (the service's and its web app's config are one object) rewrites nothing."""
+        if group_of == self._group_of:
+            return
 
         def run(conn: sqlite3.Connection) -> None:
             ids = [row[0] for row in conn.execute("SELECT device_id FROM devices")]

@@ -213,6 +213,14 @@ class FleetConfig(_Model):
                 return name
         return DEFAULT_GROUP
 
+    def group_profile(self, group: str) -> Profile:
+        """What a device of `group` runs without overrides of its own (`default`: the defaults)."""
+        if group == DEFAULT_GROUP:
+            return self.defaults
+        if group not in self.groups:
+            raise ConfigError(f"groups: no group {group!r}")
+        return _merged_profile(self.defaults, (self.groups[group],), ("groups", group))
+
     def profile_for(self, device_id: str) -> Profile:
         """The effective profile of a device: defaults ← group ← device (a device in no group gets the defaults)."""
         layers: list[BaseModel] = []

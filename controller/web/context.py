@@ -7,11 +7,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse
@@ -19,10 +20,10 @@ from starlette.concurrency import run_in_threadpool
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller.commands import CommandError, UnknownCommand
+from nanofleet.controller.queries import Queries
 from nanofleet.controller.views import DeviceView, Rejection, RollupPoint, TelemetryPoint
 
 from . import schemas
-from .alerts import fleet_alerts
 from .layout import TEMPLATES, content_security_policy, new_nonce, render_block
 from .security import Operator, OperatorAuth, WebError
 from .sessions import SessionSigner
@@ -30,12 +31,15 @@ from .sessions import SessionSigner
 __all__ = ["Authed", "Commands", "FleetReader", "UsageReader", "Web", "WebContext", "Writer"]
 
 log = logging.getLogger("nanofleet.controller.web")
+T = TypeVar("T")
 
 
 class FleetReader(Protocol):
-    """The store's reads the web app makes (controller/store.py `Store`; `published_policies` and `device_events`
-    are used when the store has them)."""
+    """The store's reads the web app makes (controller/store.py `Store`): a few whole views, and `read`, which runs
+    controller/queries.py's SQL on the calling thread's read connection. `published_policies` and `device_events`
+    are used when the store has them."""
 
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
     def list_devices(self) -> list[DeviceView]: ...
     def get_device(self, device_id: str) -> DeviceView | None: ...
     def telemetry(self, device_id: str, since_ms: int | None = None, limit: int = 1000) -> list[TelemetryPoint]: ...
@@ -91,6 +95,10 @@ class WebContext:
     refresh_s: int
     errors: Counter[str] = dataclasses.field(default_factory=Counter)  # answers given for bugs, by code
     status: Callable[[], Mapping[str, Any]] | None = None  # ControllerService.status, when a service runs us
+    queries: Queries = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queries = Queries(self.store)
 
     def render(self, request: Request, name: str, *, title: str, operator: Operator | None, status: int = 200,
                refresh: bool = False, **variables: Any) -> HTMLResponse:
@@ -109,8 +117,9 @@ class WebContext:
                                           headers={"Content-Security-Policy": content_security_policy(nonce)})
 
     def open_alert_count(self) -> int | None:
-        """Open alerts for the header's count (alerts computed from the devices' latest state, web/alerts.py)."""
-        return len(fleet_alerts(self.store.list_devices(), self.config.alerts, self.now_ms()))
+        """Open alerts for the header's count: web/alerts.py's read-time rule over the devices' latest state,
+        counted in SQL (queries.alert_count) so a page at 10,000 devices does not load them all."""
+        return self.queries.alert_count(self.config.alerts, self.now_ms())
 
     def device(self, device_id: str) -> Any:
         view = self.store.get_device(device_id)

@@ -16,7 +16,13 @@ import jinja2
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 
-__all__ = ["TEMPLATES", "content_security_policy", "new_nonce", "render_block"]
+from .alerts import device_alerts
+from .charts import meter
+from .format import THERMAL_ORDER, fmt_age, fmt_mb, fmt_num, iso_utc, relative_time
+from .pages import device_url, thermal_warn
+
+ALERT_LABELS = {"offline": "offline", "thermal": "hot", "low_ram": "low RAM", "queue_depth": "queue"}
+__all__ = ["ALERT_LABELS", "TEMPLATES", "content_security_policy", "new_nonce", "render_block"]
 
 _PACKAGE = resources.files("nanofleet.controller.web")
 _STATIC = _PACKAGE / "static"
@@ -32,6 +38,12 @@ def _environment() -> jinja2.Environment:
     # Our own packaged files, not data: safe to inline as they are (CSS selectors use ">", which escaping breaks).
     env.globals["css"] = Markup((_STATIC / "style.css").read_text(encoding="utf-8"))
     env.globals["js"] = Markup((_STATIC / "refresh.js").read_text(encoding="utf-8"))
+    env.globals.update(
+        fmt_num=fmt_num, fmt_mb=fmt_mb, fmt_age=fmt_age, iso_utc=iso_utc, relative_time=relative_time,
+        device_url=device_url, thermal_warn=thermal_warn, device_alerts=device_alerts, ALERT_LABELS=ALERT_LABELS,
+        thermal_levels=THERMAL_ORDER,
+        meter=lambda value, total: Markup(meter(value, total)),  # charts.meter: numbers only, no text
+    )
     return env
 
 
