@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import sqlite3
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ __all__ = [
 
 SortKey = Literal["device_id", "group", "state", "last_seen", "temp", "thermal", "ram", "cpu", "model", "policy",
                   "queue", "slots_waiting"]
-_NO_TEMP = -1.0e9  # a device without a temperature sorts below every real one (NULL breaks row-value comparisons)
+_NO_TEMP = "-1.0e9"  # a device without a temperature sorts below every real one (NULL breaks row-value comparisons)
 # sort key -> its SQL expression over `devices d` LEFT JOIN `device_groups g`
 SORTS: dict[str, str] = {
     "device_id": "d.device_id",
@@ -58,6 +59,10 @@ SORTS: dict[str, str] = {
 }
 assert set(SORTS) == set(get_args(SortKey))
 MAX_LIMIT = 500
+COUNT_CAP = 1000  # a page counts the devices matching its filter up to this many ("1000+"): a count is a scan
+# sorts with an index of their own (migration 006): walked in order, so a filtered page stops after its rows
+# instead of sorting every match — SQLite's planner, without statistics, would rather take a filter's index
+_SORT_INDEX = {"temp": "devices_temp"}
 
 _COLUMNS = """d.device_id, d.fleet, coalesce(g.grp, ?), d.state, d.last_seen_ms, d.birth_ms, d.bd_seq,
     d.agent_version, d.model_name, d.model_availability, d.policy_version, d.cpu_percent, d.ram_total_mb,
@@ -124,7 +129,8 @@ class DeviceFilter:
 class DevicePage:
     items: list[DeviceView]
     next_cursor: str | None  # None: this is the last page
-    total: int  # devices matching the filter, all pages
+    total: int  # devices matching the filter, all pages, counted up to COUNT_CAP
+    total_capped: bool = False  # True: COUNT_CAP or more match
 
 
 def encode_cursor(sort: str, desc: bool, key: Any, device_id: str) -> str:
@@ -167,7 +173,10 @@ def _page_sql(flt: DeviceFilter, limit: int, cursor: str | None) -> tuple[str, l
             clauses.append(f"({expr}, d.device_id) {op} (?, ?)")
             args += [key, last_id]
     order = f"d.device_id {direction}" if single else f"{expr} {direction}, d.device_id {direction}"
-    sql = (f"SELECT {_COLUMNS}, {expr}" + _FROM + (" WHERE " + " AND ".join(clauses) if clauses else "")
+    source = _FROM
+    if flt.sort in _SORT_INDEX:
+        source = source.replace("devices d", f"devices d INDEXED BY {_SORT_INDEX[flt.sort]}", 1)
+    sql = (f"SELECT {_COLUMNS}, {expr}" + source + (" WHERE " + " AND ".join(clauses) if clauses else "")
            + f" ORDER BY {order} LIMIT ?")
     return sql, [*args, limit + 1]
 
@@ -178,12 +187,13 @@ def device_page(conn: sqlite3.Connection, flt: DeviceFilter, *, limit: int = 50,
     sql, args = _page_sql(flt, limit, cursor)
     rows = conn.execute(sql, args).fetchall()
     where, where_args = flt.where()
-    total = conn.execute("SELECT count(*)" + _FROM + where, where_args).fetchone()[0]
+    total = conn.execute(f"SELECT count(*) FROM (SELECT 1{_FROM}{where} LIMIT ?)",
+                         [*where_args, COUNT_CAP]).fetchone()[0]
     more = len(rows) > limit
     rows = rows[:limit]
     items = [Store._device(r[:-1]) for r in rows]
     next_cursor = encode_cursor(flt.sort, flt.desc, rows[-1][-1], rows[-1][0]) if more and rows else None
-    return DevicePage(items, next_cursor, total)
+    return DevicePage(items, next_cursor, total, total >= COUNT_CAP)
 
 
 def explain_page(conn: sqlite3.Connection, flt: DeviceFilter, *, cursor: str | None = None) -> list[str]:
@@ -211,15 +221,32 @@ class Overview:
     queue_depth: int
     slots_waiting: int
     queue_devices: int  # devices with a non-empty offline queue
-    routes_last_hour: dict[str, int]  # ROUTES -> requests
-    routes_since_ms: int | None  # the snapshot the route mix counts from (None: no snapshot yet)
-    policy_total: int  # devices with a published policy
-    policy_behind: int  # of them, not yet on it
-    policy_latest: int | None  # the newest version published
     hottest: list[HotDevice]
-    rejected: int  # payloads rejected by ingest, all time
     alerts: int  # devices x thresholds crossed now (the read-time rule of web/alerts.py, in SQL)
     groups: dict[str, int] = field(default_factory=dict)  # group -> devices
+    models: list[str] = field(default_factory=list)  # distinct model names (the device list's model filter)
+    # the slower-moving figures (SlowFigures), refreshed less often by the web app
+    routes_last_hour: dict[str, int] = field(default_factory=dict)  # ROUTES -> requests
+    routes_since_ms: int | None = None  # the snapshot the route mix counts from (None: no snapshot yet)
+    policy_total: int = 0  # devices with a published policy
+    policy_behind: int = 0  # of them, not yet on it
+    policy_latest: int | None = None  # the newest version published
+    convergence: dict[int, int] = field(default_factory=dict)  # applied policy version -> devices
+    rejected: int = 0  # payloads rejected by ingest, all time
+
+
+@dataclass(frozen=True)
+class SlowFigures:
+    """The overview's figures that move slowly and cost the most: the route mix (per device counters against a
+    snapshot) and policy convergence (a join of every device with its published policy)."""
+
+    routes_last_hour: dict[str, int]
+    routes_since_ms: int | None
+    policy_total: int
+    policy_behind: int
+    policy_latest: int | None
+    convergence: dict[int, int]
+    rejected: int
 
 
 def _route_mix(conn: sqlite3.Connection, now_ms: int) -> tuple[dict[str, int], int | None]:
@@ -259,6 +286,12 @@ def alert_count(conn: sqlite3.Connection, alerts: Alerts, now_ms: int) -> int:
     return sum(int(v or 0) for v in row)
 
 
+def models(conn: sqlite3.Connection) -> list[str]:
+    """Distinct model names, at most 100 (the device list's model filter offers them)."""
+    rows = conn.execute("SELECT DISTINCT model_name FROM devices WHERE model_name != '' ORDER BY 1 LIMIT 100")
+    return [r[0] for r in rows]
+
+
 def states_and_groups(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
     """Devices by state, and by group (the device list's cards and group filter)."""
     by_state = dict.fromkeys(("online", "offline", "stale"), 0)
@@ -269,7 +302,8 @@ def states_and_groups(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[st
     return by_state, groups
 
 
-def overview(conn: sqlite3.Connection, alerts: Alerts, now_ms: int, *, hottest: int = 10) -> Overview:
+def fleet_figures(conn: sqlite3.Connection, alerts: Alerts, now_ms: int, *, hottest: int = 10) -> Overview:
+    """The overview's fast-moving figures (the slow ones left empty: `slow_figures`)."""
     by_state, groups = states_and_groups(conn)
     by_thermal = dict.fromkeys(THERMAL_LEVELS, 0)
     for level, n in conn.execute("SELECT thermal_level, count(*) FROM devices GROUP BY thermal_level"):
@@ -278,20 +312,35 @@ def overview(conn: sqlite3.Connection, alerts: Alerts, now_ms: int, *, hottest: 
     depth, waiting, queued = conn.execute(
         "SELECT coalesce(sum(queue_depth), 0), coalesce(sum(slots_waiting), 0), "
         "coalesce(sum(queue_depth > 0), 0) FROM devices").fetchone()
+    hot = [HotDevice(r[0], r[1], r[2], THERMAL_LEVELS[r[3]] if 0 <= r[3] < len(THERMAL_LEVELS) else "none", r[4])
+           for r in conn.execute(
+               f"SELECT d.device_id, coalesce(g.grp, '{DEFAULT_GROUP}'), d.temp_max_c, d.thermal_level, d.state"
+               + _FROM.replace("devices d", "devices d INDEXED BY devices_temp", 1)
+               + f" WHERE d.temp_max_c IS NOT NULL ORDER BY {SORTS['temp']} DESC, d.device_id DESC LIMIT ?",
+               (hottest,))]
+    return Overview(total=sum(by_state.values()), by_state=by_state, by_thermal=by_thermal, queue_depth=depth,
+                    slots_waiting=waiting, queue_devices=queued, hottest=hot, alerts=alert_count(conn, alerts, now_ms),
+                    groups=groups, models=models(conn))
+
+
+def slow_figures(conn: sqlite3.Connection, now_ms: int) -> SlowFigures:
     routes, since = _route_mix(conn, now_ms)
     p_total, p_behind, p_latest = conn.execute(
         "SELECT count(*), coalesce(sum(p.version != d.policy_version), 0), max(p.version) "
         "FROM policies p JOIN devices d ON d.device_id = p.device_id").fetchone()
-    hot = [HotDevice(r[0], r[1], r[2], THERMAL_LEVELS[r[3]] if 0 <= r[3] < len(THERMAL_LEVELS) else "none", r[4])
-           for r in conn.execute(
-               f"SELECT d.device_id, coalesce(g.grp, '{DEFAULT_GROUP}'), d.temp_max_c, d.thermal_level, d.state"
-               + _FROM + " WHERE d.temp_max_c IS NOT NULL ORDER BY d.temp_max_c DESC, d.device_id LIMIT ?",
-               (hottest,))]
+    convergence = {int(v): int(n) for v, n in conn.execute(
+        "SELECT policy_version, count(*) FROM devices GROUP BY policy_version")}
     rejected = conn.execute("SELECT coalesce(sum(count), 0) FROM rejections").fetchone()[0]
-    return Overview(total=sum(by_state.values()), by_state=by_state, by_thermal=by_thermal, queue_depth=depth,
-                    slots_waiting=waiting, queue_devices=queued, routes_last_hour=routes, routes_since_ms=since,
-                    policy_total=p_total, policy_behind=p_behind, policy_latest=p_latest, hottest=hot,
-                    rejected=rejected, alerts=alert_count(conn, alerts, now_ms), groups=groups)
+    return SlowFigures(routes, since, p_total, p_behind, p_latest, convergence, rejected)
+
+
+def with_slow(fast: Overview, slow: SlowFigures) -> Overview:
+    return dataclasses.replace(fast, **{f.name: getattr(slow, f.name) for f in dataclasses.fields(slow)})
+
+
+def overview(conn: sqlite3.Connection, alerts: Alerts, now_ms: int, *, hottest: int = 10) -> Overview:
+    """Every figure of the overview, now."""
+    return with_slow(fleet_figures(conn, alerts, now_ms, hottest=hottest), slow_figures(conn, now_ms))
 
 
 # -- groups -----------------------------------------------------------------------------------------------------
@@ -414,8 +463,12 @@ class Queries:
         result: Overview = self.store.read(lambda c: overview(c, alerts, now_ms, hottest=hottest))
         return result
 
-    def states_and_groups(self) -> tuple[dict[str, int], dict[str, int]]:
-        result: tuple[dict[str, int], dict[str, int]] = self.store.read(states_and_groups)
+    def fleet_figures(self, alerts: Alerts, now_ms: int) -> Overview:
+        result: Overview = self.store.read(lambda c: fleet_figures(c, alerts, now_ms))
+        return result
+
+    def slow_figures(self, now_ms: int) -> SlowFigures:
+        result: SlowFigures = self.store.read(lambda c: slow_figures(c, now_ms))
         return result
 
     def alert_count(self, alerts: Alerts, now_ms: int) -> int:
@@ -446,8 +499,3 @@ class Queries:
         result: int | None = self.store.read(lambda c: published_version(c, device_id))
         return result
 
-    def models(self) -> list[str]:
-        """Distinct model names (the device list's model filter offers them)."""
-        rows = self.store.read(lambda c: c.execute(
-            "SELECT DISTINCT model_name FROM devices WHERE model_name != '' ORDER BY 1 LIMIT 100").fetchall())
-        return [r[0] for r in rows]

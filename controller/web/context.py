@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller.commands import CommandError, UnknownCommand
-from nanofleet.controller.queries import Queries
+from nanofleet.controller.queries import Overview, Queries, SlowFigures, with_slow
+from nanofleet.controller.summary import Cached
 from nanofleet.controller.views import DeviceView, Rejection, RollupPoint, TelemetryPoint
 
 from . import schemas
@@ -96,9 +97,19 @@ class WebContext:
     errors: Counter[str] = dataclasses.field(default_factory=Counter)  # answers given for bugs, by code
     status: Callable[[], Mapping[str, Any]] | None = None  # ControllerService.status, when a service runs us
     queries: Queries = dataclasses.field(init=False)
+    # the overview's fleet-wide aggregates: the fast-moving ones at most 1 s old, the costly slow ones 10 s
+    summary: Cached[Overview] = dataclasses.field(init=False)
+    slow_summary: Cached[SlowFigures] = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.queries = Queries(self.store)
+        self.summary = Cached(lambda: self.queries.fleet_figures(self.config.alerts, self.now_ms()),
+                              name="fleet-summary")
+        self.slow_summary = Cached(lambda: self.queries.slow_figures(self.now_ms()), max_age_s=10.0,
+                                   stale_limit_s=60.0, name="fleet-summary-slow")
+
+    def overview(self) -> Overview:
+        return with_slow(self.summary.get(), self.slow_summary.get())
 
     def render(self, request: Request, name: str, *, title: str, operator: Operator | None, status: int = 200,
                refresh: bool = False, **variables: Any) -> HTMLResponse:
@@ -118,8 +129,8 @@ class WebContext:
 
     def open_alert_count(self) -> int | None:
         """Open alerts for the header's count: web/alerts.py's read-time rule over the devices' latest state,
-        counted in SQL (queries.alert_count) so a page at 10,000 devices does not load them all."""
-        return self.queries.alert_count(self.config.alerts, self.now_ms())
+        counted in SQL (queries.alert_count) with the rest of the fleet summary, at most a second old."""
+        return self.summary.get().alerts
 
     def device(self, device_id: str) -> Any:
         view = self.store.get_device(device_id)

@@ -39,7 +39,7 @@ def api_devices(ctx: Web, operator: Authed, group: Text = "", state: routes_page
     flt = routes_pages.device_filter(group, state, thermal, model, behind, q, sort, desc)
     page = routes_pages.page_of(ctx, flt, limit, cursor)
     return schemas.DevicePageOut(items=[schemas.DeviceOut.model_validate(d) for d in page.items],
-                                 next_cursor=page.next_cursor, total=page.total)
+                                 next_cursor=page.next_cursor, total=page.total, total_capped=page.total_capped)
 
 
 @router.get("/devices/{device_id}", response_model=schemas.DeviceOut, responses={**_ERR401, **_ERR404},

@@ -53,8 +53,8 @@ def _usage_today(ctx: WebContext) -> _Usage | None:
 @router.get("/")
 def overview(request: Request, ctx: Web, operator: Authed) -> HTMLResponse:
     now = ctx.now_ms()
-    ov = ctx.queries.overview(ctx.config.alerts, now)
-    conv = ctx.store.policy_convergence()
+    ov = ctx.overview()
+    conv = ov.convergence
     latest = max(conv) if conv else None
     # controller_panel escapes every value it prints (panels.py); marked safe as a whole for that reason only
     panel = Markup(controller_panel(ctx.status() if ctx.status is not None else None))
@@ -92,10 +92,10 @@ def devices_page(request: Request, ctx: Web, operator: Authed, group: Text = "",
                  cursor: Annotated[str, Query(max_length=2000)] = "") -> HTMLResponse:
     flt = device_filter(group, state, thermal, model, behind, q, sort, desc)
     page = page_of(ctx, flt, limit, cursor)
-    by_state, groups = ctx.queries.states_and_groups()
+    summary = ctx.summary.get()
     return ctx.render(request, "devices.html", title="Devices", operator=operator, refresh=True, now_ms=ctx.now_ms(),
-                      alerts=ctx.config.alerts, page=page, by_state=by_state, groups=list(groups),
-                      models=ctx.queries.models(), ls=pages.DeviceListState(flt, limit, cursor or None),
+                      alerts=ctx.config.alerts, page=page, by_state=summary.by_state, groups=list(summary.groups),
+                      models=summary.models, ls=pages.DeviceListState(flt, limit, cursor or None),
                       columns=pages.COLUMNS, page_sizes=sorted({*pages.PAGE_SIZES, limit}))
 
 

@@ -79,7 +79,8 @@ class DevicePageOut(BaseModel):
 
     items: list[DeviceOut]
     next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
-    total: int = Field(description="devices matching the filter, on all pages")
+    total: int = Field(description="devices matching the filter, on all pages, counted up to 1000")
+    total_capped: bool = Field(False, description="true: 1000 or more devices match (total says 1000)")
 
 
 class AlertOut(_Out):

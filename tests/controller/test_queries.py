@@ -59,7 +59,7 @@ def add_devices(store: Store, ids: list[str], rng: random.Random, now: int) -> N
 def python_key(d: DeviceView, sort: str) -> Any:
     return {
         "device_id": d.device_id, "group": d.group, "state": d.state, "last_seen": d.last_seen_ms,
-        "temp": queries._NO_TEMP if d.temp_max_c is None else d.temp_max_c,
+        "temp": float(queries._NO_TEMP) if d.temp_max_c is None else d.temp_max_c,
         "thermal": THERMAL_LEVELS.index(d.thermal_level), "ram": d.ram_available_mb, "cpu": d.cpu_percent,
         "model": d.model_name, "policy": d.policy_version, "queue": d.queue_depth, "slots_waiting": d.slots_waiting,
     }[sort]
@@ -170,14 +170,24 @@ def test_a_bad_cursor_or_limit_is_a_clear_error_naming_it(fleet_store: Store) ->
 
 def test_the_default_page_walks_an_index_and_sorts_nothing(fleet_store: Store) -> None:
     first = queries.Queries(fleet_store).devices(queries.DeviceFilter(), limit=5)
+    hot = queries.DeviceFilter(group="kiosks", state="online", sort="temp", desc=True)
+    hot_next = queries.Queries(fleet_store).devices(hot, limit=2).next_cursor
     for flt, cursor in ((queries.DeviceFilter(), None), (queries.DeviceFilter(), first.next_cursor),
-                        (queries.DeviceFilter(state="online"), None)):
+                        (queries.DeviceFilter(state="online"), None), (hot, None), (hot, hot_next)):
         plan = fleet_store.read(lambda c, f=flt, cur=cursor: queries.explain_page(c, f, cursor=cur))
         text = " | ".join(plan)
         assert "TEMP B-TREE" not in text, text  # no sort of the whole table
         assert any(line.startswith(("SEARCH d USING", "SCAN d USING")) and "INDEX" in line for line in plan), text
     plan = fleet_store.read(lambda c: queries.explain_page(c, queries.DeviceFilter(), cursor=first.next_cursor))
     assert any("(device_id>?)" in line for line in plan), plan  # the cursor is a range on the index, not a skip
+
+
+def test_the_count_stops_at_its_cap(fleet_store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(queries, "COUNT_CAP", 10)
+    page = queries.Queries(fleet_store).devices(queries.DeviceFilter(), limit=3)
+    assert (page.total, page.total_capped) == (10, True) and len(page.items) == 3
+    few = queries.Queries(fleet_store).devices(queries.DeviceFilter(group="lab", state="offline"), limit=3)
+    assert few.total < 10 and not few.total_capped
 
 
 def test_overview_aggregates_match_the_device_views(fleet_store: Store) -> None:
@@ -190,13 +200,15 @@ def test_overview_aggregates_match_the_device_views(fleet_store: Store) -> None:
     assert ov.queue_depth == sum(d.queue_depth for d in views) > 0
     assert ov.slots_waiting == sum(d.slots_waiting for d in views)
     assert ov.queue_devices == sum(d.queue_depth > 0 for d in views)
-    hot = sorted((d for d in views if d.temp_max_c is not None), key=lambda d: (-d.temp_max_c, d.device_id))[:3]
+    hot = sorted((d for d in views if d.temp_max_c is not None), key=lambda d: (d.temp_max_c, d.device_id),
+                 reverse=True)[:3]  # ties: the later id first (the temperature index walked backwards)
     assert [h.device_id for h in ov.hottest] == [d.device_id for d in hot]
     published = fleet_store.published_policies()
     assert ov.policy_total == len(published) and ov.policy_latest == 3
     assert ov.policy_behind == sum(1 for d in views if d.device_id in published and d.policy_version != 3)
     assert ov.groups == {g: sum(d.group == g for d in views) for g in {d.group for d in views}}
     assert set(ov.groups) == {"kiosks", "lab", "default"}
+    assert ov.models == sorted({d.model_name for d in views} - {""})
     assert ov.alerts == len(fleet_alerts(views, CFG.alerts, now)) > 0
     later = now + 3_600_000  # an hour on, the silent devices cross offline_after_s too
     assert queries.Queries(fleet_store).alert_count(CFG.alerts, later) == len(fleet_alerts(views, CFG.alerts, later))
