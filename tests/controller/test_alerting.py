@@ -3,6 +3,7 @@ over the real stored alerts (a real SQLite store, the one writer)."""
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -19,7 +20,8 @@ from nanofleet.controller.store import Store
 
 KINDS = alerting.ALERT_KINDS
 DEVICES = ("a", "b", "c", "")
-cond = st.builds(lambda d, k: Condition(d, k, f"{k} on {d}", 1.0, 0.0), st.sampled_from(DEVICES), st.sampled_from(KINDS))
+cond = st.builds(lambda d, k: Condition(d, k, f"{k} on {d}", 1.0, 0.0), st.sampled_from(DEVICES),
+                 st.sampled_from(KINDS))
 round_ = st.tuples(st.sets(cond, max_size=8),                       # what holds now
                    st.sets(st.sampled_from(KINDS), min_size=1),      # the kinds this round evaluates
                    st.sets(st.integers(0, 40), max_size=4))          # alert ids the operator acknowledges first
@@ -80,10 +82,8 @@ def test_life_cycle_invariants_stored(shared_store: Store, rounds: list[tuple[se
     for conditions, kinds, acks in rounds:
         for i in acks:
             if i < len(ids):
-                try:
+                with contextlib.suppress(AlertCleared):  # already cleared: refused, as the API answers 409
                     store.acknowledge(ids[i], "ops", "seen", now)
-                except AlertCleared:
-                    pass  # already cleared: refused, as the API answers 409
         before = {a.id: a.state for a in store.list("all", limit=1000)[0]}
         changed = store.apply(transitions(conditions, store.open_alerts(), kinds), now)
         ids += [v.id for v in changed if v.state == "raised"]
