@@ -76,7 +76,7 @@ class AlertStore:
                                                    (alert_id,)).fetchall())
         return AlertView(*rows[0]) if rows else None
 
-    def list(self, state: AlertFilter = "open", *, device_id: str | None = None, kind: str | None = None,
+    def page(self, state: AlertFilter = "open", *, device_id: str | None = None, kind: str | None = None,
              limit: int = 100, cursor: int | None = None) -> tuple[list[AlertView], int | None]:
         """Newest first; `cursor` is the id to continue below (the previous page's next_cursor): keyset, no OFFSET."""
         states = _STATES[state]
@@ -119,8 +119,9 @@ class AlertStore:
             self._publish(view)
         return views
 
-    def acknowledge(self, alert_id: int, by: str, note: str, now_ms: int) -> AlertView:
-        """raised → acknowledged (by whom, with a note); acknowledging again is a no-op answering the alert as is."""
+    def acknowledge(self, alert_id: int, by: str, note: str, now_ms: int) -> tuple[AlertView, bool]:
+        """raised → acknowledged (by whom, with a note); acknowledging again is a no-op answering the alert as is.
+        Returns the alert and whether this call changed it."""
 
         def run(conn: sqlite3.Connection) -> tuple[AlertView, bool]:
             conn.execute("UPDATE alerts SET state = 'acknowledged', acked_ms = ?, acked_by = ?, ack_note = ? "
@@ -136,7 +137,7 @@ class AlertStore:
         view, changed = self.store.submit(run).result()
         if changed:
             self._publish(view)
-        return view
+        return view, changed
 
     def _publish(self, view: AlertView) -> None:
         if self.on_change is None:

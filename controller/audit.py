@@ -13,18 +13,21 @@ its failure is logged and counted in `errors`, never lost silently.
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from .alert_store import OnChange, SubmittingStore
 
-__all__ = ["ACTIONS", "AuditEntry", "AuditLog", "now_ms"]
+__all__ = ["ACTIONS", "AuditEntry", "AuditLog", "cli_actor", "now_ms", "record_cli"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +104,7 @@ class AuditLog:
             self.errors += 1
             log.exception("audit: publishing entry %d failed", entry.id)
 
-    def list(self, *, actor: str | None = None, action: str | None = None, since_ms: int | None = None,
+    def page(self, *, actor: str | None = None, action: str | None = None, since_ms: int | None = None,
              limit: int = 100, cursor: int | None = None) -> tuple[list[AuditEntry], int | None]:
         """Newest first; `cursor` continues below the previous page's last id (keyset, no OFFSET)."""
         sql, args = "SELECT id, ts_ms, actor, action, target, detail, source FROM audit WHERE 1", []
@@ -121,3 +124,29 @@ def _detail(text: str) -> dict[str, Any]:
     except ValueError:
         return {"raw": text}
     return value if isinstance(value, dict) else {"value": value}
+
+
+def cli_actor() -> str:
+    """`cli:<OS user>`: who ran a CLI command (the OS account; the CLI has no operator login)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):  # no user name for this uid (a container): the uid says who
+        return f"cli:uid{os.getuid()}"
+
+
+def record_cli(db_path: Path, action: str, target: str, detail: Mapping[str, Any] | None = None, *,
+               create: bool = True) -> AuditEntry | None:
+    """Append a CLI command's entry to the controller store at `db_path`, as another writer of the file beside a
+    running controller (SQLite's write lock and busy timeout serialise the two). With `create=False` a missing
+    store is left alone and None returned (the command ran where no controller keeps its state)."""
+    from nanofleet.sqlite_db import Writer
+
+    from .migrations import MIGRATIONS
+
+    if not create and not Path(db_path).exists():
+        return None
+    writer = Writer(db_path, MIGRATIONS, name="cli-audit", migrations_table="_migrations")
+    try:
+        return AuditLog(writer).record(cli_actor(), action, target, detail, "cli")
+    finally:
+        writer.close()

@@ -96,9 +96,11 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
 @_DATA_DIR
 def rotate_token(data_dir: Path) -> None:
     """Issue a new operator token (the old one stops working) and print it once."""
+    from nanofleet.controller.audit import record_cli
     from nanofleet.controller.auth import rotate_operator_token
 
     token, _ = rotate_operator_token(data_dir)
+    record_cli(data_dir / "controller.db", "token_rotate", "operator_token", {"file": "operator_token.sha256"})
     click.echo(f"operator token: {token}")
 
 
@@ -215,6 +217,7 @@ def policy_apply(config_path: Path, data_dir: Path, broker_url: str | None, mqtt
                  mqtt_password: str | None, dry_run: bool) -> None:
     """Show what changed since the last published policy, then publish it (retained) with a new version."""
     from nanofleet.controller import policy as pol
+    from nanofleet.controller.audit import AuditLog, cli_actor
     from nanofleet.controller.store import Store
 
     cfg = _load(config_path)
@@ -239,4 +242,7 @@ def policy_apply(config_path: Path, data_dir: Path, broker_url: str | None, mqtt
                 await client.stop()
 
         version = asyncio.run(main())
+        AuditLog(store).record(cli_actor(), "policy_apply", f"v{version}", {
+            "version": version, "config": str(config_path), "device_count": len(changes),
+            "changes": {ch.device_id: list(ch.changes)[:20] for ch in changes[:100]}}, "cli")
     click.echo(f"published policy version {version} to {len(changes)} device(s)")

@@ -12,6 +12,7 @@ thread pool, off the event loop).
     routes_pages   /, /devices/{id}, /api, /openapi.json,     (server-rendered dashboard)
                    /metrics                                   (Prometheus text format)
     routes_api     /api/...                                   (REST API, docs/rest-api.md)
+    routes_ops     /api/alerts*, /api/audit, /alerts, /audit  (stored alerts, acknowledgements, the audit log)
     errors         the error edge; context: WebContext and the dependencies every route takes
 """
 
@@ -26,10 +27,12 @@ from typing import Any
 from fastapi import FastAPI
 
 from nanofleet.config import FleetConfig
+from nanofleet.controller.alert_store import AlertStore
+from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.metrics import registry_for
 from nanofleet.protos.names import COMMAND_KINDS
 
-from . import routes_api, routes_auth, routes_pages
+from . import routes_api, routes_auth, routes_ops, routes_pages
 from .context import Commands, FleetReader, UsageReader, WebContext
 from .errors import install_error_handlers
 from .openapi_doc import document_errors
@@ -51,18 +54,26 @@ def create_app(
     refresh_s: int = 3,
     clock: Callable[[], float] = time.time,
     status: Callable[[], Mapping[str, Any]] | None = None,
+    alerts: AlertStore | None = None,
+    audit: AuditLog | None = None,
 ) -> FastAPI:
     """Build the dashboard + API app. `session_secret` defaults to a random per-process key (sessions end on
-    restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status()."""
+    restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status().
+    `alerts` and `audit` default to ones over `store` when it is the controller's Store (it has a writer); the
+    service passes its own so their changes reach its live-update hub."""
 
     def now_ms() -> int:
         return int(clock() * 1000)
 
     signer = SessionSigner(session_secret, ttl_s=session_ttl_s)
     usage = UsageReader(Path(usage_db) if usage_db is not None else None)
+    if hasattr(store, "submit"):  # the controller's Store: alerts and audit live in its file
+        writable: Any = store
+        alerts = alerts if alerts is not None else AlertStore(writable)
+        audit = audit if audit is not None else AuditLog(writable)
     ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms),
                      signer=signer, now_ms=now_ms, commands=commands, usage=usage, session_ttl_s=session_ttl_s,
-                     refresh_s=refresh_s, status=status)
+                     refresh_s=refresh_s, status=status, alerts=alerts, audit=audit)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -85,6 +96,7 @@ def create_app(
     app.include_router(routes_auth.router)
     app.include_router(routes_pages.router)
     app.include_router(routes_api.router)
+    app.include_router(routes_ops.router)
     if commands is not None:
         app.include_router(routes_api.commands_router)
 

@@ -21,7 +21,8 @@ from ..auth import verify_token
 from ..errors import WebError
 from .sessions import Session, SessionSigner
 
-__all__ = ["COOKIE", "Operator", "OperatorAuth", "SecurityHeaders", "Unauthorized", "WebError", "safe_next"]
+__all__ = ["COOKIE", "Operator", "OperatorAuth", "SecurityHeaders", "Unauthorized", "WebError", "client_address",
+           "safe_next"]
 
 COOKIE = "nanofleet_session"
 _MAX_TOKEN = 512
@@ -39,6 +40,12 @@ class Operator:
 
     via: Literal["token", "session"]
     session: Session | None = None
+    name: str = "operator"  # who, for the audit log and acknowledgements (the one operator token's holder)
+
+
+def client_address(request: Request) -> str:
+    """Where a request came from, for the audit log (the peer; a proxy in front shows as itself)."""
+    return request.client.host if request.client else ""
 
 
 def safe_next(value: str | None) -> str:
@@ -55,6 +62,7 @@ class OperatorAuth:
 
     def __init__(self, token_hash: str, signer: SessionSigner, now_ms: Callable[[], int]) -> None:
         self.token_hash, self.signer, self.now_ms = token_hash, signer, now_ms
+        self.refused = 0  # requests with a wrong Bearer token (counted, not audited: a scanner would flood the log)
 
     def check_token(self, token: str) -> bool:
         return len(token) <= _MAX_TOKEN and verify_token(token, self.token_hash)
@@ -68,6 +76,7 @@ class OperatorAuth:
                 raise Unauthorized("malformed_authorization",
                                    "Authorization header must be 'Bearer <operator token>'")
             if not self.check_token(token):
+                self.refused += 1
                 raise Unauthorized("invalid_token", "the operator token is not valid")
             return Operator("token")
         cookie = request.cookies.get(COOKIE)

@@ -84,10 +84,10 @@ def test_life_cycle_invariants_stored(shared_store: Store, rounds: list[tuple[se
             if i < len(ids):
                 with contextlib.suppress(AlertCleared):  # already cleared: refused, as the API answers 409
                     store.acknowledge(ids[i], "ops", "seen", now)
-        before = {a.id: a.state for a in store.list("all", limit=1000)[0]}
+        before = {a.id: a.state for a in store.page("all", limit=1000)[0]}
         changed = store.apply(transitions(conditions, store.open_alerts(), kinds), now)
         ids += [v.id for v in changed if v.state == "raised"]
-        rows = store.list("all", limit=1000)[0]
+        rows = store.page("all", limit=1000)[0]
         _check({a.id: ((a.device_id, a.kind), a.state) for a in rows}, conditions, kinds)
         for a in rows:
             if before.get(a.id) == "acknowledged":

@@ -1,0 +1,197 @@
+"""Stored alerts and the audit log through the REST API, in-process over a real SQLite store: the engine raises,
+the API lists and pages them, an operator acknowledges (audited), the engine clears; logins, failed logins and
+logouts are audited with the client's address; the audit table refuses changes."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from ctl_helpers import reject, until
+from test_web import FLEET, bearer, birth, csrf_of, death, login, token_and_hash  # noqa: F401 - a fixture
+
+from nanofleet.controller.alert_store import AlertStore
+from nanofleet.controller.alerts_engine import AlertEngine
+from nanofleet.controller.audit import AuditLog
+from nanofleet.controller.store import Store
+from nanofleet.controller.web import create_app
+from nanofleet.protos import fleet_pb2
+
+
+def hot(device: str, now: int, *, level: int = fleet_pb2.THERMAL_LEVEL_CRITICAL, ram: int = 100,
+        queue: int = 500, seq: int = 0) -> fleet_pb2.Telemetry:
+    return fleet_pb2.Telemetry(device_id=device, bd_seq=1, seq=seq, ts_ms=now, cpu_percent=99, ram_total_mb=4096,
+                               ram_available_mb=ram, temp_max_c=91.5, thermal_level=level, queue_depth=queue,
+                               slots_waiting=9000)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "alerts.db")
+    now = int(time.time() * 1000)
+    s.write_status("demo", birth("hot"), now)
+    s.write_telemetry("demo", [hot("hot", now)], now)
+    s.write_status("demo", birth("calm"), now)  # slot waiters are not the offline queue: no queue alert
+    s.write_telemetry("demo", [hot("calm", now, level=1, ram=3000, queue=499)], now)
+    s.write_status("demo", birth("quiet"), now - 600_000)
+    s.sweep_stale(now)  # silent for 10 min: stale, and past offline_after_s (60 s)
+    s.write_status("demo", birth("gone"), now - 5_000)
+    s.write_status("demo", death("gone"), now - 5_000)  # offline 5 s ago: under offline_after_s
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def engine(store: Store) -> AlertEngine:
+    return AlertEngine(AlertStore(store), FLEET)
+
+
+@pytest.fixture
+async def client(store: Store, engine: AlertEngine, token_and_hash: tuple[str, str]) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(store, FLEET, operator_token_hash=token_and_hash[1], alerts=engine.alerts,
+                     audit=AuditLog(store))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+        yield c
+
+
+async def test_engine_raises_api_lists_pages_and_filters(client: httpx.AsyncClient, engine: AlertEngine,
+                                                         token_and_hash: tuple[str, str]) -> None:
+    assert (await client.get("/api/alerts")).status_code == 401
+    auth = bearer(token_and_hash)
+    assert (await client.get("/api/alerts", headers=auth)).json() == {"alerts": [], "next_cursor": None}  # not
+    # computed when read: nothing until the engine ran
+    changed = engine.evaluate()
+    assert {(a.device_id, a.kind) for a in changed} == {("hot", "thermal"), ("hot", "low_ram"),
+                                                        ("hot", "queue_depth"), ("quiet", "offline")}
+    assert engine.evaluate() == []  # the same conditions: no duplicate alert
+    got = (await client.get("/api/alerts", headers=auth)).json()
+    assert [a["id"] for a in got["alerts"]] == sorted((a["id"] for a in got["alerts"]), reverse=True)
+    queue = next(a for a in got["alerts"] if a["kind"] == "queue_depth")
+    assert (queue["value"], queue["threshold"], queue["state"]) == (500, 500, "raised")
+    assert "offline queue" in queue["detail"]
+    page1 = (await client.get("/api/alerts?limit=3", headers=auth)).json()
+    page2 = (await client.get(f"/api/alerts?limit=3&cursor={page1['next_cursor']}", headers=auth)).json()
+    assert len(page1["alerts"]) == 3 and page2["next_cursor"] is None
+    assert [a["id"] for a in page1["alerts"] + page2["alerts"]] == [a["id"] for a in got["alerts"]]
+    only = (await client.get("/api/alerts?device_id=quiet", headers=auth)).json()["alerts"]
+    assert [(a["device_id"], a["kind"]) for a in only] == [("quiet", "offline")]
+    thermal = (await client.get("/api/alerts?kind=thermal", headers=auth)).json()["alerts"]
+    assert [a["device_id"] for a in thermal] == ["hot"]
+    for bad in ("state=closed", "limit=0", "limit=1001", "cursor=-1", "kind=fire"):
+        r = await client.get(f"/api/alerts?{bad}", headers=auth)
+        assert r.status_code == 422 and r.json()["error"] == "invalid_request", bad
+    one = (await client.get(f"/api/alerts/{queue['id']}", headers=auth)).json()
+    assert one == queue
+    r = await client.get("/api/alerts/999999", headers=auth)
+    assert r.status_code == 404 and r.json()["error"] == "alert_not_found"
+    assert (await client.get("/api/alerts/99999999999999999999", headers=auth)).status_code == 422
+
+
+async def test_acknowledge_audited_then_cleared_when_it_cools(client: httpx.AsyncClient, store: Store,
+                                                              engine: AlertEngine,
+                                                              token_and_hash: tuple[str, str]) -> None:
+    auth = bearer(token_and_hash)
+    engine.evaluate()
+    [thermal] = (await client.get("/api/alerts?kind=thermal", headers=auth)).json()["alerts"]
+    assert (await client.post(f"/api/alerts/{thermal['id']}/ack", json={"note": "x"})).status_code == 401
+    r = await client.post(f"/api/alerts/{thermal['id']}/ack", json={"note": 5}, headers=auth)
+    assert r.status_code == 422 and "note" in r.json()["detail"]
+    r = await client.post(f"/api/alerts/{thermal['id']}/ack", json={"note": "fan replaced <b>"}, headers=auth)
+    acked = r.json()
+    assert r.status_code == 200 and acked["state"] == "acknowledged" and acked["acked_by"] == "operator"
+    assert acked["ack_note"] == "fan replaced <b>" and acked["acked_ms"] >= thermal["raised_ms"]
+    again = (await client.post(f"/api/alerts/{thermal['id']}/ack", json={"note": "again"}, headers=auth)).json()
+    assert again == acked  # acknowledging twice changes nothing
+    entries = await until(lambda: AuditLog(store).page(action="alert_ack")[0], what="the ack audited")
+    assert len(entries) == 1 and entries[0].target == str(thermal["id"])  # type: ignore[index]
+    assert entries[0].detail["note"] == "fan replaced <b>" and entries[0].source == "127.0.0.1"  # type: ignore[index]
+    engine.evaluate()  # still hot: the acknowledged alert stays acknowledged, no new one
+    assert (await client.get(f"/api/alerts/{thermal['id']}", headers=auth)).json()["state"] == "acknowledged"
+    now = int(time.time() * 1000)
+    store.write_telemetry("demo", [hot("hot", now + 1, level=1, ram=3000, queue=0, seq=1)], now + 1)
+    cleared = {(a.device_id, a.kind) for a in engine.evaluate() if a.state == "cleared"}
+    assert cleared == {("hot", "thermal"), ("hot", "low_ram"), ("hot", "queue_depth")}
+    history = (await client.get(f"/api/alerts/{thermal['id']}", headers=auth)).json()
+    assert history["state"] == "cleared" and history["acked_by"] == "operator"
+    assert history["raised_ms"] <= history["acked_ms"] <= history["cleared_ms"]
+    r = await client.post(f"/api/alerts/{thermal['id']}/ack", json={}, headers=auth)
+    assert r.status_code == 409 and r.json()["error"] == "alert_cleared"
+    assert (await client.post("/api/alerts/424242/ack", json={}, headers=auth)).status_code == 404
+    store.write_telemetry("demo", [hot("hot", now + 2, seq=2)], now + 2)  # hot again: a new alert, not the old one
+    engine.evaluate()
+    [new] = (await client.get("/api/alerts?kind=thermal", headers=auth)).json()["alerts"]
+    assert new["id"] != thermal["id"] and new["state"] == "raised"
+    states = [a["state"] for a in (await client.get("/api/alerts?kind=thermal&state=all", headers=auth)).json()[
+        "alerts"]]
+    assert states == ["raised", "cleared"]
+
+
+async def test_ack_from_a_browser_session_needs_csrf(client: httpx.AsyncClient, engine: AlertEngine,
+                                                     token_and_hash: tuple[str, str]) -> None:
+    engine.evaluate()
+    await login(client, token_and_hash[0])
+    alert_id = (await client.get("/api/alerts")).json()["alerts"][0]["id"]
+    r = await client.post(f"/api/alerts/{alert_id}/ack", json={"note": "n"})
+    assert r.status_code == 403 and r.json()["error"] == "csrf_failed"
+    csrf = csrf_of((await client.get("/")).text)
+    r = await client.post(f"/api/alerts/{alert_id}/ack", json={"note": "n"}, headers={"X-CSRF-Token": csrf})
+    assert r.status_code == 200 and r.json()["acked_by"] == "operator"
+
+
+async def test_rejections_and_policy_lag_raise_and_clear(store: Store, engine: AlertEngine) -> None:
+    now = int(time.time() * 1000)
+    reject(store, "calm", "nanofleet/v1/demo/calm/telemetry", "bad json", now)
+    reject(store, None, "nanofleet/v1/demo", "no device", now)
+    kinds = {(a.device_id, a.kind) for a in engine.evaluate(now)}
+    assert {("calm", "rejections"), ("", "rejections")} <= kinds
+    assert engine.evaluate(now + 301_000) and not engine.alerts.page(kind="rejections")[0]  # the window passed
+    from nanofleet.controller.views import PublishedPolicy
+
+    store.record_policies([PublishedPolicy("calm", 8, "h", "{}", now - 301_000)])  # calm applies v7
+    assert [(a.device_id, a.kind) for a in engine.evaluate(now) if a.kind == "policy_behind"] == [
+        ("calm", "policy_behind")]
+    store.record_policies([PublishedPolicy("calm", 7, "h", "{}", now - 301_000)])
+    assert [a.state for a in engine.evaluate(now) if a.kind == "policy_behind"] == ["cleared"]
+    assert engine.status()["rounds"] == 4 and engine.status()["failures"] == 0
+
+
+async def test_logins_failures_and_logouts_are_audited(client: httpx.AsyncClient, store: Store,
+                                                       token_and_hash: tuple[str, str]) -> None:
+    r = await client.post("/login", data={"token": "nft_wrong-token-value", "next": "/"})
+    assert r.status_code == 401
+    await login(client, token_and_hash[0])
+    csrf = csrf_of((await client.get("/")).text)
+    await client.post("/logout", data={"csrf": csrf})
+    audit = AuditLog(store)
+    entries = await until(lambda: (e := audit.page()[0]) and len(e) == 3 and e, what="three audit entries")
+    assert [e.action for e in reversed(entries)] == ["login_failed", "login", "logout"]  # type: ignore[union-attr]
+    assert all(e.source == "127.0.0.1" for e in entries)  # type: ignore[union-attr]
+    raw = store.read(lambda c: c.execute("SELECT group_concat(detail) FROM audit").fetchone()[0])
+    assert "nft_wrong" not in raw and token_and_hash[0] not in raw  # never the token
+    assert client._transport.app.state.web.logins_failed == 1  # type: ignore[attr-defined]
+    auth = bearer(token_and_hash)
+    got = (await client.get("/api/audit?action=login", headers=auth)).json()
+    assert [e["action"] for e in got["entries"]] == ["login"] and got["entries"][0]["actor"] == "operator"
+    page1 = (await client.get("/api/audit?limit=2", headers=auth)).json()
+    page2 = (await client.get(f"/api/audit?limit=2&cursor={page1['next_cursor']}", headers=auth)).json()
+    assert [e["action"] for e in page1["entries"] + page2["entries"]] == ["logout", "login", "login_failed"]
+    later = entries[0].ts_ms + 1  # type: ignore[index]
+    assert (await client.get(f"/api/audit?since_ms={later}", headers=auth)).json()["entries"] == []
+    assert (await client.get("/api/audit?actor=nobody", headers=auth)).json()["entries"] == []
+    r = await client.get("/api/audit?action=drop_table", headers=auth)
+    assert r.status_code == 422 and "action" in r.json()["detail"]
+    assert (await client.get("/api/audit")).status_code == 401
+
+
+def test_audit_log_refuses_update_and_delete(store: Store) -> None:
+    entry = AuditLog(store).record("ops", "token_rotate", "operator_token", {"k": 1}, "cli")
+    for sql in ("UPDATE audit SET actor = 'someone else'", "DELETE FROM audit"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            store.submit(lambda c, sql=sql: c.execute(sql)).result()
+    assert AuditLog(store).page()[0] == [entry]
+    with pytest.raises(ValueError, match="audit action 'nuke'"):
+        AuditLog(store).record("ops", "nuke")
