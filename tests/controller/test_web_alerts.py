@@ -12,11 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 from ctl_helpers import reject, until
-from test_web import FLEET, bearer, birth, csrf_of, death, login, token_and_hash  # noqa: F401 - a fixture
+from test_web import FLEET, bearer, birth, csrf_of, death, login
 
 from nanofleet.controller.alert_store import AlertStore
 from nanofleet.controller.alerts_engine import AlertEngine
 from nanofleet.controller.audit import AuditLog
+from nanofleet.controller.auth import ensure_operator_token
 from nanofleet.controller.store import Store
 from nanofleet.controller.web import create_app
 from nanofleet.protos import fleet_pb2
@@ -46,12 +47,20 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
+def token_and_hash(tmp_path: Path) -> tuple[str, str]:
+    token, token_hash = ensure_operator_token(tmp_path / "data")
+    assert token is not None
+    return token, token_hash
+
+
+@pytest.fixture
 def engine(store: Store) -> AlertEngine:
     return AlertEngine(AlertStore(store), FLEET)
 
 
 @pytest.fixture
-async def client(store: Store, engine: AlertEngine, token_and_hash: tuple[str, str]) -> AsyncIterator[httpx.AsyncClient]:
+async def client(store: Store, engine: AlertEngine,
+                 token_and_hash: tuple[str, str]) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(store, FLEET, operator_token_hash=token_and_hash[1], alerts=engine.alerts,
                      audit=AuditLog(store))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
