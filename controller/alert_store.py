@@ -64,12 +64,12 @@ class AlertStore:
     # -- reads (from a worker thread: they are blocking SQLite calls) ---------------------------------------------
     def open_alerts(self) -> list[OpenAlert]:
         rows = self.store.read(lambda c: c.execute(
-            "SELECT id, device_id, kind, state FROM alerts WHERE state != 'cleared'").fetchall())
+            "SELECT id, device_id, kind, state FROM alerts WHERE state IN ('raised', 'acknowledged')").fetchall())
         return [OpenAlert(*r) for r in rows]
 
     def open_count(self) -> int:
         return int(self.store.read(lambda c: c.execute(
-            "SELECT count(*) FROM alerts WHERE state != 'cleared'").fetchone()[0]))
+            "SELECT count(*) FROM alerts WHERE state IN ('raised', 'acknowledged')").fetchone()[0]))
 
     def get(self, alert_id: int) -> AlertView | None:
         rows = self.store.read(lambda c: c.execute(f"SELECT {_COLUMNS} FROM alerts WHERE id = ?",
