@@ -2,10 +2,10 @@
 
 Recorded: logins (and failed ones, with the client address; never the token), logouts, commands (kind, device,
 result), alert acknowledgements, policy applies (`nanofleet policy apply` and the controller's own publishing),
-operator token rotations, enrolments and gateway-token revocations. The controller writes through its store's one
-writer; a CLI command while the controller runs opens the same file with its own Store (another process: SQLite's
-write lock and the busy timeout serialise the two). There is no UPDATE or DELETE path in the code, and the file
-refuses both (triggers): an entry once written stays.
+operator token rotations, named operators added and removed, enrolments and gateway-token revocations. The
+controller writes through its store's one writer; a CLI command while the controller runs opens the same file with
+a writer of its own (another process: SQLite's write lock and the busy timeout serialise the two). There is no
+UPDATE or DELETE path in the code, and the file refuses both (triggers): an entry once written stays.
 
 `record()` waits for the commit (the CLI and tests); `record_soon()` does not (a web request or the event loop):
 its failure is logged and counted in `errors`, never lost silently.
@@ -31,8 +31,8 @@ __all__ = ["ACTIONS", "AuditEntry", "AuditLog", "cli_actor", "now_ms", "record_c
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("login", "login_failed", "logout", "command", "alert_ack", "policy_apply", "token_rotate", "enroll",
-           "token_revoke")
+ACTIONS = ("login", "login_failed", "logout", "command", "alert_ack", "policy_apply", "token_rotate", "operator_add",
+           "operator_remove", "enroll", "token_revoke")
 _MAX_DETAIL = 4000  # characters of detail json kept (a command's result data is the device's to choose)
 
 

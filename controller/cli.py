@@ -104,6 +104,62 @@ def rotate_token(data_dir: Path) -> None:
     click.echo(f"operator token: {token}")
 
 
+@controller.group("operator")
+def operator() -> None:
+    """Named operators: each their own token, so the audit log and acknowledgements say who (restart to apply)."""
+
+
+@operator.command("add")
+@click.argument("name")
+@_DATA_DIR
+def operator_add(name: str, data_dir: Path) -> None:
+    """Give operator NAME a token (a new one if they had one) and print it once."""
+    from nanofleet.controller.audit import record_cli
+    from nanofleet.controller.auth import AuthError, TokenFileError, add_operator
+
+    try:
+        token = add_operator(data_dir, name)
+    except TokenFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    except AuthError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+    record_cli(data_dir / "controller.db", "operator_add", name, {"file": "operators.sha256"})
+    click.echo(f"operator token for {name}: {token}")
+    click.echo("restart the controller to let it in", err=True)
+
+
+@operator.command("remove")
+@click.argument("name")
+@_DATA_DIR
+def operator_remove(name: str, data_dir: Path) -> None:
+    """Remove operator NAME's token (refused from the controller's next start)."""
+    from nanofleet.controller.audit import record_cli
+    from nanofleet.controller.auth import AuthError, remove_operator
+
+    try:
+        removed = remove_operator(data_dir, name)
+    except AuthError as exc:  # the operators file is unreadable or too open: say which and why
+        raise click.ClickException(str(exc)) from None
+    if not removed:
+        raise click.ClickException(f"no operator {name!r} in {data_dir}")
+    record_cli(data_dir / "controller.db", "operator_remove", name, {"file": "operators.sha256"})
+    click.echo(f"removed {name}")
+
+
+@operator.command("list")
+@_DATA_DIR
+def operator_list(data_dir: Path) -> None:
+    """The named operators (never their tokens); `operator` is the default token's holder."""
+    from nanofleet.controller.auth import AuthError, read_operators
+
+    try:
+        names = sorted(read_operators(data_dir))
+    except AuthError as exc:
+        raise click.ClickException(str(exc)) from None
+    for name in ["operator (default token)", *names]:
+        click.echo(name)
+
+
 @click.group()
 def devices() -> None:
     """List devices and send them commands."""

@@ -256,15 +256,17 @@ class ControllerService:
     async def _start_web(self, listen: str) -> None:
         import uvicorn
 
-        from nanofleet.controller.auth import ensure_operator_token
+        from nanofleet.controller.auth import ensure_operator_token, read_operators
         from nanofleet.controller.web.app import create_app
 
         assert self.store is not None, "the store opens before the web app starts"
         token, token_hash = await asyncio.to_thread(ensure_operator_token, self.data_dir)
+        operators = await asyncio.to_thread(read_operators, self.data_dir)
         if token:
             self.echo(f"operator token: {token}  (shown once; stored hashed in {self.data_dir})")
         app = create_app(self.store, self.config, operator_token_hash=token_hash, commands=self.commands,
-                         usage_db=self.usage_db, status=self.status, alerts=self.alerts, audit=self.audit)
+                         usage_db=self.usage_db, status=self.status, alerts=self.alerts, audit=self.audit,
+                         operators=operators)
         self._web = app.state.web
         host, port = listen.rsplit(":", 1)
 

@@ -56,11 +56,13 @@ def create_app(
     status: Callable[[], Mapping[str, Any]] | None = None,
     alerts: AlertStore | None = None,
     audit: AuditLog | None = None,
+    operators: Mapping[str, str] | None = None,
 ) -> FastAPI:
     """Build the dashboard + API app. `session_secret` defaults to a random per-process key (sessions end on
     restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status().
     `alerts` and `audit` default to ones over `store` when it is the controller's Store (it has a writer); the
-    service passes its own so their changes reach its live-update hub."""
+    service passes its own so their changes reach its live-update hub. `operators` are the named operators' token
+    hashes (controller/auth.py `read_operators`), beside the default token's holder, `operator`."""
 
     def now_ms() -> int:
         return int(clock() * 1000)
@@ -71,7 +73,7 @@ def create_app(
         writable: Any = store
         alerts = alerts if alerts is not None else AlertStore(writable)
         audit = audit if audit is not None else AuditLog(writable)
-    ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms),
+    ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms, operators),
                      signer=signer, now_ms=now_ms, commands=commands, usage=usage, session_ttl_s=session_ttl_s,
                      refresh_s=refresh_s, status=status, alerts=alerts, audit=audit)
 
