@@ -479,3 +479,20 @@ async def test_queue_depth_oldest_age_and_slots_waiting_are_shown_apart(tmp_path
             assert "<dt>Queue counters</dt><dd>drained_cloud: 13, enqueued: 30</dd>" in page
     finally:
         s.close()
+
+
+async def test_a_stale_device_row_renders_without_a_stale_flag(tmp_path: Path, token_and_hash) -> None:
+    s = Store(tmp_path / "stale.db")
+    try:
+        now = int(time.time() * 1000)
+        s.write_status("demo", birth("slow"), now - 30_000)
+        s.sweep_stale(now)  # silent 30 s (> 2.5 x 10 s): stale, but under offline_after_s
+        app = create_app(s, FLEET, operator_token_hash=token_and_hash[1])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            await login(c, token_and_hash[0])
+            r = await c.get("/")
+            assert r.status_code == 200
+            row = re.search(r'<tr class="row-\w+" data-device="slow">(.*?)</tr>', r.text)
+            assert row and "stale" in row.group(1) and "data-alert" not in row.group(1)
+    finally:
+        s.close()
