@@ -204,3 +204,41 @@ def test_audit_log_refuses_update_and_delete(store: Store) -> None:
     assert AuditLog(store).page()[0] == [entry]
     with pytest.raises(ValueError, match="audit action 'nuke'"):
         AuditLog(store).record("ops", "nuke")
+
+
+async def test_budget_alerts_from_the_gateways_usage_per_device_and_fleet(tmp_path: Path, store: Store) -> None:
+    """Real gateway usage db (its own writer and ledger); budgets from fleet.yaml: per device and fleet-wide."""
+    from nanofleet.config import parse_fleet
+    from nanofleet.controller.gateway.db import Database
+    from nanofleet.controller.gateway.usage import UsageLedger
+    from nanofleet.controller.web.context import UsageReader
+
+    cfg = parse_fleet("fleet: demo\ngateway: {budgets: {fleet_tokens_per_day: 10000}}\n"
+                      "defaults: {routing: {cloud_budget: {tokens_per_day: 1000}}}\n"
+                      "groups: {big: {routing: {cloud_budget: {tokens_per_day: 100000}}}}\n"
+                      "devices: {calm: {group: big}}\n")
+    db = Database(tmp_path / "gateway.db")
+    ledger = UsageLedger(db, cfg.gateway.prices_per_million)
+    reader = UsageReader(tmp_path / "gateway.db")
+    clock = [time.time()]
+    engine = AlertEngine(AlertStore(store), cfg, usage=reader.rows, budget_every_s=10, clock=lambda: clock[0])
+    try:
+        await ledger.record("hot", "app", "gemini-2.5-flash", 500, 299, clock[0])  # 799 of 1000: under 80 %
+        await ledger.record("calm", "app", "gemini-2.5-flash", 7000, 0, clock[0])  # 7 % of its group's budget
+        assert [a for a in engine.evaluate() if a.kind == "budget"] == []
+        await ledger.record("hot", "app", "gemini-2.5-flash", 1, 0, clock[0])  # 800: at 80 %
+        assert [a for a in engine.evaluate() if a.kind == "budget"] == []  # budgets are read every 10 s
+        clock[0] += 10
+        got = [(a.device_id, a.value, a.threshold) for a in engine.evaluate() if a.kind == "budget"]
+        assert got == [("hot", 800, 1000)]  # the fleet: 7,800 of 10,000, under 80 %
+        await ledger.record("calm", "app", "gemini-2.5-flash", 200, 0, clock[0])
+        clock[0] += 10
+        got = [(a.device_id, a.value, a.threshold) for a in engine.evaluate() if a.kind == "budget"]
+        assert got == [("", 8000, 10000)]  # fleet-wide: device_id ''
+        [fleet_alert] = engine.alerts.page(device_id="", kind="budget")[0]
+        assert "fleet" in fleet_alert.detail and "80 %" in fleet_alert.detail
+        clock[0] += 86_400  # the next UTC day: nothing used yet, both clear
+        assert {a.state for a in engine.evaluate() if a.kind == "budget"} == {"cleared"}
+    finally:
+        reader.close()
+        db.close()
