@@ -54,9 +54,11 @@ class AlertEngine:
         self.raised = 0
         self.cleared = 0
         self.last_round_ms = 0.0  # how long the last round took
+        self.open = 0  # open alerts after the last round (for status() and metrics without a read)
 
     def status(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "failures": self.failures, "raised": self.raised, "cleared": self.cleared,
+        return {"open": self.open, "rounds": self.rounds, "failures": self.failures, "raised": self.raised,
+                "cleared": self.cleared,
                 "last_round_ms": round(self.last_round_ms, 2), "publish_errors": self.alerts.publish_errors}
 
     # -- one round (blocking: call from a worker thread) --------------------------------------------------------------
@@ -84,11 +86,14 @@ class AlertEngine:
                 conditions += budget
                 kinds.add("budget")
             self._next_budget = now / 1000 + self.budget_every_s
-        changes = alerting.transitions(conditions, self.alerts.open_alerts(), kinds)
+        open_alerts = self.alerts.open_alerts()
+        changes = alerting.transitions(conditions, open_alerts, kinds)
         changed = self.alerts.apply(changes, now)
         self.rounds += 1
-        self.raised += sum(1 for v in changed if v.state == "raised")
-        self.cleared += sum(1 for v in changed if v.state == "cleared")
+        raised = sum(1 for v in changed if v.state == "raised")
+        cleared = sum(1 for v in changed if v.state == "cleared")
+        self.raised, self.cleared = self.raised + raised, self.cleared + cleared
+        self.open = len(open_alerts) + raised - cleared
         self.last_round_ms = (time.perf_counter() - started) * 1000
         return changed
 

@@ -4,10 +4,13 @@ logouts are audited with the client's address; the audit table refuses changes."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -166,6 +169,7 @@ async def test_rejections_and_policy_lag_raise_and_clear(store: Store, engine: A
     store.record_policies([PublishedPolicy("calm", 7, "h", "{}", now - 301_000)])
     assert [a.state for a in engine.evaluate(now) if a.kind == "policy_behind"] == ["cleared"]
     assert engine.status()["rounds"] == 4 and engine.status()["failures"] == 0
+    assert engine.status()["open"] == len(engine.alerts.page()[0]) > 0
 
 
 async def test_logins_failures_and_logouts_are_audited(client: httpx.AsyncClient, store: Store,
@@ -242,3 +246,28 @@ async def test_budget_alerts_from_the_gateways_usage_per_device_and_fleet(tmp_pa
     finally:
         reader.close()
         db.close()
+
+
+async def test_the_loop_evaluates_on_a_nudge_and_survives_a_failed_round(engine: AlertEngine,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    real, calls = engine.evaluate, []
+
+    def flaky(now_ms: int | None = None) -> list[Any]:
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return real(now_ms)
+
+    engine.evaluate = flaky  # type: ignore[method-assign]
+    nudges = [0]
+    task = asyncio.create_task(engine.run(every_s=3600, poll_s=0.01, min_gap_s=0.0, changed=lambda: nudges[0]))
+    try:
+        await until(lambda: engine.failures == 1, 10, "the failed first round counted")
+        assert "evaluation round failed" in caplog.text
+        nudges[0] += 1  # a batch committed: evaluated at once, not an hour later
+        await until(lambda: engine.rounds == 1, 10, "a round after the nudge")
+        assert len(engine.alerts.page()[0]) == 4
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
