@@ -88,7 +88,7 @@ class ControllerService:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = store = await asyncio.to_thread(Store, self.data_dir / "controller.db")
         store.check_gaps = self.share_group is None  # with $share this controller sees only some of a device's seqs
-        await asyncio.to_thread(store.set_groups, {d: e.group for d, e in self.config.devices.items()})
+        await asyncio.to_thread(store.set_group_resolver, self.config.group_of)
         self.alerts = AlertStore(store, on_change=self.on_event)
         self.audit = AuditLog(store, on_change=self.on_event)
         if self.usage_db is not None:

@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from . import pages
 from .context import Web
 from .security import COOKIE, Operator, check_same_origin, safe_next
 
@@ -30,7 +29,7 @@ def healthz(ctx: Web) -> JSONResponse:
 
 @router.get("/login")
 def login_form(request: Request, ctx: Web, next: str = "/") -> HTMLResponse:
-    return ctx.html(request, pages.login_page(next_path=safe_next(next)), title="Log in", operator=None)
+    return ctx.render(request, "login.html", title="Log in", operator=None, next_path=safe_next(next), error=None)
 
 
 @router.post("/login")
@@ -42,8 +41,8 @@ def login(request: Request, ctx: Web, token: Annotated[str, Form(max_length=512)
     if name is None:
         ctx.logins_failed += 1  # audited with the address, never with what was typed
         ctx.record(request, None, "login_failed", "dashboard", {"reason": "invalid_token" if token else "empty"})
-        return ctx.html(request, pages.login_page(next_path=target, error="That operator token is not valid."),
-                        title="Log in", operator=None, status=401)
+        return ctx.render(request, "login.html", title="Log in", operator=None, status=401, next_path=target,
+                          error="That operator token is not valid.")
     cookie, session = ctx.signer.issue(ctx.now_ms(), name)
     ctx.record(request, Operator("session", session, name=name), "login", "dashboard",
                {"session": session.session_id[:8]})
