@@ -112,6 +112,7 @@ def create_app(
     app.include_router(routes_pages.router)
     app.include_router(routes_api.router)
     app.include_router(routes_ops.router)
+    app.include_router(routes_ops.pages)
     if commands is not None:
         app.include_router(routes_api.commands_router)
 

@@ -1,13 +1,17 @@
-"""Alerts and the audit log: the REST API (docs/rest-api.md, "Alerts", "Audit log") and the two pages.
+"""Alerts and the audit log: the REST API (docs/rest-api.md, "Alerts", "Audit log") and the two pages
+(templates/alerts.html with the acknowledge form, templates/audit.html).
 
 Alerts are evaluated and stored by the controller's alert engine (controller/alerts_engine.py), never here: these
 routes read what is stored and record acknowledgements (each one audited)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Form, Path, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from nanofleet.controller.alert_store import AlertFilter, AlertStore, AlertView
@@ -16,6 +20,7 @@ from nanofleet.controller.audit import ACTIONS, AuditLog
 from nanofleet.controller.errors import AlertCleared, AlertNotFound
 
 from .context import Authed, Web, WebContext, Writer
+from .format import iso_utc, relative_time
 from .schemas import ErrorOut
 from .schemas_ops import AckIn, AlertOut, AlertPage, AuditOut, AuditPage
 from .security import Operator, WebError
@@ -100,3 +105,57 @@ def api_audit(ctx: Web, operator: Authed, actor: Annotated[str | None, Query(max
     entries, next_cursor = audit_log(ctx).page(actor=actor, action=action, since_ms=since_ms, limit=limit,
                                                cursor=cursor)
     return AuditPage(entries=[AuditOut.model_validate(e) for e in entries], next_cursor=next_cursor)
+
+
+# -- pages -------------------------------------------------------------------------------------------------------------
+pages = APIRouter(include_in_schema=False)
+_STATES: list[tuple[AlertFilter, str]] = [("open", "Open"), ("raised", "Raised"), ("acknowledged", "Acknowledged"),
+                                          ("cleared", "Cleared"), ("all", "History")]
+
+
+def _alert_row(a: AlertView, now_ms: int) -> dict[str, Any]:
+    return {**asdict(a), "raised_ago": relative_time(a.raised_ms, now_ms), "raised_iso": iso_utc(a.raised_ms),
+            "acked_ago": relative_time(a.acked_ms, now_ms), "cleared_ago": relative_time(a.cleared_ms, now_ms)}
+
+
+def _alerts_page(request: Request, ctx: WebContext, operator: Operator, state: AlertFilter, cursor: int | None,
+                 flash: tuple[str, str] | None = None, status: int = 200) -> HTMLResponse:
+    alerts, next_cursor = alert_store(ctx).page(state, limit=100, cursor=cursor)
+    now = ctx.now_ms()
+    return ctx.render(request, "alerts.html", title="Alerts", operator=operator, refresh=True, status=status,
+                      alerts=[_alert_row(a, now) for a in alerts], next_cursor=next_cursor, state=state,
+                      states=_STATES, flash=flash, thresholds=ctx.config.alerts)
+
+
+@pages.get("/alerts")
+def alerts_page(request: Request, ctx: Web, operator: Authed, state: AlertFilter = "open",
+                cursor: Cursor = None) -> HTMLResponse:
+    return _alerts_page(request, ctx, operator, state, cursor)
+
+
+@pages.post("/alerts/{alert_id}/ack")
+async def alerts_ack_form(request: Request, ctx: Web, alert_id: AlertId, operator: Writer,
+                          note: Annotated[str, Form(max_length=1000)] = "") -> Response:
+    try:
+        await acknowledge(request, ctx, operator, alert_id, note.strip())
+    except WebError as exc:
+        if exc.code != "alert_cleared":
+            raise
+        return await run_in_threadpool(_alerts_page, request, ctx, operator, "open", None, ("error", exc.detail),
+                                       409)
+    return RedirectResponse("/alerts", status_code=303)  # after a POST, a GET: a reload does not acknowledge again
+
+
+@pages.get("/audit")
+def audit_page(request: Request, ctx: Web, operator: Authed, actor: Annotated[str | None, Query(max_length=200)] = None,
+               action: Annotated[str | None, Query(max_length=50)] = None, cursor: Cursor = None) -> HTMLResponse:
+    actor, action = actor or None, action or None  # the filter form sends empty fields
+    if action is not None and action not in ACTIONS:
+        raise WebError(422, "invalid_request", f"action: expected one of {', '.join(ACTIONS)}")
+    entries, next_cursor = audit_log(ctx).page(actor=actor, action=action, limit=100, cursor=cursor)
+    now = ctx.now_ms()
+    rows = [{**asdict(e), "ago": relative_time(e.ts_ms, now), "iso": iso_utc(e.ts_ms)} for e in entries]
+    query = urlencode({k: v for k, v in (("actor", actor), ("action", action)) if v})
+    return ctx.render(request, "audit.html", title="Audit", operator=operator, refresh=True, entries=rows,
+                      next_cursor=next_cursor, actor=actor, action=action, actions=ACTIONS,
+                      query=f"{query}&" if query else "")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -271,3 +272,67 @@ async def test_the_loop_evaluates_on_a_nudge_and_survives_a_failed_round(engine:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_alerts_page_acknowledge_form_and_audit_page(client: httpx.AsyncClient, store: Store,
+                                                           engine: AlertEngine,
+                                                           token_and_hash: tuple[str, str]) -> None:
+    evil = "<img src=x onerror=alert(1)>"
+    now = int(time.time() * 1000)
+    store.write_status("demo", birth(evil), now)
+    store.write_telemetry("demo", [hot(evil, now)], now)
+    engine.evaluate()
+    for path in ("/alerts", "/audit"):
+        r = await client.get(path)
+        assert r.status_code == 303 and r.headers["location"].startswith("/login?next="), path
+    await login(client, token_and_hash[0])
+    page = (await client.get("/alerts")).text
+    rows = re.findall(r'<tr data-alert-id="(\d+)" data-kind="(\w+)" data-state="(\w+)">', page)
+    assert len(rows) == 7 and all(state == "raised" for _, _, state in rows)
+    assert evil not in page and "&lt;img src=x onerror=alert(1)&gt;" in page  # autoescaped, as every device id
+    assert 'data-open-alerts="7"' in page and 'data-count="alerts"' not in page  # the header's count
+    assert '<div class="n">7</div><div class="l">alerts open</div>' in (await client.get("/")).text
+    thermal = next(i for i, kind, _ in rows if kind == "thermal")
+    form = re.search(rf'<form class="cmd ack" method="post" action="/alerts/{thermal}/ack">(.*?)</form>', page, re.S)
+    assert form and 'name="note"' in form.group(1)
+    csrf = csrf_of(page)
+    r = await client.post(f"/alerts/{thermal}/ack", data={"note": "<b>on it</b>", "csrf": "forged"})
+    assert r.status_code == 403 and "CSRF" in r.text  # a page's error: an HTML answer
+    r = await client.post(f"/alerts/{thermal}/ack", data={"note": "<b>on it</b>", "csrf": csrf})
+    assert r.status_code == 303 and r.headers["location"] == "/alerts"
+    page = (await client.get("/alerts")).text
+    assert f'<tr data-alert-id="{thermal}" data-kind="thermal" data-state="acknowledged">' in page
+    assert "operator" in page and "&lt;b&gt;on it&lt;/b&gt;" in page and "<b>on it</b>" not in page
+    fragment = await client.get("/alerts", headers={"X-Fragment": "1"})
+    assert fragment.text.lstrip().startswith("<h1>Alerts</h1>") and "<html" not in fragment.text
+    store.write_telemetry("demo", [hot(evil, now + 1, level=1, ram=3000, queue=0, seq=1)], now + 1)
+    engine.evaluate()
+    cleared = next(a for a in engine.alerts.page("cleared")[0])
+    r = await client.post(f"/alerts/{cleared.id}/ack", data={"note": "late", "csrf": csrf})
+    assert r.status_code == 409 and "nothing to acknowledge" in r.text and "<h1>Alerts</h1>" in r.text
+    history = (await client.get("/alerts?state=all")).text
+    assert f'data-alert-id="{cleared.id}"' in history and 'class="current">History' in history
+    older = (await client.get("/alerts?state=all&limit=1")).text  # the page pages by 100: no "Older" link here
+    assert "Older" not in older
+    audit = await until(lambda: AuditLog(store).page(action="alert_ack")[0], 10, "the ack audited")
+    assert audit[0].actor == "operator" and audit[0].detail["via"] == "session"  # type: ignore[index]
+    page = (await client.get("/audit?action=alert_ack&actor=")).text
+    entries = re.findall(r'<tr data-audit-id="\d+" data-action="(\w+)">', page)
+    assert entries == ["alert_ack"] and "&lt;b&gt;on it&lt;/b&gt;" in page
+    page = (await client.get("/audit")).text
+    assert re.findall(r'data-action="(\w+)"', page) == ["alert_ack", "login"]
+    r = await client.get("/audit?action=drop")
+    assert r.status_code == 422
+
+
+async def test_pages_of_alerts_and_audit_page_through_older_entries(client: httpx.AsyncClient, store: Store,
+                                                                    token_and_hash: tuple[str, str]) -> None:
+    log = AuditLog(store)
+    for i in range(105):
+        log.record("cli:ops", "enroll", f"dev-{i}", {}, "cli")
+    await login(client, token_and_hash[0])
+    page = (await client.get("/audit?action=enroll")).text
+    link = re.search(r'<a href="(/audit\?[^"]+)">Older', page)
+    assert link and len(re.findall(r"data-audit-id", page)) == 100
+    older = (await client.get(link.group(1).replace("&amp;", "&"))).text
+    assert re.findall(r"<td>(dev-\d+)</td>", older) == ["dev-4", "dev-3", "dev-2", "dev-1", "dev-0"]
