@@ -135,7 +135,7 @@ async def device_command(request: Request, ctx: Web, device_id: str, operator: W
     if kind not in COMMAND_KINDS:  # the form's field is a plain string: checked against the one list
         raise WebError(422, "invalid_request", f"kind: expected one of {', '.join(COMMAND_KINDS)}")
     try:
-        out = await ctx.send_command(device_id, kind, {})
+        out = await ctx.send_command(device_id, kind, {}, request=request, operator=operator)
         took = f" in {out.elapsed_ms:.0f} ms" if out.elapsed_ms is not None else ""
         flash = ("ok" if out.status == "ok" else "error", f"{kind}: {out.status}{took} {out.message}".strip())
     except WebError as exc:
