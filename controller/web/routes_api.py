@@ -31,8 +31,7 @@ Flag = Literal["", "0", "1"]
                         "behind=1 (not yet on the policy published for them), q (a substring of id, model or "
                         "group). sort: any column (device_id default), desc=1 for descending.")
 def api_devices(ctx: Web, operator: Authed, group: Text = "", state: routes_pages.StateParam = "",
-                thermal: Literal["", "none", "light", "moderate", "severe", "critical", "emergency",
-                                 "shutdown"] = "",
+                thermal: routes_pages.ThermalParam = "",
                 model: Text = "", behind: Flag = "", q: Text = "", sort: routes_pages.SortParam = "",
                 desc: Flag = "", limit: Annotated[int, Query(ge=1, le=500)] = 100,
                 cursor: Annotated[str, Query(max_length=2000)] = "") -> schemas.DevicePageOut:

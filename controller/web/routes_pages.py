@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from nanofleet.controller import metrics
 from nanofleet.controller import policy as pol
 from nanofleet.controller.queries import DeviceFilter, QueryError
-from nanofleet.protos.names import COMMAND_KINDS
+from nanofleet.protos.names import COMMAND_KINDS, ThermalName
 
 from . import pages
 from .context import Authed, Web, WebContext, Writer
@@ -30,6 +30,7 @@ StateParam = Literal["", "online", "offline", "stale"]
 SortParam = Literal["", "device_id", "group", "state", "last_seen", "temp", "thermal", "ram", "cpu", "model",
                     "policy", "queue", "slots_waiting"]
 Flag = Literal["", "0", "1"]
+ThermalParam = ThermalName | Literal[""]
 _USAGE_ROWS = 10
 
 
@@ -86,7 +87,7 @@ Text = Annotated[str, Query(max_length=200)]
 
 @router.get("/devices")
 def devices_page(request: Request, ctx: Web, operator: Authed, group: Text = "", state: StateParam = "",
-                 thermal: Literal["", "none", "light", "moderate", "severe", "critical", "emergency", "shutdown"] = "",
+                 thermal: ThermalParam = "",
                  model: Text = "", behind: Flag = "", q: Text = "", sort: SortParam = "", desc: Flag = "",
                  limit: Annotated[int, Query(ge=1, le=500)] = 50,
                  cursor: Annotated[str, Query(max_length=2000)] = "") -> HTMLResponse:
