@@ -30,7 +30,7 @@ from nanofleet.controller.web import create_app
 from nanofleet.protos import fleet_pb2
 
 SIZES = (1_000, 10_000)
-ROUNDS = 100
+ROUNDS = 200
 VIEWED = "dev-00000"
 DAY_MS = 86_400_000
 FLEET = parse_fleet("fleet: bench\ngroups:\n  kiosks: {match: ['dev-0*']}\n  lab: {match: ['dev-1*']}\n"
@@ -154,7 +154,7 @@ def run() -> dict[str, Any]:
         served = [_Served(n, Path(tmp)) for n in SIZES]
         try:  # both sizes served at once and timed in turn, so the machine's noise hits them alike
             client_times = interleaved({f"{s.n}:{name}": s.getter(path) for s in served
-                                        for name, path in s.paths.items()}, rounds=ROUNDS, budget_s=180)
+                                        for name, path in s.paths.items()}, rounds=ROUNDS, budget_s=240)
         finally:
             for s in served:
                 s.close()

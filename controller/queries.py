@@ -224,7 +224,6 @@ class Overview:
     hottest: list[HotDevice]
     alerts: int  # devices x thresholds crossed now (the read-time rule of web/alerts.py, in SQL)
     groups: dict[str, int] = field(default_factory=dict)  # group -> devices
-    models: list[str] = field(default_factory=list)  # distinct model names (the device list's model filter)
     # the slower-moving figures (SlowFigures), refreshed less often by the web app
     routes_last_hour: dict[str, int] = field(default_factory=dict)  # ROUTES -> requests
     routes_since_ms: int | None = None  # the snapshot the route mix counts from (None: no snapshot yet)
@@ -233,6 +232,7 @@ class Overview:
     policy_latest: int | None = None  # the newest version published
     convergence: dict[int, int] = field(default_factory=dict)  # applied policy version -> devices
     rejected: int = 0  # payloads rejected by ingest, all time
+    models: list[str] = field(default_factory=list)  # distinct model names (the device list's model filter)
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,7 @@ class SlowFigures:
     policy_latest: int | None
     convergence: dict[int, int]
     rejected: int
+    models: list[str]
 
 
 def _route_mix(conn: sqlite3.Connection, now_ms: int) -> tuple[dict[str, int], int | None]:
@@ -320,7 +321,7 @@ def fleet_figures(conn: sqlite3.Connection, alerts: Alerts, now_ms: int, *, hott
                (hottest,))]
     return Overview(total=sum(by_state.values()), by_state=by_state, by_thermal=by_thermal, queue_depth=depth,
                     slots_waiting=waiting, queue_devices=queued, hottest=hot, alerts=alert_count(conn, alerts, now_ms),
-                    groups=groups, models=models(conn))
+                    groups=groups)
 
 
 def slow_figures(conn: sqlite3.Connection, now_ms: int) -> SlowFigures:
@@ -331,7 +332,7 @@ def slow_figures(conn: sqlite3.Connection, now_ms: int) -> SlowFigures:
     convergence = {int(v): int(n) for v, n in conn.execute(
         "SELECT policy_version, count(*) FROM devices GROUP BY policy_version")}
     rejected = conn.execute("SELECT coalesce(sum(count), 0) FROM rejections").fetchone()[0]
-    return SlowFigures(routes, since, p_total, p_behind, p_latest, convergence, rejected)
+    return SlowFigures(routes, since, p_total, p_behind, p_latest, convergence, rejected, models(conn))
 
 
 def with_slow(fast: Overview, slow: SlowFigures) -> Overview:

@@ -93,7 +93,7 @@ def devices_page(request: Request, ctx: Web, operator: Authed, group: Text = "",
                  cursor: Annotated[str, Query(max_length=2000)] = "") -> HTMLResponse:
     flt = device_filter(group, state, thermal, model, behind, q, sort, desc)
     page = page_of(ctx, flt, limit, cursor)
-    summary = ctx.summary.get()
+    summary = ctx.overview()
     return ctx.render(request, "devices.html", title="Devices", operator=operator, refresh=True, now_ms=ctx.now_ms(),
                       alerts=ctx.config.alerts, page=page, by_state=summary.by_state, groups=list(summary.groups),
                       models=summary.models, ls=pages.DeviceListState(flt, limit, cursor or None),
