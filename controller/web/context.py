@@ -20,7 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller.commands import CommandError, UnknownCommand
-from nanofleet.controller.queries import Overview, Queries, SlowFigures, with_slow
+from nanofleet.controller.fleet_queries import Overview, SlowFigures, with_slow
+from nanofleet.controller.queries import Queries
 from nanofleet.controller.summary import Cached
 from nanofleet.controller.views import DeviceView, Rejection, RollupPoint, TelemetryPoint
 

@@ -12,7 +12,9 @@ from urllib.parse import quote, urlencode
 from markupsafe import Markup
 
 from nanofleet.config import Alerts
-from nanofleet.controller.queries import SORTS, Bucket, DeviceFilter
+from nanofleet.controller.device_sql import SORTS
+from nanofleet.controller.fleet_queries import Bucket
+from nanofleet.controller.queries import DeviceFilter
 
 from .charts import Band, Series, bar_chart, line_chart
 from .format import THERMAL_ORDER
