@@ -107,7 +107,8 @@ def _device_vars(ctx: WebContext, device_id: str, window: str, operator: Operato
     end = ctx.now_ms()
     start = end - span_ms
     points: Sequence[Any] = (ctx.store.telemetry(device_id, since_ms=start, limit=5000) if source == "raw"
-                             else ctx.store.rollups(device_id, cast(Literal["1m", "1h"], source), since_ms=start))
+                             else pages.coarsen(ctx.store.rollups(device_id, cast(Literal["1m", "1h"], source),
+                                                                  since_ms=start)))
     bucket_ms = max(10_000, span_ms // 360)
     buckets = ctx.queries.buckets(device_id, start, bucket_ms)
     charts = pages.device_charts(points, source, start_ms=start, end_ms=end,
