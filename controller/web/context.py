@@ -105,9 +105,12 @@ class WebContext:
     def __post_init__(self) -> None:
         self.queries = Queries(self.store)
         self.summary = Cached(lambda: self.queries.fleet_figures(self.config.alerts, self.now_ms()),
-                              name="fleet-summary")
+                              name="fleet-summary", on_failure=self._summary_failed)
         self.slow_summary = Cached(lambda: self.queries.slow_figures(self.now_ms()), max_age_s=10.0,
-                                   stale_limit_s=60.0, name="fleet-summary-slow")
+                                   stale_limit_s=60.0, name="fleet-summary-slow", on_failure=self._summary_failed)
+
+    def _summary_failed(self, exc: BaseException) -> None:
+        self.errors["summary_refresh"] += 1  # /metrics: web_errors_total{code="summary_refresh"}
 
     def overview(self) -> Overview:
         return with_slow(self.summary.get(), self.slow_summary.get())
