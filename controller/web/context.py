@@ -22,7 +22,8 @@ from nanofleet.config import FleetConfig
 from nanofleet.controller.alert_store import AlertStore
 from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.commands import CommandError, UnknownCommand
-from nanofleet.controller.queries import Overview, Queries, SlowFigures, with_slow
+from nanofleet.controller.fleet_queries import Overview, SlowFigures, with_slow
+from nanofleet.controller.queries import Queries
 from nanofleet.controller.summary import Cached
 from nanofleet.controller.views import DeviceView, Rejection, RollupPoint, TelemetryPoint
 
@@ -110,9 +111,12 @@ class WebContext:
     def __post_init__(self) -> None:
         self.queries = Queries(self.store)
         self.summary = Cached(lambda: self.queries.fleet_figures(self.config.alerts, self.now_ms()),
-                              name="fleet-summary")
+                              name="fleet-summary", on_failure=self._summary_failed)
         self.slow_summary = Cached(lambda: self.queries.slow_figures(self.now_ms()), max_age_s=10.0,
-                                   stale_limit_s=60.0, name="fleet-summary-slow")
+                                   stale_limit_s=60.0, name="fleet-summary-slow", on_failure=self._summary_failed)
+
+    def _summary_failed(self, exc: BaseException) -> None:
+        self.errors["summary_refresh"] += 1  # /metrics: web_errors_total{code="summary_refresh"}
 
     def overview(self) -> Overview:
         return with_slow(self.summary.get(), self.slow_summary.get())

@@ -31,6 +31,7 @@ ThermalParam = Literal[""] | ThermalName  # "" = any level
 SortParam = Literal["", "device_id", "group", "state", "last_seen", "temp", "thermal", "ram", "cpu", "model",
                     "policy", "queue", "slots_waiting"]
 Flag = Literal["", "0", "1"]
+ThermalParam = ThermalName | Literal[""]
 _USAGE_ROWS = 10
 
 
@@ -93,7 +94,7 @@ def devices_page(request: Request, ctx: Web, operator: Authed, group: Text = "",
                  cursor: Annotated[str, Query(max_length=2000)] = "") -> HTMLResponse:
     flt = device_filter(group, state, thermal, model, behind, q, sort, desc)
     page = page_of(ctx, flt, limit, cursor)
-    summary = ctx.summary.get()
+    summary = ctx.overview()
     return ctx.render(request, "devices.html", title="Devices", operator=operator, refresh=True, now_ms=ctx.now_ms(),
                       alerts=ctx.config.alerts, page=page, by_state=summary.by_state, groups=list(summary.groups),
                       models=summary.models, ls=pages.DeviceListState(flt, limit, cursor or None),
@@ -107,7 +108,8 @@ def _device_vars(ctx: WebContext, device_id: str, window: str, operator: Operato
     end = ctx.now_ms()
     start = end - span_ms
     points: Sequence[Any] = (ctx.store.telemetry(device_id, since_ms=start, limit=5000) if source == "raw"
-                             else ctx.store.rollups(device_id, cast(Literal["1m", "1h"], source), since_ms=start))
+                             else pages.coarsen(ctx.store.rollups(device_id, cast(Literal["1m", "1h"], source),
+                                                                  since_ms=start)))
     bucket_ms = max(10_000, span_ms // 360)
     buckets = ctx.queries.buckets(device_id, start, bucket_ms)
     charts = pages.device_charts(points, source, start_ms=start, end_ms=end,

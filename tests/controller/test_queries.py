@@ -59,7 +59,7 @@ def add_devices(store: Store, ids: list[str], rng: random.Random, now: int) -> N
 def python_key(d: DeviceView, sort: str) -> Any:
     return {
         "device_id": d.device_id, "group": d.group, "state": d.state, "last_seen": d.last_seen_ms,
-        "temp": float(queries._NO_TEMP) if d.temp_max_c is None else d.temp_max_c,
+        "temp": float(queries.NO_TEMP) if d.temp_max_c is None else d.temp_max_c,
         "thermal": THERMAL_LEVELS.index(d.thermal_level), "ram": d.ram_available_mb, "cpu": d.cpu_percent,
         "model": d.model_name, "policy": d.policy_version, "queue": d.queue_depth, "slots_waiting": d.slots_waiting,
     }[sort]
