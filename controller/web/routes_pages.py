@@ -27,7 +27,6 @@ from .security import Operator, WebError
 router = APIRouter(include_in_schema=False)
 Window = Literal["15m", "1h", "6h", "24h", "7d"]
 StateParam = Literal["", "online", "offline", "stale"]
-ThermalParam = Literal[""] | ThermalName  # "" = any level
 SortParam = Literal["", "device_id", "group", "state", "last_seen", "temp", "thermal", "ram", "cpu", "model",
                     "policy", "queue", "slots_waiting"]
 Flag = Literal["", "0", "1"]
