@@ -12,6 +12,7 @@ thread pool, off the event loop).
     routes_pages   /, /devices/{id}, /api, /openapi.json,     (server-rendered dashboard)
                    /metrics                                   (Prometheus text format)
     routes_api     /api/...                                   (REST API, docs/rest-api.md)
+    routes_events  /events                                    (live events, server-sent; controller/events.py)
     errors         the error edge; context: WebContext and the dependencies every route takes
 """
 
@@ -26,10 +27,11 @@ from typing import Any
 from fastapi import FastAPI
 
 from nanofleet.config import FleetConfig
+from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.metrics import registry_for
 from nanofleet.protos.names import COMMAND_KINDS
 
-from . import routes_api, routes_auth, routes_pages
+from . import routes_api, routes_auth, routes_events, routes_pages
 from .context import Commands, FleetReader, UsageReader, WebContext
 from .errors import install_error_handlers
 from .openapi_doc import document_errors
@@ -51,9 +53,11 @@ def create_app(
     refresh_s: int = 3,
     clock: Callable[[], float] = time.time,
     status: Callable[[], Mapping[str, Any]] | None = None,
+    events: FleetEvents | None = None,
 ) -> FastAPI:
     """Build the dashboard + API app. `session_secret` defaults to a random per-process key (sessions end on
-    restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status()."""
+    restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status(); `events` the
+    hub `/events` streams from (a fresh one, fed by nobody, when not given)."""
 
     def now_ms() -> int:
         return int(clock() * 1000)
@@ -62,11 +66,12 @@ def create_app(
     usage = UsageReader(Path(usage_db) if usage_db is not None else None)
     ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms),
                      signer=signer, now_ms=now_ms, commands=commands, usage=usage, session_ttl_s=session_ttl_s,
-                     refresh_s=refresh_s, status=status)
+                     refresh_s=refresh_s, status=status, events=events or FleetEvents())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        ctx.events.close()
         usage.close()
 
     app = FastAPI(
@@ -84,6 +89,7 @@ def create_app(
     install_error_handlers(app)
     app.include_router(routes_auth.router)
     app.include_router(routes_pages.router)
+    app.include_router(routes_events.router)
     app.include_router(routes_api.router)
     if commands is not None:
         app.include_router(routes_api.commands_router)

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller.commands import CommandError, UnknownCommand
+from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.views import DeviceView, Rejection, RollupPoint, TelemetryPoint
 
 from . import schemas
@@ -90,6 +91,7 @@ class WebContext:
     refresh_s: int
     errors: Counter[str] = dataclasses.field(default_factory=Counter)  # answers given for bugs, by code
     status: Callable[[], Mapping[str, Any]] | None = None  # ControllerService.status, when a service runs us
+    events: FleetEvents = dataclasses.field(default_factory=FleetEvents)  # what /events streams (controller/events)
 
     def html(self, request: Request, content: str, *, title: str, operator: Operator | None, status: int = 200,
              refresh: bool = False) -> HTMLResponse:
