@@ -1,15 +1,38 @@
-// Re-fetch this page's <main> every data-refresh seconds (server-rendered fragment), so state changes show
-// without a reload; on a lost controller a banner says the figures are stale.
+// Live pages: listen to the controller's /events (server-sent events) and re-fetch this page's <main> (the
+// server-rendered X-Fragment) when an event concerns what is on screen — any device on the fleet and list pages,
+// this device on its own page, alerts everywhere, the audit log on its page — at most once a second. When the
+// stream is down (reconnecting, refused, no EventSource) the page falls back to re-fetching every data-refresh
+// seconds (ten times slower while it is up); a lost controller shows the banner, an expired session leads to the login.
 (function () {
   var main = document.getElementById("content");
   var every = main ? parseInt(main.getAttribute("data-refresh") || "0", 10) : 0;
   if (!every) return;
-  function tick() {
+  var MIN_GAP_MS = 1000;
+  var path = location.pathname;
+  var match = /^\/devices\/([^\/]+)$/.exec(path);
+  var deviceId = match ? decodeURIComponent(match[1]) : null;
+  var busy = false, again = false, last = 0, soon = null, timer = null;
+
+  var badge = document.createElement("span");
+  badge.id = "live-state";
+  badge.className = "live-state";
+  var header = document.querySelector("header.top");
+  if (header) header.appendChild(badge);
+  function show(state, text) {
+    badge.setAttribute("data-live", state);
+    badge.textContent = text;
+  }
+
+  function typing() {
     var active = document.activeElement;
-    if (active && main.contains(active) && /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName)) {
-      setTimeout(tick, every * 1000);  // do not swap the form out from under someone typing in it
-      return;
-    }
+    return active && main.contains(active) && /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName);
+  }
+
+  function refresh() {
+    if (busy) { again = true; return; }
+    if (typing()) { later(every * 1000); return; }  // do not swap the form out from under someone typing in it
+    busy = true;
+    last = Date.now();
     fetch(location.pathname + location.search, {
       headers: { "X-Fragment": "1" }, credentials: "same-origin", cache: "no-store", redirect: "error"
     }).then(function (r) {
@@ -23,7 +46,56 @@
       if (html !== null) { main.innerHTML = html; document.body.classList.remove("disconnected"); }
     }).catch(function () {
       document.body.classList.add("disconnected");
-    }).then(function () { setTimeout(tick, every * 1000); });
+    }).then(function () {
+      busy = false;
+      if (again) { again = false; wanted(); }
+    });
   }
-  setTimeout(tick, every * 1000);
+
+  function later(ms) {
+    if (soon === null) soon = setTimeout(function () { soon = null; refresh(); }, ms);
+  }
+
+  function wanted() {  // debounced: now, or once MIN_GAP_MS after the last fetch
+    var wait = last + MIN_GAP_MS - Date.now();
+    if (wait <= 0 && soon === null) refresh(); else later(Math.max(wait, 0));
+  }
+
+  // the timed refresh: every data-refresh seconds without the stream; ten times slower with it, for what comes
+  // without an event (the gateway's usage, a policy applied from the CLI)
+  var period = 0;
+  function tick() { refresh(); timer = setTimeout(tick, period); }
+  function poll(seconds) {
+    if (period === seconds * 1000 && timer !== null) return;
+    period = seconds * 1000;
+    if (timer !== null) clearTimeout(timer);
+    timer = setTimeout(tick, period);
+  }
+
+  if (!window.EventSource) { show("off", "refresh every " + every + " s"); poll(every); return; }
+  var opened = false;
+  var source = new EventSource("/events");
+  source.addEventListener("open", function () {
+    show("live", "live");
+    poll(every * 10);
+    if (opened) wanted();  // back after a break: what changed meanwhile comes as events or a resync; be sure
+    opened = true;
+  });
+  source.addEventListener("device", function (e) {
+    if (deviceId === null) { wanted(); return; }
+    var data = JSON.parse(e.data);
+    if (data.more > 0 || (data.ids || []).indexOf(deviceId) >= 0) wanted();
+  });
+  source.addEventListener("alert", wanted);
+  source.addEventListener("audit", function () { if (path.indexOf("/audit") === 0) wanted(); });
+  source.addEventListener("resync", wanted);
+  source.addEventListener("error", function () {
+    if (source.readyState === EventSource.CLOSED) {  // refused (an expired session) or not a stream: timed refresh
+      show("off", "refresh every " + every + " s");
+    } else {
+      show("reconnecting", "reconnecting…");
+    }
+    poll(every);
+  });
+  show("reconnecting", "connecting…");
 })();
