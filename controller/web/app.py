@@ -27,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from nanofleet.config import FleetConfig
+from nanofleet.controller import metrics
 from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.metrics import registry_for
 from nanofleet.protos.names import COMMAND_KINDS
@@ -83,7 +84,9 @@ def create_app(
     )
     app.state.web = ctx
     app.state.errors = ctx.errors  # answers given for bugs, by code: a test and an operator can see them
-    app.state.metrics = registry_for(status, web_errors=ctx.errors)  # served at /metrics
+    read = getattr(store, "read", None)  # beyond the FleetReader contract: the fleet's gauges when the store has it
+    fleet = (lambda: read(metrics.fleet_counts)) if read is not None else None
+    app.state.metrics = registry_for(status, web_errors=ctx.errors, fleet=fleet)  # served at /metrics
     app.state.close = usage.close  # for a parent app that mounts us (a mounted app's lifespan does not run)
     app.add_middleware(SecurityHeaders)
     install_error_handlers(app)
