@@ -134,6 +134,12 @@ class FleetCollector(Collector):
     def __init__(self, read: Callable[[], FleetCounts]) -> None:
         self._read = read
 
+    def describe(self) -> Iterator[Metric]:
+        """The families without reading the store (registering must not touch a store that may be closed)."""
+        yield GaugeMetricFamily(f"{_P}devices", "devices by state", labels=["state"])
+        yield GaugeMetricFamily(f"{_P}devices_thermal", "devices by thermal level", labels=["level"])
+        yield GaugeMetricFamily(f"{_P}alerts_open", "open alerts", labels=["kind", "state"])
+
     def collect(self) -> Iterator[Metric]:
         c = self._read()
         states = GaugeMetricFamily(f"{_P}devices", "devices by state", labels=["state"])
