@@ -147,3 +147,28 @@ def test_a_batch_names_the_devices_whose_shown_state_changed(tmp_path) -> None: 
         assert set(apply(rejections=[("a", "t", "bad")])) == {"a"}
         stale = store.sweep_stale(at_ms=10_000_000)
         assert sorted(e.device_id for e in stale) == ["a", "b"]
+
+
+async def test_a_stream_ends_when_its_session_expires_and_the_reconnect_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import httpx
+
+    from nanofleet.config import parse_fleet
+    from nanofleet.controller.auth import ensure_operator_token
+    from nanofleet.controller.store import Store
+    from nanofleet.controller.web import create_app
+
+    token, token_hash = ensure_operator_token(tmp_path / "data")
+    with Store(tmp_path / "s.db") as store:
+        app = create_app(store, parse_fleet("fleet: demo\n"), operator_token_hash=token_hash, session_ttl_s=1.0)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
+            r = await c.post("/login", data={"token": token, "next": "/"})
+            assert r.status_code == 303 and "nanofleet_session" in r.cookies
+            started = time.monotonic()
+            r = await asyncio.wait_for(c.get("/events"), 10)  # the whole stream: it ends at the session's expiry
+            assert r.status_code == 200 and r.text.startswith("retry: 2000\n")
+            assert 0.5 < time.monotonic() - started < 5
+            r = await c.get("/events")  # the cookie has expired too (the client no longer sends it)
+            assert r.status_code == 401 and r.json()["error"] in ("session_expired", "missing_token")
