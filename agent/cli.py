@@ -25,7 +25,7 @@ def _settings(config: str | None, **overrides: object) -> AgentSettings:
         raise click.ClickException(str(exc)) from None
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when installed (the agent extra brings it): a cheaper event loop on the request path."""
     try:
         import uvloop
@@ -47,7 +47,7 @@ def agent(config: str | None, device_id: str | None, socket_path: str | None, da
 
     settings = _settings(config, device_id=device_id, socket_path=socket_path, data_dir=data_dir)
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
             runner.run(AgentService(settings).run())
     except (SocketError, AgentFatal) as exc:  # exit 1: systemd / `nanofleet up` restart the agent
         raise click.ClickException(str(exc)) from None

@@ -219,6 +219,8 @@ def policy_apply(config_path: Path, data_dir: Path, broker_url: str | None, mqtt
 
     cfg = _load(config_path)
     with Store(data_dir / "controller.db") as store:
+        if not dry_run:
+            store.set_group_resolver(cfg.group_of)  # the dashboard's groups follow the fleet.yaml applied
         changes = pol.plan(cfg, pol.target_devices(cfg, store), store.published_policies())
         if not changes:
             click.echo("no change: every device already has this policy")

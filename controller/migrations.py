@@ -132,9 +132,42 @@ def _m003_queue_telemetry(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m006_device_queries(db: sqlite_utils.Database) -> None:
+    # The dashboard's device list pages by keyset over (sort key, device_id) and filters by state, thermal level and
+    # group (controller/queries.py): these indexes serve the filters (the default sort walks the primary key), and
+    # the device page's recent command results.
+    # devices_temp serves the "hottest devices" and the list sorted by temperature (the expression is the sort key
+    # queries.SORTS["temp"], spelled the same), walked in order so a filtered page stops after its rows instead of
+    # sorting every match. Few on purpose: every telemetry batch rewrites its devices' rows, and each index is paid
+    # on each rewrite.
+    # route_snapshots keeps each device's cumulative route counters every few minutes for a little over an hour, so
+    # the overview can tell the last hour's route mix from counters that only ever grow (store.py housekeeping).
+    # policy_rounds keeps what each publishing round changed, for the groups page's "last policy apply" diff.
+    _run_script(
+        db,
+        """
+        CREATE INDEX devices_state ON devices (state, device_id);
+        CREATE INDEX devices_thermal ON devices (thermal_level, device_id);
+        CREATE INDEX device_groups_grp ON device_groups (grp, device_id);
+        CREATE INDEX command_results_device ON command_results (device_id, ts_ms);
+        CREATE INDEX devices_temp ON devices (coalesce(temp_max_c, -1.0e9), device_id);
+        CREATE TABLE route_snapshots (
+            ts_ms INTEGER NOT NULL, device_id TEXT NOT NULL, birth_ms INTEGER NOT NULL,
+            local INTEGER NOT NULL, cloud INTEGER NOT NULL, queued INTEGER NOT NULL, rejected INTEGER NOT NULL,
+            PRIMARY KEY (ts_ms, device_id)
+        ) WITHOUT ROWID;
+        CREATE TABLE policy_rounds (
+            version INTEGER PRIMARY KEY, published_ms INTEGER NOT NULL, devices INTEGER NOT NULL,
+            changes_json TEXT NOT NULL
+        )
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     ("001_initial", _m001_initial),
     ("002_telemetry_ts_index", _m002_telemetry_ts_index),
     ("003_queue_telemetry", _m003_queue_telemetry),
+    ("006_device_queries", _m006_device_queries),
 ]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from nanofleet.config import FleetConfig
+from nanofleet.config import FleetConfig, Profile
 from nanofleet.controller.store import Store
 from nanofleet.controller.views import PublishedPolicy
 from nanofleet.mqtt import Publisher
@@ -28,10 +28,20 @@ _VOLATILE = ("version", "issued_at_ms")
 
 
 def compile_policy(config: FleetConfig, device_id: str, version: int, issued_at_ms: int = 0) -> fleet_pb2.RoutingPolicy:
-    profile = config.profile_for(device_id)
+    return compile_profile(config, config.profile_for(device_id), config.group_of(device_id), device_id, version,
+                           issued_at_ms)
+
+
+def group_policy(config: FleetConfig, group: str) -> fleet_pb2.RoutingPolicy:
+    """What a device of `group` without its own overrides runs (the groups page shows it)."""
+    return compile_profile(config, config.group_profile(group), group, "", 0)
+
+
+def compile_profile(config: FleetConfig, profile: Profile, group: str, device_id: str, version: int,
+                    issued_at_ms: int = 0) -> fleet_pb2.RoutingPolicy:
     r = profile.routing
     return fleet_pb2.RoutingPolicy(
-        fleet=config.fleet, device_id=device_id, group=config.group_of(device_id) or "", version=version,
+        fleet=config.fleet, device_id=device_id, group=group, version=version,
         issued_at_ms=issued_at_ms, prefer=r.prefer, cloud_allowed=r.cloud == "allowed",
         thermal_limit=f"THERMAL_LEVEL_{r.thermal_limit.upper()}", min_free_ram_mb=r.min_free_ram_mb,
         battery_floor_pct=r.battery_floor_pct, metered_network=r.metered_network,
@@ -106,7 +116,7 @@ async def publish(client: Publisher, store: Store, changes: list[PolicyChange], 
         futs.append(client.publish(topics.policy(ch.policy.fleet, ch.device_id), body, qos=1, retain=True))
         records.append(PublishedPolicy(ch.device_id, version, content_hash(ch.policy), body, now))
     await asyncio.wait_for(asyncio.gather(*futs), within)
-    await asyncio.to_thread(store.record_policies, records)
+    await asyncio.to_thread(store.record_policies, records, {ch.device_id: ch.changes for ch in changes})
     return version
 
 

@@ -80,7 +80,7 @@ class ControllerService:
         self.events.bind(asyncio.get_running_loop())
         self.store = store = await asyncio.to_thread(Store, self.data_dir / "controller.db")
         store.check_gaps = self.share_group is None  # with $share this controller sees only some of a device's seqs
-        await asyncio.to_thread(store.set_groups, {d: e.group for d, e in self.config.devices.items()})
+        await asyncio.to_thread(store.set_group_resolver, self.config.group_of)
         self.ingest = Ingest(store, self.config.fleet, self.broker_url, username=self._mqtt[0],
                              password=self._mqtt[1], share_group=self.share_group, telemetry_qos=self.telemetry_qos,
                              on_outcome=self._on_outcome, on_changes=self.events.publish_devices,

@@ -19,7 +19,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 _PRUNE_AGAIN_S = 1.0      # when a prune stopped at its chunk: the rest soon, between ingest batches
 _PRUNE_CHUNK = 50_000     # raw rows a prune deletes at most, so one never holds the writer for long
 _CHECKPOINT_EVERY_S = 0.5
+ROUTES = ("local", "cloud", "queued", "rejected")  # the agent's route counters the overview shows
+ROUTE_SNAPSHOT_EVERY_MS = 5 * 60_000  # cumulative route counters kept this often ...
+_ROUTE_SNAPSHOT_KEEP_MS = 75 * 60_000  # ... for a little over the hour the overview looks back
 
 
 def now_ms() -> int:
@@ -75,6 +78,8 @@ class Store:
         self._next_rollup = time.monotonic() + rollup_every_s
         self._next_prune = time.monotonic() + prune_every_s
         self._state = ds.DeviceStates({})
+        self._group_of: Callable[[str], str] | None = None  # fleet.yaml's rule, once set_group_resolver ran
+        self._next_route_snapshot = 0
         self.reloads = 0  # times the device mirror was reloaded after a rollback
         for suffix in ("", "-wal", "-shm"):  # documented 0600: also a file an older controller made with the umask's
             if suffix == "" or Path(f"{self.path}{suffix}").exists():
@@ -116,6 +121,10 @@ class Store:
             except BaseException:
                 self._touched |= touched  # rolled back: those minutes are rolled up on the next tick
                 raise
+        wall = self._clock()
+        if wall >= self._next_route_snapshot and not closing:
+            self._next_route_snapshot = wall + ROUTE_SNAPSHOT_EVERY_MS  # also after a failure: no retry storm
+            in_transaction(conn, lambda c: self._snapshot_routes(c, wall))
         if mono >= self._next_prune and not closing:
             self._next_prune = mono + self._prune_every_s  # also after a failure: no retry storm
             more = in_transaction(conn, lambda c: self._prune(c, self._clock()))
@@ -165,6 +174,9 @@ class Store:
 
     def _apply(self, conn: sqlite3.Connection, batch: Batch) -> BatchOutcome:
         outcome = self._state.apply(conn, batch)  # raising rolls this job back, then _reload mends the mirror
+        if outcome.new_devices and self._group_of is not None:
+            conn.executemany("INSERT OR REPLACE INTO device_groups VALUES (?, ?)",
+                             [(d, self._group_of(d)) for d in outcome.new_devices])
         if batch.telemetry:
             before = conn.total_changes
             conn.executemany(
@@ -199,6 +211,34 @@ class Store:
             conn.executemany("INSERT INTO device_groups VALUES (?, ?)", list(groups.items()))
 
         self._call(run)
+
+    def set_group_resolver(self, group_of: Callable[[str], str]) -> None:
+        """Give every device its group by fleet.yaml's one rule (FleetConfig.group_of): each known device now, each
+        new one in the batch that first stores it — so the dashboard filters and sorts by group in SQL. The same
+        rule again (the service's and its web app's config are one object) rewrites nothing."""
+        if group_of == self._group_of:
+            return
+
+        def run(conn: sqlite3.Connection) -> None:
+            ids = [row[0] for row in conn.execute("SELECT device_id FROM devices")]
+            conn.execute("DELETE FROM device_groups")
+            conn.executemany("INSERT INTO device_groups VALUES (?, ?)", [(d, group_of(d)) for d in ids])
+            self._group_of = group_of  # on the writer thread, like every batch that reads it
+
+        self._call(run)
+
+    def _snapshot_routes(self, conn: sqlite3.Connection, at_ms: int) -> None:
+        """Every device's cumulative route counters now (agents count since they started): the overview's route mix
+        of the last hour is the counters now minus these, an hour back (controller/queries.py)."""
+        extract = ", ".join(f"coalesce(json_extract(route_counts, '$.{r}'), 0)" for r in ROUTES)
+        conn.execute(f"INSERT OR REPLACE INTO route_snapshots SELECT ?, device_id, birth_ms, {extract} FROM devices",
+                     (at_ms,))
+        conn.execute("DELETE FROM route_snapshots WHERE ts_ms < ?", (at_ms - _ROUTE_SNAPSHOT_KEEP_MS,))
+
+    def snapshot_routes(self, at_ms: int | None = None) -> None:
+        """Take a route snapshot now (housekeeping takes one every ROUTE_SNAPSHOT_EVERY_MS by itself)."""
+        at = self._clock() if at_ms is None else at_ms
+        self._call(lambda conn: self._snapshot_routes(conn, at))
 
     def _flush_rollups(self, conn: sqlite3.Connection) -> None:
         touched, self._touched = self._touched, set()
@@ -257,9 +297,23 @@ class Store:
 
         return self._call(run)
 
-    def record_policies(self, published: Iterable[PublishedPolicy]) -> None:
+    def record_policies(self, published: Iterable[PublishedPolicy],
+                        changes: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Record what was published; with `changes` (device -> "field: old -> new" lines) also the round's diff,
+        kept as groups of devices with the same lines (the groups page shows the last round's)."""
         rows = [(p.device_id, p.version, p.content_hash, p.policy_json, p.published_ms) for p in published]
-        self._call(lambda conn: conn.executemany("INSERT OR REPLACE INTO policies VALUES (?,?,?,?,?)", rows))
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT OR REPLACE INTO policies VALUES (?,?,?,?,?)", rows)
+            if changes is not None and rows:
+                by_lines: dict[tuple[str, ...], list[str]] = {}
+                for device_id, lines in sorted(changes.items()):
+                    by_lines.setdefault(tuple(lines), []).append(device_id)
+                diff = [{"changes": list(k), "devices": v} for k, v in by_lines.items()]
+                conn.execute("INSERT OR REPLACE INTO policy_rounds VALUES (?, ?, ?, ?)",
+                             (rows[0][1], rows[0][4], len(rows), json.dumps(diff)))
+
+        self._call(run)
 
     def published_policies(self) -> dict[str, PublishedPolicy]:
         rows = self._rows("SELECT * FROM policies")

@@ -6,6 +6,7 @@ Every problem is raised as `ConfigError` naming the file, the field path and wha
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from pathlib import Path
@@ -99,10 +100,16 @@ class Profile(_Model):
     queue: QueueSpec = QueueSpec()
 
 
+DEFAULT_GROUP = "default"  # the group of every device no group claims: it runs `defaults`
+
+
 class Group(_Model):
-    """Partial profile; validated against `Profile` after merging."""
+    """Partial profile (validated against `Profile` after merging), plus `match`: device id globs that put unlisted
+    devices in this group, so an operator with a hundred devices need not list each."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
+    match: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default=[], description="fnmatch globs of device ids (sim-00*, pi-lab-??)")
 
 
 class DeviceEntry(_Model):
@@ -184,8 +191,12 @@ class FleetConfig(_Model):
 
     @model_validator(mode="after")
     def _check_references(self) -> FleetConfig:
+        if DEFAULT_GROUP in self.groups:
+            raise _FieldError(("groups", DEFAULT_GROUP), f"the name {DEFAULT_GROUP!r} is reserved: it is the group of "
+                                                         "every device no group claims (they run `defaults`); "
+                                                         "name this group otherwise")
         for name, dev in self.devices.items():
-            if dev.group is not None and dev.group not in self.groups:
+            if dev.group is not None and dev.group != DEFAULT_GROUP and dev.group not in self.groups:
                 known = ", ".join(sorted(self.groups)) or "none defined"
                 raise _FieldError(("devices", name, "group"), f"unknown group {dev.group!r} (groups: {known})")
         for kind, entries in (("groups", self.groups), ("devices", self.devices)):
@@ -193,17 +204,34 @@ class FleetConfig(_Model):
                 _merged_profile(self.defaults, (entry,), (kind, name))
         return self
 
-    def group_of(self, device_id: str) -> str | None:
+    def group_of(self, device_id: str) -> str:
+        """The device's group — the one rule the dashboard, the store and policy compilation share: its own
+        `devices:` entry's group, else the first group in file order whose `match` globs take its id, else
+        `default` (it runs `defaults`)."""
         entry = self.devices.get(device_id)
-        return entry.group if entry else None
+        if entry is not None and entry.group is not None:
+            return entry.group
+        for name, group in self.groups.items():
+            if any(fnmatch.fnmatchcase(device_id, pattern) for pattern in group.match):
+                return name
+        return DEFAULT_GROUP
+
+    def group_profile(self, group: str) -> Profile:
+        """What a device of `group` runs without overrides of its own (`default`: the defaults)."""
+        if group == DEFAULT_GROUP:
+            return self.defaults
+        if group not in self.groups:
+            raise ConfigError(f"groups: no group {group!r}")
+        return _merged_profile(self.defaults, (self.groups[group],), ("groups", group))
 
     def profile_for(self, device_id: str) -> Profile:
-        """The effective profile of a device: defaults ← group ← device (an unlisted device gets the defaults)."""
+        """The effective profile of a device: defaults ← group ← device (a device in no group gets the defaults)."""
         layers: list[BaseModel] = []
+        group = self.group_of(device_id)
+        if group != DEFAULT_GROUP:
+            layers.append(self.groups[group])
         entry = self.devices.get(device_id)
         if entry is not None:
-            if entry.group is not None:
-                layers.append(self.groups[entry.group])
             layers.append(entry)
         return _merged_profile(self.defaults, layers, ("devices", device_id))
 

@@ -179,9 +179,9 @@ class Dispatcher:
             self.queue.counts["peer_unknown"] += 1
             raise QueueUnavailable("the offline queue needs the caller's uid (SO_PEERCRED) and this connection's "
                                    "could not be read: not queued", reason="peer_unknown")
-        fields: dict[str, Any] = dataclasses.asdict(chat)
+        fields = _shallow(chat)
         fields["request_id"] = ""  # the entry's id becomes the request_id (same body → same hash)
-        request = {"chat": fields, "route": dataclasses.asdict(req), "stream": stream, "model": model}
+        request = {"chat": fields, "route": _shallow(req), "stream": stream, "model": model}
         accepted = await self.queue.enqueue(request, uid=uid, app=req.app_id, reason=reason, idem_key=idem_key)
         if accepted.new:
             self.counts["queued"] += 1
@@ -332,3 +332,9 @@ def _closable(stream: AsyncIterator[Chunk]) -> AsyncGenerator[Chunk, None]:
     Backend types it as an AsyncIterator; the right fix, typing Backend.stream as AsyncGenerator, needs every backend
     (agent/runtime/grpc_backend.py too) annotated the same way at once."""
     return cast(AsyncGenerator[Chunk, None], stream)
+
+
+def _shallow(obj: Any) -> dict[str, Any]:
+    """A dataclass of JSON values as a dict, one level deep: the queue encodes it at once, so the nested lists and
+    dicts need no copy (`dataclasses.asdict`'s recursive deep copy was ~15 % of the enqueue path's CPU)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}

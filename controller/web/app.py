@@ -9,7 +9,8 @@ Store reads are blocking SQLite calls, so the handlers that make them are plain 
 thread pool, off the event loop).
 
     routes_auth    /healthz, /login, /logout                  (unauthenticated)
-    routes_pages   /, /devices/{id}, /api, /openapi.json,     (server-rendered dashboard)
+    routes_pages   /, /devices, /devices/{id}, /groups, /api,  (server-rendered dashboard, templates/)
+                   /openapi.json,
                    /metrics                                   (Prometheus text format)
     routes_api     /api/...                                   (REST API, docs/rest-api.md)
     routes_events  /events                                    (live events, server-sent; controller/events.py)
@@ -19,7 +20,9 @@ thread pool, off the event loop).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from fastapi import FastAPI
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller import metrics
+from nanofleet.controller.errors import StoreError
 from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.metrics import registry_for
 from nanofleet.protos.names import COMMAND_KINDS
@@ -40,6 +44,7 @@ from .security import OperatorAuth, SecurityHeaders
 from .sessions import SessionSigner
 
 __all__ = ["COMMAND_KINDS", "create_app"]
+log = logging.getLogger("nanofleet.controller.web")
 
 
 def create_app(
@@ -63,11 +68,19 @@ def create_app(
     def now_ms() -> int:
         return int(clock() * 1000)
 
+    errors: Counter[str] = Counter()
+    set_groups = getattr(store, "set_group_resolver", None)  # the store's groups follow this fleet.yaml
+    if set_groups is not None:
+        try:
+            set_groups(config.group_of)
+        except StoreError as exc:  # the app still starts: its pages answer the store's error, with an id
+            log.error("could not give the store fleet.yaml's groups: %s", exc)
+            errors["store_groups"] += 1
     signer = SessionSigner(session_secret, ttl_s=session_ttl_s)
     usage = UsageReader(Path(usage_db) if usage_db is not None else None)
     ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms),
                      signer=signer, now_ms=now_ms, commands=commands, usage=usage, session_ttl_s=session_ttl_s,
-                     refresh_s=refresh_s, status=status, events=events or FleetEvents())
+                     refresh_s=refresh_s, status=status, errors=errors, events=events or FleetEvents())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

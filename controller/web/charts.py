@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from html import escape as _escape
 
-__all__ = ["Series", "bar_chart", "format_tick", "line_chart", "meter", "nice_ticks", "split_segments"]
+__all__ = ["Band", "Series", "bar_chart", "format_tick", "line_chart", "meter", "nice_ticks", "split_segments"]
 
 
 _CONTROL = {c: None for c in [*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F, 0xFFFE, 0xFFFF]}
@@ -33,6 +33,16 @@ class Series:
     name: str
     points: Sequence[tuple[int, float | None]]
     color: str = "#2563eb"
+
+
+@dataclass(frozen=True)
+class Band:
+    """A shaded span of time behind a chart's lines, labelled (a thermal level, say)."""
+
+    start_ms: int
+    end_ms: int
+    label: str
+    color: str
 
 
 _LIMIT = 1e15  # far beyond any telemetry value; keeps tick arithmetic away from float overflow
@@ -143,8 +153,10 @@ def line_chart(
     width: int = 640,
     height: int = 180,
     gap_ms: int | None = None,
+    bands: Sequence[Band] = (),
 ) -> str:
-    """A time-series line chart as an inline ``<svg>`` element (UTC time axis, value axis in `unit`)."""
+    """A time-series line chart as an inline ``<svg>`` element (UTC time axis, value axis in `unit`); `bands` shade
+    spans of time behind the lines (e.g. the device's thermal level)."""
     left, right, top, bottom = 48, 12, 22, 24
     pw, ph = width - left - right, height - top - bottom
     runs = [(s, split_segments(s.points, gap_ms)) for s in series]
@@ -182,6 +194,12 @@ def line_chart(
         f'<text x="{left}" y="14" class="chart-title" font-size="12" fill="currentColor">{escape(caption)}</text>',
         f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#9ca3af" stroke-width="0.5"/>',
     ]
+    for band in bands:
+        bx0, bx1 = sx(band.start_ms), sx(band.end_ms)
+        if bx1 > bx0:
+            out.append(f'<rect class="band" data-band="{escape(band.label)}" x="{bx0}" y="{top}" '
+                       f'width="{round(bx1 - bx0, 1)}" height="{ph}" fill="{escape(band.color)}" fill-opacity="0.35">'
+                       f"<title>{escape(band.label)}</title></rect>")
     for tick in ticks:
         if lo - 1e-9 <= tick <= hi + 1e-9:
             y = sy(tick)

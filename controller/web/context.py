@@ -7,11 +7,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from fastapi import Depends, Request
 from fastapi.responses import HTMLResponse
@@ -20,22 +21,27 @@ from starlette.concurrency import run_in_threadpool
 from nanofleet.config import FleetConfig
 from nanofleet.controller.commands import CommandError, UnknownCommand
 from nanofleet.controller.events import FleetEvents
+from nanofleet.controller.queries import Overview, Queries, SlowFigures, with_slow
+from nanofleet.controller.summary import Cached
 from nanofleet.controller.views import DeviceView, Rejection, RollupPoint, TelemetryPoint
 
 from . import schemas
-from .layout import content_security_policy, new_nonce, page
+from .layout import TEMPLATES, content_security_policy, new_nonce, render_block
 from .security import Operator, OperatorAuth, WebError
 from .sessions import SessionSigner
 
 __all__ = ["Authed", "Commands", "FleetReader", "UsageReader", "Web", "WebContext", "Writer"]
 
 log = logging.getLogger("nanofleet.controller.web")
+T = TypeVar("T")
 
 
 class FleetReader(Protocol):
-    """The store's reads the web app makes (controller/store.py `Store`; `published_policies` and `device_events`
-    are used when the store has them)."""
+    """The store's reads the web app makes (controller/store.py `Store`): a few whole views, and `read`, which runs
+    controller/queries.py's SQL on the calling thread's read connection. `published_policies` and `device_events`
+    are used when the store has them."""
 
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
     def list_devices(self) -> list[DeviceView]: ...
     def get_device(self, device_id: str) -> DeviceView | None: ...
     def telemetry(self, device_id: str, since_ms: int | None = None, limit: int = 1000) -> list[TelemetryPoint]: ...
@@ -92,19 +98,41 @@ class WebContext:
     errors: Counter[str] = dataclasses.field(default_factory=Counter)  # answers given for bugs, by code
     status: Callable[[], Mapping[str, Any]] | None = None  # ControllerService.status, when a service runs us
     events: FleetEvents = dataclasses.field(default_factory=FleetEvents)  # what /events streams (controller/events)
+    queries: Queries = dataclasses.field(init=False)
+    # the overview's fleet-wide aggregates: the fast-moving ones at most 1 s old, the costly slow ones 10 s
+    summary: Cached[Overview] = dataclasses.field(init=False)
+    slow_summary: Cached[SlowFigures] = dataclasses.field(init=False)
 
-    def html(self, request: Request, content: str, *, title: str, operator: Operator | None, status: int = 200,
-             refresh: bool = False) -> HTMLResponse:
-        """A whole page (or only `content` for the dashboard's fragment refresh), with a fresh CSP nonce."""
-        if request.headers.get("x-fragment") == "1":
-            return HTMLResponse(content, status_code=status)
+    def __post_init__(self) -> None:
+        self.queries = Queries(self.store)
+        self.summary = Cached(lambda: self.queries.fleet_figures(self.config.alerts, self.now_ms()),
+                              name="fleet-summary")
+        self.slow_summary = Cached(lambda: self.queries.slow_figures(self.now_ms()), max_age_s=10.0,
+                                   stale_limit_s=60.0, name="fleet-summary-slow")
+
+    def overview(self) -> Overview:
+        return with_slow(self.summary.get(), self.slow_summary.get())
+
+    def render(self, request: Request, name: str, *, title: str, operator: Operator | None, status: int = 200,
+               refresh: bool = False, **variables: Any) -> HTMLResponse:
+        """Template `name` as a whole page under a fresh CSP nonce, or only its ``content`` block for a request
+        with ``X-Fragment: 1`` (the dashboard's refresh swaps that into ``#content``)."""
         nonce = new_nonce()
         csrf = self.signer.csrf_token(operator.session) if operator and operator.session else (
             "" if operator else None)
-        body = page(title=title, content=content, nonce=nonce, fleet=self.config.fleet, csrf=csrf,
-                    refresh_s=self.refresh_s if refresh else None)
-        return HTMLResponse(body, status_code=status, headers={"Content-Security-Policy": content_security_policy(
-            nonce)})
+        values: dict[str, Any] = {
+            "request": request, "title": title, "operator": operator, "nonce": nonce, "csrf": csrf,
+            "fleet": self.config.fleet, "refresh_s": self.refresh_s if refresh else None,
+            "open_alerts": self.open_alert_count() if operator is not None else None, **variables}
+        if request.headers.get("x-fragment") == "1":
+            return HTMLResponse(render_block(name, "content", values), status_code=status)
+        return TEMPLATES.TemplateResponse(request, name, values, status_code=status,
+                                          headers={"Content-Security-Policy": content_security_policy(nonce)})
+
+    def open_alert_count(self) -> int | None:
+        """Open alerts for the header's count: web/alerts.py's read-time rule over the devices' latest state,
+        counted in SQL (queries.alert_count) with the rest of the fleet summary, at most a second old."""
+        return self.summary.get().alerts
 
     def device(self, device_id: str) -> Any:
         view = self.store.get_device(device_id)

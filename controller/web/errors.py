@@ -9,7 +9,6 @@ fragments), an HTML page for the browser, or a redirect to /login for a page wit
 
 from __future__ import annotations
 
-from html import escape
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -46,8 +45,8 @@ async def _web_error(request: Request, exc: WebError) -> Response:
     elif _wants_json(request):
         resp = _error_json(exc)
     else:
-        resp = web(request).html(request, f'<h1>{exc.status}</h1><p class="flash error">{escape(exc.detail)}</p>',
-                                 title=str(exc.status), status=exc.status, operator=None)
+        resp = web(request).render(request, "error.html", title=str(exc.status), status=exc.status, operator=None,
+                                   code=exc.status, detail=exc.detail)
     if isinstance(exc, Unauthorized) and exc.clear_cookie:
         resp.delete_cookie(COOKIE, path="/")
     return resp

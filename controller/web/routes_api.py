@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
-from . import schemas
+from . import routes_pages, schemas
 from .alerts import fleet_alerts
 from .context import Authed, Web, Writer
 from .security import WebError
@@ -20,10 +20,26 @@ router = APIRouter(prefix="/api")
 commands_router = APIRouter(prefix="/api")
 
 
-@router.get("/devices", response_model=list[schemas.DeviceOut], responses=_ERR401, tags=["devices"],
-            summary="Every device with its latest state")
-def api_devices(ctx: Web, operator: Authed) -> list[Any]:
-    return [ctx.with_group(d) for d in ctx.store.list_devices()]
+Text = Annotated[str, Query(max_length=200)]
+Flag = Literal["", "0", "1"]
+
+
+@router.get("/devices", response_model=schemas.DevicePageOut, responses=_ERR401, tags=["devices"],
+            summary="Devices with their latest state, a page at a time",
+            description="Keyset pagination: pass the answer's next_cursor as cursor for the next page (null: the "
+                        "last page); a cursor belongs to its sort. Filters: group, state, thermal (a level), model, "
+                        "behind=1 (not yet on the policy published for them), q (a substring of id, model or "
+                        "group). sort: any column (device_id default), desc=1 for descending.")
+def api_devices(ctx: Web, operator: Authed, group: Text = "", state: routes_pages.StateParam = "",
+                thermal: Literal["", "none", "light", "moderate", "severe", "critical", "emergency",
+                                 "shutdown"] = "",
+                model: Text = "", behind: Flag = "", q: Text = "", sort: routes_pages.SortParam = "",
+                desc: Flag = "", limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                cursor: Annotated[str, Query(max_length=2000)] = "") -> schemas.DevicePageOut:
+    flt = routes_pages.device_filter(group, state, thermal, model, behind, q, sort, desc)
+    page = routes_pages.page_of(ctx, flt, limit, cursor)
+    return schemas.DevicePageOut(items=[schemas.DeviceOut.model_validate(d) for d in page.items],
+                                 next_cursor=page.next_cursor, total=page.total, total_capped=page.total_capped)
 
 
 @router.get("/devices/{device_id}", response_model=schemas.DeviceOut, responses={**_ERR401, **_ERR404},

@@ -7,7 +7,6 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from . import pages
 from .context import Web
 from .security import COOKIE, Operator, check_same_origin, safe_next
 
@@ -30,7 +29,7 @@ def healthz(ctx: Web) -> JSONResponse:
 
 @router.get("/login")
 def login_form(request: Request, ctx: Web, next: str = "/") -> HTMLResponse:
-    return ctx.html(request, pages.login_page(next_path=safe_next(next)), title="Log in", operator=None)
+    return ctx.render(request, "login.html", title="Log in", operator=None, next_path=safe_next(next), error=None)
 
 
 @router.post("/login")
@@ -39,8 +38,8 @@ def login(request: Request, ctx: Web, token: Annotated[str, Form(max_length=512)
     check_same_origin(request)
     target = safe_next(next)
     if not ctx.auth.check_token(token.strip()):
-        return ctx.html(request, pages.login_page(next_path=target, error="That operator token is not valid."),
-                        title="Log in", operator=None, status=401)
+        return ctx.render(request, "login.html", title="Log in", operator=None, status=401, next_path=target,
+                          error="That operator token is not valid.")
     cookie, _session = ctx.signer.issue(ctx.now_ms())
     resp = RedirectResponse(target, status_code=303)
     resp.set_cookie(COOKIE, cookie, max_age=int(ctx.session_ttl_s), path="/", httponly=True, samesite="strict",

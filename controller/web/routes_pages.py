@@ -1,58 +1,131 @@
-"""The dashboard's server-rendered pages: fleet overview (with the alerts and the controller's own health), device
-page (charts, command buttons), the API page and the OpenAPI document behind it; and /metrics for Prometheus."""
+"""The dashboard's server-rendered pages (templates/): fleet overview, the device list (keyset pages, filters and sort
+in the URL), a device's page (charts, commands, recent results, state changes), groups and their policy, the API
+page and the OpenAPI document behind it; and /metrics for Prometheus."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
 
 from nanofleet.controller import metrics
+from nanofleet.controller import policy as pol
+from nanofleet.controller.queries import DeviceFilter, QueryError
 from nanofleet.protos.names import COMMAND_KINDS
 
 from . import pages
 from .context import Authed, Web, WebContext, Writer
+from .panels import controller_panel
 from .security import Operator, WebError
 
 router = APIRouter(include_in_schema=False)
 Window = Literal["15m", "1h", "6h", "24h", "7d"]
+StateParam = Literal["", "online", "offline", "stale"]
+SortParam = Literal["", "device_id", "group", "state", "last_seen", "temp", "thermal", "ram", "cpu", "model",
+                    "policy", "queue", "slots_waiting"]
+Flag = Literal["", "0", "1"]
+_USAGE_ROWS = 10
+
+
+@dataclass(frozen=True)
+class _Usage:
+    tokens: int
+    cost: float
+    count: int
+    rows: list[Any]
+
+
+def _usage_today(ctx: WebContext) -> _Usage | None:
+    rows = ctx.usage.rows(time.strftime("%Y-%m-%d", time.gmtime(ctx.now_ms() / 1000)))
+    if rows is None:
+        return None
+    top = sorted(rows, key=lambda r: (-float(r.cost_usd), r.device_id, r.app_id))[:_USAGE_ROWS]
+    return _Usage(sum(int(r.input_tokens) + int(r.output_tokens) for r in rows),
+                  sum(float(r.cost_usd) for r in rows), len(rows), top)
 
 
 @router.get("/")
-def overview(request: Request, ctx: Web, operator: Authed, q: Annotated[str, Query(max_length=200)] = "",
-             state: Literal["", "online", "offline", "stale"] = "") -> HTMLResponse:
-    devices = [ctx.with_group(d) for d in ctx.store.list_devices()]
-    content = pages.overview_page(devices, ctx.store.policy_convergence(), ctx.store.rejections(50), ctx.usage.rows(),
-                                  alerts=ctx.config.alerts, now_ms=ctx.now_ms(), behind=ctx.behind(devices),
-                                  query=q, state=state,
-                                  controller=ctx.status() if ctx.status is not None else None)
-    return ctx.html(request, content, title="Fleet", operator=operator, refresh=True)
+def overview(request: Request, ctx: Web, operator: Authed) -> HTMLResponse:
+    now = ctx.now_ms()
+    ov = ctx.overview()
+    conv = ov.convergence
+    latest = max(conv) if conv else None
+    # controller_panel escapes every value it prints (panels.py); marked safe as a whole for that reason only
+    panel = Markup(controller_panel(ctx.status() if ctx.status is not None else None))
+    return ctx.render(request, "overview.html", title="Fleet", operator=operator, refresh=True, now_ms=now,
+                      alerts=ctx.config.alerts, ov=ov, usage=_usage_today(ctx),
+                      budget=ctx.config.gateway.budgets.fleet_tokens_per_day, behind=ctx.queries.policy_lag(20),
+                      convergence_latest=latest, convergence_converged=conv.get(latest, 0) if latest else 0,
+                      convergence_total=sum(conv.values()), rejections=ctx.store.rejections(10),
+                      controller_panel=panel)
 
 
-def _device_content(ctx: WebContext, device_id: str, window: str, operator: Operator,
-                    flash: tuple[str, str] | None = None) -> str:
+def device_filter(group: str, state: str, thermal: str, model: str, behind: str, q: str, sort: str,
+                  desc: str) -> DeviceFilter:
+    """The device list's filter from its query parameters (the page and /api/devices take the same ones)."""
+    return DeviceFilter(group=group, state=state, thermal=thermal, model=model, behind=behind == "1", q=q,
+                        sort=cast(Any, sort or "device_id"), desc=desc == "1")
+
+
+def page_of(ctx: WebContext, flt: DeviceFilter, limit: int, cursor: str | None) -> Any:
+    """One page of the list; a bad cursor (or thermal level) is a 422 naming the parameter."""
+    try:
+        return ctx.queries.devices(flt, limit=limit, cursor=cursor or None)
+    except QueryError as exc:
+        raise WebError(422, "invalid_request", f"query.{exc}") from exc
+
+
+Text = Annotated[str, Query(max_length=200)]
+
+
+@router.get("/devices")
+def devices_page(request: Request, ctx: Web, operator: Authed, group: Text = "", state: StateParam = "",
+                 thermal: Literal["", "none", "light", "moderate", "severe", "critical", "emergency", "shutdown"] = "",
+                 model: Text = "", behind: Flag = "", q: Text = "", sort: SortParam = "", desc: Flag = "",
+                 limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                 cursor: Annotated[str, Query(max_length=2000)] = "") -> HTMLResponse:
+    flt = device_filter(group, state, thermal, model, behind, q, sort, desc)
+    page = page_of(ctx, flt, limit, cursor)
+    summary = ctx.summary.get()
+    return ctx.render(request, "devices.html", title="Devices", operator=operator, refresh=True, now_ms=ctx.now_ms(),
+                      alerts=ctx.config.alerts, page=page, by_state=summary.by_state, groups=list(summary.groups),
+                      models=summary.models, ls=pages.DeviceListState(flt, limit, cursor or None),
+                      columns=pages.COLUMNS, page_sizes=sorted({*pages.PAGE_SIZES, limit}))
+
+
+def _device_vars(ctx: WebContext, device_id: str, window: str, operator: Operator,
+                 flash: tuple[str, str] | None = None) -> dict[str, Any]:
     device = ctx.device(device_id)
     span_ms, source = pages.WINDOWS[window]
     end = ctx.now_ms()
     start = end - span_ms
     points: Sequence[Any] = (ctx.store.telemetry(device_id, since_ms=start, limit=5000) if source == "raw"
                              else ctx.store.rollups(device_id, cast(Literal["1m", "1h"], source), since_ms=start))
+    bucket_ms = max(10_000, span_ms // 360)
+    buckets = ctx.queries.buckets(device_id, start, bucket_ms)
     charts = pages.device_charts(points, source, start_ms=start, end_ms=end,
-                                 ram_total_mb=getattr(device, "ram_total_mb", None))
+                                 ram_total_mb=getattr(device, "ram_total_mb", None), buckets=buckets,
+                                 bucket_ms=bucket_ms, route_counts=getattr(device, "route_counts", None))
     csrf = ctx.signer.csrf_token(operator.session) if operator.session else ""
     events_of = getattr(ctx.store, "device_events", None)  # beyond the contract: shown when the store has it
-    events = events_of(device_id, limit=10) if events_of is not None else []
-    return pages.device_page(device, charts, window=window, now_ms=end, csrf=csrf, events=events,
-                             command_kinds=COMMAND_KINDS if ctx.commands is not None else (), flash=flash)
+    return {"d": device, "charts": charts, "window": window, "windows": list(pages.WINDOWS), "now_ms": end,
+            "alerts": ctx.config.alerts, "flash": flash, "csrf": csrf,
+            "events": events_of(device_id, limit=10) if events_of is not None else [],
+            "command_kinds": COMMAND_KINDS if ctx.commands is not None else (),
+            "commands": ctx.queries.recent_commands(device_id, 10),
+            "published": ctx.queries.published_version(device_id)}
 
 
 @router.get("/devices/{device_id}")
 def device_page(request: Request, ctx: Web, device_id: str, operator: Authed, window: Window = "1h") -> HTMLResponse:
-    return ctx.html(request, _device_content(ctx, device_id, window, operator), title=device_id, operator=operator,
-                    refresh=True)
+    return ctx.render(request, "device.html", title=device_id, operator=operator, refresh=True,
+                      **_device_vars(ctx, device_id, window, operator))
 
 
 @router.post("/devices/{device_id}/commands")
@@ -68,13 +141,47 @@ async def device_command(request: Request, ctx: Web, device_id: str, operator: W
         if exc.code == "device_not_found":
             raise
         flash = ("error", exc.detail)
-    content = await run_in_threadpool(_device_content, ctx, device_id, "1h", operator, flash)
-    return ctx.html(request, content, title=device_id, operator=operator)
+    variables = await run_in_threadpool(_device_vars, ctx, device_id, "1h", operator, flash)
+    return ctx.render(request, "device.html", title=device_id, operator=operator, **variables)
+
+
+@dataclass(frozen=True)
+class _GroupView:
+    name: str
+    by_state: dict[str, int]
+    total: int
+    published: int | None
+    behind: list[tuple[str, int, int]]
+    behind_total: int
+    match: list[str]
+    policy: dict[str, Any]
+
+
+@router.get("/groups")
+def groups_page(request: Request, ctx: Web, operator: Authed) -> HTMLResponse:
+    stored = ctx.queries.groups()
+    names = [*ctx.config.groups, *(n for n in sorted(stored) if n not in ctx.config.groups)]
+    if "default" not in names:
+        names.append("default")
+    views = []
+    for name in names:
+        s = stored.get(name)
+        compiled = pol.content_of(pol.group_policy(ctx.config, name)) if (
+            name in ctx.config.groups or name == "default") else {}
+        compiled.pop("device_id", None)
+        views.append(_GroupView(
+            name, s.by_state if s else dict.fromkeys(("online", "offline", "stale"), 0), s.total if s else 0,
+            s.published if s else None, s.behind if s else [], s.behind_total if s else 0,
+            list(ctx.config.groups[name].match) if name in ctx.config.groups else [], compiled))
+    return ctx.render(request, "groups.html", title="Groups", operator=operator, refresh=True, now_ms=ctx.now_ms(),
+                      groups=views, last_round=ctx.queries.last_policy_round())
 
 
 @router.get("/api")
 def api_doc(request: Request, ctx: Web, operator: Authed) -> HTMLResponse:
-    return ctx.html(request, pages.api_doc_page(request.app.openapi()), title="API", operator=operator)
+    ops = [(path, method, op) for path, methods in sorted(request.app.openapi().get("paths", {}).items())
+           for method, op in methods.items()]
+    return ctx.render(request, "api.html", title="API", operator=operator, operations=ops)
 
 
 @router.get("/openapi.json")

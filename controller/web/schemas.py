@@ -16,6 +16,7 @@ __all__ = [
     "CommandOut",
     "ConvergenceOut",
     "DeviceOut",
+    "DevicePageOut",
     "ErrorOut",
     "PolicyLag",
     "RejectionOut",
@@ -71,6 +72,15 @@ class DeviceOut(_Out):
     route_counts: dict[str, int] = {}
     rejected_count: int = 0
     gap_count: int = 0
+
+
+class DevicePageOut(BaseModel):
+    """A page of `GET /api/devices`."""
+
+    items: list[DeviceOut]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
+    total: int = Field(description="devices matching the filter, on all pages, counted up to 1000")
+    total_capped: bool = Field(False, description="true: 1000 or more devices match (total says 1000)")
 
 
 class AlertOut(_Out):

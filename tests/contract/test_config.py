@@ -33,6 +33,39 @@ def test_device_overrides_apply_on_top_of_its_group(tmp_path: Path) -> None:
     assert (routing.cloud, routing.prefer) == ("denied", "local")
 
 
+def test_groups_match_device_ids_by_glob_and_every_device_has_a_group(tmp_path: Path) -> None:
+    f = tmp_path / "fleet.yaml"
+    f.write_text(
+        "fleet: f\n"
+        "groups:\n"
+        "  kiosks: {match: ['kiosk-*', 'sim-000?'], routing: {prefer: cloud}}\n"
+        "  lab: {match: ['sim-*'], routing: {cloud: denied}}\n"
+        "devices: {sim-0001: {group: lab}, sim-0002: {routing: {min_free_ram_mb: 64}}, pi-9: {group: default}}\n"
+    )
+    cfg = load_fleet(f)
+    assert cfg.group_of("kiosk-7") == "kiosks"
+    assert cfg.group_of("sim-0003") == "kiosks"  # the first group in file order wins over a later match
+    assert cfg.group_of("sim-0042") == "lab"
+    assert cfg.group_of("sim-0001") == "lab"  # an explicit devices: entry wins over a match
+    assert cfg.group_of("sim-0002") == "kiosks"  # listed without a group: the globs still place it
+    assert cfg.group_of("pi-9") == "default" and cfg.group_of("elsewhere") == "default"
+    assert cfg.group_of("KIOSK-7") == "default"  # device ids are case-sensitive, so are the globs
+    # policy compilation resolves groups by the same rule: a matched device runs its group's overrides
+    assert cfg.profile_for("sim-0003").routing.prefer == "cloud"
+    assert cfg.profile_for("sim-0042").routing.cloud == "denied"
+    assert (cfg.profile_for("sim-0002").routing.prefer, cfg.profile_for("sim-0002").routing.min_free_ram_mb) == (
+        "cloud", 64)
+    assert cfg.profile_for("pi-9") == cfg.profile_for("elsewhere") == cfg.defaults
+
+
+def test_the_example_fleet_puts_simulated_devices_in_its_groups() -> None:
+    from nanofleet.sim import device_ids
+
+    cfg = load_fleet(ROOT / "fleet.yaml")
+    groups = {cfg.group_of(d) for d in device_ids(200)}
+    assert {"kiosks", "clinic-tablets", "default"} <= groups
+
+
 BROKEN = {
     "bad_yaml": ("fleet: demo\ngroups: {kiosks: [\n", "invalid YAML: line 3"),
     "unknown_key": ("fleet: demo\ndefaults: {routing: {prefer: local, colour: red}}\n",
@@ -51,6 +84,10 @@ BROKEN = {
                                   "defaults.model: a downloaded model needs sha256"),
     "not_a_mapping": ("- just\n- a list\n", "(top level): expected a mapping"),
     "bad_device_id": ("fleet: demo\ndevices: {'bad/id': {}}\n", "devices.bad/id"),
+    "reserved_group": ("fleet: demo\ngroups: {default: {routing: {cloud: denied}}}\n",
+                       "groups.default: the name 'default' is reserved"),
+    "match_not_a_list": ("fleet: demo\ngroups: {kiosks: {match: 7}}\n", "groups.kiosks.match: Input should be"),
+    "empty_glob": ("fleet: demo\ngroups: {kiosks: {match: ['']}}\n", "groups.kiosks.match.0:"),
 }
 
 

@@ -23,6 +23,7 @@ async def test_births_telemetry_shutdown_and_last_will(broker, tmp_path: Path, r
         await until(lambda: all(len(store.telemetry(d.device_id)) >= 5 for d in store.list_devices()), 10,
                     "telemetry rows")
         d0 = store.get_device("sim-0000")
+        assert store.get_device("sim-0001").group == "default"  # not listed: the group of the defaults
         assert d0.group == "lab" and d0.model_name == "tiny-test" and d0.model_availability == "available"
         assert d0.temp_max_c is not None and d0.ram_total_mb == 4096 and d0.route_counts.get("local") is not None
         assert svc.ingest.stats.rejected == 0

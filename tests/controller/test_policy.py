@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from nanofleet.cli import main
 from nanofleet.config import THERMAL_LEVELS, parse_fleet
 from nanofleet.controller import policy
+from nanofleet.controller.queries import Queries
 from nanofleet.controller.store import Store
 from nanofleet.mqtt import MqttClient
 from nanofleet.protos import fleet_pb2, topics
@@ -42,7 +43,7 @@ def test_compile_layers_defaults_group_device() -> None:
     c1 = policy.compile_policy(cfg, "c1", 1)
     assert not c1.cloud_allowed and c1.prefer == "local" and c1.thermal_limit == fleet_pb2.THERMAL_LEVEL_SEVERE
     other = policy.compile_policy(cfg, "unlisted", 1)
-    assert other.group == "" and other.telemetry_interval_s == 7 and other.min_free_ram_mb == 512
+    assert other.group == "default" and other.telemetry_interval_s == 7 and other.min_free_ram_mb == 512
 
 
 @given(st.sampled_from(THERMAL_LEVELS), st.integers(0, 100), st.sampled_from(["allowed", "denied"]))
@@ -89,6 +90,10 @@ def test_policy_apply_cli_shows_diff_publishes_retained_with_increasing_versions
     assert r.exit_code == 0, r.output
     assert "k1 (was v1):" in r.output and "min_free_ram_mb: 100 -> 300" in r.output and "c1" not in r.output
     assert "published policy version 2 to 1 device(s)" in r.output
+    with Store(data / "controller.db") as store:  # what the groups page shows: the last round's diff
+        last = Queries(store).last_policy_round()
+        assert last is not None and (last.version, last.devices) == (2, 1)
+        assert last.changes == [{"changes": ["min_free_ram_mb: 100 -> 300"], "devices": ["k1"]}]
 
     async def retained() -> dict[str, fleet_pb2.RoutingPolicy]:
         async with MqttClient(broker.url) as c:

@@ -165,7 +165,9 @@ async def test_session_expires(store: Store, token_and_hash) -> None:
 async def test_api_devices(client: httpx.AsyncClient, token_and_hash) -> None:
     r = await client.get("/api/devices", headers=bearer(token_and_hash))
     assert r.status_code == 200
-    devices = {d["device_id"]: d for d in r.json()}
+    body = r.json()
+    assert body["next_cursor"] is None and body["total"] == 3
+    devices = {d["device_id"]: d for d in body["items"]}
     assert set(devices) == {"pi-1", "pi-2", "pi-3"}
     d1 = devices["pi-1"]
     assert d1["state"] == "online" and d1["group"] == "kiosks" and d1["model_name"] == "tiny-test"
@@ -176,6 +178,26 @@ async def test_api_devices(client: httpx.AsyncClient, token_and_hash) -> None:
     assert one.json() == d1
 
 
+async def test_api_devices_pages_filters_and_sorts(client: httpx.AsyncClient, token_and_hash) -> None:
+    first = (await client.get("/api/devices", params={"limit": 2, "sort": "policy", "desc": "1"},
+                              headers=bearer(token_and_hash))).json()
+    assert [d["device_id"] for d in first["items"]] == ["pi-2", "pi-1"] and first["total"] == 3  # v7, v7, then v6
+    rest = (await client.get("/api/devices", params={"limit": 2, "sort": "policy", "desc": "1",
+                                                     "cursor": first["next_cursor"]},
+                             headers=bearer(token_and_hash))).json()
+    assert [d["device_id"] for d in rest["items"]] == ["pi-3"] and rest["next_cursor"] is None
+    kiosks = (await client.get("/api/devices", params={"group": "kiosks"}, headers=bearer(token_and_hash))).json()
+    assert [d["device_id"] for d in kiosks["items"]] == ["pi-1"]
+    default = (await client.get("/api/devices", params={"group": "default", "state": "online"},
+                                headers=bearer(token_and_hash))).json()
+    assert [(d["device_id"], d["group"]) for d in default["items"]] == [("pi-2", "default")]
+    wrong = await client.get("/api/devices", params={"sort": "cpu", "cursor": first["next_cursor"]},
+                             headers=bearer(token_and_hash))
+    assert wrong.status_code == 422 and wrong.json()["detail"].startswith("query.cursor: it belongs to sort 'policy'")
+    bad = await client.get("/api/devices", params={"limit": 0, "sort": "colour"}, headers=bearer(token_and_hash))
+    assert bad.status_code == 422 and "query.limit" in bad.json()["detail"] and "query.sort" in bad.json()["detail"]
+
+
 async def test_unknown_device_is_a_clear_404(client: httpx.AsyncClient, token_and_hash) -> None:
     for path in ["/api/devices/ghost", "/api/devices/ghost/telemetry"]:
         r = await client.get(path, headers=bearer(token_and_hash))
@@ -183,7 +205,7 @@ async def test_unknown_device_is_a_clear_404(client: httpx.AsyncClient, token_an
         assert r.json() == {"error": "device_not_found", "detail": "no device 'ghost' has reported to this controller"}
     await login(client, token_and_hash[0])
     page = await client.get("/devices/ghost")
-    assert page.status_code == 404 and "no device &#x27;ghost&#x27; has reported" in page.text
+    assert page.status_code == 404 and "no device &#39;ghost&#39; has reported" in page.text
 
 
 async def test_api_telemetry_raw_and_rollups(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
@@ -244,10 +266,11 @@ async def test_stale_device_and_alert_thresholds_are_visible(tmp_path: Path, tok
         s.sweep_stale(now)  # quiet: 10 s interval, silent for 10 min
         app = create_app(s, FLEET, operator_token_hash=token_and_hash[1])
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
-            devices = {d["device_id"]: d for d in (await c.get("/api/devices", headers=bearer(token_and_hash))).json()}
+            answer = (await c.get("/api/devices", headers=bearer(token_and_hash))).json()
+            devices = {d["device_id"]: d for d in answer["items"]}
             assert devices["quiet"]["state"] == "stale" and devices["hot"]["state"] == "online"
             await login(c, token_and_hash[0])
-            html = (await c.get("/")).text
+            html = (await c.get("/devices")).text
             rows = dict(re.findall(r'<tr class="row-\w+" data-device="([^"]+)">(.*?)</tr>', html))
             assert 'data-state="stale"' in rows["quiet"] and ">stale<" in rows["quiet"]
             hot = rows["hot"]
@@ -297,6 +320,7 @@ async def test_usage_from_the_gateway_db(tmp_path: Path, store: Store, token_and
     await ledger.record("pi-1", "com.example.notes", "gemini-2.5-flash", 1000, 200, now)
     await ledger.record("pi-2", "<b>app</b>", "gemini-2.5-flash", 10, 1, now - 86_400 * 2)
     db.close()
+
     app = create_app(store, FLEET, operator_token_hash=token_and_hash[1], usage_db=tmp_path / "gateway.db")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
         body = (await c.get("/api/usage", headers=bearer(token_and_hash))).json()
@@ -310,8 +334,13 @@ async def test_usage_from_the_gateway_db(tmp_path: Path, store: Store, token_and
         assert bad.status_code == 422 and "query.day" in bad.json()["detail"]
         await login(c, token_and_hash[0])
         page = (await c.get("/")).text
-        assert "Gateway usage" in page and "com.example.notes" in page and "&lt;b&gt;app&lt;/b&gt;" in page
-        assert "<b>app</b>" not in page
+        assert "Gateway usage" in page and "com.example.notes" in page and "2400 tokens, $0.0016" in page
+        assert "&lt;b&gt;app&lt;/b&gt;" not in page  # two days ago: the overview shows today's usage
+        db = Database(tmp_path / "gateway.db")  # an app with markup in its id, today
+        await UsageLedger(db, DEFAULT_PRICES).record("pi-3", "<b>app</b>", "gemini-2.5-flash", 10, 1, now)
+        db.close()
+        page = (await c.get("/")).text
+        assert "&lt;b&gt;app&lt;/b&gt;" in page and "<b>app</b>" not in page
     app.state.close()
 
 
@@ -320,7 +349,14 @@ async def test_overview_page(client: httpx.AsyncClient, token_and_hash) -> None:
     await login(client, token_and_hash[0])
     r = await client.get("/")
     assert r.status_code == 200
-    html = r.text
+    overview = r.text
+    assert "2 of 3 devices run policy version v7, the newest published" in overview
+    assert "No malformed payloads rejected." in overview
+    assert 'data-refresh="3"' in overview
+    assert re.search(r'data-thermal="light"><div class="n">1<', overview)  # pi-1, linked to its filtered list
+    assert 'href="/devices?thermal=light"' in overview and 'href="/devices?state=offline"' in overview
+    assert 'data-hot="pi-1"' in overview  # the only device with a temperature
+    html = (await client.get("/devices")).text
     rows = dict(re.findall(r'<tr class="row-\w+" data-device="([^"]+)">(.*?)</tr>', html))
     assert set(rows) == {"pi-1", "pi-2", "pi-3"}
     assert 'data-state="online"' in rows["pi-1"] and ">online<" in rows["pi-1"]
@@ -328,26 +364,33 @@ async def test_overview_page(client: httpx.AsyncClient, token_and_hash) -> None:
     assert "kiosks" in rows["pi-1"] and "47.5 °C" in rows["pi-1"] and "2950 MB / 4096 MB" in rows["pi-1"]
     assert "25.0 %" in rows["pi-1"] and "tiny-test" in rows["pi-1"]
     assert re.search(r"<time [^>]*>(just now|\d+ s ago)</time>", rows["pi-1"])
-    assert "2 of 3 devices run policy version v7, the newest published" in html
-    assert "No malformed payloads rejected." in html
     assert 'data-refresh="3"' in html
 
 
-async def test_overview_filters_and_caps_rows(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
-    from nanofleet.controller.web import pages
-
+async def test_device_list_filters_pages_and_sorts(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
     await login(client, token_and_hash[0])
 
     def shown(html: str) -> list[str]:
         return re.findall(r'<tr class="row-\w+" data-device="([^"]+)">', html)
 
-    assert shown((await client.get("/", params={"state": "offline"})).text) == ["pi-3"]
-    assert shown((await client.get("/", params={"q": "KIOSK"})).text) == ["pi-1"]  # group, case-insensitive
-    html = (await client.get("/", params={"q": '"><script>'})).text
-    assert "No device matches this filter." in html and 'value="&quot;&gt;&lt;script&gt;"' in html
-    assert (await client.get("/", params={"state": "exploded"})).status_code == 422
-    capped = pages.overview_page(store.list_devices(), {}, [], None, alerts=FLEET.alerts, now_ms=0, max_rows=2)
-    assert shown(capped) == ["pi-1", "pi-2"] and "Showing 2 of 3 devices" in capped
+    assert shown((await client.get("/devices", params={"state": "offline"})).text) == ["pi-3"]
+    assert shown((await client.get("/devices", params={"q": "KIOSK"})).text) == ["pi-1"]  # group, case-insensitive
+    html = (await client.get("/devices", params={"q": '"><script>'})).text
+    assert "No device matches this filter." in html and 'value="&#34;&gt;&lt;script&gt;"' in html
+    assert (await client.get("/devices", params={"state": "exploded"})).status_code == 422
+    first = (await client.get("/devices", params={"limit": 2})).text
+    assert shown(first) == ["pi-1", "pi-2"] and "2 shown of 3 matching" in first
+    next_link = re.search(r'<a href="([^"]+)" rel="next">', first)
+    assert next_link and "limit=2" in next_link.group(1) and "cursor=" in next_link.group(1)
+    rest = (await client.get(next_link.group(1).replace("&amp;", "&"))).text
+    assert shown(rest) == ["pi-3"] and 'rel="next"' not in rest and 'rel="first"' in rest
+    by_policy = (await client.get("/devices", params={"sort": "policy"})).text
+    assert shown(by_policy) == ["pi-3", "pi-1", "pi-2"]  # v6 first, then v7 by id
+    assert 'data-sort="policy">Policy</a>▲' in by_policy
+    header = re.search(r'<a href="([^"]+)" data-sort="policy">', by_policy)
+    assert header and "desc=1" in header.group(1)  # the sorting column's header flips the direction
+    bad = await client.get("/devices", params={"cursor": "garbage"})
+    assert bad.status_code == 422 and "query.cursor" in bad.text
 
 
 async def test_pages_carry_a_strict_csp_with_matching_nonce(client: httpx.AsyncClient, token_and_hash) -> None:
@@ -368,7 +411,7 @@ async def test_fragment_refresh(client: httpx.AsyncClient, store: Store, token_a
     r = await client.get("/", headers={"X-Fragment": "1"})
     assert r.status_code == 200 and not r.text.startswith("<!doctype") and "<h1>Fleet</h1>" in r.text
     store.write_status("demo", death("pi-1"), int(time.time() * 1000))
-    r = await client.get("/", headers={"X-Fragment": "1"})
+    r = await client.get("/devices", headers={"X-Fragment": "1"})
     assert 'data-device="pi-1"' in r.text and re.search(r'data-device="pi-1">.*?data-state="offline"', r.text)
 
 
@@ -377,7 +420,9 @@ async def test_device_page_has_svg_charts(client: httpx.AsyncClient, token_and_h
     r = await client.get("/devices/pi-1", params={"window": "15m"})
     assert r.status_code == 200
     svgs = re.findall(r"<svg class=\"chart\".*?</svg>", r.text)
-    assert len(svgs) == 3 and all("<polyline" in s for s in svgs)
+    assert len(svgs) == 4 and all("<polyline" in s for s in svgs)  # temperature, CPU, RAM, queue depth
+    assert 'class="band" data-band="light"' in svgs[0]  # pi-1 ran at thermal level light: the band behind
+    assert "(none published to it)" in re.search(r"<dd data-policy=\"7\">(.*?)</dd>", r.text).group(1)
     assert "CPU — last 25.0 %" in r.text and "bdSeq 1" in r.text and "State changes" in r.text
     assert (await client.get("/devices/pi-1", params={"window": "2y"})).status_code == 422
     assert "<h2>Commands</h2>" not in r.text  # no command service given: no buttons and no endpoint
@@ -398,13 +443,17 @@ async def test_device_controlled_strings_are_escaped(tmp_path: Path, token_and_h
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
             await login(c, token_and_hash[0])
             overview = (await c.get("/")).text
+            listing = (await c.get("/devices")).text
             device = await c.get("/devices/" + quote(EVIL_ID, safe=""))
+            groups = (await c.get("/groups")).text
             assert device.status_code == 200
-            for html in (overview, device.text):
+            for html in (overview, listing, device.text, groups):
                 assert EVIL_ID not in html and EVIL_MODEL not in html and "<script>alert" not in html
+            for html in (overview, listing, device.text):
                 assert "&lt;img src=x onerror=alert(1)&gt;" in html
-                assert "&lt;/script&gt;&lt;script&gt;alert(&#x27;m&#x27;)&lt;/script&gt;" in html
-            assert 'href="/devices/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E"' in overview
+            for html in (listing, device.text):  # the overview shows no model names
+                assert "&lt;/script&gt;&lt;script&gt;alert(&#39;m&#39;)&lt;/script&gt;" in html
+            assert 'href="/devices/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E"' in overview  # hottest devices
             assert "&lt;script&gt;alert(2)&lt;/script&gt;" in overview
             api = (await c.get("/api/devices/" + quote(EVIL_ID, safe=""))).json()
             assert api["device_id"] == EVIL_ID and api["model_name"] == EVIL_MODEL
@@ -439,7 +488,7 @@ async def test_alerts_api_and_column_flag_devices_over_each_threshold(tmp_path: 
             assert queue["value"] == 500 and queue["threshold"] == 500 and "offline queue" in queue["detail"]
             assert got[3]["threshold"] == 60 and got[3]["value"] >= 600
             await login(c, token_and_hash[0])
-            html = (await c.get("/")).text
+            html = (await c.get("/devices")).text
             rows = dict(re.findall(r'<tr class="row-\w+" data-device="([^"]+)">(.*?)</tr>', html))
             alerts_of = {d: re.findall(r'data-alert="(\w+)"', row) for d, row in rows.items()}
             assert alerts_of == {"hot": ["thermal", "low_ram", "queue_depth"], "calm": [], "quiet": ["offline"],
@@ -465,8 +514,10 @@ async def test_queue_depth_oldest_age_and_slots_waiting_are_shown_apart(tmp_path
             points = (await c.get("/api/devices/q1/telemetry", headers=bearer(token_and_hash))).json()["points"]
             assert [(p["queue_depth"], p["slots_waiting"], p["queue_oldest_age_s"]) for p in points] == [(17, 4, 125)]
             await login(c, token_and_hash[0])
-            html = (await c.get("/")).text
-            assert '<th class="num">Queue</th><th class="num">Oldest</th><th class="num">Slots waiting</th>' in html
+            html = (await c.get("/devices")).text
+            assert re.search(r'<th class="num"><a href="[^"]+" data-sort="queue">Queue</a></th><th class="num">Oldest'
+                             r'</th><th class="num"><a href="[^"]+" data-sort="slots_waiting">Slots waiting</a></th>',
+                             html)
             row = re.search(r'<tr class="row-\w+" data-device="q1">(.*?)</tr>', html)
             assert row and re.search(r'<td class="num" data-col="queue">17</td><td class="num" data-col="oldest">'
                                      r'2m 5s</td><td class="num" data-col="slots_waiting">4</td>', row.group(1))
@@ -476,3 +527,48 @@ async def test_queue_depth_oldest_age_and_slots_waiting_are_shown_apart(tmp_path
             assert "<dt>Queue counters</dt><dd>drained_cloud: 13, enqueued: 30</dd>" in page
     finally:
         s.close()
+
+
+async def test_device_page_shows_policy_recent_commands_and_thermal_bands(client: httpx.AsyncClient, store: Store,
+                                                                         token_and_hash) -> None:
+    from nanofleet.controller.store import Batch
+    from nanofleet.controller.views import PublishedPolicy
+
+    now = int(time.time() * 1000)
+    store.record_policies([PublishedPolicy("pi-1", 9, "h", "{}", now)])
+    store.apply(Batch("demo", now, command_results=[
+        fleet_pb2.CommandResult(id="c-1", device_id="pi-1", status="ok", message="<pong>", data={"rtt": "3"},
+                                ts_ms=now - 1000),
+        fleet_pb2.CommandResult(id="c-2", device_id="pi-2", status="error", message="elsewhere", ts_ms=now)]))
+    await login(client, token_and_hash[0])
+    html = (await client.get("/devices/pi-1")).text
+    assert re.search(r'<dd data-policy="7">applied v7 <span class="warn">published v9: not yet applied</span>', html)
+    row = re.search(r'<tr data-command="c-1">(.*?)</tr>', html)
+    assert row and "&lt;pong&gt;" in row.group(1) and "rtt=3" in row.group(1) and ">ok<" in row.group(1)
+    assert 'data-command="c-2"' not in html  # another device's result
+    assert 'href="/devices?group=kiosks"' in html
+
+
+async def test_groups_page_shows_each_group_its_policy_and_the_last_apply(tmp_path: Path, store: Store,
+                                                                          token_and_hash) -> None:
+    from nanofleet.controller.views import PublishedPolicy
+
+    cfg = parse_fleet("fleet: demo\ngroups:\n  kiosks: {match: ['pi-2'], routing: {prefer: cloud}}\n"
+                      "devices: {pi-1: {group: kiosks}}\n")
+    now = int(time.time() * 1000)
+    store.record_policies([PublishedPolicy(d, 7, "h", "{}", now) for d in ("pi-1", "pi-2", "pi-3")],
+                          {"pi-1": ["(new)"], "pi-2": ["(new)"], "pi-3": ["prefer: 'local' -> 'cloud'"]})
+    app = create_app(store, cfg, operator_token_hash=token_and_hash[1])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+        await login(c, token_and_hash[0])
+        html = (await c.get("/groups")).text
+    kiosks = re.search(r'<section class="group" data-group="kiosks">(.*?)</section>', html, re.S)
+    default = re.search(r'<section class="group" data-group="default">(.*?)</section>', html, re.S)
+    assert kiosks and default
+    assert "2 devices" in kiosks.group(1) and "Matches <code>pi-2</code>" in kiosks.group(1)  # listed + glob
+    assert "Newest policy published to it: v7." in kiosks.group(1)
+    assert "<dt>prefer</dt><dd><code>cloud</code></dd>" in kiosks.group(1)
+    assert "<dt>prefer</dt><dd><code>local</code></dd>" in default.group(1)
+    assert re.search(r'1 behind:</span> <a href="/devices/pi-3">pi-3</a> \(runs v6, published v7\)', default.group(1))
+    assert 'data-round="7"' in html and "to 3 devices" in html
+    assert "<code>prefer: &#39;local&#39; -&gt; &#39;cloud&#39;</code>" in html

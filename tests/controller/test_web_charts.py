@@ -125,3 +125,18 @@ def test_number_formatting_and_badges() -> None:
     assert fmt_mb(2048) == "2048 MB" and fmt_mb(16_384) == "16.0 GB" and fmt_mb(None) == "—"
     assert state_badge("offline") == '<span class="badge state-offline" data-state="offline">offline</span>'
     assert "state-unknown" in state_badge('"><x>') and "&quot;&gt;&lt;x&gt;" in state_badge('"><x>')
+
+
+def test_bands_shade_their_span_inside_the_plot_and_are_escaped() -> None:
+    from nanofleet.controller.web.charts import Band
+
+    svg = line_chart([Series("t", [(0, 40.0), (100_000, 80.0)])], title="T", x_start_ms=0, x_end_ms=100_000,
+                     bands=[Band(50_000, 100_000, "severe", "#f97316"), Band(-10, 0, "empty", "#000"),
+                            Band(10_000, 20_000, "<x>", "#fde047")])
+    root = ET.fromstring(svg)
+    rects = [r for r in root.iter("{http://www.w3.org/2000/svg}rect") if r.get("class") == "band"]
+    assert [r.get("data-band") for r in rects] == ["severe", "<x>"]  # a zero-width span draws nothing
+    severe = rects[0]
+    assert float(severe.get("x")) > 48 and float(severe.get("x")) + float(severe.get("width")) <= 640 - 12 + 0.1
+    assert "&lt;x&gt;" in svg and "<x>" not in svg
+    assert svg.index('class="band"') < svg.index("<polyline")  # behind the line

@@ -92,6 +92,7 @@ async def test_a_bug_anywhere_is_a_500_in_the_one_error_body(tmp_path, token_and
     broken = Store(tmp_path / "broken.db")
     broken.close()
     app = create_app(broken, FLEET, operator_token_hash=token_and_hash[1])
+    assert app.state.errors["store_groups"] == 1  # giving it fleet.yaml's groups failed: counted, still served
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as c:
         with caplog.at_level(logging.ERROR, logger="nanofleet.controller.web"):

@@ -48,10 +48,10 @@ async def test_metrics_need_the_operator_and_show_the_controller_and_its_500s(br
             assert _sample(r.text, "nanofleet_controller_policy_failures_total") == 0
             assert _sample(r.text, "nanofleet_controller_command_issues_total", '{reason="fire_not_sent"}') == 0
 
-            def broken() -> list:  # type: ignore[type-arg]
+            def broken(fn: object) -> list:  # type: ignore[type-arg]
                 raise RuntimeError("store read bug")
 
-            svc.store.list_devices = broken  # type: ignore[method-assign]
+            svc.store.read = broken  # type: ignore[method-assign]  # every read of the web app goes through it
             r = await c.get("/api/devices", headers=auth)
             assert r.status_code == 500 and r.json()["error"] == "internal_error"
             r = await c.get("/metrics", headers=auth)

@@ -158,20 +158,22 @@ def test_the_printed_curl_line_works_as_printed(system: System) -> None:
 
 def test_the_controller_shows_the_device_online_with_telemetry(system: System) -> None:
     assert httpx.get(system.dashboard + "/api/devices", timeout=10).status_code == 401  # nothing open
-    device = wait_for(lambda: next((d for d in system.api("/api/devices").json()
+    device = wait_for(lambda: next((d for d in system.api("/api/devices").json()["items"]
                                     if d["device_id"] == "dev-01" and d["state"] == "online"), None),
                       timeout=30, what="dev-01 online in the controller")
     assert device["ram_total_mb"] > 0
     points = wait_for(lambda: (p := system.api("/api/devices/dev-01/telemetry").json()["points"]) and len(p) >= 2
                       and p, timeout=30, what="two telemetry rows stored")
     assert all(p["ram_available_mb"] > 0 and p["cpu_percent"] is not None for p in points)
-    page = httpx.get(system.dashboard + "/", headers={"Authorization": f"Bearer {system.token}"}, timeout=10)
+    page = httpx.get(system.dashboard + "/devices", headers={"Authorization": f"Bearer {system.token}"},
+                     timeout=10)
     assert page.status_code == 200 and "dev-01" in page.text
 
 
 def test_simulated_devices_join_with_their_own_broker_accounts(system: System) -> None:
     wanted = {"sim-0000", "sim-0001", "sim-0002"}
-    wait_for(lambda: wanted <= {d["device_id"] for d in system.api("/api/devices").json() if d["state"] == "online"},
+    wait_for(lambda: wanted <= {d["device_id"] for d in system.api("/api/devices").json()["items"]
+                              if d["state"] == "online"},
              timeout=30, what="three simulated devices online")
     assert "and 3 simulated devices" in system.output()
     accounts = json.loads((system.state / "broker" / "accounts.json").read_text())
@@ -243,7 +245,7 @@ def test_without_mosquitto_the_embedded_amqtt_broker_carries_the_same_closed_set
                                                          "max_tokens": 4})
         assert r.status_code == 200 and r.headers["x-nanofleet-route"] == "local"
         wait_for(lambda: any(d["device_id"] == "dev-01" and d["state"] == "online"
-                             for d in amqtt_system.api("/api/devices").json()),
+                             for d in amqtt_system.api("/api/devices").json()["items"]),
                  timeout=30, what="dev-01 online through amqtt (device account + ACL)")
         wait_for(lambda: len(amqtt_system.api("/api/devices/dev-01/telemetry").json()["points"]) >= 1,
                  timeout=30, what="telemetry through amqtt")

@@ -169,3 +169,43 @@ def test_the_checkpoint_thread_keeps_the_wal_from_growing(tmp_path):
     wait_for(lambda: in_main_file() == 500, timeout=10, what="rows checkpointed into the database file")
     w.close()
     assert w.checkpoint_errors == 0
+
+
+async def test_awaited_writes_of_one_batch_are_answered_together_and_each_its_own(tmp_path):
+    """`await write(fn)`: the batch's answers reach the loop in one hand-off, each coroutine its own value or error;
+    a coroutine cancelled before its job ran leaves no trace in the file."""
+    import asyncio
+
+    w = Writer(tmp_path / "a.db", STEPS)
+    hold, gate = hold_writer(w)
+    loop = asyncio.get_running_loop()
+    handoffs = 0
+    real = loop.call_soon_threadsafe
+
+    def counting(*args, **kwargs):
+        nonlocal handoffs
+        handoffs += 1
+        return real(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    try:
+        writes = [asyncio.ensure_future(w.write(lambda c, i=i: c.execute("INSERT INTO items (v) VALUES (?)",
+                                                                          (f"v{i}",)).lastrowid))
+                  for i in range(40)]
+        bad = asyncio.ensure_future(w.write(lambda c: c.execute("INSERT INTO nope VALUES (1)")))
+        gone = asyncio.ensure_future(w.write(lambda c: c.execute("INSERT INTO items (v) VALUES ('gone')")))
+        await asyncio.sleep(0)  # every job is in the writer's queue behind the held one
+        gone.cancel()
+        gate.set()
+        assert sorted(await asyncio.gather(*writes)) == list(range(1, 41))
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):
+            await bad
+        assert handoffs == 1  # one wake-up of this loop for the whole batch
+    finally:
+        loop.call_soon_threadsafe = real  # type: ignore[method-assign]
+    await asyncio.wrap_future(hold)
+    assert w.read(lambda c: c.execute("SELECT count(*) FROM items WHERE v = 'gone'").fetchone()[0]) == 0
+    assert w.batches == 2
+    w.close()
+    with pytest.raises(DatabaseClosed):
+        await w.write(lambda c: None)
