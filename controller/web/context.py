@@ -124,8 +124,10 @@ class WebContext:
             "request": request, "title": title, "operator": operator, "nonce": nonce, "csrf": csrf,
             "fleet": self.config.fleet, "refresh_s": self.refresh_s if refresh else None,
             "open_alerts": self.open_alert_count() if operator is not None else None, **variables}
-        if request.headers.get("x-fragment") == "1":
-            return HTMLResponse(render_block(name, "content", values), status_code=status)
+        if request.headers.get("x-fragment") == "1":  # the header's alert count travels beside the content block
+            count = values["open_alerts"]
+            return HTMLResponse(render_block(name, "content", values), status_code=status,
+                                headers={} if count is None else {"X-Open-Alerts": str(int(count))})
         return TEMPLATES.TemplateResponse(request, name, values, status_code=status,
                                           headers={"Content-Security-Policy": content_security_policy(nonce)})
 

@@ -55,6 +55,9 @@ async def test_events_need_the_operator(broker, tmp_path: Path) -> None:
             assert r.status_code == 401 and r.json()["error"] == "invalid_token"
             r = await c.get("/events", headers={"Authorization": f"Bearer {token}", "Last-Event-ID": "x" * 65})
             assert r.status_code == 422 and "last-event-id" in r.text.lower()
+            # a fragment carries the header's open-alert count (outside <main>) for the live page to update
+            r = await c.get("/", headers={"Authorization": f"Bearer {token}", "X-Fragment": "1"})
+            assert r.status_code == 200 and r.headers["x-open-alerts"] == "0" and "<header" not in r.text
     finally:
         await svc.stop()
 

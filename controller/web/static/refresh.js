@@ -7,7 +7,7 @@
   var main = document.getElementById("content");
   var every = main ? parseInt(main.getAttribute("data-refresh") || "0", 10) : 0;
   if (!every) return;
-  var MIN_GAP_MS = 1000;
+  var MIN_GAP_MS = 1000, SETTLE_MS = [1500, 3000];
   var path = location.pathname;
   var match = /^\/devices\/([^\/]+)$/.exec(path);
   var deviceId = match ? decodeURIComponent(match[1]) : null;
@@ -41,6 +41,7 @@
         return null;
       }
       if (!r.ok) throw new Error("HTTP " + r.status);
+      alertCount(r.headers.get("X-Open-Alerts"));
       return r.text();
     }).then(function (html) {
       if (html !== null) { main.innerHTML = html; document.body.classList.remove("disconnected"); }
@@ -52,13 +53,39 @@
     });
   }
 
+  function alertCount(value) {  // the header's open-alert count is outside <main>: the fragment's header carries it
+    var link = document.querySelector('header.top nav a[href="/alerts"]');
+    if (value === null || !link) return;
+    var n = parseInt(value, 10) || 0;
+    var badge = link.querySelector(".alert-count");
+    if (n > 0 && !badge) {
+      badge = document.createElement("span");
+      badge.className = "alert-count";
+      link.appendChild(document.createTextNode(" "));
+      link.appendChild(badge);
+    }
+    if (badge && n > 0) { badge.textContent = String(n); badge.setAttribute("data-open-alerts", String(n)); }
+    if (badge && n === 0) badge.remove();
+  }
+
   function later(ms) {
     if (soon === null) soon = setTimeout(function () { soon = null; refresh(); }, ms);
   }
 
-  function wanted() {  // debounced: now, or once MIN_GAP_MS after the last fetch
+  function debounced() {  // now, or once MIN_GAP_MS after the last fetch
     var wait = last + MIN_GAP_MS - Date.now();
     if (wait <= 0 && soon === null) refresh(); else later(Math.max(wait, 0));
+  }
+
+  // fleet-wide figures (the overview's cards, the header's alert count) come from a summary the controller serves
+  // while it recomputes it in the background (controller/summary.py: at most a second old, stale while
+  // revalidating): a fetch right after an event may get the figures from before it, and the fetch that starts the
+  // recomputation gets them too. Two more fetches once a burst of events has settled show the recomputed figures.
+  var settle = [];
+  function wanted() {
+    debounced();
+    settle.forEach(clearTimeout);
+    settle = SETTLE_MS.map(function (ms) { return setTimeout(debounced, ms); });
   }
 
   // the timed refresh: every data-refresh seconds without the stream; ten times slower with it, for what comes
