@@ -96,10 +96,68 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
 @_DATA_DIR
 def rotate_token(data_dir: Path) -> None:
     """Issue a new operator token (the old one stops working) and print it once."""
+    from nanofleet.controller.audit import record_cli
     from nanofleet.controller.auth import rotate_operator_token
 
     token, _ = rotate_operator_token(data_dir)
+    record_cli(data_dir / "controller.db", "token_rotate", "operator_token", {"file": "operator_token.sha256"})
     click.echo(f"operator token: {token}")
+
+
+@controller.group("operator")
+def operator() -> None:
+    """Named operators: each their own token, so the audit log and acknowledgements say who (restart to apply)."""
+
+
+@operator.command("add")
+@click.argument("name")
+@_DATA_DIR
+def operator_add(name: str, data_dir: Path) -> None:
+    """Give operator NAME a token (a new one if they had one) and print it once."""
+    from nanofleet.controller.audit import record_cli
+    from nanofleet.controller.auth import AuthError, TokenFileError, add_operator
+
+    try:
+        token = add_operator(data_dir, name)
+    except TokenFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    except AuthError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+    record_cli(data_dir / "controller.db", "operator_add", name, {"file": "operators.sha256"})
+    click.echo(f"operator token for {name}: {token}")
+    click.echo("restart the controller to let it in", err=True)
+
+
+@operator.command("remove")
+@click.argument("name")
+@_DATA_DIR
+def operator_remove(name: str, data_dir: Path) -> None:
+    """Remove operator NAME's token (refused from the controller's next start)."""
+    from nanofleet.controller.audit import record_cli
+    from nanofleet.controller.auth import AuthError, remove_operator
+
+    try:
+        removed = remove_operator(data_dir, name)
+    except AuthError as exc:  # the operators file is unreadable or too open: say which and why
+        raise click.ClickException(str(exc)) from None
+    if not removed:
+        raise click.ClickException(f"no operator {name!r} in {data_dir}")
+    record_cli(data_dir / "controller.db", "operator_remove", name, {"file": "operators.sha256"})
+    click.echo(f"removed {name}")
+
+
+@operator.command("list")
+@_DATA_DIR
+def operator_list(data_dir: Path) -> None:
+    """The named operators (never their tokens); `operator` is the default token's holder."""
+    from nanofleet.controller.auth import AuthError, read_operators
+
+    try:
+        names = sorted(read_operators(data_dir))
+    except AuthError as exc:
+        raise click.ClickException(str(exc)) from None
+    for name in ["operator (default token)", *names]:
+        click.echo(name)
 
 
 @click.group()
@@ -215,6 +273,7 @@ def policy_apply(config_path: Path, data_dir: Path, broker_url: str | None, mqtt
                  mqtt_password: str | None, dry_run: bool) -> None:
     """Show what changed since the last published policy, then publish it (retained) with a new version."""
     from nanofleet.controller import policy as pol
+    from nanofleet.controller.audit import AuditLog, cli_actor
     from nanofleet.controller.store import Store
 
     cfg = _load(config_path)
@@ -241,4 +300,7 @@ def policy_apply(config_path: Path, data_dir: Path, broker_url: str | None, mqtt
                 await client.stop()
 
         version = asyncio.run(main())
+        AuditLog(store).record(cli_actor(), "policy_apply", f"v{version}", {
+            "version": version, "config": str(config_path), "device_count": len(changes),
+            "changes": {ch.device_id: list(ch.changes)[:20] for ch in changes[:100]}}, "cli")
     click.echo(f"published policy version {version} to {len(changes)} device(s)")

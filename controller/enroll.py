@@ -96,8 +96,10 @@ def reload_broker(state_dir: Path, fleet: str) -> bool:
 @click.option("--broker-url", default=None, help="the broker as the device reaches it (default: fleet.yaml broker.url)")
 @click.option("--gateway", "gateway_address", default=None,
               help="host:port of the gateway as the device reaches it (default: fleet.yaml gateway.listen)")
+@click.option("--controller-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="the controller's --data-dir, whose audit log records the enrolment (default: STATE_DIR/controller)")
 def enroll(config_path: Path, state_dir: Path, device_id: str, broker_url: str | None,
-           gateway_address: str | None) -> None:
+           gateway_address: str | None, controller_dir: Path | None) -> None:
     """Create a device's broker account and gateway token, and write the agent.yaml to copy to it."""
     try:
         cfg = load_fleet(config_path)
@@ -107,6 +109,10 @@ def enroll(config_path: Path, state_dir: Path, device_id: str, broker_url: str |
     result = enroll_device(cfg, state_dir.resolve(), device_id, broker_url=broker_url or cfg.broker.url,
                            gateway_address=gateway_address or cfg.gateway.listen)
     reloaded = reload_broker(state_dir.resolve(), cfg.fleet)
+    from nanofleet.controller.audit import record_cli
+
+    record_cli((controller_dir or state_dir / "controller") / "controller.db", "enroll", device_id,
+               {"fleet": cfg.fleet, "group": cfg.group_of(device_id), "agent_yaml": str(result.path)})
     click.echo(f"enrolled {device_id} in fleet {cfg.fleet}: {result.path} (mode 0600; copy it to the device and run "
                f"`nanofleet agent --config agent.yaml`)")
     click.echo("broker reloaded" if reloaded else "start (or restart) the broker to load the new account")

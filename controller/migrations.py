@@ -132,6 +132,58 @@ def _m003_queue_telemetry(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m004_alerts(db: sqlite_utils.Database) -> None:
+    # One row per alert; its history is its timestamps (raised_ms, acked_ms, cleared_ms): each transition happens at
+    # most once and a condition that returns is a new row, so an events table would repeat the row. The partial
+    # unique index makes "one open alert per (device, kind)" the file's rule, not only the engine's.
+    _run_script(
+        db,
+        """
+        CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            device_id TEXT NOT NULL,            -- '' for a fleet-wide alert
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('raised', 'acknowledged', 'cleared')),
+            detail TEXT NOT NULL,
+            value REAL NOT NULL,
+            threshold REAL NOT NULL,
+            raised_ms INTEGER NOT NULL,
+            acked_ms INTEGER,
+            acked_by TEXT,
+            ack_note TEXT,
+            cleared_ms INTEGER
+        );
+        CREATE UNIQUE INDEX alerts_open ON alerts (device_id, kind) WHERE state != 'cleared';
+        CREATE INDEX alerts_device ON alerts (device_id, id);
+        CREATE INDEX alerts_state ON alerts (state, id)
+        """,
+    )
+
+
+def _m005_audit(db: sqlite_utils.Database) -> None:
+    # Append-only: the triggers refuse UPDATE and DELETE whoever writes (the controller, a CLI, sqlite3 by hand).
+    _run_script(
+        db,
+        """
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts_ms INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}',
+            source TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX audit_ts ON audit (ts_ms);
+        CREATE INDEX audit_actor ON audit (actor, id);
+        CREATE INDEX audit_action ON audit (action, id)
+        """,
+    )
+    for op in ("UPDATE", "DELETE"):  # a trigger body holds ';': not through _run_script's split
+        db.execute(f"CREATE TRIGGER audit_no_{op.lower()} BEFORE {op} ON audit "
+                   "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END")
+
+
 def _m006_device_queries(db: sqlite_utils.Database) -> None:
     # The dashboard's device list pages by keyset over (sort key, device_id) and filters by state, thermal level and
     # group (controller/queries.py): these indexes serve the filters (the default sort walks the primary key), and
@@ -168,6 +220,8 @@ MIGRATIONS: list[Migration] = [
     ("001_initial", _m001_initial),
     ("002_telemetry_ts_index", _m002_telemetry_ts_index),
     ("003_queue_telemetry", _m003_queue_telemetry),
+    ("004_alerts", _m004_alerts),
+    ("005_audit", _m005_audit),
     ("006_device_queries", _m006_device_queries),
 ]
 

@@ -24,6 +24,9 @@ from typing import Any, Literal
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller import policy
+from nanofleet.controller.alert_store import AlertStore
+from nanofleet.controller.alerts_engine import AlertEngine
+from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.commands import CommandError, CommandService
 from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.ingest import Ingest
@@ -52,6 +55,8 @@ class ControllerService:
         telemetry_qos: int = 1,
         ingest_reader: Literal["paho", "builtin"] | None = None,
         echo: Callable[[str], None] = print,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        alerts_every_s: float = 1.0,
     ) -> None:
         self.config, self.data_dir = config, Path(data_dir)
         self.broker_url = broker_url or config.broker.url
@@ -62,6 +67,14 @@ class ControllerService:
         self.store: Store | None = None
         self.ingest: Ingest | None = None
         self.commands: CommandService | None = None
+        self.events = FleetEvents()  # live dashboard events: ingest, the sweep, the alerts and the audit log publish
+        self._extra_on_event, self.alerts_every_s = on_event, alerts_every_s
+        self.alerts: AlertStore | None = None
+        self.alert_engine: AlertEngine | None = None
+        self.audit: AuditLog | None = None
+        self._engine_usage: Any = None  # web.context.UsageReader over the gateway's usage db, when given
+        self._nudges = 0  # state changes outside ingest (the stale sweep): the alert engine evaluates soon after
+        self._web: Any = None  # the web app's context (its counters show in status())
         self.policy_rounds = 0
         self.rebirth_failures = 0
         self.policy_failures = 0
@@ -70,7 +83,6 @@ class ControllerService:
         self.failed: tuple[str, BaseException] | None = None  # the fatal death that ended this service, if any
         self._failed = asyncio.Event()
         self.started_at: float | None = None
-        self.events = FleetEvents()  # live dashboard events: ingest, the sweep (and the alert engine) publish
         self.metrics = registry_for(self.status)  # the web layer serves metrics.render(self.metrics) at /metrics
         self._server: Any = None
         self.web_port: int | None = None
@@ -81,6 +93,14 @@ class ControllerService:
         self.store = store = await asyncio.to_thread(Store, self.data_dir / "controller.db")
         store.check_gaps = self.share_group is None  # with $share this controller sees only some of a device's seqs
         await asyncio.to_thread(store.set_group_resolver, self.config.group_of)
+        self.alerts = AlertStore(store, on_change=self.on_event)
+        self.audit = AuditLog(store, on_change=self.on_event)
+        if self.usage_db is not None:
+            from nanofleet.controller.web.context import UsageReader  # the web layer's reader, imported on use
+
+            self._engine_usage = UsageReader(self.usage_db)
+        self.alert_engine = AlertEngine(self.alerts, self.config,
+                                        usage=self._engine_usage.rows if self._engine_usage is not None else None)
         self.ingest = Ingest(store, self.config.fleet, self.broker_url, username=self._mqtt[0],
                              password=self._mqtt[1], share_group=self.share_group, telemetry_qos=self.telemetry_qos,
                              on_outcome=self._on_outcome, on_changes=self.events.publish_devices,
@@ -91,6 +111,7 @@ class ControllerService:
         self.commands = CommandService(self.ingest.client, self.config.fleet)
         await self.ingest.start()
         self.tasks.spawn(self._sweep, "sweep", on_death="restart")
+        self.tasks.spawn(self._alerts, "alerts", on_death="restart")
         if self.listen:
             await self._start_web(self.listen)
         self.started_at = time.time()
@@ -108,6 +129,8 @@ class ControllerService:
             except Exception as exc:  # collected: the store still closes; raised below
                 log.exception("controller: stopping ingest failed")
                 errors.append(exc)
+        if self._engine_usage is not None:
+            self._engine_usage.close()
         if self.store is not None:
             try:
                 await asyncio.to_thread(self.store.close)
@@ -147,6 +170,10 @@ class ControllerService:
             "transport": None if ingest is None else ingest.transport_status(),
             "commands": None if self.commands is None else dict(self.commands.counters),
             "events": self.events.stats.as_dict(),
+            "alerts": None if self.alert_engine is None else self.alert_engine.status(),
+            "audit": None if self.audit is None else {"errors": self.audit.errors},
+            "web": None if self._web is None else {"logins_failed": self._web.logins_failed,
+                                                   "tokens_refused": self._web.auth.refused},
             "store": None if store is None else {
                 "commit_errors": store.db.commit_errors, "housekeeping_errors": store.db.housekeeping_errors,
                 "checkpoint_errors": store.db.checkpoint_errors, "state_reloads": store.reloads},
@@ -159,6 +186,12 @@ class ControllerService:
                              forever=False)
         else:
             self.tasks.spawn(self._mark_offline, "mark-offline", on_death="log", forever=False)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        """An alert or audit change (AlertStore, AuditLog): to the live dashboard, and to `on_event` when given."""
+        self.events.publish(kind, data)
+        if self._extra_on_event is not None:
+            self._extra_on_event(kind, data)
 
     async def _mark_offline(self) -> None:
         assert self.store is not None
@@ -214,6 +247,10 @@ class ControllerService:
         if changes:
             self.policy_rounds += 1
             log.info("published policy version %d to %d devices", version, len(changes))
+            if self.audit is not None:
+                self.audit.record_soon("controller", "policy_apply", f"v{version}", {
+                    "version": version, "devices": sorted(c.device_id for c in changes)[:100],
+                    "device_count": len(changes), "trigger": "reconnect" if republish else "birth"}, "controller")
 
     async def _sweep(self) -> None:
         assert self.store is not None
@@ -221,22 +258,37 @@ class ControllerService:
             await asyncio.sleep(self.sweep_every_s)
             events = await asyncio.to_thread(self.store.sweep_stale)
             for ev in events:
+                self._nudges += 1
                 log.info("device %s is stale (silent)", ev.device_id)
             self._publish_events(events)
+
+    async def _alerts(self) -> None:
+        """The alert engine: every alerts_every_s, and right after ingest committed a batch or the sweep changed a
+        device (the counters below move), so a device that heats shows a raised alert within about 0.3 s."""
+        assert self.alert_engine is not None
+
+        def changed() -> int:
+            stats = self.ingest.stats if self.ingest is not None else None
+            return self._nudges + (stats.batches + stats.rejected if stats is not None else 0)
+
+        await self.alert_engine.run(every_s=self.alerts_every_s, changed=changed)
 
     # -- web ------------------------------------------------------------------------------------------------------
     async def _start_web(self, listen: str) -> None:
         import uvicorn
 
-        from nanofleet.controller.auth import ensure_operator_token
+        from nanofleet.controller.auth import ensure_operator_token, read_operators
         from nanofleet.controller.web.app import create_app
 
         assert self.store is not None, "the store opens before the web app starts"
         token, token_hash = await asyncio.to_thread(ensure_operator_token, self.data_dir)
+        operators = await asyncio.to_thread(read_operators, self.data_dir)
         if token:
             self.echo(f"operator token: {token}  (shown once; stored hashed in {self.data_dir})")
         app = create_app(self.store, self.config, operator_token_hash=token_hash, commands=self.commands,
-                         usage_db=self.usage_db, status=self.status, events=self.events)
+                         usage_db=self.usage_db, status=self.status, alerts=self.alerts, audit=self.audit,
+                         operators=operators, events=self.events)
+        self._web = app.state.web
         host, port = listen.rsplit(":", 1)
 
         events = self.events

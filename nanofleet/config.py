@@ -177,6 +177,9 @@ class Alerts(_Model):
     thermal_at: ThermalName = "severe"
     min_free_ram_mb: int = Field(default=256, ge=0)
     queue_depth: int = Field(default=500, ge=0)
+    policy_behind_s: float = Field(default=300, gt=0, description="a device behind its published policy this long")
+    budget_pct: float = Field(default=80, gt=0, le=100, description="cloud tokens used today, % of the budget")
+    rejections_window_s: float = Field(default=300, gt=0, description="an alert while payloads were rejected within")
 
 
 class FleetConfig(_Model):

@@ -14,6 +14,7 @@ thread pool, off the event loop).
                    /metrics                                   (Prometheus text format)
     routes_api     /api/...                                   (REST API, docs/rest-api.md)
     routes_events  /events                                    (live events, server-sent; controller/events.py)
+    routes_ops     /api/alerts*, /api/audit, /alerts, /audit  (stored alerts, acknowledgements, the audit log)
     errors         the error edge; context: WebContext and the dependencies every route takes
 """
 
@@ -31,12 +32,14 @@ from fastapi import FastAPI
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller import metrics
+from nanofleet.controller.alert_store import AlertStore
+from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.errors import StoreError
 from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.metrics import registry_for
 from nanofleet.protos.names import COMMAND_KINDS
 
-from . import routes_api, routes_auth, routes_events, routes_pages
+from . import routes_api, routes_auth, routes_events, routes_ops, routes_pages
 from .context import Commands, FleetReader, UsageReader, WebContext
 from .errors import install_error_handlers
 from .openapi_doc import document_errors
@@ -60,10 +63,16 @@ def create_app(
     clock: Callable[[], float] = time.time,
     status: Callable[[], Mapping[str, Any]] | None = None,
     events: FleetEvents | None = None,
+    alerts: AlertStore | None = None,
+    audit: AuditLog | None = None,
+    operators: Mapping[str, str] | None = None,
 ) -> FastAPI:
     """Build the dashboard + API app. `session_secret` defaults to a random per-process key (sessions end on
     restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status(); `events` the
-    hub `/events` streams from (a fresh one, fed by nobody, when not given)."""
+    hub `/events` streams from (a fresh one when not given, fed by the default alerts and audit below).
+    `alerts` and `audit` default to ones over `store` when it is the controller's Store (it has a writer); the
+    service passes its own so their changes reach its live-update hub. `operators` are the named operators' token
+    hashes (controller/auth.py `read_operators`), beside the default token's holder, `operator`."""
 
     def now_ms() -> int:
         return int(clock() * 1000)
@@ -78,9 +87,14 @@ def create_app(
             errors["store_groups"] += 1
     signer = SessionSigner(session_secret, ttl_s=session_ttl_s)
     usage = UsageReader(Path(usage_db) if usage_db is not None else None)
-    ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms),
+    hub = events if events is not None else FleetEvents()
+    if hasattr(store, "submit"):  # the controller's Store: alerts and audit live in its file
+        writable: Any = store
+        alerts = alerts if alerts is not None else AlertStore(writable, on_change=hub.publish)
+        audit = audit if audit is not None else AuditLog(writable, on_change=hub.publish)
+    ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms, operators),
                      signer=signer, now_ms=now_ms, commands=commands, usage=usage, session_ttl_s=session_ttl_s,
-                     refresh_s=refresh_s, status=status, errors=errors, events=events or FleetEvents())
+                     refresh_s=refresh_s, status=status, errors=errors, alerts=alerts, audit=audit, events=hub)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -107,6 +121,8 @@ def create_app(
     app.include_router(routes_pages.router)
     app.include_router(routes_events.router)
     app.include_router(routes_api.router)
+    app.include_router(routes_ops.router)
+    app.include_router(routes_ops.pages)
     if commands is not None:
         app.include_router(routes_api.commands_router)
 

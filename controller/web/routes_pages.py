@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from nanofleet.controller import metrics
 from nanofleet.controller import policy as pol
 from nanofleet.controller.queries import DeviceFilter, QueryError
-from nanofleet.protos.names import COMMAND_KINDS
+from nanofleet.protos.names import COMMAND_KINDS, ThermalName
 
 from . import pages
 from .context import Authed, Web, WebContext, Writer
@@ -27,6 +27,7 @@ from .security import Operator, WebError
 router = APIRouter(include_in_schema=False)
 Window = Literal["15m", "1h", "6h", "24h", "7d"]
 StateParam = Literal["", "online", "offline", "stale"]
+ThermalParam = Literal[""] | ThermalName  # "" = any level
 SortParam = Literal["", "device_id", "group", "state", "last_seen", "temp", "thermal", "ram", "cpu", "model",
                     "policy", "queue", "slots_waiting"]
 Flag = Literal["", "0", "1"]
@@ -86,7 +87,7 @@ Text = Annotated[str, Query(max_length=200)]
 
 @router.get("/devices")
 def devices_page(request: Request, ctx: Web, operator: Authed, group: Text = "", state: StateParam = "",
-                 thermal: Literal["", "none", "light", "moderate", "severe", "critical", "emergency", "shutdown"] = "",
+                 thermal: ThermalParam = "",
                  model: Text = "", behind: Flag = "", q: Text = "", sort: SortParam = "", desc: Flag = "",
                  limit: Annotated[int, Query(ge=1, le=500)] = 50,
                  cursor: Annotated[str, Query(max_length=2000)] = "") -> HTMLResponse:
@@ -134,7 +135,7 @@ async def device_command(request: Request, ctx: Web, device_id: str, operator: W
     if kind not in COMMAND_KINDS:  # the form's field is a plain string: checked against the one list
         raise WebError(422, "invalid_request", f"kind: expected one of {', '.join(COMMAND_KINDS)}")
     try:
-        out = await ctx.send_command(device_id, kind, {})
+        out = await ctx.send_command(device_id, kind, {}, request=request, operator=operator)
         took = f" in {out.elapsed_ms:.0f} ms" if out.elapsed_ms is not None else ""
         flash = ("ok" if out.status == "ok" else "error", f"{kind}: {out.status}{took} {out.message}".strip())
     except WebError as exc:

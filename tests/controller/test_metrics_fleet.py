@@ -56,11 +56,18 @@ async def test_fleet_gauges_lag_and_events_in_the_exposition(broker, tmp_path: P
         await svc.stop()
 
 
-def test_open_alerts_by_kind_once_the_alerts_table_exists(tmp_path: Path) -> None:
+def test_open_alerts_by_kind_and_a_store_without_the_alerts_table(tmp_path: Path) -> None:
+    import sqlite3
+
     from nanofleet.controller.store import Store
 
+    bare = sqlite3.connect(tmp_path / "bare.db")  # a store older than migration 004_alerts: no alerts table
+    bare.execute("CREATE TABLE devices (state TEXT, thermal_level INTEGER)")
+    bare.execute("INSERT INTO devices VALUES ('online', 3)")
+    assert fleet_counts(bare) == FleetCounts({"online": 1}, {"severe": 1}, None)
+    bare.close()
     with Store(tmp_path / "s.db") as store:
-        assert store.read(fleet_counts) == FleetCounts()
+        assert store.read(fleet_counts) == FleetCounts(alerts={})
         now = int(time.time() * 1000)
 
         def seed(conn) -> None:  # type: ignore[no-untyped-def]  # the table as migration 004_alerts makes it

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from nanofleet.cli import main
 from nanofleet.config import THERMAL_LEVELS, parse_fleet
 from nanofleet.controller import policy
+from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.queries import Queries
 from nanofleet.controller.store import Store
 from nanofleet.mqtt import MqttClient
@@ -109,6 +110,11 @@ def test_policy_apply_cli_shows_diff_publishes_retained_with_increasing_versions
     assert got["k1"].version == 2 and got["k1"].min_free_ram_mb == 300 and got["c1"].version == 1
     r = runner.invoke(main, ["policy", "apply", str(tmp_path / "missing.yaml")])
     assert r.exit_code != 0
+    with Store(data / "controller.db") as store:  # each publishing audited; the dry run and "no change" are not
+        entries = AuditLog(store).page(action="policy_apply")[0]
+    assert [(e.target, e.detail["device_count"], e.source) for e in entries] == [("v2", 1, "cli"), ("v1", 2, "cli")]
+    assert entries[0].actor.startswith("cli:") and entries[0].detail["changes"] == {
+        "k1": ["min_free_ram_mb: 100 -> 300"]}
 
 
 async def test_a_running_controller_never_undoes_policy_apply(broker, tmp_path: Path) -> None:
