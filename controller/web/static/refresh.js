@@ -19,13 +19,26 @@
   var header = document.querySelector("header.top");
   if (header) header.appendChild(badge);
   function show(state, text) {
+    if (edited && state !== "paused") return;  // the pause is what matters to the operator until they submit
     badge.setAttribute("data-live", state);
     badge.textContent = text;
   }
 
+  // a form in <main> the operator has started to change (a filter, an acknowledgement's note) is not swapped out
+  // from under them: the page pauses its refreshes until they submit it (a navigation) or reload
+  var edited = false;
+  function onEdit(e) {
+    if (e.target && e.target.form && main.contains(e.target) && !edited) {
+      edited = true;
+      show("paused", "paused: unsaved form");
+    }
+  }
+  main.addEventListener("input", onEdit);
+  main.addEventListener("change", onEdit);
+
   function typing() {
     var active = document.activeElement;
-    return active && main.contains(active) && /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName);
+    return edited || (active && main.contains(active) && /^(INPUT|SELECT|TEXTAREA)$/.test(active.tagName));
   }
 
   function refresh() {
