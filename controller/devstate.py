@@ -116,6 +116,9 @@ class BatchOutcome:
     events: list[DeviceEvent] = field(default_factory=list)
     births: list[str] = field(default_factory=list)  # every accepted birth, a same-session rebirth included
     gaps: int = 0
+    # devices whose shown state changed (state, thermal level, throttling, queue depth, policy, model, rejections):
+    # {device_id: {"state", "thermal_level", "throttled", "queue_depth"}}, for the live dashboard (controller/events)
+    changed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class _Dev:
@@ -169,6 +172,12 @@ class _Dev:
             "slots_waiting": 0, "queue_oldest_age_s": 0.0, "queue_counters": "{}",
         })
 
+    @property
+    def shown(self) -> dict[str, Any]:
+        """What a live dashboard event says about the device (controller/events.py)."""
+        return {"state": self.state, "thermal_level": thermal_name(self.thermal_level),
+                "throttled": bool(self.throttled), "queue_depth": self.queue_depth}
+
     row = property(operator.attrgetter(*_COLUMNS))  # the devices-table row, in column order
     hot_row = property(operator.attrgetter(*_HOT, "device_id"))  # _UPDATE_HOT's parameters
 
@@ -177,6 +186,7 @@ class DeviceStates:
     def __init__(self, devices: dict[str, _Dev]) -> None:
         self.devices = devices
         self.check_gaps = True  # off when controllers split a device's messages through $share
+        self._shown: set[str] = set()  # devices whose shown values changed in the batch being applied
 
     @classmethod
     def load(cls, conn: sqlite3.Connection) -> DeviceStates:
@@ -204,6 +214,7 @@ class DeviceStates:
         out = BatchOutcome()
         touched: dict[str, _Dev] = {}
         full: set[str] = set()  # devices whose whole row changes (new, birth, death); the rest get _UPDATE_HOT
+        self._shown = set()
         at = batch.received_ms
         statuses, pos = batch.statuses, batch.status_pos or [0] * len(batch.statuses)
         si = 0
@@ -226,6 +237,7 @@ class DeviceStates:
                 if dev is not None:
                     dev.rejected_count += n
                     touched[dev.device_id] = dev
+                    self._shown.add(dev.device_id)
         if batch.command_results:
             conn.executemany(
                 "INSERT OR REPLACE INTO command_results VALUES (?, ?, ?, ?, ?, ?)",
@@ -233,6 +245,8 @@ class DeviceStates:
                  for r in batch.command_results],
             )
         self._flush(conn, touched.values(), out, full)
+        shown = self._shown | full | {e.device_id for e in out.events}
+        out.changed = {d: self.devices[d].shown for d in shown if d in self.devices}
         return out
 
     def _status_in(self, out: BatchOutcome, status: fleet_pb2.DeviceStatus, batch: Batch,
@@ -255,7 +269,8 @@ class DeviceStates:
         if row.replayed:  # old news: stored, and the latest values only if nothing newer is known
             if row.ts_ms > dev.latest_ts:
                 dev.latest_ts = row.ts_ms
-                self._latest(dev, row)
+                if self._latest(dev, row):
+                    self._shown.add(dev.device_id)
             return
         dev.last_seen_ms = max(dev.last_seen_ms, at)
         if row.bd_seq != dev.bd_seq:
@@ -271,10 +286,15 @@ class DeviceStates:
                 self._event(out, dev, "online", "telemetry", at)
         if row.ts_ms >= dev.latest_ts:
             dev.latest_ts = row.ts_ms
-            self._latest(dev, row)
+            if self._latest(dev, row):
+                self._shown.add(dev.device_id)
 
     @staticmethod
-    def _latest(dev: _Dev, r: TelemetryRow) -> None:
+    def _latest(dev: _Dev, r: TelemetryRow) -> bool:
+        """Take the row's values as the device's latest; True when one the dashboard shows as state changed."""
+        shown = (r.thermal_level != dev.thermal_level or r.queue_depth != dev.queue_depth
+                 or r.throttled != bool(dev.throttled) or (r.policy_version and r.policy_version != dev.policy_version)
+                 or (r.model_availability is not None and r.model_availability != dev.model_availability))
         dev.cpu_percent, dev.ram_available_mb, dev.temp_max_c = r.cpu_percent, r.ram_available_mb, r.temp_max_c
         dev.thermal_level, dev.throttled, dev.queue_depth = r.thermal_level, int(r.throttled), r.queue_depth
         dev.battery_pct, dev.charging = r.battery_pct, None if r.charging is None else int(r.charging)
@@ -289,6 +309,7 @@ class DeviceStates:
             dev.route_counts = _encode(r.route_counts).decode()
         if r.model_name is not None:
             dev.model_name, dev.model_availability = r.model_name, r.model_availability or "unspecified"
+        return bool(shown)
 
     def _status(self, out: BatchOutcome, dev: _Dev, s: fleet_pb2.DeviceStatus, at: int, created: bool) -> bool:
         """Apply a birth or death; False when it is stale (an older session's) and changes nothing."""

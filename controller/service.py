@@ -28,9 +28,11 @@ from nanofleet.controller.alert_store import AlertStore
 from nanofleet.controller.alerts_engine import AlertEngine
 from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.commands import CommandError, CommandService
+from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.ingest import Ingest
 from nanofleet.controller.metrics import registry_for
 from nanofleet.controller.store import BatchOutcome, Store
+from nanofleet.controller.views import DeviceEvent
 from nanofleet.mqtt import MqttError
 from nanofleet.tasks import TaskSupervisor
 
@@ -65,7 +67,8 @@ class ControllerService:
         self.store: Store | None = None
         self.ingest: Ingest | None = None
         self.commands: CommandService | None = None
-        self.on_event, self.alerts_every_s = on_event, alerts_every_s  # the live-update hub's publish, when wired
+        self.events = FleetEvents()  # live dashboard events: ingest, the sweep, the alerts and the audit log publish
+        self._extra_on_event, self.alerts_every_s = on_event, alerts_every_s
         self.alerts: AlertStore | None = None
         self.alert_engine: AlertEngine | None = None
         self.audit: AuditLog | None = None
@@ -86,6 +89,7 @@ class ControllerService:
 
     async def start(self) -> ControllerService:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.events.bind(asyncio.get_running_loop())
         self.store = store = await asyncio.to_thread(Store, self.data_dir / "controller.db")
         store.check_gaps = self.share_group is None  # with $share this controller sees only some of a device's seqs
         await asyncio.to_thread(store.set_group_resolver, self.config.group_of)
@@ -99,7 +103,8 @@ class ControllerService:
                                         usage=self._engine_usage.rows if self._engine_usage is not None else None)
         self.ingest = Ingest(store, self.config.fleet, self.broker_url, username=self._mqtt[0],
                              password=self._mqtt[1], share_group=self.share_group, telemetry_qos=self.telemetry_qos,
-                             on_outcome=self._on_outcome, on_result=self._on_result,
+                             on_outcome=self._on_outcome, on_changes=self.events.publish_devices,
+                             on_result=self._on_result,
                              on_connection=self._on_connection, transport=self.ingest_reader,
                              on_thread_death=lambda exc: self._fatal("ingest", exc),
                              ca=self.config.broker.ca if self.broker_url.startswith("mqtts://") else None)
@@ -114,6 +119,7 @@ class ControllerService:
 
     async def stop(self) -> None:
         """Stop everything, each step even when an earlier one failed; then raise what failed (ExceptionGroup)."""
+        self.events.close()  # open /events streams end, so the web server's graceful shutdown does not wait on them
         if self._server is not None:
             self._server.should_exit = True
         errors = list(await self.tasks.stop())
@@ -163,6 +169,7 @@ class ControllerService:
             "ingest": None if ingest is None else {**ingest.stats.as_dict(), "backlog": ingest.backlog},
             "transport": None if ingest is None else ingest.transport_status(),
             "commands": None if self.commands is None else dict(self.commands.counters),
+            "events": self.events.stats.as_dict(),
             "alerts": None if self.alert_engine is None else self.alert_engine.status(),
             "audit": None if self.audit is None else {"errors": self.audit.errors},
             "web": None if self._web is None else {"logins_failed": self._web.logins_failed,
@@ -174,14 +181,26 @@ class ControllerService:
 
     # -- events ---------------------------------------------------------------------------------------------------
     def _on_connection(self, up: bool) -> None:
-        assert self.store is not None
-        store = self.store
         if up:
             self.tasks.spawn(lambda: self._publish_policies(republish=True), "publish-policies", on_death="log",
                              forever=False)
         else:
-            self.tasks.spawn(lambda: asyncio.to_thread(store.mark_all, "offline", "controller_lost_broker"),
-                             "mark-offline", on_death="log", forever=False)
+            self.tasks.spawn(self._mark_offline, "mark-offline", on_death="log", forever=False)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        """An alert or audit change (AlertStore, AuditLog): to the live dashboard, and to `on_event` when given."""
+        self.events.publish(kind, data)
+        if self._extra_on_event is not None:
+            self._extra_on_event(kind, data)
+
+    async def _mark_offline(self) -> None:
+        assert self.store is not None
+        self._publish_events(await asyncio.to_thread(self.store.mark_all, "offline", "controller_lost_broker"))
+
+    def _publish_events(self, events: list[DeviceEvent]) -> None:
+        """State changes the sweep or a lost broker made, to the live dashboard."""
+        for ev in events:
+            self.events.publish("device", {"device_id": ev.device_id, "state": ev.state, "reason": ev.reason})
 
     def _on_result(self, result: Any) -> None:
         if self.commands is not None:
@@ -237,9 +256,11 @@ class ControllerService:
         assert self.store is not None
         while True:
             await asyncio.sleep(self.sweep_every_s)
-            for ev in await asyncio.to_thread(self.store.sweep_stale):
+            events = await asyncio.to_thread(self.store.sweep_stale)
+            for ev in events:
                 self._nudges += 1
                 log.info("device %s is stale (silent)", ev.device_id)
+            self._publish_events(events)
 
     async def _alerts(self) -> None:
         """The alert engine: every alerts_every_s, and right after ingest committed a batch or the sweep changed a
@@ -266,14 +287,20 @@ class ControllerService:
             self.echo(f"operator token: {token}  (shown once; stored hashed in {self.data_dir})")
         app = create_app(self.store, self.config, operator_token_hash=token_hash, commands=self.commands,
                          usage_db=self.usage_db, status=self.status, alerts=self.alerts, audit=self.audit,
-                         operators=operators)
+                         operators=operators, events=self.events)
         self._web = app.state.web
         host, port = listen.rsplit(":", 1)
+
+        events = self.events
 
         class _Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:  # the controller handles signals itself
                 yield
+
+            async def shutdown(self, sockets: Any = None) -> None:
+                events.close()  # uvicorn waits for open responses: the /events streams must end first
+                await super().shutdown(sockets)
 
         server = _Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning", access_log=False,
                                         lifespan="off"))

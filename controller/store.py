@@ -166,11 +166,11 @@ class Store:
     def apply(self, batch: Batch) -> BatchOutcome:
         return self.submit_batch(batch).result()
 
-    def write_status(self, fleet: str, status: fleet_pb2.DeviceStatus, received_ms: int) -> None:
-        self.apply(Batch(fleet, received_ms, statuses=[status]))
+    def write_status(self, fleet: str, status: fleet_pb2.DeviceStatus, received_ms: int) -> BatchOutcome:
+        return self.apply(Batch(fleet, received_ms, statuses=[status]))
 
-    def write_telemetry(self, fleet: str, items: list[fleet_pb2.Telemetry], received_ms: int) -> None:
-        self.apply(Batch(fleet, received_ms, telemetry=[row_from_pb(t) for t in items]))
+    def write_telemetry(self, fleet: str, items: list[fleet_pb2.Telemetry], received_ms: int) -> BatchOutcome:
+        return self.apply(Batch(fleet, received_ms, telemetry=[row_from_pb(t) for t in items]))
 
     def _apply(self, conn: sqlite3.Connection, batch: Batch) -> BatchOutcome:
         outcome = self._state.apply(conn, batch)  # raising rolls this job back, then _reload mends the mirror

@@ -161,6 +161,9 @@ class Gateway(_Model):
     prices_per_million: dict[str, Price] = DEFAULT_PRICES
     budgets: Budgets = Budgets()
     idempotency_window: Duration = 86_400.0
+    metrics_listen: str | None = Field(default=None, pattern=r"^[^\s:]+:\d{1,5}$",
+                                       description="host:port of the gateway's Prometheus /metrics; None: off")
+    metrics_token_env: str = Field(default="NANOFLEET_GATEWAY_METRICS_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Controller(_Model):

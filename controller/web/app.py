@@ -13,6 +13,7 @@ thread pool, off the event loop).
                    /openapi.json,
                    /metrics                                   (Prometheus text format)
     routes_api     /api/...                                   (REST API, docs/rest-api.md)
+    routes_events  /events                                    (live events, server-sent; controller/events.py)
     routes_ops     /api/alerts*, /api/audit, /alerts, /audit  (stored alerts, acknowledgements, the audit log)
     errors         the error edge; context: WebContext and the dependencies every route takes
 """
@@ -30,13 +31,15 @@ from typing import Any
 from fastapi import FastAPI
 
 from nanofleet.config import FleetConfig
+from nanofleet.controller import metrics
 from nanofleet.controller.alert_store import AlertStore
 from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.errors import StoreError
+from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.metrics import registry_for
 from nanofleet.protos.names import COMMAND_KINDS
 
-from . import routes_api, routes_auth, routes_ops, routes_pages
+from . import routes_api, routes_auth, routes_events, routes_ops, routes_pages
 from .context import Commands, FleetReader, UsageReader, WebContext
 from .errors import install_error_handlers
 from .openapi_doc import document_errors
@@ -59,12 +62,14 @@ def create_app(
     refresh_s: int = 3,
     clock: Callable[[], float] = time.time,
     status: Callable[[], Mapping[str, Any]] | None = None,
+    events: FleetEvents | None = None,
     alerts: AlertStore | None = None,
     audit: AuditLog | None = None,
     operators: Mapping[str, str] | None = None,
 ) -> FastAPI:
     """Build the dashboard + API app. `session_secret` defaults to a random per-process key (sessions end on
-    restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status().
+    restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status(); `events` the
+    hub `/events` streams from (a fresh one when not given, fed by the default alerts and audit below).
     `alerts` and `audit` default to ones over `store` when it is the controller's Store (it has a writer); the
     service passes its own so their changes reach its live-update hub. `operators` are the named operators' token
     hashes (controller/auth.py `read_operators`), beside the default token's holder, `operator`."""
@@ -82,17 +87,19 @@ def create_app(
             errors["store_groups"] += 1
     signer = SessionSigner(session_secret, ttl_s=session_ttl_s)
     usage = UsageReader(Path(usage_db) if usage_db is not None else None)
+    hub = events if events is not None else FleetEvents()
     if hasattr(store, "submit"):  # the controller's Store: alerts and audit live in its file
         writable: Any = store
-        alerts = alerts if alerts is not None else AlertStore(writable)
-        audit = audit if audit is not None else AuditLog(writable)
+        alerts = alerts if alerts is not None else AlertStore(writable, on_change=hub.publish)
+        audit = audit if audit is not None else AuditLog(writable, on_change=hub.publish)
     ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms, operators),
                      signer=signer, now_ms=now_ms, commands=commands, usage=usage, session_ttl_s=session_ttl_s,
-                     refresh_s=refresh_s, status=status, errors=errors, alerts=alerts, audit=audit)
+                     refresh_s=refresh_s, status=status, errors=errors, alerts=alerts, audit=audit, events=hub)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        ctx.events.close()
         usage.close()
 
     app = FastAPI(
@@ -104,12 +111,15 @@ def create_app(
     )
     app.state.web = ctx
     app.state.errors = ctx.errors  # answers given for bugs, by code: a test and an operator can see them
-    app.state.metrics = registry_for(status, web_errors=ctx.errors)  # served at /metrics
+    read = getattr(store, "read", None)  # beyond the FleetReader contract: the fleet's gauges when the store has it
+    fleet = (lambda: read(metrics.fleet_counts)) if read is not None else None
+    app.state.metrics = registry_for(status, web_errors=ctx.errors, fleet=fleet)  # served at /metrics
     app.state.close = usage.close  # for a parent app that mounts us (a mounted app's lifespan does not run)
     app.add_middleware(SecurityHeaders)
     install_error_handlers(app)
     app.include_router(routes_auth.router)
     app.include_router(routes_pages.router)
+    app.include_router(routes_events.router)
     app.include_router(routes_api.router)
     app.include_router(routes_ops.router)
     app.include_router(routes_ops.pages)

@@ -22,6 +22,7 @@ from nanofleet.config import FleetConfig
 from nanofleet.controller.alert_store import AlertStore
 from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.commands import CommandError, UnknownCommand
+from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.fleet_queries import Overview, SlowFigures, with_slow
 from nanofleet.controller.queries import Queries
 from nanofleet.controller.summary import Cached
@@ -99,6 +100,7 @@ class WebContext:
     refresh_s: int
     errors: Counter[str] = dataclasses.field(default_factory=Counter)  # answers given for bugs, by code
     status: Callable[[], Mapping[str, Any]] | None = None  # ControllerService.status, when a service runs us
+    events: FleetEvents = dataclasses.field(default_factory=FleetEvents)  # what /events streams (controller/events)
     alerts: AlertStore | None = None  # the stored alerts (the engine runs in ControllerService)
     audit: AuditLog | None = None
     logins_failed: int = 0  # counted with the audit entry (status()["web"], metrics)
@@ -132,8 +134,10 @@ class WebContext:
             "request": request, "title": title, "operator": operator, "nonce": nonce, "csrf": csrf,
             "fleet": self.config.fleet, "refresh_s": self.refresh_s if refresh else None,
             "open_alerts": self.open_alert_count() if operator is not None else None, **variables}
-        if request.headers.get("x-fragment") == "1":
-            return HTMLResponse(render_block(name, "content", values), status_code=status)
+        if request.headers.get("x-fragment") == "1":  # the header's alert count travels beside the content block
+            count = values["open_alerts"]
+            return HTMLResponse(render_block(name, "content", values), status_code=status,
+                                headers={} if count is None else {"X-Open-Alerts": str(int(count))})
         return TEMPLATES.TemplateResponse(request, name, values, status_code=status,
                                           headers={"Content-Security-Policy": content_security_policy(nonce)})
 
