@@ -6,8 +6,9 @@ others do not; the health check the rolling upgrade relies on fails when the age
 
 from __future__ import annotations
 
+import base64
 import grp
-import json
+import hashlib
 import os
 import pwd
 import re
@@ -17,7 +18,8 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +98,24 @@ class Run:
         return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
 
 
+@dataclass
+class Playbook:
+    """ansible-playbook agent.yml from deploy/ansible, with the test's inventory (an `-i` in `args` replaces it)."""
+
+    inventory: Path
+    env: dict[str, str]
+
+    def __call__(self, *args: str) -> Run:
+        t0 = time.monotonic()
+        inv = [] if "-i" in args else ["-i", str(self.inventory)]
+        p = subprocess.run([str(BIN / "ansible-playbook"), *inv, "agent.yml", *args], cwd=ANSIBLE, env=self.env,
+                           capture_output=True, text=True, timeout=240)
+        return Run(p.returncode, p.stdout + p.stderr, time.monotonic() - t0)
+
+
 @pytest.fixture(scope="module")
 def playbook(sshd: SshTarget, stage_root: Path, users: Users, fleet: Fleet, wheel: Path,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Run]]:
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Playbook]:
     d = tmp_path_factory.mktemp("ansible")
     inventory = d / "inventory.yml"
     inventory.write_text(yaml.safe_dump({"nanofleet_agents": {"hosts": {DEVICE: {
@@ -110,24 +127,18 @@ def playbook(sshd: SshTarget, stage_root: Path, users: Users, fleet: Fleet, whee
         "nanofleet_app_users": [users.app], "nanofleet_systemd": False, "nanofleet_python": "/usr/bin/python3",
         "nanofleet_health_retries": 20}}}}))
     env = clean_env(ANSIBLE_HOME=str(d / "home"), ANSIBLE_LOCAL_TEMP=str(d / "tmp"), ANSIBLE_NOCOLOR="1",
-                    ANSIBLE_REMOTE_TMP=str(d / "remote"), PATH=f"{BIN}:{os.environ['PATH']}")
+                    ANSIBLE_REMOTE_TMP=str(d / "remote"), ANSIBLE_SSH_CONTROL_PATH_DIR=str(d / "cp"),
+                    PATH=f"{BIN}:{os.environ['PATH']}")
     if not (BIN / "ansible-playbook").exists():
         pytest.fail("ansible-playbook missing: pip install -e '.[dev]' (the deploy extra brings ansible-core)")
-
-    def run(*args: str) -> Run:
-        t0 = time.monotonic()
-        p = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(inventory), "agent.yml", *args], cwd=ANSIBLE,
-                           env=env, capture_output=True, text=True, timeout=240)
-        return Run(p.returncode, p.stdout + p.stderr, time.monotonic() - t0)
-
-    yield run
-    for master in (d / "home" / "cp").glob("*"):  # ansible's ssh ControlPersist masters outlive the play by 60 s
+    yield Playbook(inventory, env)
+    for master in (d / "cp").glob("*"):  # ansible's ssh ControlPersist masters outlive the play by 60 s
         subprocess.run(["ssh", "-o", f"ControlPath={master}", "-O", "exit", "-p", str(sshd.port), "root@127.0.0.1"],
                        capture_output=True, timeout=10, check=False)
 
 
 @pytest.fixture(scope="module")
-def first_run(playbook: Callable[..., Run]) -> Run:
+def first_run(playbook: Playbook) -> Run:
     run = playbook("--skip-tags", "health")  # nothing is started yet: systemd is not PID 1 here
     assert run.rc == 0, run.output[-4000:]
     print(f"first run: {run.seconds:.1f} s")
@@ -216,7 +227,7 @@ def test_the_installed_agent_comes_online_at_the_controller(agent: Path, fleet: 
              what=f"{DEVICE} online in `nanofleet devices list`")
 
 
-def test_a_second_run_changes_nothing_and_its_health_check_passes(agent: Path, playbook: Callable[..., Run],
+def test_a_second_run_changes_nothing_and_its_health_check_passes(agent: Path, playbook: Playbook,
                                                                   fleet: Fleet) -> None:
     wait_for(lambda: re.search(rf"^{DEVICE}\s+online\b", _devices(fleet), re.M), timeout=60, interval=0.5,
              what=f"{DEVICE} online")
@@ -226,6 +237,42 @@ def test_a_second_run_changes_nothing_and_its_health_check_passes(agent: Path, p
     recap = run.recap()
     assert recap["changed"] == 0 and recap["failed"] == 0, run.output[-4000:]
     assert f"{DEVICE}: model " in run.output and "mqtt connected True" in run.output
+
+
+def _release(wheel: Path, version: str, out: Path) -> Path:
+    """The same wheel as release `version` (METADATA, dist-info folder, RECORD rewritten): an upgrade to install."""
+    old = wheel.name.split("-")[1]
+    target = out / wheel.name.replace(f"-{old}-", f"-{version}-")
+    records: list[str] = []
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            name = info.filename.replace(f"nanofleet-{old}.dist-info/", f"nanofleet-{version}.dist-info/")
+            if name.endswith(".dist-info/RECORD"):
+                record = name
+                continue
+            data = src.read(info)
+            if name.endswith(".dist-info/METADATA"):
+                data = data.replace(f"\nVersion: {old}\n".encode(), f"\nVersion: {version}\n".encode())
+            digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+            records.append(f"{name},sha256={digest},{len(data)}")
+            dst.writestr(name, data)
+        dst.writestr(record, "\n".join([*records, f"{record},,"]) + "\n")
+    return target
+
+
+def test_an_upgrade_installs_the_new_release_and_passes_its_health_check(
+        agent: Path, playbook: Playbook, wheel: Path, stage_root: Path, tmp_path: Path) -> None:
+    """A new wheel: copied, installed (deps kept), remembered (so a rerun skips pip, as the second run shows);
+    the health check runs after it."""
+    new = _release(wheel, "0.1.1", tmp_path)
+    run = playbook("-e", f"nanofleet_wheel={new}")
+    print(f"upgrade run: {run.seconds:.1f} s")
+    assert run.rc == 0 and run.recap()["changed"] >= 3, run.output[-4000:]
+    assert "mqtt connected True" in run.output
+    venv = stage_root / "opt" / "nanofleet"
+    out = subprocess.run([str(venv / "bin" / "nanofleet"), "--version"], capture_output=True, text=True, check=True)
+    assert "0.1.1" in out.stdout
+    assert (venv / ".installed-wheel").read_text() == hashlib.sha1(new.read_bytes()).hexdigest()  # a rerun: quiet
 
 
 def _connect_as(user: str, sock: Path, python: Path) -> subprocess.CompletedProcess[str]:
@@ -250,10 +297,17 @@ def test_apps_in_the_group_reach_the_socket_and_others_do_not(agent: Path, stage
     assert outsider.returncode == 3 and outsider.stdout.strip() == "PermissionError", outsider.stdout + outsider.stderr
 
 
-def test_the_health_check_fails_when_the_agent_is_down(playbook: Callable[..., Run], stage_root: Path) -> None:
-    """What a rolling upgrade stops on: a host whose agent does not answer fails the play (here: a socket path
-    that nothing serves — the running agent's is left alone for the other tests)."""
-    run = playbook("--tags", "health", "-e", "nanofleet_health_retries=1",
-                   "-e", json.dumps({"_nanofleet_socket": f"{stage_root}/run/absent.sock"}))
-    assert run.rc != 0 and run.recap()["failed"] == 1, run.output[-3000:]
-    assert "The agent answers /v1/status on its socket" in run.output
+def test_a_rolling_run_stops_at_the_first_batch_that_fails_its_health_check(
+        agent: Path, playbook: Playbook, stage_root: Path, tmp_path: Path) -> None:
+    """serial 1, max_fail_percentage 0: the first host's agent is down, so the healthy second host is never
+    touched (what keeps a bad upgrade to one batch)."""
+    inventory = yaml.safe_load(playbook.inventory.read_text())
+    hosts = inventory["nanofleet_agents"]["hosts"]
+    broken = {**hosts[DEVICE], "_nanofleet_socket": f"{stage_root}/run/absent.sock", "nanofleet_health_retries": 1}
+    inventory["nanofleet_agents"]["hosts"] = {"pi-broken": broken, DEVICE: hosts[DEVICE]}
+    (tmp_path / "rolling.yml").write_text(yaml.safe_dump(inventory, sort_keys=False))
+    run = playbook("--tags", "health", "-i", str(tmp_path / "rolling.yml"), "-e", "nanofleet_serial=1")
+    assert run.rc != 0 and run.recap("pi-broken")["failed"] == 1, run.output[-3000:]
+    assert "fatal: [pi-broken]" in run.output and "The agent answers /v1/status on its socket" in run.output
+    assert not re.search(rf"^{DEVICE}\s*:", run.output, re.M), run.output[-3000:]  # never reached
+    assert f"[{DEVICE}]" not in run.output
