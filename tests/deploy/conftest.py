@@ -82,11 +82,17 @@ def users() -> Iterator[Users]:
     a user it does not. All removed afterwards."""
     tag = os.getpid() % 100_000
     u = Users(f"nft{tag}", f"nfa{tag}", f"nfo{tag}")
+    _remove(u)  # what a killed earlier run with the same pid may have left
     for name in (u.app, u.outsider):
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], check=True)
     try:
         yield u
     finally:
-        for name in (u.app, u.outsider, u.service):
-            subprocess.run(["userdel", name], capture_output=True, check=False)
-        subprocess.run(["groupdel", u.service], capture_output=True, check=False)
+        _remove(u)
+
+
+def _remove(u: Users) -> None:
+    """userdel/groupdel each name; one that does not exist is not an error here."""
+    for name in (u.app, u.outsider, u.service):
+        subprocess.run(["userdel", name], capture_output=True, check=False)
+    subprocess.run(["groupdel", u.service], capture_output=True, check=False)
