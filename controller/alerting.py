@@ -95,7 +95,7 @@ def device_conditions(d: DeviceFacts, t: Alerts, now_ms: int) -> list[Condition]
     out: list[Condition] = []
     did = d.device_id
     silent_s = max(0.0, (now_ms - d.last_seen_ms) / 1000)
-    if d.state != "online" and silent_s > t.offline_after_s:
+    if d.state in ("offline", "stale") and silent_s > t.offline_after_s:  # not revoked, not never_seen
         out.append(Condition(did, "offline", f"{d.state}, last seen {silent_s:.0f} s ago (alert after "
                                              f"{t.offline_after_s:g} s)", round(silent_s, 1), t.offline_after_s))
     elif d.state == "stale":

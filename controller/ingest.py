@@ -242,6 +242,9 @@ class Ingest:
             self.stats.stored += outcome.inserted
             self.stats.duplicates += outcome.duplicates
             self.stats.gaps += outcome.gaps
+            if outcome.revoked_rejected:  # messages of revoked devices: refused by the store, counted here too
+                self.stats.rejected += outcome.revoked_rejected
+                self.stats.rejected_by_reason["revoked"] += outcome.revoked_rejected
             self.stats.batches += 1
             if self._on_outcome and (outcome.rebirth or outcome.new_devices or outcome.events or outcome.births):
                 self._call_soon(self._on_outcome, outcome)

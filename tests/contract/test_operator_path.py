@@ -1,0 +1,114 @@
+"""The operator's path on the production layout: a separately run Mosquitto whose password and ACL files fleet.yaml
+names (enroll and revoke keep them and reload it), commands that read fleet state refuse a missing folder naming
+the flag (never an empty one made in the working folder), `devices cmd` refused by the broker says which setting."""
+
+from __future__ import annotations
+
+import getpass
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from nanofleet.broker import BrokerAccounts, write_mosquitto_auth
+from nanofleet.cli import main
+from tests.conftest import Broker, _port_open, free_port, mosquitto_binary, wait_for
+from tests.contract.test_broker import _client
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def _connects(port: int, user: str, password: str) -> bool:
+    client, rc = _client(port, user, password)
+    client.loop_stop()
+    client.disconnect()
+    return rc == 0
+
+
+def test_enroll_and_revoke_keep_a_separate_mosquittos_files_and_reload_it(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    passwd, acl, pid = etc / "nanofleet.passwd", etc / "nanofleet.acl", etc / "mosquitto.pid"
+    passwd.write_text("ops:$7$101$c2FsdA==$aGFzaA==\n")  # the operator's own user: kept
+    passwd.chmod(0o640)
+    port = free_port()
+    conf = etc / "mosquitto.conf"
+    conf.write_text(f"user {getpass.getuser()}\nlistener {port} 127.0.0.1\nallow_anonymous false\n"
+                    f"password_file {passwd}\nacl_file {acl}\npersistence false\n")
+    acl.write_text("")
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"fleet: demo\nbroker: {{url: 'mqtt://127.0.0.1:{port}', password_file: {passwd}, "
+                     f"acl_file: {acl}, pid_file: {pid}}}\n")
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    pid.write_text(f"{proc.pid}\n")  # as mosquitto's own pid_file (or systemd) holds it
+    try:
+        wait_for(lambda: _port_open(port), timeout=20, what="mosquitto listening")
+        state = tmp_path / "state"
+        r = _cli("enroll", "pi-1", "--config", str(fleet), "--state-dir", str(state), "--init")
+        assert r.exit_code == 0, r.output
+        assert f"{passwd} and {acl} written; broker reloaded (SIGHUP to {proc.pid})" in r.output
+        password = yaml.safe_load((state / "devices" / "pi-1" / "agent.yaml").read_text())["mqtt_password"]
+        wait_for(lambda: _connects(port, "pi-1", password), timeout=15, interval=0.2, what="the new account")
+        assert passwd.read_text().startswith("ops:") and passwd.stat().st_mode & 0o777 == 0o640
+        assert "pattern write nanofleet/v1/demo/%u/telemetry" in acl.read_text()
+        r = _cli("revoke", "pi-1", "--config", str(fleet), "--state-dir", str(state))
+        assert r.exit_code == 0, r.output
+        assert "broker reloaded" in r.output and "pi-1:" not in passwd.read_text()
+        assert passwd.read_text().startswith("ops:")
+        wait_for(lambda: not _connects(port, "pi-1", password), timeout=15, interval=0.2, what="refused")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    # without a pid file setting: the exact command to run
+    fleet.write_text(f"fleet: demo\nbroker: {{password_file: {passwd}, acl_file: {acl}}}\n")
+    r = _cli("enroll", "pi-2", "--config", str(fleet), "--state-dir", str(state))
+    assert r.exit_code == 0 and "reload the broker to apply them: sudo systemctl reload mosquitto" in r.output
+
+
+def test_state_reading_commands_refuse_a_missing_folder_naming_the_flag(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "fleet.yaml").write_text((ROOT / "fleet.yaml").read_text())
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    r = _cli("enroll", "pi-lab-01", "--config", str(conf / "fleet.yaml"))
+    assert r.exit_code == 2 and "--state-dir" in r.output and "--init" in r.output
+    r = _cli("devices", "list")
+    assert r.exit_code == 2 and "--data-dir" in r.output
+    r = _cli("policy", "apply", str(conf / "fleet.yaml"), "--dry-run")
+    assert r.exit_code == 2 and "--data-dir" in r.output
+    assert list(work.iterdir()) == [] and sorted(p.name for p in conf.iterdir()) == ["fleet.yaml"]
+    # the state `nanofleet up` keeps beside fleet.yaml is found from any working folder
+    (conf / ".nanofleet").mkdir()
+    r = _cli("enroll", "pi-lab-01", "--config", str(conf / "fleet.yaml"))
+    assert r.exit_code == 0 and (conf / ".nanofleet" / "devices" / "pi-lab-01" / "agent.yaml").exists(), r.output
+
+
+def test_devices_cmd_refused_by_the_broker_names_the_setting_at_once(tmp_path: Path,
+                                                                    make_broker: Callable[..., Broker]) -> None:
+    accounts = BrokerAccounts(tmp_path / "state", "demo")
+    accounts.ensure("pi-1", "device")
+    write_mosquitto_auth(accounts, tmp_path / "passwd", tmp_path / "acl")
+    broker = make_broker([f"user {getpass.getuser()}", "allow_anonymous false", f"password_file {tmp_path / 'passwd'}"])
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"fleet: demo\nbroker: {{url: '{broker.url}'}}\n")
+    started = time.monotonic()
+    r = _cli("devices", "cmd", "pi-1", "ping", "--config", str(fleet))
+    took = time.monotonic() - started
+    assert r.exit_code == 1 and "Not authorized" in r.output and "no password given" in r.output
+    assert "--mqtt-password" in r.output and "NANOFLEET_MQTT_PASSWORD" in r.output
+    assert took < 5, f"took {took:.1f} s: it retried a refusal instead of saying what is missing"
+    r = _cli("devices", "cmd", "pi-1", "ping", "--config", str(fleet), "--mqtt-username", "controller",
+             "--mqtt-password", "wrong")
+    assert r.exit_code == 1 and "the password given for 'controller'" in r.output
