@@ -145,7 +145,8 @@ async def test_fleet_yaml_devices_never_seen_are_listed_and_filterable(
     never = (await client.get("/api/devices", params={"state": "never_seen"}, headers=auth)).json()
     assert [d["device_id"] for d in never["items"]] == ["pi-new"]
     page = (await client.get("/devices", headers=auth)).text
-    assert 'data-state="never_seen"' in page and 'data-state="revoked"' in page
+    assert 'data-state="never_seen"' in page and 'data-state="revoked"' in page and ">never seen<" in page
+    assert 'class="badge state-revoked"' in page and '<option value="never_seen"' in page
     overview = (await client.get("/", headers=auth)).text
     assert 'href="/devices?state=never_seen"' in overview and 'href="/devices?state=revoked"' in overview
     # neither a device never seen nor a revoked one is an `offline` alert
