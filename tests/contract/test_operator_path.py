@@ -14,10 +14,11 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from nanofleet.broker import BrokerAccounts, write_mosquitto_auth
+from nanofleet.broker import BrokerAccounts, mosquitto_password_hash, write_mosquitto_auth
 from nanofleet.cli import main
 from tests.conftest import Broker, _port_open, free_port, mosquitto_binary, wait_for
 from tests.contract.test_broker import _client
+from tests.contract.test_docs_examples import doc_block
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +38,8 @@ def test_enroll_and_revoke_keep_a_separate_mosquittos_files_and_reload_it(tmp_pa
     etc = tmp_path / "etc"
     etc.mkdir()
     passwd, acl, pid = etc / "nanofleet.passwd", etc / "nanofleet.acl", etc / "mosquitto.pid"
-    passwd.write_text("ops:$7$101$c2FsdA==$aGFzaA==\n")  # the operator's own user: kept
+    # the operator's own users, the controller's included: kept as they are
+    passwd.write_text(f"ops:$7$101$c2FsdA==$aGFzaA==\ncontroller:{mosquitto_password_hash('ctl-pw')}\n")
     passwd.chmod(0o640)
     port = free_port()
     conf = etc / "mosquitto.conf"
@@ -53,18 +55,23 @@ def test_enroll_and_revoke_keep_a_separate_mosquittos_files_and_reload_it(tmp_pa
     try:
         wait_for(lambda: _port_open(port), timeout=20, what="mosquitto listening")
         state = tmp_path / "state"
-        r = _cli("enroll", "pi-1", "--config", str(fleet), "--state-dir", str(state), "--init")
+        r = _cli("enroll", "pi-lab-01", "--config", str(fleet), "--state-dir", str(state), "--init")
         assert r.exit_code == 0, r.output
         assert f"{passwd} and {acl} written; broker reloaded (SIGHUP to {proc.pid})" in r.output
-        password = yaml.safe_load((state / "devices" / "pi-1" / "agent.yaml").read_text())["mqtt_password"]
-        wait_for(lambda: _connects(port, "pi-1", password), timeout=15, interval=0.2, what="the new account")
+        password = yaml.safe_load((state / "devices" / "pi-lab-01" / "agent.yaml").read_text())["mqtt_password"]
+        wait_for(lambda: _connects(port, "pi-lab-01", password), timeout=15, interval=0.2, what="the new account")
         assert passwd.read_text().startswith("ops:") and passwd.stat().st_mode & 0o777 == 0o640
         assert "pattern write nanofleet/v1/demo/%u/telemetry" in acl.read_text()
-        r = _cli("revoke", "pi-1", "--config", str(fleet), "--state-dir", str(state))
+        r = _cli("revoke", "pi-lab-01", "--config", str(fleet), "--state-dir", str(state), "--mqtt-password", "ctl-pw")
         assert r.exit_code == 0, r.output
-        assert "broker reloaded" in r.output and "pi-1:" not in passwd.read_text()
+        shown = doc_block("operations.md", "### Revoking a device")
+        shown = doc_block("operations.md", shown + "```\n")  # the command, then its output
+        real = r.output.replace(str(passwd), "/etc/mosquitto/nanofleet.passwd").replace(
+            str(acl), "/etc/mosquitto/nanofleet.acl").replace(f"SIGHUP to {proc.pid})", "SIGHUP to 812)")
+        assert real == shown, "docs/operations.md's revoke output is not what it prints"
+        assert "broker reloaded" in r.output and "pi-lab-01:" not in passwd.read_text()
         assert passwd.read_text().startswith("ops:")
-        wait_for(lambda: not _connects(port, "pi-1", password), timeout=15, interval=0.2, what="refused")
+        wait_for(lambda: not _connects(port, "pi-lab-01", password), timeout=15, interval=0.2, what="refused")
     finally:
         proc.terminate()
         proc.wait(10)
