@@ -154,3 +154,54 @@ def test_revoke_of_an_unknown_device_or_without_state_is_refused(tmp_path: Path)
     (tmp_path / "empty").mkdir()
     r = _cli("revoke", "pi-lab-01", "--config", str(config), "--state-dir", str(tmp_path / "empty"))
     assert r.exit_code == 1 and "nothing to revoke: pi-lab-01 has no broker account or gateway token" in r.output
+
+
+async def test_a_running_controller_shows_the_revocation_and_rejects_what_follows(
+        fleet: tuple[int, Path, Path, FakeGemini]) -> None:
+    import time
+
+    from google.protobuf import json_format
+
+    from nanofleet.controller.service import ControllerService
+    from nanofleet.mqtt import MqttClient
+    from nanofleet.protos import fleet_pb2, topics
+    from tests.conftest import until
+
+    port, state, path, _ = fleet
+    password = BrokerAccounts(state, "test").load()[CONTROLLER_USER]["password"]
+    r = await asyncio.to_thread(_cli, "enroll", "dev-1", "--config", str(path), "--state-dir", str(state))
+    assert r.exit_code == 0, r.output
+    settings = yaml.safe_load((state / "devices" / "dev-1" / "agent.yaml").read_text())
+    svc = ControllerService(parse_fleet(path.read_text()), state / "controller", mqtt_username=CONTROLLER_USER,
+                            mqtt_password=password, listen="127.0.0.1:0", echo=lambda _line: None)
+    await svc.start()
+    try:
+        assert svc.ingest is not None and svc.store is not None
+        store = svc.store
+        await svc.ingest.wait_subscribed(5)
+
+        def state_of(device: str) -> str | None:
+            d = store.get_device(device)
+            return None if d is None else d.state
+
+        assert await asyncio.to_thread(state_of, "clinic-1") == "never_seen"  # in fleet.yaml, never heard from
+        birth = fleet_pb2.DeviceStatus(fleet="test", device_id="dev-1", online=True, bd_seq=1,
+                                       ts_ms=int(time.time() * 1000), telemetry_interval_s=10)
+        async with MqttClient(f"mqtt://127.0.0.1:{port}", client_id="dev-1", username="dev-1",
+                              password=settings["mqtt_password"]) as device:
+            await device.wait_connected(5)
+            await device.publish(topics.status("test", "dev-1"), json_format.MessageToJson(birth).encode(), 1, True)
+            await until(lambda: state_of("dev-1") == "online", 10, "dev-1 online")
+            r = await asyncio.to_thread(_cli, "revoke", "dev-1", "--config", str(path), "--state-dir", str(state))
+            assert r.exit_code == 0, r.output
+            await until(lambda: state_of("dev-1") == "revoked", 10, "dev-1 revoked at the running controller")
+            await until(lambda: not device.connected, 10, "the device's session cut")
+        # a message under its name that still reaches the broker (here: the controller's account) is rejected
+        async with MqttClient(f"mqtt://127.0.0.1:{port}", username=CONTROLLER_USER, password=password) as other:
+            await other.wait_connected(5)
+            await other.publish(topics.status("test", "dev-1"), json_format.MessageToJson(birth).encode(), 1)
+            await until(lambda: svc.ingest.stats.rejected_by_reason["revoked"] >= 1, 10,  # type: ignore[union-attr]
+                        "the revoked device's birth rejected and counted")
+        assert state_of("dev-1") == "revoked"
+    finally:
+        await svc.stop()
