@@ -226,21 +226,28 @@ async def _client(cfg: FleetConfig, broker_url: str | None, user: str | None, pa
     client = MqttClient(url, username=user, password=password, backoff=(0.2, 2),
                         ca=cfg.broker.ca if url.startswith("mqtts://") else None)
     await client.start()
-    deadline = time.monotonic() + 10
+    problem = await connect_or_explain(client, user, password, 10)
+    if problem is not None:
+        await client.stop()
+        raise click.ClickException(problem)
+    return client
+
+
+async def connect_or_explain(client: Any, user: str | None, password: str | None, within: float) -> str | None:
+    """Wait for a started MqttClient to connect: None when it did, else what to tell the operator. A refused login
+    is answered at once (retrying cannot help), naming the settings that hold the controller's account."""
+    deadline = time.monotonic() + within
     while not client.connected:
-        refused = (client.last_error or "").startswith("connection refused")
-        if refused or time.monotonic() > deadline:
-            await client.stop()
-            if refused:  # retrying cannot help: say which setting is missing or wrong, once
-                what = "no password given" if password is None else f"the password given for {user or 'anonymous'!r}"
-                raise click.ClickException(
-                    f"the broker at {client.url} refused the controller's login ({client.last_error}; {what}): "
+        if (client.last_error or "").startswith("connection refused"):
+            what = "no password given" if password is None else f"the password given for {user or 'anonymous'!r}"
+            return (f"the broker at {client.url} refused the controller's login ({client.last_error}; {what}): "
                     "set --mqtt-username/--mqtt-password (env NANOFLEET_MQTT_USERNAME/NANOFLEET_MQTT_PASSWORD) to "
                     "the controller's broker account")
-            raise click.ClickException(f"cannot reach the broker at {client.url}: {client.last_error}")
+        if time.monotonic() > deadline:
+            return f"cannot reach the broker at {client.url}: {client.last_error}"
         with contextlib.suppress(TimeoutError):
             await client.wait_connected(0.05)
-    return client
+    return None
 
 
 @devices.command("cmd", help=f"Send KIND ({', '.join(COMMAND_KINDS)}) to DEVICE with key=value ARGS; print the "

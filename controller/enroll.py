@@ -197,12 +197,13 @@ async def _replace_status(cfg: FleetConfig, url: str, user: str, password: str |
 
     client = MqttClient(url, username=user, password=password, backoff=(0.2, 1),
                         ca=cfg.broker.ca if url.startswith("mqtts://") else None)
+    from nanofleet.controller.cli import connect_or_explain
+
     await client.start()
     try:
-        try:
-            await client.wait_connected(5)
-        except TimeoutError:
-            return f"cannot reach the broker at {url} as {user!r}: {client.last_error}"
+        problem = await connect_or_explain(client, user, password, 5)
+        if problem is not None:
+            return problem
         try:
             await asyncio.wait_for(client.publish(topics.status(cfg.fleet, device_id), payload, qos=1, retain=True), 5)
         except (TimeoutError, MqttError) as exc:

@@ -119,3 +119,34 @@ def test_devices_cmd_refused_by_the_broker_names_the_setting_at_once(tmp_path: P
     r = _cli("devices", "cmd", "pi-1", "ping", "--config", str(fleet), "--mqtt-username", "controller",
              "--mqtt-password", "wrong")
     assert r.exit_code == 1 and "the password given for 'controller'" in r.output
+
+
+def test_sync_broker_says_what_it_could_not_do(tmp_path: Path) -> None:
+    import click
+
+    from nanofleet.config import parse_fleet
+    from nanofleet.controller.enroll import sync_broker
+
+    etc = tmp_path / "etc"
+    one = parse_fleet(f"fleet: demo\nbroker: {{password_file: {etc / 'p'}}}\n")
+    with pytest.raises(click.ClickException, match=r"set broker\.acl_file too"):
+        sync_broker(one, tmp_path)
+    pid = etc / "pid"
+    both = parse_fleet(f"fleet: demo\nbroker: {{password_file: {etc / 'p'}, acl_file: {etc / 'a'}, pid_file: {pid}}}\n")
+    done, line = sync_broker(both, tmp_path)
+    assert not done and f"no broker pid in broker.pid_file {pid}" in line and (etc / "p").exists()
+    assert (etc / "p").stat().st_mode & 0o777 == 0o640  # made readable by the broker's group
+    pid.write_text("999999999")  # beyond any pid
+    done, line = sync_broker(both, tmp_path)
+    assert not done and "no process 999999999" in line and "start the broker" in line
+
+
+def test_revoke_without_a_reachable_broker_prints_the_command_to_replace_the_status(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(f"fleet: demo\nbroker: {{url: 'mqtt://127.0.0.1:{free_port()}'}}\n")
+    state = tmp_path / "state"
+    assert _cli("enroll", "pi-9", "--config", str(fleet), "--state-dir", str(state), "--init").exit_code == 0
+    r = _cli("revoke", "pi-9", "--config", str(fleet), "--state-dir", str(state))
+    assert r.exit_code == 0, r.output
+    assert "warning: retained status not replaced (cannot reach the broker at" in r.output
+    assert "mosquitto_pub -r -q 1 -u controller -P PASSWORD -t nanofleet/v1/demo/pi-9/status -m '{" in r.output
