@@ -34,7 +34,7 @@ from nanofleet.protos import topics
 class AgentYaml:
     path: Path
     settings: AgentSettings
-    fresh_token: bool = False  # a new gateway token was issued (first enrolment, or the old one was revoked)
+    replaced_revoked: bool = False  # agent.yaml held a revoked gateway token: a fresh one was issued
 
 
 def gateway_db(state_dir: Path) -> Path:
@@ -53,15 +53,14 @@ def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_u
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / "agent.yaml"
     previous = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {}
-    fresh = False
     accounts = BrokerAccounts(state_dir, cfg.fleet)
     token = previous.get("gateway_token")
-    if token and not token_is_active(gateway_db(state_dir), token):
+    replaced = token is not None and not token_is_active(gateway_db(state_dir), str(token))
+    if replaced:
         token = None  # revoked (`nanofleet revoke`, `gateway token revoke`): a fresh one, never the dead one
     if not token:
         gateway_db(state_dir).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         token = issue_token(gateway_db(state_dir), device_id, cfg.fleet, cfg.group_of(device_id))
-        fresh = True
     profile = cfg.profile_for(device_id)
     paths: dict[str, Path | bool] = {}
     if local:
@@ -79,7 +78,7 @@ def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_u
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True, exclude=_DEVICE_LOCAL - set(paths)),
                        f, sort_keys=False)
-    return AgentYaml(path, settings, fresh)
+    return AgentYaml(path, settings, replaced)
 
 
 _DEVICE_LOCAL = {"data_dir", "socket_path", "sysfs_root"}  # the device's own defaults, unless running here
@@ -184,7 +183,7 @@ def enroll(config_path: Path, state_dir: Path | None, init: bool, device_id: str
     reinstated = reinstate(db, device_id)
     record_cli(db, "enroll", device_id, {"fleet": cfg.fleet, "group": cfg.group_of(device_id),
                                          "agent_yaml": str(result.path), "reinstated": reinstated})
-    fresh = " with fresh credentials (the previous were revoked)" if reinstated else ""
+    fresh = " with fresh credentials (the previous were revoked)" if reinstated or result.replaced_revoked else ""
     click.echo(f"enrolled {device_id} in fleet {cfg.fleet}{fresh}: {result.path} (mode 0600; copy it to the device "
                f"and run `nanofleet agent --config agent.yaml`)")
     click.echo(broker_line)

@@ -141,7 +141,7 @@ def test_enroll_again_after_a_token_revocation_issues_a_fresh_token(tmp_path: Pa
     r = _cli("gateway", "token", "revoke", "pi-lab-01", "--data-dir", str(state / "gateway"))
     assert r.exit_code == 0, r.output
     r = _cli("enroll", "pi-lab-01", "--config", str(config), "--state-dir", str(state))
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0 and "with fresh credentials (the previous were revoked)" in r.output, r.output
     token = yaml.safe_load((state / "devices" / "pi-lab-01" / "agent.yaml").read_text())["gateway_token"]
     assert token != first and token_is_active(state / "gateway" / "gateway.db", token)
 
