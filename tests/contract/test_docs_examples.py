@@ -52,3 +52,14 @@ def test_the_policy_apply_output_is_what_it_prints(broker, tmp_path: Path) -> No
     r = runner.invoke(main, ["policy", "apply", str(fleet), "--data-dir", str(data)])
     assert r.exit_code == 0, r.output
     assert r.output == doc_block("operations.md", "--mqtt-username controller\n```\n")
+
+
+def test_every_agent_yaml_example_loads() -> None:
+    from nanofleet.agent.settings import AgentSettings
+
+    text = (DOCS / "agent.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(b) for b in re.findall(r"^```yaml\n(.*?)^```$", text, re.S | re.M)]
+    examples = [b for b in blocks if isinstance(b, dict) and "device_id" in b]
+    assert len(examples) >= 3
+    for example in examples:
+        assert AgentSettings.model_validate(example).device_id == example["device_id"]
