@@ -227,7 +227,7 @@ def revoke(device_id: str, config_path: Path, state_dir: Path | None, controller
     token, replace its retained status with `revoked`, show it revoked on the dashboard; audited."""
     from nanofleet.controller.audit import cli_actor, now_ms, record_cli
     from nanofleet.controller.gateway.auth import revoke_token
-    from nanofleet.controller.revocation import mark_revoked, revoked_status
+    from nanofleet.controller.revocation import is_known, mark_revoked, revoked_status
 
     cfg = _load(config_path)
     state = resolve_state_dir(state_dir, config_path)
@@ -236,8 +236,9 @@ def revoke(device_id: str, config_path: Path, state_dir: Path | None, controller
     reloaded, broker_line = sync_broker(cfg, state, drop=(device_id,))
     tokens = revoke_token(gateway_db(state), device_id) if gateway_db(state).exists() else 0
     db = (controller_dir or state / "controller") / "controller.db"
-    if not (account or tokens or db.exists()):
-        raise click.ClickException(f"nothing to revoke: {device_id} has no broker account or gateway token in {state}")
+    if not (account or tokens or is_known(db, device_id)):
+        raise click.ClickException(f"nothing to revoke: {device_id} has no broker account or gateway token in {state} "
+                                   f"and is not in the controller store {db}")
     at = now_ms()
     if mqtt_password is None and mqtt_username == CONTROLLER_USER:
         mqtt_password = accounts.load().get(CONTROLLER_USER, {}).get("password")

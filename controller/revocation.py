@@ -18,7 +18,7 @@ from nanofleet.protos import fleet_pb2
 
 from .devstate import _UPSERT, REVOKED, _Dev
 
-__all__ = ["RemoveRefused", "mark_revoked", "reinstate", "remove_device", "revoked_status"]
+__all__ = ["RemoveRefused", "is_known", "mark_revoked", "reinstate", "remove_device", "revoked_status"]
 
 T = TypeVar("T")
 
@@ -59,6 +59,14 @@ def mark_revoked(db_path: Path, fleet: str, device_id: str, actor: str, at_ms: i
                      (at_ms, REVOKED, REVOKED, device_id))
 
     _run(db_path, job)
+
+
+def is_known(db_path: Path, device_id: str) -> bool:
+    """Whether the store has a row for the device (a revoke of a mistyped id is refused, not recorded)."""
+    if not db_path.exists():
+        return False
+    return _run(db_path, lambda conn: conn.execute("SELECT 1 FROM devices WHERE device_id = ?",
+                                                   (device_id,)).fetchone() is not None)
 
 
 def reinstate(db_path: Path, device_id: str) -> bool:

@@ -154,6 +154,12 @@ def test_revoke_of_an_unknown_device_or_without_state_is_refused(tmp_path: Path)
     (tmp_path / "empty").mkdir()
     r = _cli("revoke", "pi-lab-01", "--config", str(config), "--state-dir", str(tmp_path / "empty"))
     assert r.exit_code == 1 and "nothing to revoke: pi-lab-01 has no broker account or gateway token" in r.output
+    (tmp_path / "empty" / "controller").mkdir()
+    Store(tmp_path / "empty" / "controller" / "controller.db").close()
+    r = _cli("revoke", "pi-lab-0l", "--config", str(config), "--state-dir", str(tmp_path / "empty"))  # a typo
+    assert r.exit_code == 1 and "is not in the controller store" in r.output
+    with Store(tmp_path / "empty" / "controller" / "controller.db") as store:
+        assert store.list_devices() == [] and AuditLog(store).page()[0] == []  # nothing recorded
 
 
 async def test_a_running_controller_shows_the_revocation_and_rejects_what_follows(
