@@ -149,9 +149,11 @@ async def test_fleet_yaml_devices_never_seen_are_listed_and_filterable(
     assert 'class="badge state-revoked"' in page and '<option value="never_seen"' in page
     overview = (await client.get("/", headers=auth)).text
     assert 'href="/devices?state=never_seen"' in overview and 'href="/devices?state=revoked"' in overview
-    # neither a device never seen nor a revoked one is an `offline` alert
-    facts = [alerting.DeviceFacts(d.device_id, d.state, d.last_seen_ms, 0, 1000, 0, 0) for d in store.list_devices()]
-    facts.append(alerting.DeviceFacts("gone", "offline", 0, 0, 1000, 0, 0))
+    # neither a device never seen nor a revoked one is an `offline` or `policy_behind` alert
+    published = {"published_version": 3, "published_ms": 0}  # a policy published long ago, never applied
+    facts = [alerting.DeviceFacts(d.device_id, d.state, d.last_seen_ms, 0, 1000, 0, 0, **published)
+             for d in store.list_devices() if d.device_id != "pi-1"]
+    facts.append(alerting.DeviceFacts("gone", "offline", 0, 0, 1000, 0, 3))
     conditions = [c for f in facts for c in alerting.device_conditions(f, FLEET.alerts, now_ms() + 3_600_000)]
     assert {(c.device_id, c.kind) for c in conditions} == {("gone", "offline")}
     store.write_status("demo", birth("pi-new", 1), now_ms())
