@@ -95,7 +95,7 @@ def device_conditions(d: DeviceFacts, t: Alerts, now_ms: int) -> list[Condition]
     out: list[Condition] = []
     did = d.device_id
     silent_s = max(0.0, (now_ms - d.last_seen_ms) / 1000)
-    if d.state != "online" and silent_s > t.offline_after_s:
+    if d.state in ("offline", "stale") and silent_s > t.offline_after_s:  # not revoked, not never_seen
         out.append(Condition(did, "offline", f"{d.state}, last seen {silent_s:.0f} s ago (alert after "
                                              f"{t.offline_after_s:g} s)", round(silent_s, 1), t.offline_after_s))
     elif d.state == "stale":
@@ -112,6 +112,7 @@ def device_conditions(d: DeviceFacts, t: Alerts, now_ms: int) -> list[Condition]
         out.append(Condition(did, "queue_depth", f"{d.queue_depth} requests in the offline queue (alert at "
                                                  f"{t.queue_depth})", d.queue_depth, t.queue_depth))
     if (d.published_version is not None and d.published_ms is not None and d.policy_version != d.published_version
+            and d.state not in ("revoked", "never_seen")  # neither can apply a policy: not behind, not reachable
             and (behind_s := (now_ms - d.published_ms) / 1000) > t.policy_behind_s):
         out.append(Condition(did, "policy_behind", f"applies policy v{d.policy_version}, v{d.published_version} "
                                                    f"published {behind_s:.0f} s ago (alert after "

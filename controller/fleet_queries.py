@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from nanofleet.config import DEFAULT_GROUP, Alerts
 from nanofleet.controller.device_sql import FROM_DEVICES, SORTS
 from nanofleet.controller.store import ROUTES
+from nanofleet.controller.views import DEVICE_STATES
 from nanofleet.protos.names import THERMAL_LEVELS
 
 __all__ = ["Bucket", "CommandRecord", "GroupSummary", "HotDevice", "Overview", "PolicyLag", "PolicyRound",
@@ -94,7 +95,7 @@ def alert_count(conn: sqlite3.Connection, alerts: Alerts, now_ms: int) -> int:
     to it by a test)."""
     thermal_at = THERMAL_LEVELS.index(alerts.thermal_at)
     sql = """SELECT
-        sum(state != 'online' AND (? - last_seen_ms) / 1000.0 > ?),
+        sum(state IN ('offline', 'stale') AND (? - last_seen_ms) / 1000.0 > ?),
         sum(thermal_level >= ? AND thermal_level < ?),
         sum(ram_available_mb > 0 AND ram_available_mb < ?),
         sum(queue_depth >= ?) FROM devices"""
@@ -111,7 +112,7 @@ def models(conn: sqlite3.Connection) -> list[str]:
 
 def states_and_groups(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[str, int]]:
     """Devices by state, and by group (the device list's cards and group filter)."""
-    by_state = dict.fromkeys(("online", "offline", "stale"), 0)
+    by_state: dict[str, int] = dict.fromkeys(DEVICE_STATES, 0)
     for state, n in conn.execute("SELECT state, count(*) FROM devices GROUP BY state"):
         by_state[state] = n
     groups = dict(conn.execute(f"SELECT coalesce(g.grp, '{DEFAULT_GROUP}') AS grp, count(*)" + FROM_DEVICES
@@ -185,7 +186,7 @@ def group_summaries(conn: sqlite3.Connection, *, behind_limit: int = 20) -> dict
     states: dict[str, dict[str, int]] = {}
     for name, state, n in conn.execute(f"SELECT {grp} AS grp, d.state, count(*)" + FROM_DEVICES
                                        + " GROUP BY grp, d.state"):
-        states.setdefault(name, dict.fromkeys(("online", "offline", "stale"), 0))[state] = n
+        states.setdefault(name, dict.fromkeys(DEVICE_STATES, 0))[state] = n
     published = dict(conn.execute(f"SELECT {grp} AS grp, max(p.version)" + FROM_DEVICES
                                   + " JOIN policies p ON p.device_id = d.device_id GROUP BY grp").fetchall())
     behind: dict[str, list[tuple[str, int, int]]] = {}

@@ -248,6 +248,9 @@ class Ingest:
             self.stats.stored += outcome.inserted
             self.stats.duplicates += outcome.duplicates
             self.stats.gaps += outcome.gaps
+            if outcome.revoked_rejected:  # messages of revoked devices: refused by the store, counted here too
+                self.stats.rejected += outcome.revoked_rejected
+                self.stats.rejected_by_reason["revoked"] += outcome.revoked_rejected
             self.stats.batches += 1
             self._lag(item.batch)
             if outcome.changed and self._on_changes is not None:

@@ -215,6 +215,13 @@ def _m006_device_queries(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m009_revocations(db: sqlite_utils.Database) -> None:
+    # Revoked devices (`nanofleet revoke`): the table is the truth the ingest checks (a revoked device's later
+    # messages are rejected and counted); `nanofleet enroll` of the device again deletes its row.
+    db.execute("CREATE TABLE revoked_devices (device_id TEXT PRIMARY KEY, revoked_ms INTEGER NOT NULL, "
+               "actor TEXT NOT NULL) WITHOUT ROWID")
+
+
 MIGRATIONS: list[Migration] = [
     ("001_initial", _m001_initial),
     ("002_telemetry_ts_index", _m002_telemetry_ts_index),
@@ -222,5 +229,6 @@ MIGRATIONS: list[Migration] = [
     ("004_alerts", _m004_alerts),
     ("005_audit", _m005_audit),
     ("006_device_queries", _m006_device_queries),
+    ("009_revocations", _m009_revocations),
 ]
 

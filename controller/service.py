@@ -93,6 +93,8 @@ class ControllerService:
         self.store = store = await asyncio.to_thread(Store, self.data_dir / "controller.db")
         store.check_gaps = self.share_group is None  # with $share this controller sees only some of a device's seqs
         await asyncio.to_thread(store.set_group_resolver, self.config.group_of)
+        # fleet.yaml's devices that never sent anything show as never_seen (the dashboard and API list them)
+        await asyncio.to_thread(store.expect_devices, self.config.fleet, list(self.config.devices))
         self.alerts = AlertStore(store, on_change=self.on_event)
         self.audit = AuditLog(store, on_change=self.on_event)
         if self.usage_db is not None:

@@ -212,6 +212,19 @@ class Store:
 
         self._call(run)
 
+    def expect_devices(self, fleet: str, device_ids: list[str]) -> list[str]:
+        """Show the devices fleet.yaml lists that never sent a message, as `never_seen` (each with its group when
+        the resolver is set); returns the ids added."""
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            new = self._state.expect(conn, device_ids, fleet)
+            if new and self._group_of is not None:
+                conn.executemany("INSERT OR REPLACE INTO device_groups VALUES (?, ?)",
+                                 [(d, self._group_of(d)) for d in new])
+            return new
+
+        return self._call(run)
+
     def set_group_resolver(self, group_of: Callable[[str], str]) -> None:
         """Give every device its group by fleet.yaml's one rule (FleetConfig.group_of): each known device now, each
         new one in the batch that first stores it — so the dashboard filters and sorts by group in SQL. The same

@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "devices": "nanofleet.controller.cli:devices",
     "policy": "nanofleet.controller.cli:policy",
     "enroll": "nanofleet.controller.enroll:enroll",
+    "revoke": "nanofleet.controller.enroll:revoke",
     "gateway": "nanofleet.controller.gateway.cli:gateway",
     "sim": "nanofleet.sim:sim",
 }

@@ -121,6 +121,10 @@ class Broker(_Model):
     url: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://[^/\s:]+(:\d{1,5})?/?$")
     ca: Path | None = Field(default=None,
                             description="the fleet's CA (PEM) for an mqtts:// broker; None: the system store")
+    # A separately run Mosquitto: `nanofleet enroll` and `revoke` keep its password and ACL files and reload it.
+    password_file: Path | None = Field(default=None, description="mosquitto's password_file that enroll/revoke keep")
+    acl_file: Path | None = Field(default=None, description="mosquitto's acl_file that enroll/revoke keep")
+    pid_file: Path | None = Field(default=None, description="mosquitto's pid_file: enroll/revoke SIGHUP that pid")
 
     @model_validator(mode="after")
     def _ca_needs_tls(self) -> Broker:

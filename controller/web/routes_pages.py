@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from nanofleet.controller import metrics
 from nanofleet.controller import policy as pol
 from nanofleet.controller.queries import DeviceFilter, QueryError
+from nanofleet.controller.views import DEVICE_STATES
 from nanofleet.protos.names import COMMAND_KINDS, ThermalName
 
 from . import pages
@@ -26,7 +27,7 @@ from .security import Operator, WebError
 
 router = APIRouter(include_in_schema=False)
 Window = Literal["15m", "1h", "6h", "24h", "7d"]
-StateParam = Literal["", "online", "offline", "stale"]
+StateParam = Literal["", "online", "offline", "stale", "revoked", "never_seen"]
 SortParam = Literal["", "device_id", "group", "state", "last_seen", "temp", "thermal", "ram", "cpu", "model",
                     "policy", "queue", "slots_waiting"]
 Flag = Literal["", "0", "1"]
@@ -172,7 +173,7 @@ def groups_page(request: Request, ctx: Web, operator: Authed) -> HTMLResponse:
             name in ctx.config.groups or name == "default") else {}
         compiled.pop("device_id", None)
         views.append(_GroupView(
-            name, s.by_state if s else dict.fromkeys(("online", "offline", "stale"), 0), s.total if s else 0,
+            name, s.by_state if s else dict.fromkeys(DEVICE_STATES, 0), s.total if s else 0,
             s.published if s else None, s.behind if s else [], s.behind_total if s else 0,
             list(ctx.config.groups[name].match) if name in ctx.config.groups else [], compiled))
     return ctx.render(request, "groups.html", title="Groups", operator=operator, refresh=True, now_ms=ctx.now_ms(),

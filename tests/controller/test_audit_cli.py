@@ -22,7 +22,8 @@ def _entries(db: Path) -> list[tuple[str, str, str]]:
 def test_enroll_and_revoke_are_audited_in_the_up_layout(tmp_path: Path) -> None:
     state = tmp_path / "state"
     runner = CliRunner()
-    r = runner.invoke(main, ["enroll", "pi-lab-01", "--config", str(ROOT / "fleet.yaml"), "--state-dir", str(state)])
+    r = runner.invoke(main, ["enroll", "pi-lab-01", "--config", str(ROOT / "fleet.yaml"), "--state-dir", str(state),
+                             "--init"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["gateway", "token", "revoke", "pi-lab-01", "--data-dir", str(state / "gateway")])
     assert r.exit_code == 0, r.output
@@ -40,7 +41,7 @@ def test_revoke_without_a_controller_store_warns_it_was_not_audited(tmp_path: Pa
     runner = CliRunner()
     ctl = tmp_path / "elsewhere"
     r = runner.invoke(main, ["enroll", "pi-lab-01", "--config", str(ROOT / "fleet.yaml"), "--state-dir", str(state),
-                             "--controller-dir", str(ctl)])
+                             "--controller-dir", str(ctl), "--init"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["gateway", "token", "revoke", "pi-lab-01", "--data-dir", str(state / "gateway")])
     assert r.exit_code == 0 and "warning: not audited: no controller store at" in r.output
