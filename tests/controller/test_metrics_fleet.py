@@ -51,7 +51,21 @@ async def test_fleet_gauges_lag_and_events_in_the_exposition(broker, tmp_path: P
             assert m[("nanofleet_controller_ingest_received_total", ())] >= 4
             assert m[("nanofleet_controller_ingest_hook_errors_total", ())] == 0
             assert m[("nanofleet_controller_events_subscribers", ())] == 0
-            assert not any(name == "nanofleet_controller_alerts_open" for name, _ in m)  # no alerts table yet
+
+            def stored_open() -> dict[tuple[str, str], int]:
+                rows = svc.store.read(lambda conn: conn.execute(
+                    "SELECT kind, state, count(*) FROM alerts WHERE state != 'cleared' GROUP BY kind, state"
+                ).fetchall())
+                return {(k, st): n for k, st, n in rows}
+
+            async def exposed_open() -> dict[tuple[str, str], int]:
+                text = (await c.get("/metrics", headers=auth)).text
+                return {(dict(lab)["kind"], dict(lab)["state"]): int(v) for (name, lab), v in samples(text).items()
+                        if name == "nanofleet_controller_alerts_open" and v}
+
+            # the engine raises b's severe level (the thresholds' thermal_at): the gauge shows the stored alerts
+            await until(lambda: stored_open().get(("thermal", "raised"), 0) >= 1, 10, "b's thermal alert")
+            assert await exposed_open() == stored_open()
     finally:
         await svc.stop()
 
