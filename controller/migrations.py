@@ -215,6 +215,22 @@ def _m006_device_queries(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m010_telemetry_tokens_per_s(db: sqlite_utils.Database) -> None:
+    # The agent's recent local generation speed (Telemetry.model.tokens_per_s), NULL when it measured none (it
+    # reports 0 then) or the row predates this step; the rollups average it over the measured samples only, so the
+    # device page charts it on every window. ADD COLUMN without a default rewrites nothing.
+    _run_script(
+        db,
+        """
+        ALTER TABLE telemetry ADD COLUMN tokens_per_s REAL;
+        ALTER TABLE rollup_1m ADD COLUMN tokens_per_s_avg REAL;
+        ALTER TABLE rollup_1m ADD COLUMN tokens_per_s_n INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE rollup_1h ADD COLUMN tokens_per_s_avg REAL;
+        ALTER TABLE rollup_1h ADD COLUMN tokens_per_s_n INTEGER NOT NULL DEFAULT 0
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     ("001_initial", _m001_initial),
     ("002_telemetry_ts_index", _m002_telemetry_ts_index),
@@ -222,5 +238,6 @@ MIGRATIONS: list[Migration] = [
     ("004_alerts", _m004_alerts),
     ("005_audit", _m005_audit),
     ("006_device_queries", _m006_device_queries),
+    ("010_telemetry_tokens_per_s", _m010_telemetry_tokens_per_s),
 ]
 
