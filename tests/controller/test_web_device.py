@@ -1,5 +1,6 @@
 """The device page and its telemetry API over a real SQLite store: the agent's generation speed (tokens/s) stored
-end to end and charted with gaps where none was measured, on raw and rollup windows."""
+end to end and charted with gaps where none was measured, on raw and rollup windows; the device's stored alerts
+(raised, acknowledged by whom, cleared) as the alert engine keeps them, and nothing on the page saying otherwise."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 from ctl_helpers import flush_rollups
-from test_web import FLEET, bearer, birth, login
+from test_web import FLEET, bearer, birth, death, login
 
+from nanofleet.controller.alert_store import AlertStore
+from nanofleet.controller.alerts_engine import AlertEngine
 from nanofleet.controller.auth import ensure_operator_token
 from nanofleet.controller.store import Store
 from nanofleet.controller.web import create_app
@@ -90,3 +93,73 @@ async def test_device_page_charts_tokens_per_s_with_a_gap_where_none_was_measure
         chart = tokens_chart((await client.get("/devices/pi-1", params={"window": window})).text)
         assert "<polyline" in chart or "<circle" in chart, window
     assert "no data in this window" in tokens_chart((await client.get("/devices/pi-2")).text)
+
+
+def state_of(device: str, seq: int, now: int, *, level: int, ram: int) -> fleet_pb2.Telemetry:
+    return fleet_pb2.Telemetry(device_id=device, bd_seq=1, seq=seq, ts_ms=now, cpu_percent=50, ram_total_mb=4096,
+                               ram_available_mb=ram, temp_max_c=60.0 + 10 * level, thermal_level=level)
+
+
+def alert_rows(html: str) -> dict[str, str]:
+    """kind -> the device page's row of that stored alert (its state in data-state)."""
+    section = html.split('<section class="device-alerts"', 1)
+    assert len(section) == 2, "the device page has no alerts section"
+    body = section[1].split("</section>", 1)[0]
+    return {m.group(1): m.group(0) for m in re.finditer(r'<tr data-kind="([a-z_]+)".*?</tr>', body, re.S)}
+
+
+async def test_device_page_lists_its_stored_alerts_open_and_recently_cleared(tmp_path: Path, token_and_hash) -> None:
+    now = int(time.time() * 1000)
+    with Store(tmp_path / "alerts.db") as store:
+        engine = AlertEngine(AlertStore(store), FLEET)
+        store.write_status("demo", birth("hot-1"), now)
+        store.write_telemetry("demo", [state_of("hot-1", 0, now, level=fleet_pb2.THERMAL_LEVEL_CRITICAL, ram=100)], now)
+        store.write_status("demo", birth("other"), now)
+        store.write_telemetry("demo", [state_of("other", 0, now, level=fleet_pb2.THERMAL_LEVEL_CRITICAL, ram=100)], now)
+        engine.evaluate(now)  # raises thermal + low_ram for both devices
+        (thermal,), _ = engine.alerts.page(device_id="hot-1", kind="thermal")
+        engine.alerts.acknowledge(thermal.id, "alice", "fan ordered", now + 1)
+        store.write_telemetry("demo", [state_of("hot-1", 1, now + 2, level=fleet_pb2.THERMAL_LEVEL_CRITICAL,
+                                                ram=3000)], now + 2)
+        engine.evaluate(now + 2)  # RAM recovered: low_ram cleared; still hot: thermal stays acknowledged
+        app = create_app(store, FLEET, operator_token_hash=token_and_hash[1], alerts=engine.alerts)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8080") as c:
+            await login(c, token_and_hash[0])
+            page = (await c.get("/devices/hot-1")).text
+            rows = alert_rows(page)
+            assert set(rows) == {"thermal", "low_ram"}  # this device's only: not other's
+            assert 'data-state="acknowledged"' in rows["thermal"] and "alice" in rows["thermal"]
+            assert "fan ordered" in rows["thermal"] and "critical" in rows["thermal"]
+            assert 'data-state="cleared"' in rows["low_ram"]
+            assert 'href="/alerts?state=all&amp;device=hot-1"' in page
+            # the alerts page follows that link: this device's alerts, every state
+            listing = (await c.get("/alerts", params={"state": "all", "device": "hot-1"})).text
+            ids = set(re.findall(r'<tr data-alert-id="\d+" data-kind="([a-z_]+)"', listing))
+            assert ids == {"thermal", "low_ram"} and ">other<" not in listing
+
+
+async def test_nothing_on_the_device_page_contradicts_the_stored_alerts(tmp_path: Path, token_and_hash) -> None:
+    """Over a threshold now but no alert stored yet (the engine has not run), or the alert acknowledged: the page
+    says what is stored — no 'raised' flag of its own making."""
+    now = int(time.time() * 1000)
+    with Store(tmp_path / "alerts.db") as store:
+        engine = AlertEngine(AlertStore(store), FLEET)
+        store.write_status("demo", birth("hot-1"), now)
+        store.write_telemetry("demo", [state_of("hot-1", 0, now, level=fleet_pb2.THERMAL_LEVEL_CRITICAL, ram=3000)],
+                              now)
+        app = create_app(store, FLEET, operator_token_hash=token_and_hash[1], alerts=engine.alerts)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8080") as c:
+            await login(c, token_and_hash[0])
+            page = (await c.get("/devices/hot-1")).text
+            assert 'data-alert="thermal"' not in page  # a flag of the page's own making, stored nowhere
+            assert alert_rows(page) == {} and "No open alerts" in page
+            engine.evaluate(now)
+            (thermal,), _ = engine.alerts.page(device_id="hot-1")
+            page = (await c.get("/devices/hot-1")).text
+            assert 'data-state="raised"' in alert_rows(page)["thermal"]
+            engine.alerts.acknowledge(thermal.id, "bob", "", now + 1)
+            page = (await c.get("/devices/hot-1")).text
+            assert 'data-state="acknowledged"' in alert_rows(page)["thermal"]
+            assert "raised" not in re.sub(r"<section class=\"device-alerts\".*?</section>", "", page, flags=re.S)
+            store.write_status("demo", death("hot-1"), now + 2)
+            assert (await c.get("/devices/hot-1")).status_code == 200
