@@ -51,7 +51,11 @@ async def test_fleet_gauges_lag_and_events_in_the_exposition(broker, tmp_path: P
             assert m[("nanofleet_controller_ingest_received_total", ())] >= 4
             assert m[("nanofleet_controller_ingest_hook_errors_total", ())] == 0
             assert m[("nanofleet_controller_events_subscribers", ())] == 0
-            assert not any(name == "nanofleet_controller_alerts_open" for name, _ in m)  # no alerts table yet
+            # the alerts table always exists (migration 004): the gauge has samples once the engine's first round
+            # ran, which under load can come before this scrape — then only the severe devices' thermal alerts
+            open_alerts = {labels: v for (name, labels), v in m.items() if name == "nanofleet_controller_alerts_open"}
+            assert set(open_alerts) <= {(("kind", "thermal"), ("state", "raised"))}, open_alerts
+            assert sum(open_alerts.values()) <= 2
     finally:
         await svc.stop()
 
