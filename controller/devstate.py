@@ -17,6 +17,7 @@ Pure bookkeeping over an in-memory cache, written back as whole rows of `devices
 from __future__ import annotations
 
 import json
+import math
 import operator
 import sqlite3
 from collections import Counter
@@ -82,6 +83,13 @@ class TelemetryRow(NamedTuple):
     slots_waiting: int = 0  # requests waiting for a local model slot (queue_depth is the offline queue)
     queue_oldest_age_s: float = 0.0
     queue_counters: dict[str, int] | None = None
+    tokens_per_s: float | None = None  # model.tokens_per_s; None: no generation measured recently (see tokens_rate)
+
+
+def tokens_rate(value: float) -> float | None:
+    """The agent's recent generation speed as stored: it reports 0 when nothing was generated lately, so 0 (and
+    any rate that is no speed at all: negative, NaN, infinite) is NULL — a gap on the chart, never a zero."""
+    return value if 0.0 < value < math.inf else None
 
 
 def row_from_pb(t: fleet_pb2.Telemetry) -> TelemetryRow:
@@ -94,7 +102,7 @@ def row_from_pb(t: fleet_pb2.Telemetry) -> TelemetryRow:
         t.battery.charging if has_battery else None, t.queue_depth, t.policy_version,
         dict(t.route_counts) if t.route_counts else None, t.model.name if has_model else None,
         availability_name(t.model.availability) if has_model else None, t.slots_waiting, t.queue_oldest_age_s,
-        dict(t.queue_counters) if t.queue_counters else None,
+        dict(t.queue_counters) if t.queue_counters else None, tokens_rate(t.model.tokens_per_s) if has_model else None,
     )
 
 

@@ -222,6 +222,22 @@ def _m009_revocations(db: sqlite_utils.Database) -> None:
                "actor TEXT NOT NULL) WITHOUT ROWID")
 
 
+def _m010_telemetry_tokens_per_s(db: sqlite_utils.Database) -> None:
+    # The agent's recent local generation speed (Telemetry.model.tokens_per_s), NULL when it measured none (it
+    # reports 0 then) or the row predates this step; the rollups average it over the measured samples only, so the
+    # device page charts it on every window. ADD COLUMN without a default rewrites nothing.
+    _run_script(
+        db,
+        """
+        ALTER TABLE telemetry ADD COLUMN tokens_per_s REAL;
+        ALTER TABLE rollup_1m ADD COLUMN tokens_per_s_avg REAL;
+        ALTER TABLE rollup_1m ADD COLUMN tokens_per_s_n INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE rollup_1h ADD COLUMN tokens_per_s_avg REAL;
+        ALTER TABLE rollup_1h ADD COLUMN tokens_per_s_n INTEGER NOT NULL DEFAULT 0
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     ("001_initial", _m001_initial),
     ("002_telemetry_ts_index", _m002_telemetry_ts_index),
@@ -230,5 +246,6 @@ MIGRATIONS: list[Migration] = [
     ("005_audit", _m005_audit),
     ("006_device_queries", _m006_device_queries),
     ("009_revocations", _m009_revocations),
+    ("010_telemetry_tokens_per_s", _m010_telemetry_tokens_per_s),
 ]
 

@@ -52,6 +52,16 @@ ROUTE_SNAPSHOT_EVERY_MS = 5 * 60_000  # cumulative route counters kept this ofte
 _ROUTE_SNAPSHOT_KEEP_MS = 75 * 60_000  # ... for a little over the hour the overview looks back
 
 
+_TELEMETRY_COLUMNS = ("device_id, ts_ms, bd_seq, seq, received_ms, cpu_percent, load1, ram_available_mb, temp_max_c, "
+                      "thermal_level, throttle_ratio, queue_depth, battery_pct, replayed, slots_waiting, "
+                      "queue_oldest_age_s, tokens_per_s")
+# columns named: a later migration adding one cannot shift these values into the wrong place
+_INSERT_TELEMETRY = (f"INSERT OR IGNORE INTO telemetry ({_TELEMETRY_COLUMNS}) "
+                     f"VALUES ({', '.join('?' * len(_TELEMETRY_COLUMNS.split(',')))})")
+_ROLLUP_COLUMNS = ("device_id, ts_ms, n, cpu_avg, cpu_max, temp_avg, temp_max, ram_available_min, tokens_per_s_avg, "
+                   "tokens_per_s_n")
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -180,11 +190,11 @@ class Store:
         if batch.telemetry:
             before = conn.total_changes
             conn.executemany(
-                "INSERT OR IGNORE INTO telemetry VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                _INSERT_TELEMETRY,
                 [
                     (r.device_id, r.ts_ms, r.bd_seq, r.seq, batch.received_ms, r.cpu_percent, r.load1,
                      r.ram_available_mb, r.temp_max_c, r.thermal_level, r.throttle_ratio, r.queue_depth,
-                     r.battery_pct, r.replayed, r.slots_waiting, r.queue_oldest_age_s)
+                     r.battery_pct, r.replayed, r.slots_waiting, r.queue_oldest_age_s, r.tokens_per_s)
                     for r in batch.telemetry
                 ],
             )
@@ -261,9 +271,9 @@ class Store:
         conn.execute("DELETE FROM _touched")
         conn.executemany("INSERT INTO _touched VALUES (?, ?)", touched)
         conn.execute(
-            """INSERT OR REPLACE INTO rollup_1m
+            f"""INSERT OR REPLACE INTO rollup_1m ({_ROLLUP_COLUMNS})
                SELECT b.device_id, b.ts_ms, count(*), avg(t.cpu_percent), max(t.cpu_percent), avg(t.temp_max_c),
-                      max(t.temp_max_c), min(t.ram_available_mb)
+                      max(t.temp_max_c), min(t.ram_available_mb), avg(t.tokens_per_s), count(t.tokens_per_s)
                FROM _touched b JOIN telemetry t
                  ON t.device_id = b.device_id AND t.ts_ms >= b.ts_ms AND t.ts_ms < b.ts_ms + 60000
                GROUP BY b.device_id, b.ts_ms"""
@@ -272,10 +282,12 @@ class Store:
         conn.execute("DELETE FROM _touched")
         conn.executemany("INSERT INTO _touched VALUES (?, ?)", hours)
         conn.execute(
-            """INSERT OR REPLACE INTO rollup_1h
+            f"""INSERT OR REPLACE INTO rollup_1h ({_ROLLUP_COLUMNS})
                SELECT b.device_id, b.ts_ms, sum(r.n), sum(r.cpu_avg * r.n) / sum(r.n), max(r.cpu_max),
                       sum(r.temp_avg * r.n) / sum(CASE WHEN r.temp_avg IS NULL THEN 0 ELSE r.n END),
-                      max(r.temp_max), min(r.ram_available_min)
+                      max(r.temp_max), min(r.ram_available_min),
+                      sum(r.tokens_per_s_avg * r.tokens_per_s_n) / nullif(sum(r.tokens_per_s_n), 0),
+                      sum(r.tokens_per_s_n)
                FROM _touched b JOIN rollup_1m r
                  ON r.device_id = b.device_id AND r.ts_ms >= b.ts_ms AND r.ts_ms < b.ts_ms + 3600000
                GROUP BY b.device_id, b.ts_ms"""
@@ -363,11 +375,11 @@ class Store:
         """Newest `limit` points at or after `since_ms`, oldest first."""
         rows = self._rows(
             """SELECT ts_ms, cpu_percent, ram_available_mb, temp_max_c, thermal_level, throttle_ratio, queue_depth,
-                      battery_pct, slots_waiting, queue_oldest_age_s FROM telemetry WHERE device_id = ? AND ts_ms >= ?
-               ORDER BY ts_ms DESC LIMIT ?""",
+                      battery_pct, slots_waiting, queue_oldest_age_s, tokens_per_s FROM telemetry
+               WHERE device_id = ? AND ts_ms >= ? ORDER BY ts_ms DESC LIMIT ?""",
             (device_id, since_ms or 0, limit),
         )
-        return [TelemetryPoint(r[0], r[1], r[2], r[3], ds.thermal_name(r[4]), r[5], r[6], r[7], r[8], r[9])
+        return [TelemetryPoint(r[0], r[1], r[2], r[3], ds.thermal_name(r[4]), r[5], r[6], r[7], r[8], r[9], r[10])
                 for r in reversed(rows)]
 
     def rollups(
@@ -376,7 +388,8 @@ class Store:
         if resolution not in ("1m", "1h"):
             raise StoreError(f"resolution must be '1m' or '1h', got {resolution!r}")
         rows = self._rows(
-            f"SELECT ts_ms, n, cpu_avg, cpu_max, temp_avg, temp_max, ram_available_min FROM rollup_{resolution} "
+            f"SELECT ts_ms, n, cpu_avg, cpu_max, temp_avg, temp_max, ram_available_min, tokens_per_s_avg, "
+            f"tokens_per_s_n FROM rollup_{resolution} "
             "WHERE device_id = ? AND ts_ms >= ? ORDER BY ts_ms",
             (device_id, since_ms or 0),
         )

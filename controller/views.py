@@ -57,6 +57,7 @@ class TelemetryPoint:
     battery_pct: float | None
     slots_waiting: int = 0
     queue_oldest_age_s: float = 0.0
+    tokens_per_s: float | None = None  # recent local generation speed; None: none measured
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,8 @@ class RollupPoint:
     temp_avg: float | None
     temp_max: float | None
     ram_available_min: int
+    tokens_per_s_avg: float | None = None  # over the bucket's samples that measured a speed (tokens_per_s_n)
+    tokens_per_s_n: int = 0
 
 
 @dataclass(frozen=True, slots=True)

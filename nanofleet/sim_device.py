@@ -35,7 +35,8 @@ SCENARIOS: tuple[Scenario, ...] = ("steady", "heatwave", "flaky-network")
 CAPABILITIES = ("telemetry", "policy", "commands")
 BD_SEQ_PER_RUN = 1_000_000  # bdSeq = run epoch * this + connection number: it grows across restarts, even kill -9
 _THERMAL = {v: k.removeprefix("THERMAL_LEVEL_") for k, v in fleet_pb2.ThermalLevel.items()}
-_MODEL_UP = ',"model":{"name":"tiny-test","availability":"MODEL_AVAILABILITY_AVAILABLE","loaded":true}'
+_MODEL_UP = ',"model":{"name":"tiny-test","availability":"MODEL_AVAILABILITY_AVAILABLE","loaded":true'
+THROTTLED_SPEED = 0.6  # a throttled device generates at about its throttle ratio of its cool speed
 _MODEL_DOWN = ',"model":{"name":"tiny-test","availability":"MODEL_AVAILABILITY_DOWNLOADABLE"}'
 _HARDWARE = fleet_pb2.Hardware(platform="linux", machine="aarch64", cpu_count=4, ram_total_mb=4096,
                                board="Simulated Raspberry Pi 5")
@@ -99,6 +100,8 @@ class SimDevice:
     policy: fleet_pb2.RoutingPolicy | None = None
     policy_version: int = 0
     route_local: int = 0
+    local_last: int = 0  # requests answered locally in the last interval: 0 means no speed measured
+    speed: float = 20.0  # tokens/s when cool (set per device: a Pi 5 runs a 270M-1B model at ~8-25)
     route_cloud: int = 0
     queue_depth: int = 0
     available: bool = True
@@ -107,6 +110,7 @@ class SimDevice:
 
     def __post_init__(self) -> None:
         self.temp = 40 + self.rng.random() * 8
+        self.speed = 18 + self.rng.random() * 6
         self._t_status = topics.status(self.fleet, self.device_id)
         self._t_telemetry = topics.telemetry(self.fleet, self.device_id)
         self._t_policy = topics.policy(self.fleet, self.device_id)
@@ -194,7 +198,8 @@ class SimDevice:
             self.temp = min(92.0, self.temp + 1.5 + rand())
         else:
             self.temp += (45 - self.temp) * 0.2 + rand() * 2 - 1
-        self.route_local += int(rand() * 4)
+        self.local_last = int(rand() * 4)
+        self.route_local += self.local_last
         if rand() < 0.2:
             self.route_cloud += 1
         self.queue_depth = max(0, self.queue_depth + int(rand() * 3) - 1)
@@ -226,7 +231,13 @@ class SimDevice:
         if level != "NONE":
             parts.append(f',"thermalLevel":"THERMAL_LEVEL_{level}"')
         parts.append(',"throttleRatio":0.6,"throttled":true' if throttled else ',"throttleRatio":1.0')
-        parts.append(_MODEL_UP if self.available else _MODEL_DOWN)
+        if not self.available:
+            parts.append(_MODEL_DOWN)
+        elif self.local_last:  # an interval without local generation reports 0 (none measured): a chart gap
+            rate = self.speed * (THROTTLED_SPEED if throttled else 1.0) * (0.95 + rand() * 0.1)
+            parts.append(f'{_MODEL_UP},"tokensPerS":{rate:.1f}}}')
+        else:
+            parts.append(_MODEL_UP + "}")
         routes = [f'"local":"{self.route_local}"'] if self.route_local else []
         if self.route_cloud:
             routes.append(f'"cloud":"{self.route_cloud}"')

@@ -101,11 +101,13 @@ def coarsen(points: Sequence[RollupPoint], max_points: int = MAX_POINTS) -> list
         n = sum(p.n for p in run) or 1
         temps = [(p.temp_avg, p.n) for p in run if p.temp_avg is not None]
         t_n = sum(w for _, w in temps)
+        rates = [(p.tokens_per_s_avg, p.tokens_per_s_n) for p in run if p.tokens_per_s_avg is not None]
+        r_n = sum(w for _, w in rates)
         out.append(RollupPoint(
             run[0].ts_ms, n, sum(p.cpu_avg * p.n for p in run) / n, max(p.cpu_max for p in run),
             sum(t * w for t, w in temps) / t_n if t_n else None,
             max((p.temp_max for p in run if p.temp_max is not None), default=None),
-            min(p.ram_available_min for p in run)))
+            min(p.ram_available_min for p in run), sum(r * w for r, w in rates) / r_n if r_n else None, r_n))
     return out
 
 
@@ -135,23 +137,28 @@ def _band(run: tuple[int, int, int]) -> Band:
 def device_charts(points: Sequence[Any], source: str, *, start_ms: int, end_ms: int, ram_total_mb: float | None,
                   buckets: Sequence[Bucket] = (), bucket_ms: int = 60_000,
                   route_counts: Mapping[str, int] | None = None) -> list[Markup]:
-    """Temperature (thermal levels as bands), CPU, RAM, queue depth and slots waiting, and the route mix.
+    """Temperature (thermal levels as bands), CPU, RAM, generation speed (tokens/s), queue depth and slots waiting,
+    and the route mix.
     Markup: charts.py builds every SVG from escaped labels and numbers it formats itself."""
     span: dict[str, Any] = {"x_start_ms": start_ms, "x_end_ms": end_ms}
     if source == "raw":
         cpu = [Series("CPU %", [(p.ts_ms, p.cpu_percent) for p in points])]
         temp = [Series("max °C", [(p.ts_ms, p.temp_max_c) for p in points], "#dc2626")]
         ram = [Series("available", [(p.ts_ms, p.ram_available_mb) for p in points], "#059669")]
+        rate = [Series("tokens/s", [(p.ts_ms, p.tokens_per_s) for p in points], "#0891b2")]
     else:
         cpu = [Series("avg", [(p.ts_ms, p.cpu_avg) for p in points]),
                Series("max", [(p.ts_ms, p.cpu_max) for p in points], "#93c5fd")]
         temp = [Series("max", [(p.ts_ms, p.temp_max) for p in points], "#dc2626"),
                 Series("avg", [(p.ts_ms, p.temp_avg) for p in points], "#fca5a5")]
         ram = [Series("min available", [(p.ts_ms, p.ram_available_min) for p in points], "#059669")]
+        rate = [Series("avg tokens/s", [(p.ts_ms, p.tokens_per_s_avg) for p in points], "#0891b2")]
     charts = [
         line_chart(temp, title="Temperature", unit="°C", bands=thermal_bands(buckets, bucket_ms, end_ms), **span),
         line_chart(cpu, title="CPU", unit="%", y_min=0, y_max=100, **span),
         line_chart(ram, title="RAM available", unit="MB", y_min=0, y_max=ram_total_mb or None, **span),
+        # None (no generation measured) breaks the line: a gap, never a drop to zero
+        line_chart(rate, title="Generation speed", unit="tokens/s", y_min=0, **span),
     ]
     if buckets:
         queue = [Series("offline queue", [(b.ts_ms, b.queue_depth) for b in buckets], "#7c3aed"),

@@ -49,7 +49,7 @@ def api_device(ctx: Web, device_id: str, operator: Authed) -> Any:
 @router.get("/devices/{device_id}/telemetry", response_model=schemas.TelemetryOut,
             responses={**_ERR401, **_ERR404}, tags=["devices"], summary="A device's telemetry over time",
             description="resolution=raw gives samples; 1m / 1h give rollup buckets (avg/max CPU, max temperature, "
-                        "minimum RAM available).")
+                        "minimum RAM available, average tokens/s).")
 def api_telemetry(ctx: Web, device_id: str, operator: Authed,
                   since_ms: Annotated[int | None, Query(ge=0, le=schemas.MAX_TS_MS)] = None,
                   limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
@@ -61,7 +61,7 @@ def api_telemetry(ctx: Web, device_id: str, operator: Authed,
     else:
         points = [schemas.TelemetryPointOut(ts_ms=r.ts_ms, n=r.n, cpu_percent=r.cpu_avg, cpu_max=r.cpu_max,
                                             temp_max_c=r.temp_max, temp_avg_c=r.temp_avg,
-                                            ram_available_mb=r.ram_available_min)
+                                            ram_available_mb=r.ram_available_min, tokens_per_s=r.tokens_per_s_avg)
                   for r in ctx.store.rollups(device_id, resolution, since_ms=since_ms)][-limit:]
     return schemas.TelemetryOut(device_id=device_id, resolution=resolution, since_ms=since_ms, points=points)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -113,24 +113,27 @@ _STATES: list[tuple[AlertFilter, str]] = [("open", "Open"), ("raised", "Raised")
                                           ("cleared", "Cleared"), ("all", "History")]
 
 
-def _alert_row(a: AlertView, now_ms: int) -> dict[str, Any]:
+def alert_row(a: AlertView, now_ms: int) -> dict[str, Any]:
+    """An alert as the pages show it (the alerts page and a device's page): its fields and its times, relative."""
     return {**asdict(a), "raised_ago": relative_time(a.raised_ms, now_ms), "raised_iso": iso_utc(a.raised_ms),
             "acked_ago": relative_time(a.acked_ms, now_ms), "cleared_ago": relative_time(a.cleared_ms, now_ms)}
 
 
 def _alerts_page(request: Request, ctx: WebContext, operator: Operator, state: AlertFilter, cursor: int | None,
-                 flash: tuple[str, str] | None = None, status: int = 200) -> HTMLResponse:
-    alerts, next_cursor = alert_store(ctx).page(state, limit=100, cursor=cursor)
+                 flash: tuple[str, str] | None = None, status: int = 200, device: str | None = None) -> HTMLResponse:
+    alerts, next_cursor = alert_store(ctx).page(state, device_id=device, limit=100, cursor=cursor)
     now = ctx.now_ms()
     return ctx.render(request, "alerts.html", title="Alerts", operator=operator, refresh=True, status=status,
-                      alerts=[_alert_row(a, now) for a in alerts], next_cursor=next_cursor, state=state,
-                      states=_STATES, flash=flash, thresholds=ctx.config.alerts)
+                      alerts=[alert_row(a, now) for a in alerts], next_cursor=next_cursor, state=state,
+                      states=_STATES, flash=flash, thresholds=ctx.config.alerts, device=device,
+                      device_query=f"&device={quote(device, safe='')}" if device is not None else "")
 
 
 @pages.get("/alerts")
-def alerts_page(request: Request, ctx: Web, operator: Authed, state: AlertFilter = "open",
-                cursor: Cursor = None) -> HTMLResponse:
-    return _alerts_page(request, ctx, operator, state, cursor)
+def alerts_page(request: Request, ctx: Web, operator: Authed, state: AlertFilter = "open", cursor: Cursor = None,
+                device: Annotated[str | None, Query(max_length=200, description="one device's alerts")] = None,
+                ) -> HTMLResponse:
+    return _alerts_page(request, ctx, operator, state, cursor, device=device or None)
 
 
 @pages.post("/alerts/{alert_id}/ack")

@@ -23,6 +23,7 @@ from nanofleet.protos.names import COMMAND_KINDS, ThermalName
 from . import pages
 from .context import Authed, Web, WebContext, Writer
 from .panels import controller_panel
+from .routes_ops import alert_row
 from .security import Operator, WebError
 
 router = APIRouter(include_in_schema=False)
@@ -33,6 +34,8 @@ SortParam = Literal["", "device_id", "group", "state", "last_seen", "temp", "the
 Flag = Literal["", "0", "1"]
 ThermalParam = ThermalName | Literal[""]
 _USAGE_ROWS = 10
+RECENT_CLEARED_MS = 24 * 3_600_000  # a device page lists the alerts cleared this recently beside the open ones
+_DEVICE_ALERTS = 50
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,18 @@ def devices_page(request: Request, ctx: Web, operator: Authed, group: Text = "",
                       columns=pages.COLUMNS, page_sizes=sorted({*pages.PAGE_SIZES, limit}))
 
 
+def stored_alerts(ctx: WebContext, device_id: str, now_ms: int) -> list[dict[str, Any]] | None:
+    """The device's open alerts and those cleared in the last RECENT_CLEARED_MS, newest first, as the alert engine
+    stored them (None: this controller stores no alerts). The page shows these, never flags of its own making, so
+    it cannot contradict the alerts page or the API."""
+    if ctx.alerts is None:
+        return None
+    open_, _ = ctx.alerts.page("open", device_id=device_id, limit=_DEVICE_ALERTS)
+    cleared, _ = ctx.alerts.page("cleared", device_id=device_id, limit=_DEVICE_ALERTS)
+    recent = [a for a in cleared if (a.cleared_ms or 0) >= now_ms - RECENT_CLEARED_MS]
+    return [alert_row(a, now_ms) for a in sorted([*open_, *recent], key=lambda a: -a.id)]
+
+
 def _device_vars(ctx: WebContext, device_id: str, window: str, operator: Operator,
                  flash: tuple[str, str] | None = None) -> dict[str, Any]:
     device = ctx.device(device_id)
@@ -119,6 +134,7 @@ def _device_vars(ctx: WebContext, device_id: str, window: str, operator: Operato
     events_of = getattr(ctx.store, "device_events", None)  # beyond the contract: shown when the store has it
     return {"d": device, "charts": charts, "window": window, "windows": list(pages.WINDOWS), "now_ms": end,
             "alerts": ctx.config.alerts, "flash": flash, "csrf": csrf,
+            "stored_alerts": stored_alerts(ctx, device_id, end),
             "events": events_of(device_id, limit=10) if events_of is not None else [],
             "command_kinds": COMMAND_KINDS if ctx.commands is not None else (),
             "commands": ctx.queries.recent_commands(device_id, 10),

@@ -106,6 +106,9 @@ class TelemetryPointOut(_Out):
     slots_waiting: int | None = None
     queue_oldest_age_s: float | None = None
     battery_pct: float | None = None
+    tokens_per_s: float | None = Field(None, description="the model's recent local generation speed (rollups: the "
+                                                         "average of the samples that measured one); null: none "
+                                                         "measured")
 
 
 class TelemetryOut(BaseModel):

@@ -63,7 +63,10 @@ def served(tmp_path: Path) -> Iterator[Served]:
             fleet_pb2.Telemetry(device_id=device, bd_seq=1, seq=k % 256, ts_ms=now - 590_000 + k * 10_000,
                                 cpu_percent=30 + 25 * ((k * 7 + i) % 5) / 4, ram_total_mb=8192,
                                 ram_available_mb=5000 - 20 * k, temp_max_c=48 + k * 0.3 + i,
-                                thermal_level=fleet_pb2.THERMAL_LEVEL_LIGHT, throttle_ratio=1.0, queue_depth=k % 3)
+                                thermal_level=fleet_pb2.THERMAL_LEVEL_LIGHT, throttle_ratio=1.0, queue_depth=k % 3,
+                                model=fleet_pb2.ModelState(
+                                    name="gemma-3-270m", availability=fleet_pb2.MODEL_AVAILABILITY_AVAILABLE,
+                                    tokens_per_s=0.0 if 20 <= k < 26 else 18 + (k * 5 + i) % 7))  # 0: a gap
             for k in range(59)], now)
     token, token_hash = ensure_operator_token(tmp_path / "data")
     assert token is not None
@@ -107,7 +110,9 @@ def test_login_overview_device_charts_and_offline_transition(served: Served) -> 
 
             page.click('a[href="/devices/pi-kitchen"]')
             page.wait_for_selector("svg.chart polyline", timeout=5000)
-            assert page.locator("svg.chart").count() == 4  # temperature (thermal bands), CPU, RAM, queue depth
+            # temperature (thermal bands), CPU, RAM, generation speed, queue depth
+            assert page.locator("svg.chart").count() == 5
+            assert page.locator('svg.chart[aria-label="Generation speed"] polyline').count() == 2  # the gap splits it
             assert page.locator('svg.chart rect.band[data-band="light"]').count() >= 1
             page.screenshot(path=str(SCREENSHOT), full_page=True)
 

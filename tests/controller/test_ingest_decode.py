@@ -21,7 +21,8 @@ def full_telemetry() -> fleet_pb2.Telemetry:
         ram_available_mb=1024, swap_used_mb=1, disk_free_mb=9, temperatures_c={"cpu": 51.5}, temp_max_c=51.5,
         thermal_level=fleet_pb2.THERMAL_LEVEL_LIGHT, throttle_ratio=0.75, throttled=True, pi_throttled_flags=5,
         battery=fleet_pb2.Battery(present=True, percent=40, charging=True),
-        model=fleet_pb2.ModelState(name="tiny", availability=fleet_pb2.MODEL_AVAILABILITY_AVAILABLE, loaded=True),
+        model=fleet_pb2.ModelState(name="tiny", availability=fleet_pb2.MODEL_AVAILABILITY_AVAILABLE, loaded=True,
+                                   tokens_per_s=12.5),
         route_counts={"local": 3, "cloud": 1}, queue_depth=2, policy_version=9, gateway_reachable=True, replayed=True,
     )
 
@@ -32,6 +33,19 @@ def test_fast_path_equals_parse_on_agent_output() -> None:
                     json_format.MessageToJson(t, preserving_proto_field_name=True),
                     json_format.MessageToJson(t, use_integers_for_enums=True)):
         assert decode_telemetry(payload.encode(), "d1") == row_from_pb(t)
+    assert row_from_pb(t).tokens_per_s == 12.5
+
+
+@pytest.mark.parametrize("rate", ["0", "0.0", "-3.5", '"Infinity"', '"NaN"'])
+def test_no_measured_tokens_per_s_is_stored_as_null_by_both_paths(rate: str) -> None:
+    """0 is the agent's "no generation measured recently" (a negative or non-finite rate means nothing either):
+    NULL, so the chart shows a gap, not a zero; absent model or absent field alike."""
+    payload = b'{"tsMs": "5", "model": {"name": "m", "tokensPerS": %s}}' % rate.encode()
+    assert decode_telemetry(payload, "d1").tokens_per_s is None
+    assert row_from_pb(json_format.Parse(payload, fleet_pb2.Telemetry())).tokens_per_s is None
+    assert decode_telemetry(b'{"tsMs": "5", "model": {"name": "m"}}', "d1").tokens_per_s is None
+    assert decode_telemetry(b'{"tsMs": "5"}', "d1").tokens_per_s is None
+    assert decode_telemetry(b'{"tsMs": "5", "model": {"tokensPerS": 7.25}}', "d1").tokens_per_s == 7.25
 
 
 @pytest.mark.parametrize(
@@ -79,7 +93,8 @@ plausible = st.one_of(
     st.integers(-5, 300), st.integers(2**31, 2**64 + 5), st.floats(-1e39, 1e39, allow_nan=False),
     st.sampled_from(["1", "x", "THERMAL_LEVEL_SEVERE", "", "12345678901234567890", "NaN", "1.5"]),
     st.booleans(), st.none(),
-    st.dictionaries(st.sampled_from(["present", "percent", "charging", "name", "availability", "cpu", "x"]),
+    st.dictionaries(st.sampled_from(["present", "percent", "charging", "name", "availability", "tokensPerS",
+                                      "cpu", "x"]),
                     st.one_of(st.booleans(), st.floats(0, 100), st.integers(-1, 5), st.text(max_size=3)),
                     max_size=3),
     json_values,

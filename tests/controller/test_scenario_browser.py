@@ -121,7 +121,9 @@ async def test_operator_scenario_on_a_simulated_fleet(broker: Any, tmp_path: Pat
                 telemetry_to_screen = on_screen - arrived
                 print(f"telemetry to screen: {telemetry_to_screen:.3f} s")
                 assert telemetry_to_screen < 2.0
-                await page.wait_for_selector('#content [data-alert="thermal"]', timeout=10_000)  # the raised alert
+                # the raised alert, as stored: the device page lists the engine's alerts, not flags of its own
+                await page.wait_for_selector('#content .device-alerts tr[data-kind="thermal"][data-state="raised"]',
+                                             timeout=10_000)
                 assert await page.evaluate("performance.getEntriesByType('navigation').length") == 1  # no reload
                 await page.wait_for_selector(".alert-count", timeout=10_000)  # the header's count, live too
                 await _shot(page, artifacts, "06-device-hot")

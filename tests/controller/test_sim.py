@@ -76,6 +76,30 @@ def test_telemetry_template_is_exactly_the_proto3_json_an_agent_writes() -> None
     assert d.counters.skipped_offline > 0
 
 
+def test_simulated_devices_report_a_plausible_generation_speed_lower_when_throttled() -> None:
+    """`nanofleet up --simulate` charts tokens/s: a Pi-class rate while the device generated locally in the last
+    interval, 0 (no measurement: the proto's absent value) when it did not, and less while thermally throttled."""
+    import random
+
+    from nanofleet.sim_device import Counters, SimDevice
+
+    cool, hot = [], []
+    for i in range(40):
+        d = SimDevice("f", f"d-{i}", random.Random(i), "heatwave" if i % 2 else "steady", Counters())
+        for _ in range(30):
+            d.tick()
+            s = d.sample()
+            (hot if s.throttled else cool).append(s.model.tokens_per_s)
+    measured_cool = [r for r in cool if r]
+    assert hot and measured_cool and 0 in cool  # some intervals generated nothing locally
+    assert all(8 <= r <= 30 for r in measured_cool)
+    assert max(hot) < min(measured_cool)
+    d = SimDevice("f", "down", random.Random(1), "steady", Counters())
+    d.available = False
+    d.tick()
+    assert d.sample().model.tokens_per_s == 0  # no model, no speed
+
+
 async def test_a_device_follows_its_own_policy_refuses_others_and_answers_commands(broker, tmp_path: Path) -> None:
     import json
 

@@ -332,6 +332,7 @@ def test_a_store_file_of_the_previous_format_opens_and_is_migrated(tmp_path: Pat
     with Store(path) as store:
         later = [name for name, _step in migrations.MIGRATIONS[1:]]  # every step after 001, each once, in order
         assert later[:2] == ["002_telemetry_ts_index", "003_queue_telemetry"]
+        assert later[-1] == "010_telemetry_tokens_per_s"
         assert store.db.applied == later
         old_1 = store.get_device("old-1")
         assert old_1.bd_seq == 7 and old_1.slots_waiting == 0 and old_1.queue_counters == {}
@@ -383,3 +384,18 @@ def test_the_offline_queue_and_slot_waiting_are_stored_apart(tmp_path: Path) -> 
     with Store(tmp_path / "q.db") as store:  # the hot-column UPDATE wrote them to the file, not only the mirror
         d = store.get_device("d1")
         assert (d.queue_depth, d.slots_waiting, d.queue_counters["drained_cloud"]) == (0, 1, 8)
+
+
+def test_tokens_per_s_is_stored_raw_and_averaged_in_rollups_with_gaps_as_null(store: Store) -> None:
+    """model.tokens_per_s per telemetry row (NULL when the agent measured none: it reports 0), and the 1m / 1h
+    rollups' average over the measured samples only, so the long windows chart it too."""
+    store.write_status("f", birth("d1", 1), T0)
+    rates = [10.0, 20.0, 0.0, 0.0, 30.0]  # minutes 0,0,1,1,2: minute 1 measured nothing
+    store.write_telemetry("f", [tel("d1", 1, i, T0 + i * 30_000, model=fleet_pb2.ModelState(name="m", tokens_per_s=r))
+                                for i, r in enumerate(rates)], T0 + 150_000)
+    assert [p.tokens_per_s for p in store.telemetry("d1")] == [10.0, 20.0, None, None, 30.0]
+    flush_rollups(store)
+    assert [(r.ts_ms, r.tokens_per_s_avg) for r in store.rollups("d1", "1m")] == [
+        (T0, 15.0), (T0 + 60_000, None), (T0 + 120_000, 30.0)]
+    h = store.rollups("d1", "1h")
+    assert len(h) == 1 and h[0].tokens_per_s_avg == 20.0  # (10 + 20 + 30) / 3 measured samples, not / 5

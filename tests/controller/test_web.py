@@ -421,7 +421,8 @@ async def test_device_page_has_svg_charts(client: httpx.AsyncClient, token_and_h
     r = await client.get("/devices/pi-1", params={"window": "15m"})
     assert r.status_code == 200
     svgs = re.findall(r"<svg class=\"chart\".*?</svg>", r.text)
-    assert len(svgs) == 4 and all("<polyline" in s for s in svgs)  # temperature, CPU, RAM, queue depth
+    assert len(svgs) == 5  # temperature, CPU, RAM, generation speed, queue depth
+    assert all("<polyline" in s for s in svgs if 'aria-label="Generation speed"' not in s)  # pi-1: no tokens/s
     assert 'class="band" data-band="light"' in svgs[0]  # pi-1 ran at thermal level light: the band behind
     assert "(none published to it)" in re.search(r"<dd data-policy=\"7\">(.*?)</dd>", r.text).group(1)
     assert "CPU — last 25.0 %" in r.text and "bdSeq 1" in r.text and "State changes" in r.text
@@ -430,7 +431,7 @@ async def test_device_page_has_svg_charts(client: httpx.AsyncClient, token_and_h
     r = await client.post("/api/devices/pi-1/commands", json={"kind": "ping"}, headers=bearer(token_and_hash))
     assert r.status_code in (404, 405)
     empty = await client.get("/devices/pi-2")
-    assert empty.text.count("no data in this window") == 3
+    assert empty.text.count("no data in this window") == 4
 
 
 async def test_device_controlled_strings_are_escaped(tmp_path: Path, token_and_hash) -> None:
