@@ -213,6 +213,7 @@ class ControllerService:
     async def _start_web(self, listen: str) -> None:
         import uvicorn
 
+        from nanofleet.controller.artifacts import ArtifactStore
         from nanofleet.controller.auth import ensure_operator_token
         from nanofleet.controller.web.app import create_app
 
@@ -221,7 +222,8 @@ class ControllerService:
         if token:
             self.echo(f"operator token: {token}  (shown once; stored hashed in {self.data_dir})")
         app = create_app(self.store, self.config, operator_token_hash=token_hash, commands=self.commands,
-                         usage_db=self.usage_db, status=self.status)
+                         usage_db=self.usage_db, status=self.status,
+                         artifacts=ArtifactStore(self.data_dir / "artifacts"))
         host, port = listen.rsplit(":", 1)
 
         class _Server(uvicorn.Server):

@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "controller": "nanofleet.controller.cli:controller",
     "devices": "nanofleet.controller.cli:devices",
     "policy": "nanofleet.controller.cli:policy",
+    "artifacts": "nanofleet.controller.artifacts_cli:artifacts",
     "enroll": "nanofleet.controller.enroll:enroll",
     "gateway": "nanofleet.controller.gateway.cli:gateway",
     "sim": "nanofleet.sim:sim",

@@ -50,16 +50,18 @@ def sha256_file(path: Path) -> str:
 
 def pull(
     url: str, dest: Path, sha256: str, *, progress: Progress | None = None, retries: int = 5,
-    timeout: float = 30.0, backoff: float = 0.2,
+    timeout: float = 30.0, backoff: float = 0.2, headers: dict[str, str] | None = None,
 ) -> Path:
-    """Fetch `url` into `dest` unless it is already there. A cut connection resumes from the partial file."""
+    """Fetch `url` into `dest` unless it is already there. A cut connection resumes from the partial file, and so
+    does a new call after the process died mid-download (the `.part` file stays). `headers`: e.g. the device
+    token for the controller's artifact store."""
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
     failures = 0
     delays = Backoff(backoff, _BACKOFF_CAP_S)  # the project's one rule (nanofleet.backoff): capped, with jitter
-    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+    with httpx.Client(timeout=timeout, follow_redirects=True, headers=headers) as client:
         while True:
             try:
                 if _fetch(client, url, part, progress):
@@ -93,7 +95,8 @@ def _fetch(client: httpx.Client, url: str, part: Path, progress: Progress | None
             if start != str(offset):
                 raise DownloadError(f"{url}: server resumed at {start!r}, expected byte {offset}")
         else:
-            raise DownloadError(f"{url}: HTTP {r.status_code}")
+            detail = r.read()[:300].decode("utf-8", "replace").strip()
+            raise DownloadError(f"{url}: HTTP {r.status_code}" + (f": {detail}" if detail else ""))
         length = r.headers.get("content-length")
         total = offset + int(length) if length and length.isdigit() else None
         done = offset

@@ -13,6 +13,7 @@ thread pool, off the event loop).
                    /openapi.json,
                    /metrics                                   (Prometheus text format)
     routes_api     /api/...                                   (REST API, docs/rest-api.md)
+    routes_artifacts /artifacts/{sha256}                      (devices' downloads: gateway token, Range)
     errors         the error edge; context: WebContext and the dependencies every route takes
 """
 
@@ -29,11 +30,12 @@ from typing import Any
 from fastapi import FastAPI
 
 from nanofleet.config import FleetConfig
+from nanofleet.controller.artifacts import ArtifactStore, DeviceTokens
 from nanofleet.controller.errors import StoreError
 from nanofleet.controller.metrics import registry_for
 from nanofleet.protos.names import COMMAND_KINDS
 
-from . import routes_api, routes_auth, routes_pages
+from . import routes_api, routes_artifacts, routes_auth, routes_pages
 from .context import Commands, FleetReader, UsageReader, WebContext
 from .errors import install_error_handlers
 from .openapi_doc import document_errors
@@ -56,9 +58,11 @@ def create_app(
     refresh_s: int = 3,
     clock: Callable[[], float] = time.time,
     status: Callable[[], Mapping[str, Any]] | None = None,
+    artifacts: ArtifactStore | None = None,
 ) -> FastAPI:
     """Build the dashboard + API app. `session_secret` defaults to a random per-process key (sessions end on
-    restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status()."""
+    restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status();
+    `artifacts` are served to devices whose gateway token (in `usage_db`, the gateway's db) is active."""
 
     def now_ms() -> int:
         return int(clock() * 1000)
@@ -75,7 +79,8 @@ def create_app(
     usage = UsageReader(Path(usage_db) if usage_db is not None else None)
     ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms),
                      signer=signer, now_ms=now_ms, commands=commands, usage=usage, session_ttl_s=session_ttl_s,
-                     refresh_s=refresh_s, status=status, errors=errors)
+                     refresh_s=refresh_s, status=status, errors=errors, artifacts=artifacts,
+                     device_tokens=DeviceTokens(Path(usage_db), config.fleet) if usage_db is not None else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -98,6 +103,7 @@ def create_app(
     app.include_router(routes_auth.router)
     app.include_router(routes_pages.router)
     app.include_router(routes_api.router)
+    app.include_router(routes_artifacts.router)
     if commands is not None:
         app.include_router(routes_api.commands_router)
 

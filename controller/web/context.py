@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from nanofleet.config import FleetConfig
+from nanofleet.controller.artifacts import ArtifactStore, DeviceTokens
 from nanofleet.controller.commands import CommandError, UnknownCommand
 from nanofleet.controller.queries import Overview, Queries, SlowFigures, with_slow
 from nanofleet.controller.summary import Cached
@@ -96,6 +97,9 @@ class WebContext:
     refresh_s: int
     errors: Counter[str] = dataclasses.field(default_factory=Counter)  # answers given for bugs, by code
     status: Callable[[], Mapping[str, Any]] | None = None  # ControllerService.status, when a service runs us
+    artifacts: ArtifactStore | None = None      # served at /artifacts/{sha256} (routes_artifacts.py)
+    device_tokens: DeviceTokens | None = None   # who may fetch them: the gateway's device tokens
+    artifact_counts: Counter[str] = dataclasses.field(default_factory=Counter)  # served, denied, not_found, …
     queries: Queries = dataclasses.field(init=False)
     # the overview's fleet-wide aggregates: the fast-moving ones at most 1 s old, the costly slow ones 10 s
     summary: Cached[Overview] = dataclasses.field(init=False)
