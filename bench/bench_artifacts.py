@@ -126,7 +126,7 @@ def run() -> dict[str, Any]:
                 _wait(url)
             auth = {"controller": {"Authorization": f"Bearer {token}"}}
             figures: dict[str, float] = {}
-            for rnd in range(2):  # interleaved twice; the better round of each counts (less noise from neighbours)
+            for _round in range(2):  # interleaved twice; the better round of each counts (less noise from neighbours)
                 for name, url in urls.items():
                     mbs = _whole(url, auth.get(name, {}))
                     figures[f"{name}_whole_MBps"] = max(figures.get(f"{name}_whole_MBps", 0), round(mbs, 1))
@@ -138,7 +138,8 @@ def run() -> dict[str, Any]:
                 p.terminate()
             for p in procs:
                 p.wait(10)
-    md = ("| server | whole 64 MB downloads, MB/s (4 at once) | 1 MB ranged reads, req/s (8 at once) |\n|---|---:|---:|\n"
+    md = ("| server | whole 64 MB downloads, MB/s (4 at once) | 1 MB ranged reads, req/s (8 at once) |\n"
+          "|---|---:|---:|\n"
           + "\n".join(f"| {n} | {figures[f'{n}_whole_MBps']} | {figures.get(f'{n}_ranged_rps', '— (no Range)')} |"
                       for n in urls))
     return {"name": "bench_artifacts", "figures": figures, "markdown": md}
