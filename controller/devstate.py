@@ -31,6 +31,7 @@ _COLUMNS = (
     "model_availability", "policy_version", "cpu_percent", "ram_total_mb", "ram_available_mb", "temp_max_c",
     "thermal_level", "throttled", "battery_pct", "charging", "queue_depth", "route_counts", "rejected_count",
     "gap_count", "telemetry_interval_s", "status_json", "slots_waiting", "queue_oldest_age_s", "queue_counters",
+    "model_report",
 )
 _encode = msgspec.json.Encoder().encode  # ~10x json.dumps on a small dict: this runs per message
 _UPSERT = f"INSERT OR REPLACE INTO devices ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -39,9 +40,19 @@ _HOT = (
     "state", "last_seen_ms", "bd_seq", "gap_count", "rejected_count", "cpu_percent", "ram_total_mb",
     "ram_available_mb", "temp_max_c", "thermal_level", "throttled", "battery_pct", "charging", "queue_depth",
     "route_counts", "policy_version", "model_name", "model_availability", "slots_waiting", "queue_oldest_age_s",
-    "queue_counters",
+    "queue_counters", "model_report",
 )
 _UPDATE_HOT = f"UPDATE devices SET {', '.join(c + ' = ?' for c in _HOT)} WHERE device_id = ?"
+
+
+def model_report(m: Any) -> str | None:
+    """A ModelState's rollout figures (a proto message or decode.py's Struct: same field names) as compact JSON for
+    the `devices.model_report` column (controller/rollouts.py reads it); None when it reports no update yet."""
+    if not m.sha256 and not m.update_state:
+        return None
+    return _encode({"sha": m.sha256, "state": m.update_state, "usha": m.update_sha256, "why": m.update_reason,
+                    "prev": m.previous_sha256, "req": m.requests, "err": m.errors, "p95": m.p95_latency_ms,
+                    "tps": m.tokens_per_s}).decode()
 
 
 def availability_name(value: int) -> str:
@@ -77,6 +88,7 @@ class TelemetryRow(NamedTuple):
     slots_waiting: int = 0  # requests waiting for a local model slot (queue_depth is the offline queue)
     queue_oldest_age_s: float = 0.0
     queue_counters: dict[str, int] | None = None
+    model_report: str | None = None  # model_report(): the model's sha256, update outcome and gate figures
 
 
 def row_from_pb(t: fleet_pb2.Telemetry) -> TelemetryRow:
@@ -89,7 +101,7 @@ def row_from_pb(t: fleet_pb2.Telemetry) -> TelemetryRow:
         t.battery.charging if has_battery else None, t.queue_depth, t.policy_version,
         dict(t.route_counts) if t.route_counts else None, t.model.name if has_model else None,
         availability_name(t.model.availability) if has_model else None, t.slots_waiting, t.queue_oldest_age_s,
-        dict(t.queue_counters) if t.queue_counters else None,
+        dict(t.queue_counters) if t.queue_counters else None, model_report(t.model) if has_model else None,
     )
 
 
@@ -150,6 +162,7 @@ class _Dev:
     slots_waiting: int
     queue_oldest_age_s: float
     queue_counters: str  # JSON
+    model_report: str  # JSON
 
     def __init__(self, values: dict[str, Any]) -> None:
         for name in _COLUMNS:
@@ -166,7 +179,7 @@ class _Dev:
             "cpu_percent": 0.0, "ram_total_mb": 0, "ram_available_mb": 0, "temp_max_c": None, "thermal_level": 0,
             "throttled": 0, "battery_pct": None, "charging": None, "queue_depth": 0, "route_counts": "{}",
             "rejected_count": 0, "gap_count": 0, "telemetry_interval_s": 10.0, "status_json": "{}",
-            "slots_waiting": 0, "queue_oldest_age_s": 0.0, "queue_counters": "{}",
+            "slots_waiting": 0, "queue_oldest_age_s": 0.0, "queue_counters": "{}", "model_report": "{}",
         })
 
     row = property(operator.attrgetter(*_COLUMNS))  # the devices-table row, in column order
@@ -289,6 +302,8 @@ class DeviceStates:
             dev.route_counts = _encode(r.route_counts).decode()
         if r.model_name is not None:
             dev.model_name, dev.model_availability = r.model_name, r.model_availability or "unspecified"
+        if r.model_report is not None:
+            dev.model_report = r.model_report
 
     def _status(self, out: BatchOutcome, dev: _Dev, s: fleet_pb2.DeviceStatus, at: int, created: bool) -> bool:
         """Apply a birth or death; False when it is stale (an older session's) and changes nothing."""
@@ -303,6 +318,7 @@ class DeviceStates:
             dev.agent_version = s.agent_version
             if s.HasField("model"):
                 dev.model_name, dev.model_availability = s.model.name, availability_name(s.model.availability)
+                dev.model_report = model_report(s.model) or dev.model_report
             if s.hardware.ram_total_mb:
                 dev.ram_total_mb = s.hardware.ram_total_mb
             if s.policy_version:

@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from nanofleet.config import FleetConfig, Profile
+from nanofleet.controller.rollout_store import desired_models
 from nanofleet.controller.store import Store
 from nanofleet.controller.views import PublishedPolicy
 from nanofleet.mqtt import Publisher
@@ -27,9 +28,14 @@ from nanofleet.protos import fleet_pb2, topics
 _VOLATILE = ("version", "issued_at_ms")
 
 
-def compile_policy(config: FleetConfig, device_id: str, version: int, issued_at_ms: int = 0) -> fleet_pb2.RoutingPolicy:
-    return compile_profile(config, config.profile_for(device_id), config.group_of(device_id), device_id, version,
-                           issued_at_ms)
+def compile_policy(config: FleetConfig, device_id: str, version: int, issued_at_ms: int = 0,
+                   model: tuple[str, str] | None = None) -> fleet_pb2.RoutingPolicy:
+    """`model`: (source, sha256) a rollout wants on this device instead of fleet.yaml's (controller/rollouts.py)."""
+    policy = compile_profile(config, config.profile_for(device_id), config.group_of(device_id), device_id, version,
+                             issued_at_ms)
+    if model is not None:
+        policy.model_source, policy.model_sha256 = model
+    return policy
 
 
 def group_policy(config: FleetConfig, group: str) -> fleet_pb2.RoutingPolicy:
@@ -85,11 +91,14 @@ def diff(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, ...]:
     return tuple(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
 
 
-def plan(config: FleetConfig, device_ids: Iterable[str], published: dict[str, PublishedPolicy]) -> list[PolicyChange]:
-    """Pure: which devices need a new policy, and what changed for each (version still 0)."""
+def plan(config: FleetConfig, device_ids: Iterable[str], published: dict[str, PublishedPolicy],
+         models: dict[str, tuple[str, str]] | None = None) -> list[PolicyChange]:
+    """Pure: which devices need a new policy, and what changed for each (version still 0). `models`: the rollouts'
+    models per device (rollout_store.desired_models), which take the place of fleet.yaml's."""
     out = []
+    models = models or {}
     for device_id in sorted(set(device_ids)):
-        policy = compile_policy(config, device_id, 0)
+        policy = compile_policy(config, device_id, 0, model=models.get(device_id))
         last = published.get(device_id)
         if last is not None and last.content_hash == content_hash(policy):
             continue
@@ -139,5 +148,5 @@ async def apply(client: Publisher, store: Store, config: FleetConfig,
     published = await asyncio.to_thread(store.published_policies)
     if new_only:
         ids -= published.keys()
-    changes = plan(config, ids, published)
+    changes = plan(config, ids, published, await asyncio.to_thread(desired_models, store))
     return await publish(client, store, changes), changes

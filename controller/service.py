@@ -27,6 +27,7 @@ from nanofleet.controller import policy
 from nanofleet.controller.commands import CommandError, CommandService
 from nanofleet.controller.ingest import Ingest
 from nanofleet.controller.metrics import registry_for
+from nanofleet.controller.rollout_engine import RolloutEngine
 from nanofleet.controller.store import BatchOutcome, Store
 from nanofleet.mqtt import MqttError
 from nanofleet.tasks import TaskSupervisor
@@ -50,6 +51,7 @@ class ControllerService:
         telemetry_qos: int = 1,
         ingest_reader: Literal["paho", "builtin"] | None = None,
         echo: Callable[[str], None] = print,
+        rollout_every_s: float = 2.0,
     ) -> None:
         self.config, self.data_dir = config, Path(data_dir)
         self.broker_url = broker_url or config.broker.url
@@ -58,6 +60,8 @@ class ControllerService:
         self.sweep_every_s, self.telemetry_qos, self.echo = sweep_every_s, telemetry_qos, echo
         self.ingest_reader = ingest_reader or config.controller.ingest_reader
         self.store: Store | None = None
+        self.rollout_every_s = rollout_every_s
+        self.rollouts: RolloutEngine | None = None
         self.ingest: Ingest | None = None
         self.commands: CommandService | None = None
         self.policy_rounds = 0
@@ -86,6 +90,8 @@ class ControllerService:
         self.commands = CommandService(self.ingest.client, self.config.fleet)
         await self.ingest.start()
         self.tasks.spawn(self._sweep, "sweep", on_death="restart")
+        self.rollouts = RolloutEngine(store, self.config, self.ingest.client, every_s=self.rollout_every_s)
+        self.tasks.spawn(self.rollouts.run, "rollouts", on_death="restart")
         if self.listen:
             await self._start_web(self.listen)
         self.started_at = time.time()
@@ -140,6 +146,7 @@ class ControllerService:
             "ingest": None if ingest is None else {**ingest.stats.as_dict(), "backlog": ingest.backlog},
             "transport": None if ingest is None else ingest.transport_status(),
             "commands": None if self.commands is None else dict(self.commands.counters),
+            "rollouts": None if self.rollouts is None else dict(self.rollouts.counts),
             "store": None if store is None else {
                 "commit_errors": store.db.commit_errors, "housekeeping_errors": store.db.housekeeping_errors,
                 "checkpoint_errors": store.db.checkpoint_errors, "state_reloads": store.reloads},

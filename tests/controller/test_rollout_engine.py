@@ -1,0 +1,109 @@
+"""Rollouts end to end on a real mosquitto: the controller's rollout task over the store, simulated devices that
+switch to the model their retained policy names (and report it as agents do), real SQLite. A good rollout reaches
+every eligible device step by step while a pinned one is left alone and an offline one catches up on return; canaries
+that fail requests roll it back, and the rest of the group never receives the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ctl_helpers import fleet, until
+from google.protobuf import json_format
+
+from nanofleet.controller import rollout_store as rs
+from nanofleet.controller.artifacts import ArtifactStore
+from nanofleet.controller.rollouts import Rollout
+from nanofleet.controller.service import ControllerService
+from nanofleet.protos import fleet_pb2
+from nanofleet.sim import Simulation
+
+GROUPS = "groups:\n  kiosks: {match: ['sim-*', 'late-*']}\n"
+
+
+async def _setup(name: str, broker_url: str, tmp_path: Path, tiny_gguf: Path, n: int,
+                 ) -> tuple[ControllerService, Simulation, str]:
+    svc = await ControllerService(fleet(name, broker_url, GROUPS), tmp_path / "ctl", rollout_every_s=0.1,
+                                  echo=lambda line: None).start()
+    sim = await Simulation(broker_url, n, fleet=name, interval_s=0.2, data_dir=tmp_path / "sim").start()
+    await sim.wait_connected(20)
+    assert svc.store is not None
+    store = svc.store
+    await until(lambda: len([d for d in rs.group_reports(store, "kiosks") if d.online]) == n, 20,
+                "every simulated device online in its group")
+    sha = ArtifactStore(tmp_path / "ctl" / "artifacts").add_file(tiny_gguf, "tiny").sha256
+    return svc, sim, sha
+
+
+def _rollout(sha: str, steps: tuple[int, ...], gate: str = "errors<2%,thermal<severe") -> Rollout:
+    return Rollout(0, "kiosks", f"http://127.0.0.1:8080/artifacts/{sha}", sha, "builtin:tiny-test", "", steps,
+                   gate, bake_s=0.6)
+
+
+async def test_a_good_rollout_reaches_the_group_pinned_left_alone_offline_catches_up(
+        broker, tmp_path: Path, tiny_gguf: Path) -> None:
+    svc, sim, sha = await _setup("ro1", broker.url, tmp_path, tiny_gguf, 12)
+    late = await Simulation(broker.url, 1, fleet="ro1", interval_s=0.2, prefix="late",
+                            data_dir=tmp_path / "late").start()
+    store = svc.store
+    assert store is not None
+    try:
+        await late.wait_connected(10)
+        await until(lambda: any(d.device_id == "late-0000" and d.online for d in rs.group_reports(store, "kiosks")),
+                    10, "the late device online")
+        await late.stop()  # offline for the whole rollout
+        await until(lambda: any(d.device_id == "late-0000" and not d.online
+                                for d in rs.group_reports(store, "kiosks")), 10, "the late device offline")
+        rs.pin(store, "sim-0003", "kept on the old model for a customer")
+        r = rs.create(store, _rollout(sha, (10, 50, 100)))
+        await until(lambda: (got := rs.get(store, r.id)) is not None and not got.active, 60, "the rollout to end")
+        done = rs.get(store, r.id)
+        assert done is not None and done.state == "done", done
+        assert [s["gate"] for s in done.step_results] == ["passed"] * 3
+        kinds = [e.kind for e in rs.events(store, r.id)]
+        assert kinds[0] == "started" and kinds[-1] == "done" and kinds.count("step_passed") == 3
+        on = {d.device_id for d in sim.devices if d.model_sha256 == sha}
+        assert on == {d.device_id for d in sim.devices} - {"sim-0003"}
+        assert next(d for d in sim.devices if d.device_id == "sim-0003").switches == 0
+        # the late device returns and takes its retained policy, with the model
+        back = await Simulation(broker.url, 1, fleet="ro1", interval_s=0.2, prefix="late",
+                                data_dir=tmp_path / "late").start()
+        try:
+            await until(lambda: back.devices[0].model_sha256 == sha, 10, "the late device catching up")
+            await until(lambda: any(d.device_id == "late-0000" and d.sha256 == sha
+                                    for d in rs.group_reports(store, "kiosks")), 10, "its report stored")
+        finally:
+            await back.stop()
+        # a later `policy apply` of the same fleet.yaml keeps the rollout's model (it rides every compilation)
+        from nanofleet.controller import policy as pol
+        changes = pol.plan(svc.config, ["sim-0001"], store.published_policies(), rs.desired_models(store))
+        assert changes == []
+    finally:
+        await sim.stop()
+        await svc.stop()
+
+
+async def test_canaries_failing_requests_roll_back_and_the_rest_never_receive_it(
+        broker, tmp_path: Path, tiny_gguf: Path) -> None:
+    svc, sim, sha = await _setup("ro2", broker.url, tmp_path, tiny_gguf, 20)
+    store = svc.store
+    assert store is not None
+    for d in sim.devices:
+        d.bad_models[sha] = 0.5  # half of the local requests on the new model fail
+    try:
+        r = rs.create(store, _rollout(sha, (10, 50, 100)))
+        await until(lambda: (got := rs.get(store, r.id)) is not None and not got.active, 60, "the rollout to end")
+        done = rs.get(store, r.id)
+        assert done is not None and done.state == "rolled_back"
+        assert done.reason.startswith("gate failed at step 1 (10%): errors<2%: canaries' errors"), done.reason
+        canaries = {d.device_id for d in sim.devices if d.switches}
+        assert len(canaries) == 2  # 10 % of 20
+        await until(lambda: all(d.model_sha256 == "" for d in sim.devices), 10, "the canaries back on the old model")
+        assert all(d.switches == 2 for d in sim.devices if d.device_id in canaries)
+        for device_id, p in store.published_policies().items():  # the others' policies never named the model
+            if device_id not in canaries:
+                assert json_format.Parse(p.policy_json, fleet_pb2.RoutingPolicy()).model_sha256 == ""
+        assert rs.desired_models(store) == {}
+        assert svc.status()["rollouts"]["rolled_back"] == 1
+    finally:
+        await sim.stop()
+        await svc.stop()
