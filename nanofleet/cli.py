@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "devices": "nanofleet.controller.cli:devices",
     "policy": "nanofleet.controller.cli:policy",
     "artifacts": "nanofleet.controller.artifacts_cli:artifacts",
+    "rollout": "nanofleet.controller.rollout_cli:rollout",
     "enroll": "nanofleet.controller.enroll:enroll",
     "gateway": "nanofleet.controller.gateway.cli:gateway",
     "sim": "nanofleet.sim:sim",

@@ -1,0 +1,68 @@
+"""`nanofleet rollout …` with click's runner over a real store file: inputs refused with the flag and term named,
+the state changes an operator makes (pause, resume, abort) and what `status` prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from nanofleet.cli import main
+from nanofleet.controller import rollout_store as rs
+from nanofleet.controller.artifacts import ArtifactStore
+from nanofleet.controller.rollouts import DeviceReport, advance
+from nanofleet.controller.store import Store
+
+
+def _setup(tmp_path: Path, tiny_gguf: Path) -> tuple[Path, Path, str]:
+    data = tmp_path / "ctl"
+    Store(data / "controller.db").close()
+    sha = ArtifactStore(data / "artifacts").add_file(tiny_gguf, "tiny").sha256
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text("fleet: demo\ncontroller: {listen: '10.0.0.5:8080'}\ngroups:\n  kiosks: {match: ['k-*']}\n")
+    return data, cfg, sha
+
+
+def test_start_status_pause_resume_abort_and_pin(tmp_path: Path, tiny_gguf: Path) -> None:
+    data, cfg, sha = _setup(tmp_path, tiny_gguf)
+    run = CliRunner().invoke
+    common = ["--config", str(cfg), "--data-dir", str(data)]
+    r = run(main, ["rollout", "start", "--group", "nope", "--model", "tiny", *common])
+    assert r.exit_code == 2 and "unknown group 'nope' (groups: kiosks)" in r.output
+    r = run(main, ["rollout", "start", "--group", "kiosks", "--model", "tiny", "--gate", "errors<2%,heat<9", *common])
+    assert r.exit_code == 1 and "--gate term 'heat<9': unknown metric 'heat'" in r.output
+    r = run(main, ["rollout", "start", "--group", "kiosks", "--model", "tiny", "--steps", "5,50", *common])
+    assert r.exit_code == 1 and "the last step must be 100" in r.output
+    r = run(main, ["rollout", "start", "--group", "kiosks", "--model", "missing", *common])
+    assert r.exit_code == 1 and "no artifact named 'missing'" in r.output
+    r = run(main, ["rollout", "start", "--group", "kiosks", "--model", "tiny", "--bake", "1m", *common])
+    assert r.exit_code == 0 and r.output.startswith("rollout 1: tiny") and "bake 60 s" in r.output
+    with Store(data / "controller.db") as store:
+        ro = rs.get(store, 1)
+        assert ro is not None and ro.target_source == f"http://10.0.0.5:8080/artifacts/{sha}"
+        assert ro.baseline_source == "builtin:tiny-test"
+    r = run(main, ["rollout", "start", "--group", "kiosks", "--model", "tiny", *common])
+    assert r.exit_code == 1 and "rollout 1 is still running" in r.output
+    r = run(main, ["rollout", "status", "--data-dir", str(data)])
+    assert r.exit_code == 0 and "rollout 1 group kiosks: running" in r.output and "step 1   5%" in r.output
+    assert "started:" in r.output
+    dd = ["--data-dir", str(data)]
+    assert run(main, ["rollout", "resume", "1", *dd]).output.strip().endswith("rollout 1 is running: cannot resume it")
+    assert run(main, ["rollout", "pause", "1", *dd]).output.strip() == "rollout 1: paused"
+    assert run(main, ["rollout", "resume", "1", *dd]).output.strip() == "rollout 1: running"
+    assert run(main, ["rollout", "abort", "1", *dd]).output.strip() == "rollout 1: aborting"
+    with Store(data / "controller.db") as store:  # the engine's next tick ends it
+        ro = rs.get(store, 1)
+        assert ro is not None
+        out = advance(ro, [DeviceReport("k-1", True)], set(), 0)
+        assert out.rollout.state == "aborted" and out.events == [("aborted", "aborted by the operator")]
+        rs.save(store, out.rollout, out.events, expect=ro)
+    r = run(main, ["rollout", "status", "1", *dd])
+    assert "rollout 1 group kiosks: aborted (aborted by the operator)" in r.output
+    assert run(main, ["rollout", "abort", "1", *dd]).exit_code == 1
+    assert run(main, ["rollout", "status", "9", *dd]).output.strip().endswith("no rollout 9")
+    assert run(main, ["rollout", "pin", "k-7", "--note", "customer", *dd]).output.strip() == "k-7: pinned"
+    assert run(main, ["rollout", "unpin", "k-7", *dd]).output.strip() == "k-7: unpinned"
+    assert run(main, ["rollout", "unpin", "k-7", *dd]).output.strip() == "k-7: was not pinned"
+    r = run(main, ["rollout", "status", "--data-dir", str(tmp_path / "nowhere")])
+    assert r.exit_code == 1 and "--data-dir: no controller state" in r.output
