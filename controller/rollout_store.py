@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from nanofleet.controller.rollouts import ACTIVE, DeviceReport, Rollout, RolloutInputError
 from nanofleet.controller.store import Store
 
-__all__ = ["RolloutEvent", "active", "create", "desired_models", "events", "get", "group_reports", "latest",
+T = TypeVar("T")
+
+
+class Reader(Protocol):
+    """What the read functions need: the Store's `read` (the web app's FleetReader has it too)."""
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+
+__all__ = ["Reader", "RolloutEvent", "active", "create", "desired_models", "events", "get", "group_reports", "latest",
            "list_all", "pin", "pins", "save", "unpin"]
 
 
@@ -78,37 +88,37 @@ def save(store: Store, r: Rollout, new_events: list[tuple[str, str]],
     return store.submit(run).result()
 
 
-def _rollouts(store: Store, where: str, args: tuple[object, ...] = ()) -> list[Rollout]:
+def _rollouts(store: Reader, where: str, args: tuple[object, ...] = ()) -> list[Rollout]:
     rows = store.read(lambda c: c.execute(f"SELECT state_json FROM rollouts {where}", args).fetchall())
     return [Rollout.from_json(t) for (t,) in rows]
 
 
-def active(store: Store) -> list[Rollout]:
+def active(store: Reader) -> list[Rollout]:
     return _rollouts(store, "WHERE active = 1 ORDER BY id")
 
 
-def list_all(store: Store, limit: int = 50) -> list[Rollout]:
+def list_all(store: Reader, limit: int = 50) -> list[Rollout]:
     return _rollouts(store, "ORDER BY id DESC LIMIT ?", (limit,))
 
 
-def get(store: Store, rollout_id: int) -> Rollout | None:
+def get(store: Reader, rollout_id: int) -> Rollout | None:
     found = _rollouts(store, "WHERE id = ?", (rollout_id,))
     return found[0] if found else None
 
 
-def latest(store: Store, group: str | None = None) -> Rollout | None:
+def latest(store: Reader, group: str | None = None) -> Rollout | None:
     found = (_rollouts(store, "WHERE grp = ? ORDER BY id DESC LIMIT 1", (group,)) if group
              else _rollouts(store, "ORDER BY id DESC LIMIT 1"))
     return found[0] if found else None
 
 
-def events(store: Store, rollout_id: int) -> list[RolloutEvent]:
+def events(store: Reader, rollout_id: int) -> list[RolloutEvent]:
     rows = store.read(lambda c: c.execute("SELECT rollout_id, ts_ms, kind, detail FROM rollout_events "
                                           "WHERE rollout_id = ? ORDER BY id", (rollout_id,)).fetchall())
     return [RolloutEvent(*r) for r in rows]
 
 
-def pins(store: Store) -> set[str]:
+def pins(store: Reader) -> set[str]:
     return {d for (d,) in store.read(lambda c: c.execute("SELECT device_id FROM rollout_pins").fetchall())}
 
 
@@ -122,12 +132,12 @@ def unpin(store: Store, device_id: str) -> bool:
                                                  (device_id,)).rowcount).result())
 
 
-def desired_models(store: Store) -> dict[str, tuple[str, str]]:
+def desired_models(store: Reader) -> dict[str, tuple[str, str]]:
     rows = store.read(lambda c: c.execute("SELECT device_id, source, sha256 FROM rollout_models").fetchall())
     return {d: (src, sha) for d, src, sha in rows}
 
 
-def group_reports(store: Store, group: str) -> list[DeviceReport]:
+def group_reports(store: Reader, group: str) -> list[DeviceReport]:
     rows = store.read(lambda c: c.execute(
         "SELECT d.device_id, d.state, d.model_report, d.thermal_level FROM devices d "
         "JOIN device_groups g ON g.device_id = d.device_id WHERE g.grp = ? ORDER BY d.device_id",

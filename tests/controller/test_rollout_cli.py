@@ -66,3 +66,34 @@ def test_start_status_pause_resume_abort_and_pin(tmp_path: Path, tiny_gguf: Path
     assert run(main, ["rollout", "unpin", "k-7", *dd]).output.strip() == "k-7: was not pinned"
     r = run(main, ["rollout", "status", "--data-dir", str(tmp_path / "nowhere")])
     assert r.exit_code == 1 and "--data-dir: no controller state" in r.output
+
+
+async def test_the_rollouts_page_shows_progress_per_step(tmp_path: Path, tiny_gguf: Path) -> None:
+    import dataclasses
+
+    import httpx
+
+    from nanofleet.config import parse_fleet
+    from nanofleet.controller.auth import ensure_operator_token
+    from nanofleet.controller.rollouts import Rollout
+    from nanofleet.controller.web.app import create_app
+
+    data, _, sha = _setup(tmp_path, tiny_gguf)
+    token, token_hash = ensure_operator_token(data)
+    with Store(data / "controller.db") as store:
+        r = rs.create(store, Rollout(0, "kiosks", f"http://c/artifacts/{sha}", sha, "builtin:tiny-test", "",
+                                     (50, 100), "errors<2%", 0))
+        done = dataclasses.replace(r, step=1, step_results=[{"step": 50, "devices": 2, "applied": 2, "failed": 0,
+                                                             "canary": {"errors_pct": 0.5, "p95_ms": 41.0},
+                                                             "baseline": {}, "gate": "passed"}])
+        rs.save(store, done, [("step_passed", "step 1 (50%) passed the gate errors<2%")], expect=r)
+        rs.pin(store, "k-9")
+        app = create_app(store, parse_fleet("fleet: demo\ngroups:\n  kiosks: {match: ['k-*']}\n"),
+                         operator_token_hash=token_hash)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            assert (await c.get("/rollouts")).status_code == 303  # the login page for a browser without a session
+            page = (await c.get("/rollouts", headers={"Authorization": f"Bearer {token}"})).text
+    assert f'data-rollout="{r.id}" data-state="running"' in page
+    assert 'data-step="50" data-step-state="passed"' in page and "errors 0.5 %, p95 41.0 ms" in page
+    assert 'data-step="100" data-step-state="running"' in page
+    assert "step_passed" in page and "k-9" in page and '<a href="/rollouts">Rollouts</a>' in page
