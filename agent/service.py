@@ -303,6 +303,8 @@ class AgentService:
             serving = self._serve_task
             if serving is not None and not serving.done():
                 await asyncio.wait({serving}, timeout=10)  # uvicorn's own graceful shutdown (3 s for requests)
+        if self.updater is not None:
+            self.updater.cancel()  # a download runs in a worker thread: cancelling its task alone would not end it
         await self.tasks.stop()
         remove_socket(self.settings.socket_path, self._inode)
         await asyncio.to_thread(self.queue.close)

@@ -13,6 +13,7 @@ from pathlib import Path
 class Served:
     start: int
     sent: int = 0
+    closed: bool = False  # the answer ended: all sent, or the client went away
 
 
 @dataclass
@@ -51,14 +52,18 @@ class ArtifactServer:
                 self.end_headers()
                 served = Served(start)
                 outer.log.append(served)
-                for i in range(start, len(data), 16384):
-                    try:
-                        self.wfile.write(data[i:i + 16384])
-                    except OSError:
-                        return
-                    served.sent += len(data[i:i + 16384])
-                    if outer.delay_s:
-                        threading.Event().wait(outer.delay_s)
+                try:
+                    for i in range(start, len(data), 16384):
+                        try:
+                            self.wfile.write(data[i:i + 16384])
+                            self.wfile.flush()
+                        except OSError:
+                            return
+                        served.sent += len(data[i:i + 16384])
+                        if outer.delay_s:
+                            threading.Event().wait(outer.delay_s)
+                finally:
+                    served.closed = True
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -216,3 +216,23 @@ def test_an_agent_killed_mid_download_resumes_and_verifies(
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+async def test_stopping_the_agent_mid_download_stops_the_download(
+        make_settings, server: ArtifactServer, variants: dict[str, str]) -> None:
+    """The download runs in a worker thread: stopping the agent must end it too (the partial file stays for the
+    next start), not leave it fetching until the model is whole."""
+    sha = variants["b"]
+    server.delay_s = 0.1  # ~160 KB/s: seconds for the tiny model
+    svc = AgentService(make_settings(gateway_token=TOKEN), warmup=False)
+    await svc.start()
+    part = svc.settings.cache_dir / f".{sha[:12]}-{sha}.gguf.part"
+    try:
+        await svc.apply_policy(fleet_pb2.RoutingPolicy(fleet="demo", device_id="dev-test", version=2, prefer="local",
+                                                       model_source=server.url(sha), model_sha256=sha))
+        await until(lambda: part.exists() and part.stat().st_size > 0, what="the download under way")
+    finally:
+        await svc.stop()
+    await until(lambda: server.log[-1].closed, what="the server to see the download go away")
+    assert server.log[-1].sent < (server.folder / sha).stat().st_size  # it went away before the end
+    assert part.exists() and not svc.models.spec.sha256
