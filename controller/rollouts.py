@@ -42,11 +42,12 @@ from typing import Any, Literal
 
 from nanofleet.config import parse_duration
 from nanofleet.controller.errors import ControllerError
+from nanofleet.protos.names import THERMAL_LEVELS
 
 __all__ = ["DeviceReport", "Gate", "Outcome", "Rollout", "RolloutInputError", "Term", "advance", "parse_bake",
            "parse_gate", "parse_steps"]
 
-THERMAL = ("none", "light", "moderate", "severe", "critical", "emergency", "shutdown")
+THERMAL = THERMAL_LEVELS  # none … shutdown, from the proto enum (protos/names.py)
 METRICS = ("errors", "p95_latency", "tokens_per_s", "thermal", "failed")
 State = Literal["running", "baking", "paused", "aborting", "done", "rolled_back", "aborted"]
 ACTIVE = ("running", "baking", "paused", "aborting")

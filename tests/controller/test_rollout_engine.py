@@ -34,9 +34,10 @@ async def _setup(name: str, broker_url: str, tmp_path: Path, tiny_gguf: Path, n:
     return svc, sim, sha
 
 
-def _rollout(sha: str, steps: tuple[int, ...], gate: str = "errors<2%,thermal<severe") -> Rollout:
+def _rollout(sha: str, steps: tuple[int, ...], gate: str = "errors<2%,thermal<severe", bake_s: float = 0.6,
+             ) -> Rollout:
     return Rollout(0, "kiosks", f"http://127.0.0.1:8080/artifacts/{sha}", sha, "builtin:tiny-test", "", steps,
-                   gate, bake_s=0.6)
+                   gate, bake_s=bake_s)
 
 
 async def test_a_good_rollout_reaches_the_group_pinned_left_alone_offline_catches_up(
@@ -88,9 +89,10 @@ async def test_canaries_failing_requests_roll_back_and_the_rest_never_receive_it
     store = svc.store
     assert store is not None
     for d in sim.devices:
-        d.bad_models[sha] = 0.5  # half of the local requests on the new model fail
+        d.bad_models[sha] = 1.0  # every local request on the new model fails
     try:
-        r = rs.create(store, _rollout(sha, (10, 50, 100)))
+        # a bake long enough for the canaries to serve requests on the new model (ticks every 0.2 s, 0-3 each)
+        r = rs.create(store, _rollout(sha, (10, 50, 100), bake_s=2.0))
         await until(lambda: (got := rs.get(store, r.id)) is not None and not got.active, 60, "the rollout to end")
         done = rs.get(store, r.id)
         assert done is not None and done.state == "rolled_back"
