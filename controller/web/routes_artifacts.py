@@ -47,15 +47,12 @@ def _caller(ctx: Web, request: Request) -> str:
     if scheme.lower() != "bearer" or not token:
         ctx.artifact_counts["unauthenticated"] += 1
         raise Unauthorized("missing_token", "send 'Authorization: Bearer <device token>' (agent.yaml gateway_token)")
+    why = "this controller checks no device tokens (started without --gateway-db)"
     if ctx.device_tokens is not None:
         try:
             return "device:" + ctx.device_tokens.check(token)
         except ArtifactRefused as exc:
             why = str(exc)
-        else:  # pragma: no cover - returned above
-            why = ""
-    else:
-        why = "this controller checks no device tokens"
     if ctx.auth.check_token(token):
         return "operator"
     ctx.artifact_counts["denied"] += 1
