@@ -196,11 +196,21 @@ def _m007_rollouts(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m008_rollout_settings(db: sqlite_utils.Database) -> None:
+    # Settings rollouts (`rollout start --settings FILE`): the partial profile a rollout wants on a device on top of
+    # fleet.yaml's, and the policy version that first carried it there (the device has it once it reports that
+    # version or a later one). Every policy compilation takes it, as rollout_models.
+    db.execute("""CREATE TABLE rollout_settings (
+        device_id TEXT PRIMARY KEY, rollout_id INTEGER NOT NULL, settings_json TEXT NOT NULL, hash TEXT NOT NULL,
+        version INTEGER NOT NULL DEFAULT 0)""")
+
+
 MIGRATIONS: list[Migration] = [
     ("001_initial", _m001_initial),
     ("002_telemetry_ts_index", _m002_telemetry_ts_index),
     ("003_queue_telemetry", _m003_queue_telemetry),
     ("006_device_queries", _m006_device_queries),
     ("007_rollouts", _m007_rollouts),
+    ("008_rollout_settings", _m008_rollout_settings),
 ]
 

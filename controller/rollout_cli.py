@@ -8,11 +8,21 @@ import time
 from pathlib import Path
 
 import click
+import yaml
 
 from nanofleet.config import DEFAULT_GROUP, ConfigError, FleetConfig, load_fleet
 from nanofleet.controller import rollout_store as rs
 from nanofleet.controller.artifacts import ArtifactError, ArtifactStore
-from nanofleet.controller.rollouts import Rollout, RolloutInputError, advance, parse_bake, parse_gate, parse_steps
+from nanofleet.controller.rollouts import (
+    Rollout,
+    RolloutInputError,
+    advance,
+    parse_bake,
+    parse_gate,
+    parse_settings,
+    parse_steps,
+    settings_hash,
+)
 from nanofleet.controller.store import Store
 from nanofleet.params import DEVICE_ID
 
@@ -43,7 +53,9 @@ def rollout() -> None:
 
 @rollout.command("start")
 @click.option("--group", required=True, help="The fleet.yaml group (default: devices no group takes).")
-@click.option("--model", "model_ref", required=True, help="The artifact: sha256, 8+ digit prefix or name.")
+@click.option("--model", "model_ref", default=None, help="The artifact: sha256, 8+ digit prefix or name.")
+@click.option("--settings", "settings_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="A YAML partial profile (routing:, queue:, telemetry_interval_s:) to roll out.")
 @click.option("--steps", default="5,25,100", show_default=True, help="Percent of the group per step.")
 @click.option("--gate", default="errors<2%,p95_latency<+20%,tokens_per_s>-10%,thermal<severe", show_default=True,
               help="Terms the canaries must meet at the end of each step's bake.")
@@ -52,31 +64,43 @@ def rollout() -> None:
                                           "controller.listen>).")
 @_CONFIG
 @_DATA_DIR
-def start(group: str, model_ref: str, steps: str, gate: str, bake: str, url: str | None, config_path: Path,
-          data_dir: Path) -> None:
-    """Start a rollout; the running controller advances, pauses or rolls it back by itself."""
+def start(group: str, model_ref: str | None, settings_file: Path | None, steps: str, gate: str, bake: str,
+          url: str | None, config_path: Path, data_dir: Path) -> None:
+    """Start a rollout of --model or --settings; the running controller advances, pauses or rolls it back by
+    itself."""
+    if (model_ref is None) == (settings_file is None):
+        raise click.UsageError("give one of --model (an artifact) or --settings FILE")
     cfg = _config(config_path)
     if group != DEFAULT_GROUP and group not in cfg.groups:
         raise click.BadParameter(f"unknown group {group!r} (groups: {', '.join(sorted(cfg.groups)) or 'none'})",
                                  param_hint="--group")
-    try:
-        step_tuple, bake_s = parse_steps(steps), parse_bake(bake)
-        gate_text = str(parse_gate(gate))
-        art = ArtifactStore(data_dir / "artifacts").get(model_ref) if (data_dir / "controller.db").exists() else None
-    except (RolloutInputError, ArtifactError) as exc:
-        raise click.ClickException(str(exc)) from None
-    base = (url or f"http://{cfg.controller.listen}").rstrip("/")
-    old = cfg.group_profile(group).model
     with _store(data_dir) as store:
-        assert art is not None
-        r = Rollout(0, group, f"{base}/artifacts/{art.sha256}", art.sha256, old.source, old.sha256 or "",
-                    step_tuple, gate_text, bake_s)
         try:
+            step_tuple, bake_s = parse_steps(steps), parse_bake(bake)
+            gate_text = str(parse_gate(gate))
+            base_profile = cfg.group_profile(group)
+            if settings_file is not None:
+                try:
+                    data = yaml.safe_load(settings_file.read_text(encoding="utf-8"))
+                except (OSError, yaml.YAMLError) as exc:
+                    raise RolloutInputError(f"--settings {settings_file}: {exc}") from None
+                settings = parse_settings(data, base_profile)
+                h = settings_hash(settings)
+                r = Rollout(0, group, "settings", h, "fleet.yaml", "", step_tuple, gate_text, bake_s,
+                            kind="settings", settings=settings)
+                what = f"settings {settings_file.name} ({h[:12]})"
+            else:
+                assert model_ref is not None
+                art = ArtifactStore(data_dir / "artifacts").get(model_ref)
+                base = (url or f"http://{cfg.controller.listen}").rstrip("/")
+                old = base_profile.model
+                r = Rollout(0, group, f"{base}/artifacts/{art.sha256}", art.sha256, old.source, old.sha256 or "",
+                            step_tuple, gate_text, bake_s)
+                what = f"{art.name} ({art.sha256[:12]})"
             r = rs.create(store, r)
-        except RolloutInputError as exc:
+        except (RolloutInputError, ArtifactError) as exc:
             raise click.ClickException(str(exc)) from None
-    click.echo(f"rollout {r.id}: {art.name} ({art.sha256[:12]}) to group {group} in steps {steps}, gate {gate_text}, "
-               f"bake {bake_s:g} s")
+    click.echo(f"rollout {r.id}: {what} to group {group} in steps {steps}, gate {gate_text}, bake {bake_s:g} s")
 
 
 @rollout.command("status")
@@ -91,8 +115,9 @@ def status(rollout_id: int | None, data_dir: Path) -> None:
         now = advance(r, rs.group_reports(store, r.group), rs.pins(store), int(time.time() * 1000))
         events = rs.events(store, r.id)
     click.echo(f"rollout {r.id} group {r.group}: {r.state}" + (f" ({r.reason})" if r.reason else ""))
-    click.echo(f"  model {r.target_sha256[:12]} <- {r.baseline_sha256[:12] or r.baseline_source}; gate {r.gate}; "
-               f"bake {r.bake_s:g} s")
+    what = (f"settings {r.target_sha256[:12]} {r.settings}" if r.kind == "settings"
+            else f"model {r.target_sha256[:12]} <- {r.baseline_sha256[:12] or r.baseline_source}")
+    click.echo(f"  {what}; gate {r.gate}; bake {r.bake_s:g} s")
     for i, pct in enumerate(r.steps):
         done = next((s for s in r.step_results if s["step"] == pct), None)
         if done is not None:

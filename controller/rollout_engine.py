@@ -10,9 +10,12 @@ after the policies of that tick were published.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import time
 from collections import Counter
+from typing import Any
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller import policy as pol
@@ -45,22 +48,40 @@ class RolloutEngine:
             now = int(time.time() * 1000) if now_ms is None else now_ms
             reports = await asyncio.to_thread(rs.group_reports, self.store, r.group)
             pinned = await asyncio.to_thread(rs.pins, self.store)
+            models = await asyncio.to_thread(rs.desired_models, self.store)
+            settings = await asyncio.to_thread(rs.desired_settings, self.store)
+            if r.kind == "settings":  # a device has the settings once it reports the version that carried them
+                reports = [dataclasses.replace(d, sha256=r.target_sha256 if (s := settings.get(d.device_id))
+                                               and s[1] == r.target_sha256 and s[2] and d.policy_version >= s[2]
+                                               else "") for d in reports]
             out = advance(r, reports, pinned, now)
             target = (r.target_source, r.target_sha256)
-            wanted = {d: m for d, m in out.desired.items() if m == target}
+            wanted = [d for d, m in out.desired.items() if m == target]
             back = [d for d, m in out.desired.items() if m != target]
-            current = await asyncio.to_thread(rs.desired_models, self.store)
-            set_models = {d: m for d, m in wanted.items() if current.get(d) != m}
-            clear = [d for d in back if d in current and current[d][1] == r.target_sha256]
-            if set_models or clear:
-                models = {**{d: m for d, m in current.items() if d not in clear}, **set_models}
-                changes = pol.plan(self.config, [*set_models, *clear], await asyncio.to_thread(
-                    self.store.published_policies), models)
-                await pol.publish(self.client, self.store, changes)
+            if r.kind == "settings":
+                add = [d for d in wanted if d not in settings or settings[d][1] != r.target_sha256]
+                clear = [d for d in back if d in settings and settings[d][1] == r.target_sha256]
+                new_settings = {d: s[0] for d, s in settings.items() if d not in clear} | dict.fromkeys(add, r.settings)
+                new_models = models
+            else:
+                add = [d for d in wanted if models.get(d) != target]
+                clear = [d for d in back if d in models and models[d][1] == r.target_sha256]
+                new_models = {d: m for d, m in models.items() if d not in clear} | dict.fromkeys(add, target)
+                new_settings = {d: s[0] for d, s in settings.items()}
+            carried: dict[str, int] = {}  # device -> the policy version that carries what it should run
+            if add or clear:
+                before = await asyncio.to_thread(self.store.published_policies)
+                changes = pol.plan(self.config, [*add, *clear], before, new_models, new_settings)
+                version = await pol.publish(self.client, self.store, changes)
                 published += len(changes)
-            changed = out.rollout != r or set_models or clear or out.events
-            if changed and not await asyncio.to_thread(rs.save, self.store, out.rollout, out.events, set_models,
-                                                       clear, r):
+                carried = {d: p.version for d, p in before.items()} | {ch.device_id: version for ch in changes}
+            if r.kind == "settings":
+                kw: dict[str, Any] = {"settings": {d: carried.get(d, 0) for d in add}, "clear_settings": clear}
+            else:
+                kw = {"models": dict.fromkeys(add, target), "clear_models": clear}
+            changed = out.rollout != r or add or clear or out.events
+            if changed and not await asyncio.to_thread(
+                    functools.partial(rs.save, self.store, out.rollout, out.events, expect=r, **kw)):
                 self.counts["changed_meanwhile"] += 1  # the operator paused or aborted: next tick decides
                 continue
             for kind, detail in out.events:

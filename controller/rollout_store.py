@@ -7,11 +7,12 @@ Functions over a `Store`: writes go through its one writer (`submit`), reads thr
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from nanofleet.controller.rollouts import ACTIVE, DeviceReport, Rollout, RolloutInputError
 from nanofleet.controller.store import Store
@@ -25,8 +26,8 @@ class Reader(Protocol):
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 
 
-__all__ = ["Reader", "RolloutEvent", "active", "create", "desired_models", "events", "get", "group_reports", "latest",
-           "list_all", "pin", "pins", "save", "unpin"]
+__all__ = ["Reader", "RolloutEvent", "active", "create", "desired_models", "desired_settings", "events", "get",
+           "group_reports", "latest", "list_all", "pin", "pins", "save", "unpin"]
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,12 @@ def create(store: Store, r: Rollout) -> Rollout:
 
 def save(store: Store, r: Rollout, new_events: list[tuple[str, str]],
          models: Mapping[str, tuple[str, str]] | None = None, clear_models: list[str] | None = None,
-         expect: Rollout | None = None) -> bool:
+         expect: Rollout | None = None, settings: Mapping[str, int] | None = None,
+         clear_settings: list[str] | None = None) -> bool:
     """The rollout's new state and events in one transaction; `models`: devices' rollout models to set,
-    `clear_models`: devices back on fleet.yaml's model. With `expect`, only if the stored state is still that one
+    `clear_models`: devices back on fleet.yaml's model; `settings`: devices given the rollout's settings, with the
+    policy version that carried them, `clear_settings`: devices back on fleet.yaml's settings. With `expect`, only
+    if the stored state is still that one
     (an operator's pause or abort in between wins; the engine looks again on its next tick): False when not."""
     def run(conn: sqlite3.Connection) -> bool:
         if expect is not None:
@@ -83,6 +87,12 @@ def save(store: Store, r: Rollout, new_events: list[tuple[str, str]],
                              [(d, r.id, src, sha) for d, (src, sha) in models.items()])
         if clear_models:
             conn.executemany("DELETE FROM rollout_models WHERE device_id = ?", [(d,) for d in clear_models])
+        if settings:
+            body = json.dumps(r.settings, sort_keys=True)
+            conn.executemany("INSERT OR REPLACE INTO rollout_settings VALUES (?, ?, ?, ?, ?)",
+                             [(d, r.id, body, r.target_sha256, v) for d, v in settings.items()])
+        if clear_settings:
+            conn.executemany("DELETE FROM rollout_settings WHERE device_id = ?", [(d,) for d in clear_settings])
         return True
 
     return store.submit(run).result()
@@ -137,9 +147,16 @@ def desired_models(store: Reader) -> dict[str, tuple[str, str]]:
     return {d: (src, sha) for d, src, sha in rows}
 
 
+def desired_settings(store: Reader) -> dict[str, tuple[dict[str, Any], str, int]]:
+    """device -> (settings, their hash, the policy version that carried them)."""
+    rows = store.read(lambda c: c.execute("SELECT device_id, settings_json, hash, version FROM rollout_settings")
+                      .fetchall())
+    return {d: (json.loads(body), h, v) for d, body, h, v in rows}
+
+
 def group_reports(store: Reader, group: str) -> list[DeviceReport]:
     rows = store.read(lambda c: c.execute(
-        "SELECT d.device_id, d.state, d.model_report, d.thermal_level FROM devices d "
+        "SELECT d.device_id, d.state, d.model_report, d.thermal_level, d.policy_version FROM devices d "
         "JOIN device_groups g ON g.device_id = d.device_id WHERE g.grp = ? ORDER BY d.device_id",
         (group,)).fetchall())
     return [DeviceReport.from_row(*r) for r in rows]

@@ -40,7 +40,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from nanofleet.config import parse_duration
+from pydantic import ValidationError
+
+from nanofleet.config import Profile, parse_duration
 from nanofleet.controller.errors import ControllerError
 from nanofleet.protos.names import THERMAL_LEVELS
 
@@ -144,6 +146,37 @@ def parse_steps(text: str) -> tuple[int, ...]:
     return steps
 
 
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def overlay(profile: Profile, settings: dict[str, Any]) -> Profile:
+    """`profile` with a settings rollout's partial profile on top (nested mappings merged, the rest replaced)."""
+    def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for k, v in top.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    return Profile.model_validate(merge(profile.model_dump(), settings))
+
+
+def parse_settings(data: Any, base: Profile) -> dict[str, Any]:
+    """A settings file's content, checked by applying it to `base`; RolloutInputError naming the field."""
+    if not isinstance(data, dict) or not data:
+        raise RolloutInputError("--settings: expected a mapping of profile fields (routing:, queue:, "
+                                "telemetry_interval_s:)")
+    if "model" in data:
+        raise RolloutInputError("--settings: model: roll a model out with --model (an artifact), not in settings")
+    try:
+        overlay(base, data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise RolloutInputError(f"--settings: {where}: {err['msg']}") from None
+    return data
+
+
 def parse_bake(text: str) -> float:
     try:
         seconds = parse_duration(text)
@@ -169,16 +202,18 @@ class DeviceReport:
     p95_ms: float = 0.0
     tokens_per_s: float = 0.0
     thermal_level: int = 0
+    policy_version: int = 0
 
     @classmethod
-    def from_row(cls, device_id: str, state: str, report_json: str, thermal_level: int) -> DeviceReport:
+    def from_row(cls, device_id: str, state: str, report_json: str, thermal_level: int,
+                 policy_version: int = 0) -> DeviceReport:
         try:
             r = json.loads(report_json or "{}")
         except ValueError:
             r = {}
         return cls(device_id, state == "online", str(r.get("sha", "")), str(r.get("state", "")),
                    str(r.get("usha", "")), str(r.get("why", "")), int(r.get("req", 0)), int(r.get("err", 0)),
-                   float(r.get("p95", 0.0)), float(r.get("tps", 0.0)), int(thermal_level))
+                   float(r.get("p95", 0.0)), float(r.get("tps", 0.0)), int(thermal_level), int(policy_version))
 
 
 @dataclass
@@ -201,6 +236,9 @@ class Rollout:
     reason: str = ""              # why it paused, rolled back or ended
     reference: dict[str, float] = field(default_factory=dict)  # the baseline's last figures
     step_results: list[dict[str, Any]] = field(default_factory=list)  # per finished step: devices, figures
+    kind: Literal["model", "settings"] = "model"
+    settings: dict[str, Any] = field(default_factory=dict)  # a settings rollout's partial profile (target_sha256:
+    #                                                         the sha256 of its canonical JSON)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -97,3 +97,29 @@ async def test_the_rollouts_page_shows_progress_per_step(tmp_path: Path, tiny_gg
     assert 'data-step="50" data-step-state="passed"' in page and "errors 0.5 %, p95 41.0 ms" in page
     assert 'data-step="100" data-step-state="running"' in page
     assert "step_passed" in page and "k-9" in page and '<a href="/rollouts">Rollouts</a>' in page
+
+
+def test_a_settings_rollout_is_checked_against_the_group_profile(tmp_path: Path, tiny_gguf: Path) -> None:
+    data, cfg, _ = _setup(tmp_path, tiny_gguf)
+    run = CliRunner().invoke
+    common = ["--group", "kiosks", "--config", str(cfg), "--data-dir", str(data)]
+    f = tmp_path / "settings.yaml"
+    r = run(main, ["rollout", "start", *common])
+    assert r.exit_code == 2 and "give one of --model (an artifact) or --settings FILE" in r.output
+    for text, why in (("- a\n", "--settings: expected a mapping"),
+                      ("model: {source: 'builtin:tiny-test'}\n", "--settings: model: roll a model out with --model"),
+                      ("routing: {battery_floor_pct: 500}\n", "--settings: routing.battery_floor_pct: "),
+                      ("routing: {colour: red}\n", "--settings: routing.colour: "),
+                      ("routing: [\n", "--settings ")):
+        f.write_text(text)
+        r = run(main, ["rollout", "start", "--settings", str(f), *common])
+        assert r.exit_code == 1 and why in r.output, (text, r.output)
+    f.write_text("routing: {battery_floor_pct: 33}\ntelemetry_interval_s: 5\n")
+    r = run(main, ["rollout", "start", "--settings", str(f), "--steps", "50,100", *common])
+    assert r.exit_code == 0 and r.output.startswith("rollout 1: settings settings.yaml (")
+    with Store(data / "controller.db") as store:
+        ro = rs.get(store, 1)
+        assert ro is not None and ro.kind == "settings" and ro.settings == {"routing": {"battery_floor_pct": 33},
+                                                                            "telemetry_interval_s": 5}
+    r = run(main, ["rollout", "status", "--data-dir", str(data)])
+    assert "settings " in r.output and "'battery_floor_pct': 33" in r.output

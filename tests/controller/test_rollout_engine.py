@@ -109,3 +109,31 @@ async def test_canaries_failing_requests_roll_back_and_the_rest_never_receive_it
     finally:
         await sim.stop()
         await svc.stop()
+
+
+async def test_a_settings_rollout_reaches_the_group_and_policy_apply_keeps_it(
+        broker, tmp_path: Path, tiny_gguf: Path) -> None:
+    from nanofleet.controller import policy as pol
+    from nanofleet.controller.rollouts import settings_hash
+
+    svc, sim, _ = await _setup("ro3", broker.url, tmp_path, tiny_gguf, 10)
+    store = svc.store
+    assert store is not None
+    settings = {"routing": {"battery_floor_pct": 33}}
+    try:
+        rs.pin(store, "sim-0002")
+        h = settings_hash(settings)
+        r = rs.create(store, Rollout(0, "kiosks", "settings", h, "fleet.yaml", "", (20, 100), "errors<2%",
+                                     bake_s=0.3, kind="settings", settings=settings))
+        await until(lambda: (got := rs.get(store, r.id)) is not None and not got.active, 60, "the rollout to end")
+        done = rs.get(store, r.id)
+        assert done is not None and done.state == "done", done
+        floors = {d.device_id: d.policy.battery_floor_pct if d.policy else None for d in sim.devices}
+        assert {k for k, v in floors.items() if v == 33} == {d.device_id for d in sim.devices} - {"sim-0002"}
+        assert floors["sim-0002"] == 20  # fleet.yaml's default: the pinned device was left alone
+        desired = {d: s for d, (s, _, _) in rs.desired_settings(store).items()}
+        assert pol.plan(svc.config, [d.device_id for d in sim.devices], store.published_policies(),
+                        rs.desired_models(store), desired) == []
+    finally:
+        await sim.stop()
+        await svc.stop()
