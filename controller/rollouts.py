@@ -25,6 +25,9 @@ Gate terms (comma-separated, all must hold):
     tokens_per_s>-10%   median canary tokens/s vs the baseline's median, relative
     thermal<severe      the hottest canary's thermal level (none … shutdown)
     failed<10%          devices of the step that could not apply the model
+    requests>500        the canaries' local requests needed before the gate is judged: the step bakes on until
+                        they served that many (without it, a step whose canaries served nothing passes the
+                        request-based terms for want of evidence)
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ __all__ = ["DeviceReport", "Gate", "Outcome", "Rollout", "RolloutInputError", "T
            "parse_gate", "parse_steps"]
 
 THERMAL = THERMAL_LEVELS  # none … shutdown, from the proto enum (protos/names.py)
-METRICS = ("errors", "p95_latency", "tokens_per_s", "thermal", "failed")
+METRICS = ("errors", "p95_latency", "tokens_per_s", "thermal", "failed", "requests")
 State = Literal["running", "baking", "paused", "aborting", "done", "rolled_back", "aborted"]
 ACTIVE = ("running", "baking", "paused", "aborting")
 
@@ -69,6 +72,8 @@ class Term:
     def __str__(self) -> str:
         if self.metric == "thermal":
             return f"thermal{self.op}{THERMAL[int(self.value)]}"
+        if self.metric == "requests":
+            return f"requests>{int(self.value)}"
         if self.relative:
             return f"{self.metric}{self.op}{self.value:+g}%"
         return f"{self.metric}{self.op}{self.value:g}%"
@@ -84,6 +89,10 @@ class Gate:
     @property
     def max_failed_pct(self) -> float:
         return next((t.value for t in self.terms if t.metric == "failed"), 10.0)
+
+    @property
+    def min_requests(self) -> int:
+        return int(next((t.value for t in self.terms if t.metric == "requests"), -1))
 
 
 _TERM = re.compile(r"^\s*([a-z_0-9]+)\s*([<>])\s*(\S+?)\s*$")
@@ -105,6 +114,12 @@ def parse_gate(text: str) -> Gate:
                                     f"(known: {', '.join(METRICS)})")
         if metric in {t.metric for t in terms}:
             raise RolloutInputError(f"--gate term {raw.strip()!r}: {metric} is given twice")
+        if metric == "requests":
+            if op != ">" or not value.isdigit() or int(value) > 10**9:
+                raise RolloutInputError(f"--gate term {raw.strip()!r}: expected requests>N (a count of local "
+                                        "requests the canaries must have served before the gate is judged)")
+            terms.append(Term(metric, ">", float(value), False))
+            continue
         if metric == "thermal":
             if op != "<" or value not in THERMAL:
                 raise RolloutInputError(f"--gate term {raw.strip()!r}: expected thermal<LEVEL, LEVEL one of "
@@ -355,6 +370,8 @@ def advance(r: Rollout, devices: list[DeviceReport], pinned: set[str], now_ms: i
     if now_ms - r.bake_started_ms < r.bake_s * 1000:
         return Outcome(r, desired, events, progress)
     canary = figures(by_id[d] for d in applied)
+    if applied and canary.get("requests", 0.0) <= gate.min_requests:
+        return Outcome(r, desired, events, progress)  # not enough evidence yet: the step bakes on
     rest = figures(by_id[d] for d in eligible if d not in cohort and by_id[d].sha256 != r.target_sha256)
     if rest:
         r.reference = rest

@@ -185,3 +185,21 @@ def test_invariants(n: int, steps: list[int], pins: set[int], rid: int, bad: dic
         assert final.state == "rolled_back" and bad is not None
         assert all(fleet.running[d] == OLD for d in fleet.ids)
         assert fleet.ever_target <= cohorts[len(final.step_results) - 1]  # never past the failing step
+
+
+def test_a_requests_term_bakes_on_until_the_canaries_served_enough() -> None:
+    assert str(parse_gate("requests>50,errors<2%")) == "requests>50,errors<2%"
+    for bad in ("requests<5", "requests>x", "requests>5%"):
+        with pytest.raises(RolloutInputError, match="expected requests>N"):
+            parse_gate(bad)
+    fleet = Fleet(20)  # each device reports 100 requests on the model it runs
+    r = rollout(steps=(10, 100), gate="requests>500,errors<2%")
+    now = 0
+    for _ in range(4):  # assign, switch, bake, judge
+        out = advance(r, fleet.reports(), set(), now)
+        r = out.rollout
+        fleet.deliver(out.desired)
+        now += 61_000
+    assert r.state == "baking" and r.step == 0 and not r.step_results  # 2 canaries × 100 requests: not enough yet
+    r, _ = run(rollout(steps=(10, 100), gate="requests>150,errors<2%"), Fleet(20))
+    assert r.state == "done"
