@@ -68,18 +68,25 @@ class RolloutEngine:
                 clear = [d for d in back if d in models and models[d][1] == r.target_sha256]
                 new_models = {d: m for d, m in models.items() if d not in clear} | dict.fromkeys(add, target)
                 new_settings = {d: s[0] for d, s in settings.items()}
-            carried: dict[str, int] = {}  # device -> the policy version that carries what it should run
-            if add or clear:
-                before = await asyncio.to_thread(self.store.published_policies)
-                changes = pol.plan(self.config, [*add, *clear], before, new_models, new_settings)
-                version = await pol.publish(self.client, self.store, changes)
-                published += len(changes)
-                carried = {d: p.version for d, p in before.items()} | {ch.device_id: version for ch in changes}
+            # every tick, not only when the assignment changes: another publisher (the birth round for a new
+            # device, `policy apply` planned a moment earlier) may have replaced a device's policy after ours
+            before = await asyncio.to_thread(self.store.published_policies)
+            changes = pol.plan(self.config, [*wanted, *clear], before, new_models, new_settings) \
+                if wanted or clear else []
+            version = await pol.publish(self.client, self.store, changes) if changes else 0
+            published += len(changes)
+            repaired = [ch.device_id for ch in changes if ch.device_id in wanted and ch.device_id not in add]
+            if repaired:
+                self.counts["republished"] += len(repaired)
+                log.warning("rollout %d: %d device policies had lost the rollout's %s (another publish came "
+                            "after ours); published again", r.id, len(repaired), r.kind)
+            carried = {d: p.version for d, p in before.items()} | {ch.device_id: version for ch in changes}
             if r.kind == "settings":
-                kw: dict[str, Any] = {"settings": {d: carried.get(d, 0) for d in add}, "clear_settings": clear}
+                kw: dict[str, Any] = {"settings": {d: carried.get(d, 0) for d in [*add, *repaired]},
+                                      "clear_settings": clear}
             else:
                 kw = {"models": dict.fromkeys(add, target), "clear_models": clear}
-            changed = out.rollout != r or add or clear or out.events
+            changed = out.rollout != r or add or clear or repaired or out.events
             if changed and not await asyncio.to_thread(
                     functools.partial(rs.save, self.store, out.rollout, out.events, expect=r, **kw)):
                 self.counts["changed_meanwhile"] += 1  # the operator paused or aborted: next tick decides

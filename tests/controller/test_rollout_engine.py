@@ -138,3 +138,28 @@ async def test_a_settings_rollout_reaches_the_group_and_policy_apply_keeps_it(
     finally:
         await sim.stop()
         await svc.stop()
+
+
+async def test_a_policy_published_over_the_rollouts_is_repaired(broker, tmp_path: Path, tiny_gguf: Path) -> None:
+    """Another publisher (the birth round of a new device, a `policy apply` planned a moment before) may replace a
+    canary's policy with one without the rollout's model after the rollout published it: the rollout's task
+    publishes it again instead of waiting forever for that canary."""
+    from nanofleet.controller import policy as pol
+
+    svc, sim, sha = await _setup("ro4", broker.url, tmp_path, tiny_gguf, 10)
+    store = svc.store
+    assert store is not None and svc.ingest is not None
+    try:
+        rs.pin(store, "sim-0000")  # keeps a baseline beside the canaries
+        r = rs.create(store, _rollout(sha, (50, 100), bake_s=30.0))  # a long bake: the step stays put
+        await until(lambda: (got := rs.get(store, r.id)) is not None and got.state == "baking", 30, "step 1 baking")
+        victim = next(d for d in sim.devices if d.model_sha256 == sha)
+        stale = pol.plan(svc.config, [victim.device_id], store.published_policies())  # without the rollout
+        assert stale and stale[0].policy.model_sha256 == ""
+        await pol.publish(svc.ingest.client, store, stale)
+        await until(lambda: victim.model_sha256 == sha and victim.switches == 3, 10,
+                    "the canary back on the rollout's model")
+        assert svc.rollouts is not None and svc.rollouts.counts["republished"] >= 1
+    finally:
+        await sim.stop()
+        await svc.stop()
