@@ -96,8 +96,9 @@ def pull(url: str, sha256: str, config: str | None, data_dir: str | None) -> Non
         raise click.BadParameter("expected 64 hexadecimal digits", param_hint="--sha256")
     real = url_for(url)
     dest = _cache_dir(config, data_dir) / cache_name(real, sha)
+    printer = ProgressPrinter(sys.stderr)
     try:
-        path = do_pull(real, dest, sha, progress=ProgressPrinter(sys.stderr))
+        path = do_pull(real, dest, sha, progress=printer, notice=printer.notice)
     except ModelFileError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{path} ({human_size(path.stat().st_size)}, sha256 verified)")

@@ -1,8 +1,11 @@
 """Operator credentials for the dashboard and REST API.
 
-The controller has one operator token: 32 random bytes, shown once when created, stored only as a SHA-256 hash in
-``<data_dir>/operator_token.sha256`` (mode 0600). A fast hash is enough because the token is random and long — there
-is nothing to brute-force — and it keeps every request's check cheap. Comparisons are constant-time.
+The controller has a default operator token — its holder is the operator named ``operator`` —: 32 random bytes,
+shown once when created, stored only as a SHA-256 hash in ``<data_dir>/operator_token.sha256`` (mode 0600). Named
+operators (`nanofleet controller operator add NAME`) each get a token of their own, hashed the same way, one
+``NAME sha256:<hex>`` line each in ``<data_dir>/operators.sha256`` (mode 0600): the audit log and acknowledgements
+then say who. The controller reads both files when it starts. A fast hash is enough because the token is random and
+long — there is nothing to brute-force — and it keeps every request's check cheap. Comparisons are constant-time.
 
 Exception tree (under ControllerError, see errors.py)::
 
@@ -23,16 +26,23 @@ from pathlib import Path
 from .errors import AuthError, TokenFileError
 
 __all__ = [
+    "OPERATORS_FILE",
     "TOKEN_FILE",
     "AuthError",
     "TokenFileError",
+    "add_operator",
     "ensure_operator_token",
     "hash_token",
+    "read_operators",
+    "remove_operator",
     "rotate_operator_token",
     "verify_token",
 ]
 
 TOKEN_FILE = "operator_token.sha256"
+OPERATORS_FILE = "operators.sha256"
+OPERATOR_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # no dots: a session cookie carries it between dots
+_RESERVED = {"operator", "controller"}  # the default token's holder; the controller's own audit entries
 _PREFIX = "sha256:"
 _HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -106,3 +116,53 @@ def rotate_operator_token(data_dir: Path) -> tuple[str, str]:
     token_hash = hash_token(token)
     _write_hash(data_dir / TOKEN_FILE, token_hash)
     return token, token_hash
+
+
+def read_operators(data_dir: Path) -> dict[str, str]:
+    """Named operators' token hashes (name -> hash); {} when there is no operators file."""
+    path = Path(data_dir) / OPERATORS_FILE
+    if not path.exists():
+        return {}
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise TokenFileError(f"{path}: mode {mode:04o} lets other users read it; run chmod 600 {path}")
+    out: dict[str, str] = {}
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenFileError(f"{path}: cannot read: {exc}") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        name, _, token_hash = line.strip().partition(" ")
+        if not OPERATOR_NAME.match(name) or not _HASH_RE.match(token_hash.strip()):
+            raise TokenFileError(f"{path}: line {number}: expected 'NAME sha256:<64 hex digits>'")
+        out[name] = token_hash.strip()
+    return out
+
+
+def _write_operators(data_dir: Path, operators: dict[str, str]) -> None:
+    _write_hash(Path(data_dir) / OPERATORS_FILE, "\n".join(f"{n} {h}" for n, h in sorted(operators.items())))
+
+
+def add_operator(data_dir: Path, name: str) -> str:
+    """Give operator `name` a new token (replacing theirs if they had one); returns it, to be shown once."""
+    if not OPERATOR_NAME.match(name) or name in _RESERVED:
+        raise AuthError(f"operator name {name!r}: expected 1-32 of a-z 0-9 _ - starting with a letter, and not "
+                        f"{' or '.join(sorted(_RESERVED))}")
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    operators = read_operators(data_dir)
+    token = _new_token()
+    operators[name] = hash_token(token)
+    _write_operators(data_dir, operators)
+    return token
+
+
+def remove_operator(data_dir: Path, name: str) -> bool:
+    """Remove operator `name`'s token (effective when the controller restarts); False when there was none."""
+    operators = read_operators(data_dir)
+    if operators.pop(name, None) is None:
+        return False
+    _write_operators(data_dir, operators)
+    return True

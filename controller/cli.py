@@ -34,6 +34,15 @@ def _load(path: Path) -> FleetConfig:
         raise click.ClickException(str(exc)) from None
 
 
+def _store_path(data_dir: Path) -> Path:
+    """The controller store a command reads: refused when missing, naming the flag (never an empty one made here)."""
+    db = data_dir / "controller.db"
+    if not db.exists():
+        raise click.BadParameter(f"no controller store at {db.resolve()}: give the controller's --data-dir "
+                                 "(`nanofleet up` keeps it in .nanofleet/controller)", param_hint="--data-dir")
+    return db
+
+
 async def _until_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -96,10 +105,68 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
 @_DATA_DIR
 def rotate_token(data_dir: Path) -> None:
     """Issue a new operator token (the old one stops working) and print it once."""
+    from nanofleet.controller.audit import record_cli
     from nanofleet.controller.auth import rotate_operator_token
 
     token, _ = rotate_operator_token(data_dir)
+    record_cli(data_dir / "controller.db", "token_rotate", "operator_token", {"file": "operator_token.sha256"})
     click.echo(f"operator token: {token}")
+
+
+@controller.group("operator")
+def operator() -> None:
+    """Named operators: each their own token, so the audit log and acknowledgements say who (restart to apply)."""
+
+
+@operator.command("add")
+@click.argument("name")
+@_DATA_DIR
+def operator_add(name: str, data_dir: Path) -> None:
+    """Give operator NAME a token (a new one if they had one) and print it once."""
+    from nanofleet.controller.audit import record_cli
+    from nanofleet.controller.auth import AuthError, TokenFileError, add_operator
+
+    try:
+        token = add_operator(data_dir, name)
+    except TokenFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    except AuthError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+    record_cli(data_dir / "controller.db", "operator_add", name, {"file": "operators.sha256"})
+    click.echo(f"operator token for {name}: {token}")
+    click.echo("restart the controller to let it in", err=True)
+
+
+@operator.command("remove")
+@click.argument("name")
+@_DATA_DIR
+def operator_remove(name: str, data_dir: Path) -> None:
+    """Remove operator NAME's token (refused from the controller's next start)."""
+    from nanofleet.controller.audit import record_cli
+    from nanofleet.controller.auth import AuthError, remove_operator
+
+    try:
+        removed = remove_operator(data_dir, name)
+    except AuthError as exc:  # the operators file is unreadable or too open: say which and why
+        raise click.ClickException(str(exc)) from None
+    if not removed:
+        raise click.ClickException(f"no operator {name!r} in {data_dir}")
+    record_cli(data_dir / "controller.db", "operator_remove", name, {"file": "operators.sha256"})
+    click.echo(f"removed {name}")
+
+
+@operator.command("list")
+@_DATA_DIR
+def operator_list(data_dir: Path) -> None:
+    """The named operators (never their tokens); `operator` is the default token's holder."""
+    from nanofleet.controller.auth import AuthError, read_operators
+
+    try:
+        names = sorted(read_operators(data_dir))
+    except AuthError as exc:
+        raise click.ClickException(str(exc)) from None
+    for name in ["operator (default token)", *names]:
+        click.echo(name)
 
 
 @click.group()
@@ -113,18 +180,33 @@ def devices_list(data_dir: Path) -> None:
     """Devices the controller knows, with state, last seen, temperature and policy version."""
     from nanofleet.controller.store import Store
 
-    db = data_dir / "controller.db"
-    if not db.exists():
-        raise click.ClickException(f"no controller store at {db}")
-    with Store(db) as store:
+    with Store(_store_path(data_dir)) as store:
         rows = store.list_devices()
     now = time.time() * 1000
-    click.echo(f"{'DEVICE':24} {'STATE':8} {'SEEN':>7} {'TEMP':>6} {'THERMAL':9} {'CPU%':>5} {'RAM FREE':>9} POLICY")
+    click.echo(f"{'DEVICE':24} {'STATE':10} {'SEEN':>7} {'TEMP':>6} {'THERMAL':9} {'CPU%':>5} {'RAM FREE':>9} POLICY")
     for d in rows:
         seen = f"{(now - d.last_seen_ms) / 1000:.0f}s" if d.last_seen_ms else "-"
         temp = f"{d.temp_max_c:.1f}" if d.temp_max_c is not None else "-"
-        click.echo(f"{d.device_id:24} {d.state:8} {seen:>7} {temp:>6} {d.thermal_level:9} {d.cpu_percent:5.1f} "
+        click.echo(f"{d.device_id:24} {d.state:10} {seen:>7} {temp:>6} {d.thermal_level:9} {d.cpu_percent:5.1f} "
                    f"{d.ram_available_mb:>7}MB {d.policy_version}")
+
+
+@devices.command("remove")
+@click.argument("device", type=DEVICE_ID)
+@_DATA_DIR
+def devices_remove(device: str, data_dir: Path) -> None:
+    """Take DEVICE off the dashboard and API (a revoked or offline device; an online one is refused)."""
+    from nanofleet.controller.audit import record_cli
+    from nanofleet.controller.revocation import RemoveRefused, remove_device
+
+    db = _store_path(data_dir)
+    try:
+        was = remove_device(db, device)
+    except RemoveRefused as exc:
+        raise click.ClickException(str(exc)) from None
+    record_cli(db, "device_remove", device, {"state": was}, create=False)
+    click.echo(f"removed {device} (was {was}); a device fleet.yaml lists shows again as never_seen when the "
+               "controller restarts: take it out of fleet.yaml too")
 
 
 def _parse_args(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -144,12 +226,28 @@ async def _client(cfg: FleetConfig, broker_url: str | None, user: str | None, pa
     client = MqttClient(url, username=user, password=password, backoff=(0.2, 2),
                         ca=cfg.broker.ca if url.startswith("mqtts://") else None)
     await client.start()
-    try:
-        await client.wait_connected(10)
-    except TimeoutError:
+    problem = await connect_or_explain(client, user, password, 10)
+    if problem is not None:
         await client.stop()
-        raise click.ClickException(f"cannot reach the broker at {client.url}: {client.last_error}") from None
+        raise click.ClickException(problem)
     return client
+
+
+async def connect_or_explain(client: Any, user: str | None, password: str | None, within: float) -> str | None:
+    """Wait for a started MqttClient to connect: None when it did, else what to tell the operator. A refused login
+    is answered at once (retrying cannot help), naming the settings that hold the controller's account."""
+    deadline = time.monotonic() + within
+    while not client.connected:
+        if (client.last_error or "").startswith("connection refused"):
+            what = "no password given" if password is None else f"the password given for {user or 'anonymous'!r}"
+            return (f"the broker at {client.url} refused the controller's login ({client.last_error}; {what}): "
+                    "set --mqtt-username/--mqtt-password (env NANOFLEET_MQTT_USERNAME/NANOFLEET_MQTT_PASSWORD) to "
+                    "the controller's broker account")
+        if time.monotonic() > deadline:
+            return f"cannot reach the broker at {client.url}: {client.last_error}"
+        with contextlib.suppress(TimeoutError):
+            await client.wait_connected(0.05)
+    return None
 
 
 @devices.command("cmd", help=f"Send KIND ({', '.join(COMMAND_KINDS)}) to DEVICE with key=value ARGS; print the "
@@ -215,10 +313,11 @@ def policy_apply(config_path: Path, data_dir: Path, broker_url: str | None, mqtt
                  mqtt_password: str | None, dry_run: bool) -> None:
     """Show what changed since the last published policy, then publish it (retained) with a new version."""
     from nanofleet.controller import policy as pol
+    from nanofleet.controller.audit import AuditLog, cli_actor
     from nanofleet.controller.store import Store
 
     cfg = _load(config_path)
-    with Store(data_dir / "controller.db") as store:
+    with Store(_store_path(data_dir)) as store:
         if not dry_run:
             store.set_group_resolver(cfg.group_of)  # the dashboard's groups follow the fleet.yaml applied
         from nanofleet.controller.rollout_store import desired_models, desired_settings
@@ -228,9 +327,10 @@ def policy_apply(config_path: Path, data_dir: Path, broker_url: str | None, mqtt
         if not changes:
             click.echo("no change: every device already has this policy")
             return
+        seen = {d.device_id for d in store.list_devices() if d.state != "never_seen"}
         for ch in changes:
             was = f"v{ch.old_version}" if ch.old_version is not None else "none"
-            click.echo(f"{ch.device_id} (was {was}):")
+            click.echo(f"{ch.device_id} (was {was}{'' if ch.device_id in seen else ', never seen'}):")
             for line in ch.changes:
                 click.echo(f"  {line}")
         if dry_run:
@@ -244,4 +344,10 @@ def policy_apply(config_path: Path, data_dir: Path, broker_url: str | None, mqtt
                 await client.stop()
 
         version = asyncio.run(main())
-    click.echo(f"published policy version {version} to {len(changes)} device(s)")
+        AuditLog(store).record(cli_actor(), "policy_apply", f"v{version}", {
+            "version": version, "config": str(config_path), "device_count": len(changes),
+            "changes": {ch.device_id: list(ch.changes)[:20] for ch in changes[:100]}}, "cli")
+    unseen = sum(ch.device_id not in seen for ch in changes)
+    click.echo(f"published policy version {version} to {len(changes) - unseen} device(s)"
+               + (f"; {unseen} listed in fleet.yaml but never seen get it (retained) when they first connect"
+                  if unseen else ""))

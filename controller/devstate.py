@@ -7,6 +7,10 @@
   current birth's is a stale birth. Both ask the device for a rebirth (at most once per REBIRTH_EVERY_MS).
 - Replayed telemetry (from a device's offline buffer) is stored; it updates the latest values only when nothing
   newer is known, and never the state, last-seen time or seq.
+- A revoked device (a row in `revoked_devices`, written by `nanofleet revoke`) is `revoked`: the retained status
+  the revoke publishes (offline, reason `revoked`) tells a running controller; every later message of the device is
+  rejected and counted, until `nanofleet enroll` gives it new credentials (deletes the row).
+- A device fleet.yaml lists that never sent anything is `never_seen` (`expect`), so the dashboard shows it.
 Pure bookkeeping over an in-memory cache, written back as whole rows of `devices` at the end of each batch.
 """
 
@@ -26,6 +30,7 @@ from nanofleet.protos import fleet_pb2
 from nanofleet.protos.names import thermal_name as thermal_name  # the store names levels with it
 
 REBIRTH_EVERY_MS = 10_000
+REVOKED = "revoked"  # the state, and the reason of the retained status `nanofleet revoke` publishes
 _COLUMNS = (
     "device_id", "fleet", "state", "last_seen_ms", "birth_ms", "bd_seq", "agent_version", "model_name",
     "model_availability", "policy_version", "cpu_percent", "ram_total_mb", "ram_available_mb", "temp_max_c",
@@ -124,10 +129,14 @@ class BatchOutcome:
     inserted: int = 0
     duplicates: int = 0
     rebirth: list[str] = field(default_factory=list)  # devices to ask for a rebirth
+    revoked_rejected: int = 0  # messages of revoked devices, rejected (and counted in `rejections`)
     new_devices: list[str] = field(default_factory=list)
     events: list[DeviceEvent] = field(default_factory=list)
     births: list[str] = field(default_factory=list)  # every accepted birth, a same-session rebirth included
     gaps: int = 0
+    # devices whose shown state changed (state, thermal level, throttling, queue depth, policy, model, rejections):
+    # {device_id: {"state", "thermal_level", "throttled", "queue_depth"}}, for the live dashboard (controller/events)
+    changed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class _Dev:
@@ -172,9 +181,9 @@ class _Dev:
         self.latest_ts = 0
 
     @classmethod
-    def new(cls, device_id: str, fleet: str) -> _Dev:
+    def new(cls, device_id: str, fleet: str, state: str = "offline") -> _Dev:
         return cls({
-            "device_id": device_id, "fleet": fleet, "state": "offline", "last_seen_ms": 0, "birth_ms": 0, "bd_seq": 0,
+            "device_id": device_id, "fleet": fleet, "state": state, "last_seen_ms": 0, "birth_ms": 0, "bd_seq": 0,
             "agent_version": "", "model_name": "", "model_availability": "unspecified", "policy_version": 0,
             "cpu_percent": 0.0, "ram_total_mb": 0, "ram_available_mb": 0, "temp_max_c": None, "thermal_level": 0,
             "throttled": 0, "battery_pct": None, "charging": None, "queue_depth": 0, "route_counts": "{}",
@@ -182,19 +191,60 @@ class _Dev:
             "slots_waiting": 0, "queue_oldest_age_s": 0.0, "queue_counters": "{}", "model_report": "{}",
         })
 
+    @property
+    def shown(self) -> dict[str, Any]:
+        """What a live dashboard event says about the device (controller/events.py)."""
+        return {"state": self.state, "thermal_level": thermal_name(self.thermal_level),
+                "throttled": bool(self.throttled), "queue_depth": self.queue_depth}
+
     row = property(operator.attrgetter(*_COLUMNS))  # the devices-table row, in column order
     hot_row = property(operator.attrgetter(*_HOT, "device_id"))  # _UPDATE_HOT's parameters
 
 
 class DeviceStates:
-    def __init__(self, devices: dict[str, _Dev]) -> None:
+    def __init__(self, devices: dict[str, _Dev], revoked: set[str] | None = None) -> None:
         self.devices = devices
+        self.revoked = revoked or set()  # revoked_devices as last read (a message of one re-reads its row)
         self.check_gaps = True  # off when controllers split a device's messages through $share
+        self._shown: set[str] = set()  # devices whose shown values changed in the batch being applied
 
     @classmethod
     def load(cls, conn: sqlite3.Connection) -> DeviceStates:
         cur = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM devices")
-        return cls({r[0]: _Dev(dict(zip(_COLUMNS, r, strict=True))) for r in cur})
+        devices = {r[0]: _Dev(dict(zip(_COLUMNS, r, strict=True))) for r in cur}
+        return cls(devices, {r[0] for r in conn.execute("SELECT device_id FROM revoked_devices")})
+
+    def _is_revoked(self, conn: sqlite3.Connection, device_id: str) -> bool:
+        """True while the device's revocation stands; its row is read again, as the CLI re-enrols in another
+        process. The common case (not revoked) is one set lookup."""
+        if device_id not in self.revoked:
+            return False
+        if conn.execute("SELECT 1 FROM revoked_devices WHERE device_id = ?", (device_id,)).fetchone():
+            return True
+        self.revoked.discard(device_id)  # enrolled again since: its messages count again
+        return False
+
+    def _revocation(self, out: BatchOutcome, conn: sqlite3.Connection, s: fleet_pb2.DeviceStatus, at: int,
+                    touched: dict[str, _Dev], full: set[str]) -> bool:
+        """A status saying `revoked`, backed by the table (anyone may say it; only the CLI writes the table):
+        the device is revoked from now on. False when the table does not back it (a plain death then)."""
+        if conn.execute("SELECT 1 FROM revoked_devices WHERE device_id = ?", (s.device_id,)).fetchone() is None:
+            return False
+        self.revoked.add(s.device_id)
+        dev = self.devices.get(s.device_id)
+        if dev is not None and dev.state != REVOKED:
+            self._event(out, dev, REVOKED, REVOKED, at)
+            touched[dev.device_id] = dev
+            full.add(dev.device_id)
+        return True
+
+    def expect(self, conn: sqlite3.Connection, device_ids: list[str], fleet: str) -> list[str]:
+        """Rows in state `never_seen` for listed devices the store has never heard of (not revoked ones)."""
+        new = [d for d in dict.fromkeys(device_ids) if d not in self.devices and d not in self.revoked]
+        for device_id in new:
+            self.devices[device_id] = _Dev.new(device_id, fleet, "never_seen")
+        self._flush(conn, [self.devices[d] for d in new], BatchOutcome())
+        return new
 
     def _event(self, out: BatchOutcome, dev: _Dev, state: str, reason: str, at_ms: int) -> None:
         dev.state = state
@@ -217,16 +267,40 @@ class DeviceStates:
         out = BatchOutcome()
         touched: dict[str, _Dev] = {}
         full: set[str] = set()  # devices whose whole row changes (new, birth, death); the rest get _UPDATE_HOT
+        self._shown = set()
         at = batch.received_ms
         statuses, pos = batch.statuses, batch.status_pos or [0] * len(batch.statuses)
+        refused: list[tuple[str, str]] = []  # (device, kind) of revoked devices' messages
+        kept: list[TelemetryRow] = []
         si = 0
         for i, row in enumerate(batch.telemetry):
             while si < len(statuses) and pos[si] <= i:
-                self._status_in(out, statuses[si], batch, touched, full)
+                self._status_in(out, conn, statuses[si], batch, touched, full, refused)
                 si += 1
+            if self.revoked and self._is_revoked(conn, row.device_id):
+                refused.append((row.device_id, "telemetry"))
+                continue
+            kept.append(row)
             self._row(out, row, batch, touched, full)
         for status in statuses[si:]:
-            self._status_in(out, status, batch, touched, full)
+            self._status_in(out, conn, status, batch, touched, full, refused)
+        if len(kept) < len(batch.telemetry):
+            batch.telemetry = kept  # the store keeps no sample of a revoked device
+        if self.revoked and batch.command_results:
+            results: list[fleet_pb2.CommandResult] = []
+            for r in batch.command_results:
+                if self._is_revoked(conn, r.device_id):
+                    refused.append((r.device_id, "cmd/result"))
+                else:
+                    results.append(r)
+            batch.command_results = results
+        if refused:  # counted apart from the device's row: a removed revoked device must not come back by it
+            out.revoked_rejected = len(refused)
+            conn.executemany(
+                """INSERT INTO rejections VALUES (?, ?, ?, 1, ?) ON CONFLICT (device_id, topic, reason)
+                   DO UPDATE SET count = count + 1, last_ms = excluded.last_ms""",
+                [(d, kind, REVOKED, at) for d, kind in refused],
+            )
         if batch.rejections:
             counts = Counter(batch.rejections)
             conn.executemany(
@@ -239,6 +313,7 @@ class DeviceStates:
                 if dev is not None:
                     dev.rejected_count += n
                     touched[dev.device_id] = dev
+                    self._shown.add(dev.device_id)
         if batch.command_results:
             conn.executemany(
                 "INSERT OR REPLACE INTO command_results VALUES (?, ?, ?, ?, ?, ?)",
@@ -246,10 +321,18 @@ class DeviceStates:
                  for r in batch.command_results],
             )
         self._flush(conn, touched.values(), out, full)
+        shown = self._shown | full | {e.device_id for e in out.events}
+        out.changed = {d: self.devices[d].shown for d in shown if d in self.devices}
         return out
 
-    def _status_in(self, out: BatchOutcome, status: fleet_pb2.DeviceStatus, batch: Batch,
-                   touched: dict[str, _Dev], full: set[str]) -> None:
+    def _status_in(self, out: BatchOutcome, conn: sqlite3.Connection, status: fleet_pb2.DeviceStatus, batch: Batch,
+                   touched: dict[str, _Dev], full: set[str], refused: list[tuple[str, str]]) -> None:
+        if (not status.online and status.reason == REVOKED
+                and self._revocation(out, conn, status, batch.received_ms, touched, full)):
+            return
+        if self.revoked and self._is_revoked(conn, status.device_id):
+            refused.append((status.device_id, "status"))
+            return
         dev, created = self._get(out, status.device_id, status.fleet or batch.fleet)
         if self._status(out, dev, status, batch.received_ms, created):
             touched[dev.device_id] = dev
@@ -268,7 +351,8 @@ class DeviceStates:
         if row.replayed:  # old news: stored, and the latest values only if nothing newer is known
             if row.ts_ms > dev.latest_ts:
                 dev.latest_ts = row.ts_ms
-                self._latest(dev, row)
+                if self._latest(dev, row):
+                    self._shown.add(dev.device_id)
             return
         dev.last_seen_ms = max(dev.last_seen_ms, at)
         if row.bd_seq != dev.bd_seq:
@@ -284,10 +368,15 @@ class DeviceStates:
                 self._event(out, dev, "online", "telemetry", at)
         if row.ts_ms >= dev.latest_ts:
             dev.latest_ts = row.ts_ms
-            self._latest(dev, row)
+            if self._latest(dev, row):
+                self._shown.add(dev.device_id)
 
     @staticmethod
-    def _latest(dev: _Dev, r: TelemetryRow) -> None:
+    def _latest(dev: _Dev, r: TelemetryRow) -> bool:
+        """Take the row's values as the device's latest; True when one the dashboard shows as state changed."""
+        shown = (r.thermal_level != dev.thermal_level or r.queue_depth != dev.queue_depth
+                 or r.throttled != bool(dev.throttled) or (r.policy_version and r.policy_version != dev.policy_version)
+                 or (r.model_availability is not None and r.model_availability != dev.model_availability))
         dev.cpu_percent, dev.ram_available_mb, dev.temp_max_c = r.cpu_percent, r.ram_available_mb, r.temp_max_c
         dev.thermal_level, dev.throttled, dev.queue_depth = r.thermal_level, int(r.throttled), r.queue_depth
         dev.battery_pct, dev.charging = r.battery_pct, None if r.charging is None else int(r.charging)
@@ -304,6 +393,7 @@ class DeviceStates:
             dev.model_name, dev.model_availability = r.model_name, r.model_availability or "unspecified"
         if r.model_report is not None:
             dev.model_report = r.model_report
+        return bool(shown)
 
     def _status(self, out: BatchOutcome, dev: _Dev, s: fleet_pb2.DeviceStatus, at: int, created: bool) -> bool:
         """Apply a birth or death; False when it is stale (an older session's) and changes nothing."""

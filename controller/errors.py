@@ -9,6 +9,9 @@
     │   ├── UnknownCommand            a kind the agent does not implement
     │   └── CommandNotSent            the MQTT client did not take a fire-and-forget publish
     ├── PayloadError(reason)          an MQTT payload refused by ingest; also a ValueError (decode.py)
+    ├── AlertError                    an alert operation                               (alert_store.py)
+    │   ├── AlertNotFound             no alert with that id
+    │   └── AlertCleared              acknowledging an alert that already cleared
     └── WebError(status, code, detail)  HTTP-facing: status, stable code, detail       (web/security.py)
         └── Unauthorized              401: no, wrong or expired credentials
 
@@ -19,6 +22,9 @@ where they enter the controller's code (`raise … from exc`).
 from __future__ import annotations
 
 __all__ = [
+    "AlertCleared",
+    "AlertError",
+    "AlertNotFound",
     "AuthError",
     "CommandError",
     "CommandNotSent",
@@ -70,6 +76,18 @@ class PayloadError(ControllerError, ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class AlertError(ControllerError):
+    """An alert operation that cannot be done as asked."""
+
+
+class AlertNotFound(AlertError):
+    """No alert has that id."""
+
+
+class AlertCleared(AlertError):
+    """The alert already cleared: there is nothing left to acknowledge."""
 
 
 class WebError(ControllerError):

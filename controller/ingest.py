@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from nanofleet.backoff import Backoff
 from nanofleet.controller.decode import PayloadError, decode_result, decode_status, decode_telemetry
@@ -62,13 +62,17 @@ class IngestStats:
     write_retries: int = 0  # store writes tried again after a failure
     dropped: int = 0  # messages lost because their batch could not be written, even after retries
     dropped_by_reason: collections.Counter[str] = field(default_factory=collections.Counter)
+    hook_errors: int = 0  # the changed-devices listener raised (logged)
+    lag_ms_mean: float | None = None  # the latest batch's ingest lag over its live rows: mean and max
+    lag_ms_max: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         """For the controller's status, the dashboard and /metrics."""
         return {"received": self.received, "telemetry": self.telemetry, "stored": self.stored,
                 "duplicates": self.duplicates, "rejected": self.rejected, "batches": self.batches, "gaps": self.gaps,
                 "rejected_by_reason": dict(self.rejected_by_reason), "write_retries": self.write_retries,
-                "dropped": self.dropped, "dropped_by_reason": dict(self.dropped_by_reason)}
+                "dropped": self.dropped, "dropped_by_reason": dict(self.dropped_by_reason),
+                "hook_errors": self.hook_errors, "lag_ms_mean": self.lag_ms_mean, "lag_ms_max": self.lag_ms_max}
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -93,6 +97,7 @@ class Ingest:
         batch_ms: float = 100.0,
         max_batch: int = 5000,
         on_outcome: Callable[[BatchOutcome], None] | None = None,
+        on_changes: Callable[[dict[str, dict[str, Any]]], None] | None = None,
         on_result: Callable[[fleet_pb2.CommandResult], None] | None = None,
         on_connection: Callable[[bool], None] | None = None,
         transport: Literal["builtin", "paho"] = "builtin",
@@ -108,6 +113,7 @@ class Ingest:
         self._write_attempts, self._write_retry_s = max(1, write_attempts), write_retry_s
         self._inbox: collections.deque[tuple[str, bytes]] = collections.deque()
         self._on_outcome, self._on_result, self._on_connection = on_outcome, on_result, on_connection
+        self._on_changes = on_changes  # called on the ingest thread after a commit (FleetEvents.publish_devices)
         self._on_thread_death = on_thread_death
         self.thread_error: BaseException | None = None  # why the ingest thread died, if it did
         self._logged: set[tuple[str | None, str]] = set()
@@ -242,9 +248,27 @@ class Ingest:
             self.stats.stored += outcome.inserted
             self.stats.duplicates += outcome.duplicates
             self.stats.gaps += outcome.gaps
+            if outcome.revoked_rejected:  # messages of revoked devices: refused by the store, counted here too
+                self.stats.rejected += outcome.revoked_rejected
+                self.stats.rejected_by_reason["revoked"] += outcome.revoked_rejected
             self.stats.batches += 1
+            self._lag(item.batch)
+            if outcome.changed and self._on_changes is not None:
+                try:
+                    self._on_changes(outcome.changed)
+                except Exception:  # a listener's bug must not end ingest: logged and counted
+                    self.stats.hook_errors += 1
+                    log.exception("ingest: the changed-devices listener failed")
             if self._on_outcome and (outcome.rebirth or outcome.new_devices or outcome.events or outcome.births):
                 self._call_soon(self._on_outcome, outcome)
+
+    def _lag(self, batch: Batch) -> None:
+        """The batch's ingest lag (received minus the device's timestamp) of its live rows (replays are old news)."""
+        at = batch.received_ms
+        lags = [at - r.ts_ms for r in batch.telemetry if not r.replayed]
+        if lags:
+            self.stats.lag_ms_mean = sum(lags) / len(lags)
+            self.stats.lag_ms_max = max(lags)
 
     def _settle(self, item: _Inflight) -> BatchOutcome | None:
         """The batch's outcome, after up to `write_attempts` tries; None (counted, logged) when it is lost."""

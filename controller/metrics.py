@@ -8,20 +8,31 @@ retries, by SQLite error name), `ingest_backlog`, `task_running{task}`, `task_de
 `store_errors_total{kind}` (commit, housekeeping, checkpoint), `store_state_reloads_total`,
 `policy_failures_total` (policy publishing rounds that failed), `command_issues_total{reason}` (fire_not_sent,
 results_rejected, results_unclaimed) and, from the web layer, `web_errors_total{code}`
-(answers given for bugs: 500 internal_error, each logged with an error id).
+(answers given for bugs: 500 internal_error, each logged with an error id); `ingest_hook_errors_total`,
+`ingest_lag_seconds{stat}` (the latest batch's received-minus-device-timestamp, mean and max of its live rows),
+`events_subscribers`, `events_sent_total`, `events_dropped_total`, `events_resyncs_total` (the live dashboard's
+streams, controller/events.py). From the store at scrape time (`FleetCollector`, one GROUP BY each):
+`devices{state}`, `devices_thermal{level}` (devices not offline, by their latest thermal level) and
+`alerts_open{kind,state}` (raised or acknowledged; absent before the alerts table exists).
 Rejections by reason are not labels (a reason may quote the payload's schema error): the dashboard lists them.
+docs/operations.md ("Monitoring") names every metric; a test holds it to this exposition.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "ControllerCollector", "WebErrorsCollector", "registry_for", "render"]
+from nanofleet.protos.names import THERMAL_LEVELS, thermal_name
+
+__all__ = ["CONTENT_TYPE", "ControllerCollector", "FleetCollector", "FleetCounts", "WebErrorsCollector",
+           "fleet_counts", "registry_for", "render"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _P = "nanofleet_controller_"
@@ -31,7 +42,10 @@ _INGEST_COUNTERS = (("received", "MQTT messages ingest took from the broker"),
                     ("rejected", "payloads refused (malformed, wrong topic); listed by reason on the dashboard"),
                     ("gaps", "Sparkplug seq gaps seen"),
                     ("batches", "batches committed"),
-                    ("write_retries", "store writes tried again after a failure"))
+                    ("write_retries", "store writes tried again after a failure"),
+                    ("hook_errors", "the live-events listener failed after a batch (logged)"))
+_STATES = ("online", "stale", "offline")
+_ALERT_STATES = ("raised", "acknowledged")
 
 
 class ControllerCollector(Collector):
@@ -76,6 +90,73 @@ class ControllerCollector(Collector):
         for reason in ("fire_not_sent", "results_rejected", "results_unclaimed"):
             issues.add_metric([reason], commands.get(reason, 0))
         yield issues
+        lag = GaugeMetricFamily(f"{_P}ingest_lag_seconds", "the latest batch's ingest lag (received minus the "
+                                "device's timestamp) over its live rows", labels=["stat"])
+        for stat in ("mean", "max"):
+            value = ingest.get(f"lag_ms_{stat}")
+            if value is not None:
+                lag.add_metric([stat], value / 1000)
+        yield lag
+        events = s.get("events") or {}
+        yield _gauge("events_subscribers", "open /events streams (live dashboard pages)", events.get("subscribers", 0))
+        for key, doc in (("sent", "live events sent (each to every open stream)"),
+                         ("dropped", "live events dropped from a slow stream's full queue (it got a resync)"),
+                         ("resyncs", "resync events sent (a slow stream, or a reconnect past the history)")):
+            yield CounterMetricFamily(f"{_P}events_{key}", doc, value=events.get(key, 0))
+
+
+@dataclass
+class FleetCounts:
+    """Devices by state and by thermal level, open alerts by (kind, state); None: no alerts table (yet)."""
+
+    states: dict[str, int] = field(default_factory=dict)
+    thermal: dict[str, int] = field(default_factory=dict)
+    alerts: dict[tuple[str, str], int] | None = None
+
+
+def fleet_counts(conn: sqlite3.Connection) -> FleetCounts:
+    """One GROUP BY over the devices (and one over the open alerts when the table exists): cheap at each scrape."""
+    counts = FleetCounts()
+    for state, level, n in conn.execute("SELECT state, thermal_level, count(*) FROM devices GROUP BY 1, 2"):
+        counts.states[state] = counts.states.get(state, 0) + n
+        if state != "offline":
+            name = thermal_name(level)
+            counts.thermal[name] = counts.thermal.get(name, 0) + n
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alerts'").fetchone():
+        counts.alerts = {(kind, state): n for kind, state, n in conn.execute(
+            "SELECT kind, state, count(*) FROM alerts WHERE state != 'cleared' GROUP BY 1, 2")}
+    return counts
+
+
+class FleetCollector(Collector):
+    """The fleet as the store has it, read at each scrape."""
+
+    def __init__(self, read: Callable[[], FleetCounts]) -> None:
+        self._read = read
+
+    def describe(self) -> Iterator[Metric]:
+        """The families without reading the store (registering must not touch a store that may be closed)."""
+        yield GaugeMetricFamily(f"{_P}devices", "devices by state", labels=["state"])
+        yield GaugeMetricFamily(f"{_P}devices_thermal", "devices by thermal level", labels=["level"])
+        yield GaugeMetricFamily(f"{_P}alerts_open", "open alerts", labels=["kind", "state"])
+
+    def collect(self) -> Iterator[Metric]:
+        c = self._read()
+        states = GaugeMetricFamily(f"{_P}devices", "devices by state", labels=["state"])
+        for state in sorted(set(_STATES) | set(c.states)):
+            states.add_metric([state], c.states.get(state, 0))
+        yield states
+        thermal = GaugeMetricFamily(f"{_P}devices_thermal", "devices not offline by their latest thermal level",
+                                    labels=["level"])
+        for level in THERMAL_LEVELS:
+            thermal.add_metric([level], c.thermal.get(level, 0))
+        yield thermal
+        if c.alerts is not None:
+            alerts = GaugeMetricFamily(f"{_P}alerts_open", "alerts raised or acknowledged, not cleared, by kind",
+                                       labels=["kind", "state"])
+            for (kind, state), n in sorted(c.alerts.items()):
+                alerts.add_metric([kind, state], n)
+            yield alerts
 
 
 class WebErrorsCollector(Collector):
@@ -98,14 +179,17 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 
 
 def registry_for(status: Callable[[], Mapping[str, Any]] | None,
-                 web_errors: Mapping[str, int] | None = None) -> CollectorRegistry:
+                 web_errors: Mapping[str, int] | None = None,
+                 fleet: Callable[[], FleetCounts] | None = None) -> CollectorRegistry:
     """A registry holding only the controller's collectors (not the process-global default one): the service's
-    status when given, the web layer's error counts when given."""
+    status, the web layer's error counts and the store's fleet counts, each when given."""
     registry = CollectorRegistry(auto_describe=True)
     if status is not None:
         registry.register(ControllerCollector(status))
     if web_errors is not None:
         registry.register(WebErrorsCollector(web_errors))
+    if fleet is not None:
+        registry.register(FleetCollector(fleet))
     return registry
 
 

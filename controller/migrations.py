@@ -132,22 +132,73 @@ def _m003_queue_telemetry(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m004_alerts(db: sqlite_utils.Database) -> None:
+    # One row per alert; its history is its timestamps (raised_ms, acked_ms, cleared_ms): each transition happens at
+    # most once and a condition that returns is a new row, so an events table would repeat the row. The partial
+    # unique index makes "one open alert per (device, kind)" the file's rule, not only the engine's.
+    _run_script(
+        db,
+        """
+        CREATE TABLE alerts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            device_id TEXT NOT NULL,            -- '' for a fleet-wide alert
+            kind TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('raised', 'acknowledged', 'cleared')),
+            detail TEXT NOT NULL,
+            value REAL NOT NULL,
+            threshold REAL NOT NULL,
+            raised_ms INTEGER NOT NULL,
+            acked_ms INTEGER,
+            acked_by TEXT,
+            ack_note TEXT,
+            cleared_ms INTEGER
+        );
+        CREATE UNIQUE INDEX alerts_open ON alerts (device_id, kind) WHERE state != 'cleared';
+        CREATE INDEX alerts_device ON alerts (device_id, id);
+        CREATE INDEX alerts_state ON alerts (state, id)
+        """,
+    )
+
+
+def _m005_audit(db: sqlite_utils.Database) -> None:
+    # Append-only: the triggers refuse UPDATE and DELETE whoever writes (the controller, a CLI, sqlite3 by hand).
+    _run_script(
+        db,
+        """
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts_ms INTEGER NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            detail TEXT NOT NULL DEFAULT '{}',
+            source TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX audit_ts ON audit (ts_ms);
+        CREATE INDEX audit_actor ON audit (actor, id);
+        CREATE INDEX audit_action ON audit (action, id)
+        """,
+    )
+    for op in ("UPDATE", "DELETE"):  # a trigger body holds ';': not through _run_script's split
+        db.execute(f"CREATE TRIGGER audit_no_{op.lower()} BEFORE {op} ON audit "
+                   "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END")
+
+
 def _m006_device_queries(db: sqlite_utils.Database) -> None:
-    # The dashboard's device list pages by keyset over (sort key, device_id) and filters by state, thermal level and
-    # group (controller/queries.py): these indexes serve the filters (the default sort walks the primary key), and
-    # the device page's recent command results.
+    # The dashboard's device list pages by keyset over (sort key, device_id) (controller/queries.py): the default
+    # sort walks the primary key and skips the rows a filter refuses, stopping after a page, so filters on state or
+    # thermal level need no index of their own (the two cost ~20 % of the store's telemetry throughput: every batch
+    # rewrites its devices' rows, each index paid on each rewrite). device_groups changes only when a device first
+    # appears; command_results_device serves the device page's recent command results.
     # devices_temp serves the "hottest devices" and the list sorted by temperature (the expression is the sort key
     # queries.SORTS["temp"], spelled the same), walked in order so a filtered page stops after its rows instead of
-    # sorting every match. Few on purpose: every telemetry batch rewrites its devices' rows, and each index is paid
-    # on each rewrite.
+    # sorting every match.
     # route_snapshots keeps each device's cumulative route counters every few minutes for a little over an hour, so
     # the overview can tell the last hour's route mix from counters that only ever grow (store.py housekeeping).
     # policy_rounds keeps what each publishing round changed, for the groups page's "last policy apply" diff.
     _run_script(
         db,
         """
-        CREATE INDEX devices_state ON devices (state, device_id);
-        CREATE INDEX devices_thermal ON devices (thermal_level, device_id);
         CREATE INDEX device_groups_grp ON device_groups (grp, device_id);
         CREATE INDEX command_results_device ON command_results (device_id, ts_ms);
         CREATE INDEX devices_temp ON devices (coalesce(temp_max_c, -1.0e9), device_id);
@@ -203,14 +254,22 @@ def _m008_rollout_settings(db: sqlite_utils.Database) -> None:
     db.execute("""CREATE TABLE rollout_settings (
         device_id TEXT PRIMARY KEY, rollout_id INTEGER NOT NULL, settings_json TEXT NOT NULL, hash TEXT NOT NULL,
         version INTEGER NOT NULL DEFAULT 0)""")
+def _m009_revocations(db: sqlite_utils.Database) -> None:
+    # Revoked devices (`nanofleet revoke`): the table is the truth the ingest checks (a revoked device's later
+    # messages are rejected and counted); `nanofleet enroll` of the device again deletes its row.
+    db.execute("CREATE TABLE revoked_devices (device_id TEXT PRIMARY KEY, revoked_ms INTEGER NOT NULL, "
+               "actor TEXT NOT NULL) WITHOUT ROWID")
 
 
 MIGRATIONS: list[Migration] = [
     ("001_initial", _m001_initial),
     ("002_telemetry_ts_index", _m002_telemetry_ts_index),
     ("003_queue_telemetry", _m003_queue_telemetry),
+    ("004_alerts", _m004_alerts),
+    ("005_audit", _m005_audit),
     ("006_device_queries", _m006_device_queries),
     ("007_rollouts", _m007_rollouts),
     ("008_rollout_settings", _m008_rollout_settings),
+    ("009_revocations", _m009_revocations),
 ]
 

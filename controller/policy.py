@@ -89,11 +89,24 @@ class PolicyChange:
     policy: fleet_pb2.RoutingPolicy
 
 
+def _spelled(key: str, value: Any) -> tuple[str, Any]:
+    """A policy field as fleet.yaml spells it (`thermal_limit: severe`, `cloud: denied`), not as the proto does."""
+    if key == "thermal_limit":  # absent: the enum's zero, `none`
+        return key, str(value or "THERMAL_LEVEL_NONE").removeprefix("THERMAL_LEVEL_").lower()
+    if key == "cloud_allowed":  # absent: proto3's false
+        return "cloud", "allowed" if value else "denied"
+    return key, value
+
+
 def diff(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, ...]:
     if old is None:
         return ("(new)",)
-    keys = sorted(set(old) | set(new))
-    return tuple(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k))
+    lines = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            (name, was), (_, now) = _spelled(k, old.get(k)), _spelled(k, new.get(k))
+            lines.append(f"{name}: {was!r} -> {now!r}")
+    return tuple(lines)
 
 
 def plan(config: FleetConfig, device_ids: Iterable[str], published: dict[str, PublishedPolicy],
@@ -115,8 +128,10 @@ def plan(config: FleetConfig, device_ids: Iterable[str], published: dict[str, Pu
 
 
 def target_devices(config: FleetConfig, store: Store) -> set[str]:
-    """Devices listed in fleet.yaml and every device the controller has seen."""
-    return set(config.devices) | {d.device_id for d in store.list_devices() if d.fleet in ("", config.fleet)}
+    """Devices listed in fleet.yaml and every device the controller has seen, but no revoked one."""
+    rows = store.list_devices()
+    revoked = {d.device_id for d in rows if d.state == "revoked"}
+    return (set(config.devices) | {d.device_id for d in rows if d.fleet in ("", config.fleet)}) - revoked
 
 
 async def publish(client: Publisher, store: Store, changes: list[PolicyChange], *, within: float = 10) -> int:

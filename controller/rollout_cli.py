@@ -13,6 +13,7 @@ import yaml
 from nanofleet.config import DEFAULT_GROUP, ConfigError, FleetConfig, load_fleet
 from nanofleet.controller import rollout_store as rs
 from nanofleet.controller.artifacts import ArtifactError, ArtifactStore
+from nanofleet.controller.audit import AuditLog, cli_actor
 from nanofleet.controller.rollouts import (
     Rollout,
     RolloutInputError,
@@ -44,6 +45,11 @@ def _config(path: Path) -> FleetConfig:
         return load_fleet(path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _audit(store: Store, target: str, detail: dict[str, object]) -> None:
+    """The operator's rollout action in the audit log (controller/audit.py), as the other CLI commands do."""
+    AuditLog(store).record(cli_actor(), "rollout", target, detail, source="cli")
 
 
 @click.group()
@@ -100,6 +106,8 @@ def start(group: str, model_ref: str | None, settings_file: Path | None, steps: 
             r = rs.create(store, r)
         except (RolloutInputError, ArtifactError) as exc:
             raise click.ClickException(str(exc)) from None
+        _audit(store, f"rollout {r.id}", {"kind": "start", "group": group, "what": what, "steps": steps,
+                                          "gate": gate_text, "bake_s": bake_s})
     click.echo(f"rollout {r.id}: {what} to group {group} in steps {steps}, gate {gate_text}, bake {bake_s:g} s")
 
 
@@ -144,6 +152,7 @@ def _set_state(data_dir: Path, rollout_id: int, allowed: tuple[str, ...], state:
         new = dataclasses.replace(r, state=state, bake_started_ms=0)  # type: ignore[arg-type]
         if not rs.save(store, new, [(event, "by the operator")], expect=r):
             raise click.ClickException(f"rollout {rollout_id} changed meanwhile; run the command again")
+        _audit(store, f"rollout {rollout_id}", {"kind": verb, "group": r.group})
     click.echo(f"rollout {rollout_id}: {state}")
 
 
@@ -179,6 +188,7 @@ def pin(device: str, note: str, data_dir: Path) -> None:
     """Leave DEVICE alone in every rollout (it keeps the model it has)."""
     with _store(data_dir) as store:
         rs.pin(store, device, note)
+        _audit(store, device, {"kind": "pin", "note": note})
     click.echo(f"{device}: pinned")
 
 
@@ -189,4 +199,6 @@ def unpin(device: str, data_dir: Path) -> None:
     """Let rollouts reach DEVICE again."""
     with _store(data_dir) as store:
         was = rs.unpin(store, device)
+        if was:
+            _audit(store, device, {"kind": "unpin"})
     click.echo(f"{device}: {'unpinned' if was else 'was not pinned'}")

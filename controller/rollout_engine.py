@@ -20,6 +20,7 @@ from typing import Any
 from nanofleet.config import FleetConfig
 from nanofleet.controller import policy as pol
 from nanofleet.controller import rollout_store as rs
+from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.rollouts import advance
 from nanofleet.controller.store import Store
 from nanofleet.mqtt import Publisher
@@ -28,8 +29,9 @@ log = logging.getLogger("nanofleet.controller.rollouts")
 
 
 class RolloutEngine:
-    def __init__(self, store: Store, config: FleetConfig, client: Publisher, every_s: float = 2.0) -> None:
-        self.store, self.config, self.client, self.every_s = store, config, client, every_s
+    def __init__(self, store: Store, config: FleetConfig, client: Publisher, every_s: float = 2.0,
+                 audit: AuditLog | None = None) -> None:
+        self.store, self.config, self.client, self.every_s, self.audit = store, config, client, every_s, audit
         self.counts: Counter[str] = Counter()
 
     async def run(self) -> None:
@@ -94,4 +96,7 @@ class RolloutEngine:
             for kind, detail in out.events:
                 self.counts[kind] += 1
                 log.info("rollout %d (%s): %s: %s", r.id, r.group, kind, detail)
+                if self.audit is not None and kind != "baking":  # the decisions, not every bake's start
+                    self.audit.record_soon("controller", "rollout", f"rollout {r.id}",
+                                           {"kind": kind, "group": r.group, "detail": detail}, source="controller")
         return published

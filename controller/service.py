@@ -24,11 +24,16 @@ from typing import Any, Literal
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller import policy
+from nanofleet.controller.alert_store import AlertStore
+from nanofleet.controller.alerts_engine import AlertEngine
+from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.commands import CommandError, CommandService
+from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.ingest import Ingest
 from nanofleet.controller.metrics import registry_for
 from nanofleet.controller.rollout_engine import RolloutEngine
 from nanofleet.controller.store import BatchOutcome, Store
+from nanofleet.controller.views import DeviceEvent
 from nanofleet.mqtt import MqttError
 from nanofleet.tasks import TaskSupervisor
 
@@ -52,6 +57,8 @@ class ControllerService:
         ingest_reader: Literal["paho", "builtin"] | None = None,
         echo: Callable[[str], None] = print,
         rollout_every_s: float = 2.0,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        alerts_every_s: float = 1.0,
     ) -> None:
         self.config, self.data_dir = config, Path(data_dir)
         self.broker_url = broker_url or config.broker.url
@@ -64,6 +71,14 @@ class ControllerService:
         self.rollouts: RolloutEngine | None = None
         self.ingest: Ingest | None = None
         self.commands: CommandService | None = None
+        self.events = FleetEvents()  # live dashboard events: ingest, the sweep, the alerts and the audit log publish
+        self._extra_on_event, self.alerts_every_s = on_event, alerts_every_s
+        self.alerts: AlertStore | None = None
+        self.alert_engine: AlertEngine | None = None
+        self.audit: AuditLog | None = None
+        self._engine_usage: Any = None  # web.context.UsageReader over the gateway's usage db, when given
+        self._nudges = 0  # state changes outside ingest (the stale sweep): the alert engine evaluates soon after
+        self._web: Any = None  # the web app's context (its counters show in status())
         self.policy_rounds = 0
         self.rebirth_failures = 0
         self.policy_failures = 0
@@ -78,20 +93,34 @@ class ControllerService:
 
     async def start(self) -> ControllerService:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.events.bind(asyncio.get_running_loop())
         self.store = store = await asyncio.to_thread(Store, self.data_dir / "controller.db")
         store.check_gaps = self.share_group is None  # with $share this controller sees only some of a device's seqs
         await asyncio.to_thread(store.set_group_resolver, self.config.group_of)
+        # fleet.yaml's devices that never sent anything show as never_seen (the dashboard and API list them)
+        await asyncio.to_thread(store.expect_devices, self.config.fleet, list(self.config.devices))
+        self.alerts = AlertStore(store, on_change=self.on_event)
+        self.audit = AuditLog(store, on_change=self.on_event)
+        if self.usage_db is not None:
+            from nanofleet.controller.web.context import UsageReader  # the web layer's reader, imported on use
+
+            self._engine_usage = UsageReader(self.usage_db)
+        self.alert_engine = AlertEngine(self.alerts, self.config,
+                                        usage=self._engine_usage.rows if self._engine_usage is not None else None)
         self.ingest = Ingest(store, self.config.fleet, self.broker_url, username=self._mqtt[0],
                              password=self._mqtt[1], share_group=self.share_group, telemetry_qos=self.telemetry_qos,
-                             on_outcome=self._on_outcome, on_result=self._on_result,
+                             on_outcome=self._on_outcome, on_changes=self.events.publish_devices,
+                             on_result=self._on_result,
                              on_connection=self._on_connection, transport=self.ingest_reader,
                              on_thread_death=lambda exc: self._fatal("ingest", exc),
                              ca=self.config.broker.ca if self.broker_url.startswith("mqtts://") else None)
         self.commands = CommandService(self.ingest.client, self.config.fleet)
         await self.ingest.start()
         self.tasks.spawn(self._sweep, "sweep", on_death="restart")
-        self.rollouts = RolloutEngine(store, self.config, self.ingest.client, every_s=self.rollout_every_s)
+        self.rollouts = RolloutEngine(store, self.config, self.ingest.client, every_s=self.rollout_every_s,
+                                      audit=self.audit)
         self.tasks.spawn(self.rollouts.run, "rollouts", on_death="restart")
+        self.tasks.spawn(self._alerts, "alerts", on_death="restart")
         if self.listen:
             await self._start_web(self.listen)
         self.started_at = time.time()
@@ -99,6 +128,7 @@ class ControllerService:
 
     async def stop(self) -> None:
         """Stop everything, each step even when an earlier one failed; then raise what failed (ExceptionGroup)."""
+        self.events.close()  # open /events streams end, so the web server's graceful shutdown does not wait on them
         if self._server is not None:
             self._server.should_exit = True
         errors = list(await self.tasks.stop())
@@ -108,6 +138,8 @@ class ControllerService:
             except Exception as exc:  # collected: the store still closes; raised below
                 log.exception("controller: stopping ingest failed")
                 errors.append(exc)
+        if self._engine_usage is not None:
+            self._engine_usage.close()
         if self.store is not None:
             try:
                 await asyncio.to_thread(self.store.close)
@@ -147,6 +179,11 @@ class ControllerService:
             "transport": None if ingest is None else ingest.transport_status(),
             "commands": None if self.commands is None else dict(self.commands.counters),
             "rollouts": None if self.rollouts is None else dict(self.rollouts.counts),
+            "events": self.events.stats.as_dict(),
+            "alerts": None if self.alert_engine is None else self.alert_engine.status(),
+            "audit": None if self.audit is None else {"errors": self.audit.errors},
+            "web": None if self._web is None else {"logins_failed": self._web.logins_failed,
+                                                   "tokens_refused": self._web.auth.refused},
             "store": None if store is None else {
                 "commit_errors": store.db.commit_errors, "housekeeping_errors": store.db.housekeeping_errors,
                 "checkpoint_errors": store.db.checkpoint_errors, "state_reloads": store.reloads},
@@ -154,14 +191,26 @@ class ControllerService:
 
     # -- events ---------------------------------------------------------------------------------------------------
     def _on_connection(self, up: bool) -> None:
-        assert self.store is not None
-        store = self.store
         if up:
             self.tasks.spawn(lambda: self._publish_policies(republish=True), "publish-policies", on_death="log",
                              forever=False)
         else:
-            self.tasks.spawn(lambda: asyncio.to_thread(store.mark_all, "offline", "controller_lost_broker"),
-                             "mark-offline", on_death="log", forever=False)
+            self.tasks.spawn(self._mark_offline, "mark-offline", on_death="log", forever=False)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        """An alert or audit change (AlertStore, AuditLog): to the live dashboard, and to `on_event` when given."""
+        self.events.publish(kind, data)
+        if self._extra_on_event is not None:
+            self._extra_on_event(kind, data)
+
+    async def _mark_offline(self) -> None:
+        assert self.store is not None
+        self._publish_events(await asyncio.to_thread(self.store.mark_all, "offline", "controller_lost_broker"))
+
+    def _publish_events(self, events: list[DeviceEvent]) -> None:
+        """State changes the sweep or a lost broker made, to the live dashboard."""
+        for ev in events:
+            self.events.publish("device", {"device_id": ev.device_id, "state": ev.state, "reason": ev.reason})
 
     def _on_result(self, result: Any) -> None:
         if self.commands is not None:
@@ -208,35 +257,62 @@ class ControllerService:
         if changes:
             self.policy_rounds += 1
             log.info("published policy version %d to %d devices", version, len(changes))
+            if self.audit is not None:
+                self.audit.record_soon("controller", "policy_apply", f"v{version}", {
+                    "version": version, "devices": sorted(c.device_id for c in changes)[:100],
+                    "device_count": len(changes), "trigger": "reconnect" if republish else "birth"}, "controller")
 
     async def _sweep(self) -> None:
         assert self.store is not None
         while True:
             await asyncio.sleep(self.sweep_every_s)
-            for ev in await asyncio.to_thread(self.store.sweep_stale):
+            events = await asyncio.to_thread(self.store.sweep_stale)
+            for ev in events:
+                self._nudges += 1
                 log.info("device %s is stale (silent)", ev.device_id)
+            self._publish_events(events)
+
+    async def _alerts(self) -> None:
+        """The alert engine: every alerts_every_s, and right after ingest committed a batch or the sweep changed a
+        device (the counters below move), so a device that heats shows a raised alert within about 0.3 s."""
+        assert self.alert_engine is not None
+
+        def changed() -> int:
+            stats = self.ingest.stats if self.ingest is not None else None
+            return self._nudges + (stats.batches + stats.rejected if stats is not None else 0)
+
+        await self.alert_engine.run(every_s=self.alerts_every_s, changed=changed)
 
     # -- web ------------------------------------------------------------------------------------------------------
     async def _start_web(self, listen: str) -> None:
         import uvicorn
 
         from nanofleet.controller.artifacts import ArtifactStore
-        from nanofleet.controller.auth import ensure_operator_token
+        from nanofleet.controller.auth import ensure_operator_token, read_operators
         from nanofleet.controller.web.app import create_app
 
         assert self.store is not None, "the store opens before the web app starts"
         token, token_hash = await asyncio.to_thread(ensure_operator_token, self.data_dir)
+        operators = await asyncio.to_thread(read_operators, self.data_dir)
         if token:
             self.echo(f"operator token: {token}  (shown once; stored hashed in {self.data_dir})")
         app = create_app(self.store, self.config, operator_token_hash=token_hash, commands=self.commands,
-                         usage_db=self.usage_db, status=self.status,
+                         usage_db=self.usage_db, status=self.status, alerts=self.alerts, audit=self.audit,
+                         operators=operators, events=self.events,
                          artifacts=ArtifactStore(self.data_dir / "artifacts"))
+        self._web = app.state.web
         host, port = listen.rsplit(":", 1)
+
+        events = self.events
 
         class _Server(uvicorn.Server):
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:  # the controller handles signals itself
                 yield
+
+            async def shutdown(self, sockets: Any = None) -> None:
+                events.close()  # uvicorn waits for open responses: the /events streams must end first
+                await super().shutdown(sockets)
 
         server = _Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning", access_log=False,
                                         lifespan="off"))

@@ -166,11 +166,11 @@ class Store:
     def apply(self, batch: Batch) -> BatchOutcome:
         return self.submit_batch(batch).result()
 
-    def write_status(self, fleet: str, status: fleet_pb2.DeviceStatus, received_ms: int) -> None:
-        self.apply(Batch(fleet, received_ms, statuses=[status]))
+    def write_status(self, fleet: str, status: fleet_pb2.DeviceStatus, received_ms: int) -> BatchOutcome:
+        return self.apply(Batch(fleet, received_ms, statuses=[status]))
 
-    def write_telemetry(self, fleet: str, items: list[fleet_pb2.Telemetry], received_ms: int) -> None:
-        self.apply(Batch(fleet, received_ms, telemetry=[row_from_pb(t) for t in items]))
+    def write_telemetry(self, fleet: str, items: list[fleet_pb2.Telemetry], received_ms: int) -> BatchOutcome:
+        return self.apply(Batch(fleet, received_ms, telemetry=[row_from_pb(t) for t in items]))
 
     def _apply(self, conn: sqlite3.Connection, batch: Batch) -> BatchOutcome:
         outcome = self._state.apply(conn, batch)  # raising rolls this job back, then _reload mends the mirror
@@ -211,6 +211,19 @@ class Store:
             conn.executemany("INSERT INTO device_groups VALUES (?, ?)", list(groups.items()))
 
         self._call(run)
+
+    def expect_devices(self, fleet: str, device_ids: list[str]) -> list[str]:
+        """Show the devices fleet.yaml lists that never sent a message, as `never_seen` (each with its group when
+        the resolver is set); returns the ids added."""
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            new = self._state.expect(conn, device_ids, fleet)
+            if new and self._group_of is not None:
+                conn.executemany("INSERT OR REPLACE INTO device_groups VALUES (?, ?)",
+                                 [(d, self._group_of(d)) for d in new])
+            return new
+
+        return self._call(run)
 
     def set_group_resolver(self, group_of: Callable[[str], str]) -> None:
         """Give every device its group by fleet.yaml's one rule (FleetConfig.group_of): each known device now, each

@@ -20,12 +20,13 @@ class Cached(Generic[T]):
     overview's aggregates scan every device, so they are computed once a second in the background rather than
     once per page view — a page then costs the same at 1,000 and 10,000 devices. The first call computes in the
     caller; later calls past `max_age_s` return the last value and start one refresh on a thread of its own. A
-    refresh that fails is logged and counted (`failures`, `last_error`) and retried by the next call; a value older
-    than `stale_limit_s` is never served: the caller computes (and sees the error)."""
+    refresh that fails is logged, counted (`failures`, `last_error`, `on_failure`) and retried by the next call; a
+    value older than `stale_limit_s` is never served: the caller computes (and sees the error)."""
 
     def __init__(self, compute: Callable[[], T], *, max_age_s: float = 1.0, stale_limit_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, name: str = "summary") -> None:
-        self._compute, self._clock, self.name = compute, clock, name
+                 clock: Callable[[], float] = time.monotonic, name: str = "summary",
+                 on_failure: Callable[[BaseException], None] | None = None) -> None:
+        self._compute, self._clock, self.name, self._on_failure = compute, clock, name, on_failure
         self.max_age_s, self.stale_limit_s = max_age_s, stale_limit_s
         self._lock = threading.Lock()
         self._value: tuple[float, T] | None = None
@@ -60,6 +61,8 @@ class Cached(Generic[T]):
                 self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._refreshing = False
+            if self._on_failure is not None:
+                self._on_failure(exc)
             return
         with self._lock:
             self._value = (started, value)

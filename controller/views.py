@@ -8,7 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-DeviceState = Literal["online", "offline", "stale"]
+DeviceState = Literal["online", "offline", "stale", "revoked", "never_seen"]
+# every state, in the order the dashboard shows them: never_seen is a fleet.yaml device with no message yet,
+# revoked one taken back by `nanofleet revoke` (its messages are rejected)
+DEVICE_STATES: tuple[DeviceState, ...] = ("online", "offline", "stale", "revoked", "never_seen")
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,17 +134,53 @@ def device_acl_topics(fleet: str, device: str) -> tuple[list[str], list[str]]:
             [f"{topics.ROOT}/{fleet}/{device}/{k}" for k in _DEVICE_READS])
 
 
-def write_mosquitto_config(accounts: BrokerAccounts, host: str, port: int) -> Path:
-    """Write mosquitto.conf, its password file and ACL into state/broker; return the config path."""
-    folder = accounts.state_dir / "broker"
+def _keep_file(path: Path, text: str) -> None:
+    """Rewrite a file another program owns (a separately run mosquitto's) in place: its owner, group and mode
+    stay as the operator set them; a new one is made 0640 (readable by the broker's group)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        os.close(fd)
+    with path.open("r+", encoding="utf-8") as f:
+        f.write(text)
+        f.truncate()
+
+
+def write_mosquitto_auth(accounts: BrokerAccounts, passwd: Path, acl_path: Path, *, keep: bool = False,
+                         drop: tuple[str, ...] = ()) -> None:
+    """Write the password file and ACL of every account. `keep`: files a separate broker owns, rewritten in place
+    with the lines of users nanofleet does not manage kept, those of `drop` (revoked) removed, and our ACL lines
+    added where missing; else private files of ours, wholly ours."""
     hashes = accounts.hashes("mosquitto")
-    _write_private(folder / "passwd", "".join(f"{u}:{h}\n" for u, h in sorted(hashes.items())))
     fleet_root = f"{topics.ROOT}/{accounts.fleet}"
     acl = [f"user {CONTROLLER_USER}", f"topic readwrite {fleet_root}/#", ""]
     # Patterns apply to every user; %u is the username, which for a device is its device id.
     acl += [f"pattern write {fleet_root}/%u/{k}" for k in _DEVICE_WRITES]
     acl += [f"pattern read {fleet_root}/%u/{k}" for k in _DEVICE_READS]
-    _write_private(folder / "acl", "\n".join(acl) + "\n")
+    ours = "".join(f"{u}:{h}\n" for u, h in sorted(hashes.items()))
+    if not keep:
+        _write_private(passwd, ours)
+        _write_private(acl_path, "\n".join(acl) + "\n")
+        return
+    # only device accounts: the controller's account in the operator's broker is the operator's to set
+    roles = {u: a["role"] for u, a in accounts.load().items()}
+    hashes = {u: h for u, h in hashes.items() if roles.get(u) == "device"}
+    ours = "".join(f"{u}:{h}\n" for u, h in sorted(hashes.items()))
+    old = passwd.read_text(encoding="utf-8").splitlines() if passwd.exists() else []
+    foreign = [line for line in old if line.strip() and line.split(":", 1)[0] not in {*hashes, *drop}]
+    _keep_file(passwd, "".join(f"{line}\n" for line in foreign) + ours)
+    old_acl = acl_path.read_text(encoding="utf-8") if acl_path.exists() else ""
+    present = {line.strip() for line in old_acl.splitlines()}
+    missing = [line for line in acl if line and line not in present]
+    if missing or not acl_path.exists():
+        sep = "" if not old_acl or old_acl.endswith("\n") else "\n"
+        _keep_file(acl_path, old_acl + sep + "\n".join(missing) + "\n")
+
+
+def write_mosquitto_config(accounts: BrokerAccounts, host: str, port: int) -> Path:
+    """Write mosquitto.conf, its password file and ACL into state/broker; return the config path."""
+    folder = accounts.state_dir / "broker"
+    write_mosquitto_auth(accounts, folder / "passwd", folder / "acl")
     (folder / "data").mkdir(exist_ok=True, mode=0o700)
     conf = [
         # As root, mosquitto would switch to the `mosquitto` user and lose access to our 0600 files; stay who we are.

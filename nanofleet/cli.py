@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "artifacts": "nanofleet.controller.artifacts_cli:artifacts",
     "rollout": "nanofleet.controller.rollout_cli:rollout",
     "enroll": "nanofleet.controller.enroll:enroll",
+    "revoke": "nanofleet.controller.enroll:revoke",
     "gateway": "nanofleet.controller.gateway.cli:gateway",
     "sim": "nanofleet.sim:sim",
 }

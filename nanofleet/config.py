@@ -121,6 +121,10 @@ class Broker(_Model):
     url: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://[^/\s:]+(:\d{1,5})?/?$")
     ca: Path | None = Field(default=None,
                             description="the fleet's CA (PEM) for an mqtts:// broker; None: the system store")
+    # A separately run Mosquitto: `nanofleet enroll` and `revoke` keep its password and ACL files and reload it.
+    password_file: Path | None = Field(default=None, description="mosquitto's password_file that enroll/revoke keep")
+    acl_file: Path | None = Field(default=None, description="mosquitto's acl_file that enroll/revoke keep")
+    pid_file: Path | None = Field(default=None, description="mosquitto's pid_file: enroll/revoke SIGHUP that pid")
 
     @model_validator(mode="after")
     def _ca_needs_tls(self) -> Broker:
@@ -161,6 +165,9 @@ class Gateway(_Model):
     prices_per_million: dict[str, Price] = DEFAULT_PRICES
     budgets: Budgets = Budgets()
     idempotency_window: Duration = 86_400.0
+    metrics_listen: str | None = Field(default=None, pattern=r"^[^\s:]+:\d{1,5}$",
+                                       description="host:port of the gateway's Prometheus /metrics; None: off")
+    metrics_token_env: str = Field(default="NANOFLEET_GATEWAY_METRICS_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class Controller(_Model):
@@ -174,6 +181,9 @@ class Alerts(_Model):
     thermal_at: ThermalName = "severe"
     min_free_ram_mb: int = Field(default=256, ge=0)
     queue_depth: int = Field(default=500, ge=0)
+    policy_behind_s: float = Field(default=300, gt=0, description="a device behind its published policy this long")
+    budget_pct: float = Field(default=80, gt=0, le=100, description="cloud tokens used today, % of the budget")
+    rejections_window_s: float = Field(default=300, gt=0, description="an alert while payloads were rejected within")
 
 
 class FleetConfig(_Model):

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import sqlite_utils
 
@@ -132,6 +132,14 @@ def migrate(conn: sqlite3.Connection, steps: Sequence[Migration], *, table: str 
 _STOP = object()
 
 
+class _Reader(NamedTuple):
+    """A thread's read connection and the lock its queries hold, so `close()` never closes it under a query (the
+    connection is shared across threads by `close()` only: SQLite would read freed memory)."""
+
+    conn: sqlite3.Connection
+    lock: threading.RLock
+
+
 class _LoopFuture:
     """The answer to an `await write(fn)`: an asyncio future the writer settles on its loop's thread. A batch's
     answers are settled in one `call_soon_threadsafe` per event loop — one wake-up of the loop per group commit,
@@ -184,7 +192,7 @@ class Writer:
         self.checkpoint_errors = 0
         self._on_rollback = on_rollback
         self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: list[_Reader] = []
         self._readers_lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -223,15 +231,18 @@ class Writer:
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` on this thread's read connection (from a worker thread, not the event loop)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
             if self._closed:
                 raise DatabaseClosed(f"database {self.path} is closed")
-            conn = connect(self.path, synchronous=self.synchronous)
-            self._local.conn = conn
+            reader = _Reader(connect(self.path, synchronous=self.synchronous), threading.RLock())
+            self._local.reader = reader
             with self._readers_lock:
-                self._readers.append(conn)
-        return fn(conn)
+                self._readers.append(reader)
+        with reader.lock:  # close() takes it before closing the connection: never under a running query
+            if self._closed:
+                raise DatabaseClosed(f"database {self.path} is closed")
+            return fn(reader.conn)
 
     async def aread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await asyncio.to_thread(self.read, fn)
@@ -247,8 +258,9 @@ class Writer:
         if self._checkpointer is not None:
             self._checkpointer.join()
         with self._readers_lock:
-            for conn in self._readers:
-                conn.close()
+            for reader in self._readers:
+                with reader.lock:  # a read in flight on another thread finishes first (closing under it crashes)
+                    reader.conn.close()
             self._readers.clear()
 
     # -- the threads ------------------------------------------------------------------------------------------

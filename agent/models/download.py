@@ -28,6 +28,7 @@ from nanofleet.backoff import Backoff
 _BACKOFF_CAP_S = 30.0
 
 Progress = Callable[[int, int | None], None]  # (bytes done, total bytes or None)
+Notice = Callable[[int, bool], None]  # (bytes already on disk, resumed: False when the server sent it all again)
 
 
 class ModelFileError(AgentError):
@@ -56,13 +57,15 @@ def sha256_file(path: Path) -> str:
 
 def pull(
     url: str, dest: Path, sha256: str, *, progress: Progress | None = None, retries: int = 5,
-    timeout: float = 30.0, backoff: float = 0.2, headers: dict[str, str] | None = None,
-    on_size: Callable[[int], None] | None = None, cancel: threading.Event | None = None,
+    timeout: float = 30.0, backoff: float = 0.2, notice: Notice | None = None,
+    headers: dict[str, str] | None = None, on_size: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Path:
     """Fetch `url` into `dest` unless it is already there. A cut connection resumes from the partial file, and so
-    does a new call after the process died mid-download (the `.part` file stays). `headers`: e.g. the device
-    token for the controller's artifact store. `on_size(bytes still to fetch)` is called once the server said the
-    size, before any byte is written (it may raise, e.g. when the disk is too small); `cancel` stops between blocks."""
+    does a new call after the process died mid-download (the `.part` file stays); `notice` hears whether an
+    attempt with bytes on disk resumed or the server ignored the Range. `headers`: e.g. the device token for the
+    controller's artifact store. `on_size(bytes still to fetch)` is called once the server said the size, before any
+    byte is written (it may raise, e.g. when the disk is too small); `cancel` stops between blocks."""
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +75,7 @@ def pull(
     with httpx.Client(timeout=timeout, follow_redirects=True, headers=headers) as client:
         while True:
             try:
-                if _fetch(client, url, part, progress, on_size, cancel):
+                if _fetch(client, url, part, progress, notice, on_size, cancel):
                     break
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
                 failures += 1
@@ -89,7 +92,7 @@ def pull(
     return dest
 
 
-def _fetch(client: httpx.Client, url: str, part: Path, progress: Progress | None,
+def _fetch(client: httpx.Client, url: str, part: Path, progress: Progress | None, notice: Notice | None = None,
            on_size: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> bool:
     """One attempt; True when the server has sent everything. Raises transport errors for the retry loop."""
     offset = part.stat().st_size if part.exists() else 0
@@ -98,11 +101,15 @@ def _fetch(client: httpx.Client, url: str, part: Path, progress: Progress | None
         if r.status_code == 416 and offset:  # nothing left to send: the partial file is whole (the hash decides)
             return True
         if r.status_code == 200:
+            if offset and notice:
+                notice(offset, False)  # the server ignored the Range: said, not silently started over
             offset = 0
         elif r.status_code == 206:
             start = r.headers.get("content-range", "").removeprefix("bytes ").split("-")[0]
             if start != str(offset):
                 raise DownloadError(f"{url}: server resumed at {start!r}, expected byte {offset}")
+            if notice:
+                notice(offset, True)
         else:
             detail = r.read()[:300].decode("utf-8", "replace").strip()
             raise DownloadError(f"{url}: HTTP {r.status_code}" + (f": {detail}" if detail else ""))
@@ -129,20 +136,33 @@ def _fetch(client: httpx.Client, url: str, part: Path, progress: Progress | None
 class ProgressPrinter:
     """A bar with size, speed and ETA on a terminal; a plain line every few seconds otherwise."""
 
-    def __init__(self, out: TextIO | None = None, tty: bool | None = None, every_s: float = 2.0) -> None:
+    def __init__(self, out: TextIO | None = None, tty: bool | None = None, every_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.out = out or sys.stderr
         self.tty = self.out.isatty() if tty is None else tty
         self.every_s = every_s
-        self.start = time.monotonic()
+        self.clock = clock
+        self.start = clock()
+        self.base = 0  # bytes on disk before this download's bytes (not counted in its speed)
         self.last = 0.0
 
+    def notice(self, offset: int, resumed: bool) -> None:
+        """Say what happened to the bytes on disk; the speed counts only what arrives from now on."""
+        self.start, self.base = self.clock(), offset if resumed else 0
+        if resumed:
+            self.out.write(f"resuming from {human_size(offset)}\n")
+        else:
+            self.out.write(f"server cannot resume (it ignored the Range request): starting again from 0 "
+                           f"({human_size(offset)} on disk discarded)\n")
+        self.out.flush()
+
     def __call__(self, done: int, total: int | None) -> None:
-        now = time.monotonic()
+        now = self.clock()
         final = total is not None and done >= total
         if not final and now - self.last < (0.1 if self.tty else self.every_s):
             return
         self.last = now
-        speed = done / max(now - self.start, 1e-6)
+        speed = (done - self.base) / max(now - self.start, 1e-6)
         if total:
             eta = (total - done) / speed if speed > 0 else 0
             frac = done / total

@@ -153,3 +153,15 @@ def _lookup(conn: sqlite3.Connection, token_hash: str) -> tuple[DeviceIdentity |
     if revoked_ms is not None:
         return None, f"device token of {device_id!r} was revoked"
     return DeviceIdentity(device_id, fleet, group), ""
+
+
+def token_is_active(db_path: str | Path, token: str) -> bool:
+    """True if `token` was issued here and is not revoked (`nanofleet enroll` must not hand out a dead one)."""
+    if not Path(db_path).exists():
+        return False
+    conn = open_db(db_path)
+    try:
+        row = conn.execute("SELECT revoked_ms FROM tokens WHERE token_hash = ?", (hash_token(token),)).fetchone()
+    finally:
+        conn.close()
+    return row is not None and row[0] is None

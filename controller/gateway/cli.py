@@ -93,10 +93,19 @@ def token_issue(device: str, group: str | None, fleet: str | None, config_path: 
 @token.command("revoke")
 @click.argument("device")
 @_data_dir
-def token_revoke(device: str, data_dir: Path) -> None:
+@click.option("--controller-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="the controller's --data-dir, whose audit log records the revocation (default: "
+                   "DATA_DIR/../controller, the `nanofleet up` layout, when it holds a controller.db)")
+def token_revoke(device: str, data_dir: Path, controller_dir: Path | None) -> None:
     """Revoke DEVICE's token (a running gateway notices within its cache TTL, 2 s)."""
-    if revoke_token(data_dir / DB_NAME, device) == 0:
+    from nanofleet.controller.audit import record_cli
+
+    revoked = revoke_token(data_dir / DB_NAME, device)
+    if revoked == 0:
         raise click.ClickException(f"device {device!r} has no active token")
+    db = (controller_dir or data_dir.parent / "controller") / "controller.db"
+    if record_cli(db, "token_revoke", device, {"tokens": revoked}, create=controller_dir is not None) is None:
+        click.echo(f"warning: not audited: no controller store at {db} (give --controller-dir)", err=True)
     click.echo(f"revoked {device}")
 
 

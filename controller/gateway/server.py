@@ -10,13 +10,15 @@ The process's own entry ("") also reports the service's supervised tasks that di
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +32,7 @@ from .auth import Authenticator
 from .db import Database
 from .errors import GatewayError
 from .idempotency import Idempotency
+from .metrics import GatewayMetrics, MetricsApp
 from .service import InferenceService
 from .upstreams.base import UnavailableUpstream, Upstream
 from .upstreams.retrying import RetryingUpstream
@@ -98,7 +101,8 @@ class Gateway:
     def __init__(self, config: FleetConfig, data_dir: str | Path, *, listen: str | None = None,
                  tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
                  upstream: Upstream | None = None, env: Mapping[str, str] | None = None, grace: float = 10.0,
-                 retry_base_delay: float = 0.25, auth_cache_ttl: float = 2.0) -> None:
+                 retry_base_delay: float = 0.25, auth_cache_ttl: float = 2.0,
+                 metrics_listen: str | None = None) -> None:
         self.config = config
         self.data_dir = Path(data_dir)
         self.listen = listen or config.gateway.listen
@@ -109,6 +113,16 @@ class Gateway:
         if self.tls is None and not _is_loopback(host):
             raise ListenError(f"refusing to serve device tokens in plaintext on {self.listen}: "
                               "give --tls-cert/--tls-key or listen on a loopback address")
+        self.metrics_listen = metrics_listen or config.gateway.metrics_listen
+        token_env = config.gateway.metrics_token_env
+        self._metrics_token = (os.environ if env is None else env).get(token_env) or None
+        if self.metrics_listen and self._metrics_token is None and not _is_loopback(
+                self.metrics_listen.rsplit(":", 1)[0]):
+            raise ListenError(f"refusing to serve /metrics on {self.metrics_listen} without a token: set "
+                              f"{token_env} (gateway.metrics_token_env) or listen on a loopback address")
+        self.metrics = GatewayMetrics()
+        self.metrics_port = 0
+        self._metrics_server: tuple[Any, asyncio.Task[Any]] | None = None
         self.grace = grace
         cfg = config.gateway.upstream
         inner = upstream if upstream is not None else build_upstream(cfg, env)
@@ -137,12 +151,14 @@ class Gateway:
         self.db = db = await asyncio.to_thread(Database, self.db_path)
         gw = self.config.gateway
         ledger = UsageLedger(db, gw.prices_per_million)
+        metrics = self.metrics
+        ledger.on_record = lambda row: metrics.charged(row.model, row.input_tokens, row.output_tokens, row.cost_usd)
         idem = Idempotency(db, gw.idempotency_window)
         now = time.time()
         await asyncio.to_thread(ledger.load, now)
         await asyncio.to_thread(idem.load, now)
         self.service = InferenceService(self.config, self.upstream, Authenticator(db, self.config.fleet,
-                                        self._auth_ttl), ledger, idem)
+                                        self._auth_ttl), ledger, idem, metrics=self.metrics)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)])
         self.health.process_detail = self.service.health_detail
         inference_pb2_grpc.add_InferenceServicer_to_server(self.service, server)
@@ -163,6 +179,12 @@ class Gateway:
             raise ListenError(f"cannot listen on {self.listen}: {exc}") from exc
         await server.start()
         self._server = server
+        if self.metrics_listen:
+            try:
+                await self._start_metrics(self.metrics_listen)
+            except BaseException:
+                await self.stop(0)
+                raise
         if self.upstream.unavailable:
             log.warning("gateway NOT_SERVING inference: %s", self.upstream.unavailable)
         log.info("gateway for fleet %s listening on %s (%s), upstream: %s", self.config.fleet, self.address,
@@ -175,6 +197,10 @@ class Gateway:
             return
         server, self._server = self._server, None
         errors: list[BaseException] = []
+        if self._metrics_server is not None:
+            (metrics_server, task), self._metrics_server = self._metrics_server, None
+            metrics_server.should_exit = True
+            await asyncio.wait([task], timeout=5)  # a failure there is the supervisor's to log
         await self.health.enter_graceful_shutdown()
         await server.stop(self.grace if grace is None else grace)
         if self.service is not None:
@@ -187,6 +213,30 @@ class Gateway:
                 errors.append(exc)
         if errors:
             raise BaseExceptionGroup("gateway: errors while stopping", errors)
+
+    async def _start_metrics(self, listen: str) -> None:
+        """uvicorn in this loop, under the service's task supervisor (a crash is logged and shown by health)."""
+        import uvicorn
+
+        assert self.service is not None
+
+        class _Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:  # the gateway's process handles signals itself
+                yield
+
+        host, port = listen.rsplit(":", 1)
+        server = _Server(uvicorn.Config(MetricsApp(self.metrics, self._metrics_token), host=host, port=int(port),
+                                        log_level="warning", access_log=False, lifespan="off"))
+        task = self.service.tasks.spawn(server.serve, "metrics", on_death="log", forever=False)
+        while not server.started:
+            if task.done():
+                raise ListenError(f"cannot serve /metrics on {listen}: the listener did not start (see the log)")
+            await asyncio.sleep(0.01)
+        self._metrics_server = (server, task)
+        self.metrics_port = server.servers[0].sockets[0].getsockname()[1] if server.servers else int(port)
+        log.info("gateway metrics on http://%s:%d/metrics (%s)", host, self.metrics_port,
+                 "bearer token" if self._metrics_token else "loopback, no token")
 
     async def _close_storage(self) -> None:
         if self.db is not None:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -29,6 +30,7 @@ from . import rules
 from .auth import Authenticator, DeviceIdentity
 from .errors import BudgetExceeded, DeadlineExceeded, GatewayError, InternalError, PolicyRefused, UpstreamError
 from .idempotency import Idempotency
+from .metrics import GatewayMetrics
 from .requests import count_request, pick_model, to_upstream
 from .upstreams.base import UpstreamChunk, UpstreamRequest, UpstreamResult
 from .upstreams.retrying import RetryingUpstream
@@ -40,7 +42,8 @@ T = TypeVar("T")
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     def __init__(self, config: FleetConfig, upstream: RetryingUpstream, auth: Authenticator, ledger: UsageLedger,
-                 idempotency: Idempotency, clock: Callable[[], float] = time.time) -> None:
+                 idempotency: Idempotency, clock: Callable[[], float] = time.time,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.config = config
         self.upstream = upstream
         self.auth = auth
@@ -57,6 +60,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         gw = config.gateway
         self._timeout = gw.upstream.timeout
         self._offered = frozenset(gw.prices_per_million)
+        self.metrics = metrics or GatewayMetrics()
+        self.metrics.watch(lambda: self.upstream.retries, lambda: self.bugs)
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -84,8 +89,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         except TimeoutError:
             raise DeadlineExceeded(f"deadline exceeded after {seconds:.3f}s waiting for the upstream") from None
 
-    async def _abort(self, context: grpc.aio.ServicerContext, exc: GatewayError) -> None:
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: GatewayError, method: str) -> None:
         self.refusals[exc.code.name] += 1
+        self.metrics.calls.labels(method, exc.code.name).inc()
         message = str(exc)
         trailing: tuple[tuple[str, str], ...] = ()
         if exc.retry_after is not None:
@@ -96,10 +102,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         log.info("refused %s: %s", exc.code.name, message)
         await context.abort(exc.code, message, trailing_metadata=trailing)
 
-    async def _internal(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    async def _internal(self, context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
         if isinstance(exc, grpc.aio.AbortError):
             raise exc
-        await self._abort(context, self._bug(exc))
+        await self._abort(context, self._bug(exc), method)
 
     def _bug(self, exc: Exception) -> InternalError:
         """Log a bug with its traceback, count it, and return the INTERNAL answer that shows only its type."""
@@ -143,7 +149,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                   budgets.fleet_tokens_per_day)
         refusal = rules.check_budget(self.ledger.used(identity.device_id, app_id, now), limits, now)
         if refusal is not None:
+            self.metrics.budget_refusals.labels(refusal.scope).inc()
             raise BudgetExceeded(refusal.message, refusal.retry_after)
+
+    @contextlib.contextmanager
+    def _timed(self, method: str) -> Iterator[None]:
+        """The upstream latency histogram: `ok`, or `error` when the block raised (a timeout included)."""
+        started, outcome = time.monotonic(), "error"
+        try:
+            yield
+            outcome = "ok"
+        finally:
+            self.metrics.upstream_latency.labels(method, outcome).observe(time.monotonic() - started)
 
     def _spawn(self, coro: Awaitable[T], name: str) -> asyncio.Task[T | None]:
         """Detached one-shot work under the supervisor; `drain()` gives it time to finish."""
@@ -167,10 +184,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         try:
             identity, up_req = await self._admit(request, context)
             if not request.request_id:
-                return await self._within(seconds, self._generate(identity, request, up_req, seconds, None))
+                answer = await self._within(seconds, self._generate(identity, request, up_req, seconds, None))
+                self.metrics.calls.labels("Generate", "OK").inc()
+                return answer
             key = (identity.device_id, request.request_id)
             found = await self.idem.lookup(key, self.clock())
             if isinstance(found, inference_pb2.GenerateResponse):
+                self.metrics.calls.labels("Generate", "OK").inc()
                 return found
             if found is None:
                 self.idem.start(key)
@@ -179,12 +199,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 # the answer still lands once and its retry (same request_id) gets it without a second charge
                 self._spawn(self._generate(identity, request, up_req, self._timeout, key), "generate")
             assert isinstance(found, asyncio.Future)
-            return await self._within(seconds, asyncio.shield(found))
+            answer = await self._within(seconds, asyncio.shield(found))
+            self.metrics.calls.labels("Generate", "OK").inc()
+            return answer
         except GatewayError as exc:
-            await self._abort(context, exc)
+            await self._abort(context, exc, "Generate")
             raise AssertionError("unreachable") from exc
         except Exception as exc:
-            await self._internal(context, exc)
+            await self._internal(context, exc, "Generate")
             raise AssertionError("unreachable") from exc
 
     async def _generate(self, identity: DeviceIdentity, request: inference_pb2.GenerateRequest,
@@ -194,7 +216,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             self._check_budget(identity, request.app_id)
             self.upstream_calls += 1
             deadline = time.monotonic() + seconds
-            result = await self._within(seconds, self.upstream.generate(up_req, deadline=deadline))
+            with self._timed("Generate"):
+                result = await self._within(seconds, self.upstream.generate(up_req, deadline=deadline))
             response = _response(request.request_id, result)
             await self._account(identity, request.app_id, result, response, key)
             return response
@@ -228,14 +251,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     found = await self._within(seconds, asyncio.shield(found))
                 if found is not None:
                     yield _replay(found)
+                    self.metrics.calls.labels("GenerateStream", "OK").inc()
                     return
                 self.idem.start(key)
             async for chunk in self._stream(identity, request, up_req, deadline, key):
                 yield chunk
+            self.metrics.calls.labels("GenerateStream", "OK").inc()
         except GatewayError as exc:
-            await self._abort(context, exc)
+            await self._abort(context, exc, "GenerateStream")
         except Exception as exc:  # noqa: BLE001 - logged, counted, answered INTERNAL by _internal
-            await self._internal(context, exc)
+            await self._internal(context, exc, "GenerateStream")
 
     async def _stream(self, identity: DeviceIdentity, request: inference_pb2.GenerateRequest,
                       up_req: UpstreamRequest, deadline: float, key: tuple[str, str] | None,
@@ -249,8 +274,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             try:
                 while True:
                     left = deadline - time.monotonic()
-                    try:
-                        chunk = await self._within(max(left, 0.0), anext(chunks))
+                    try:  # the latency histogram holds a stream's time to its first chunk
+                        with self._timed("GenerateStream") if not seen else contextlib.nullcontext():
+                            chunk = await self._within(max(left, 0.0), anext(chunks))
                     except StopAsyncIteration:
                         break
                     seen.append(chunk)
@@ -287,13 +313,15 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if self.upstream.unavailable:
                 raise UpstreamError(self.upstream.unavailable)
             deadline = time.monotonic() + seconds
-            total = await self._within(seconds, self.upstream.count_tokens(up_req, deadline=deadline))
+            with self._timed("CountTokens"):
+                total = await self._within(seconds, self.upstream.count_tokens(up_req, deadline=deadline))
+            self.metrics.calls.labels("CountTokens", "OK").inc()
             return inference_pb2.CountTokensResponse(total_tokens=total)
         except GatewayError as exc:
-            await self._abort(context, exc)
+            await self._abort(context, exc, "CountTokens")
             raise AssertionError("unreachable") from exc
         except Exception as exc:
-            await self._internal(context, exc)
+            await self._internal(context, exc, "CountTokens")
             raise AssertionError("unreachable") from exc
 
     async def drain(self, within: float = 1.0) -> list[BaseException]:

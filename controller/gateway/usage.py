@@ -74,6 +74,7 @@ class UsageLedger:
         self._device: dict[str, int] = defaultdict(int)
         self._app: dict[tuple[str, str], int] = defaultdict(int)
         self._fleet = 0
+        self.on_record: Callable[[UsageRow], None] | None = None  # after each commit: the gateway's metrics
 
     def load(self, now: float) -> None:
         """Rebuild today's totals from the table (at start, so a restart does not refill budgets)."""
@@ -116,4 +117,6 @@ class UsageLedger:
                 also(conn)
 
         await self._db.write(job)
+        if self.on_record is not None:
+            self.on_record(row)
         return row

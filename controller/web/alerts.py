@@ -1,64 +1,39 @@
-"""Fleet alerts from fleet.yaml's `alerts` thresholds, computed from each device's latest stored state at read time
-(no alert table: the thresholds and the state are the whole truth, so a changed threshold applies at once).
-
-    offline      the device is not online (offline or stale) and was last seen more than `offline_after_s` ago
-    thermal      its thermal level is at or above `thermal_at`
-    low_ram      RAM available below `min_free_ram_mb` (0 MB is "no telemetry yet", not a reading: no alert)
-    queue_depth  its offline queue (the real queue, not requests waiting for a slot) holds `queue_depth` or more
-
-Shared by the dashboard (the overview's "Alerts" column) and `GET /api/alerts`.
+"""The alert rules applied to one device view, for flags on a page (a device row's "Alerts" cell): the same rules the
+controller's alert engine stores alerts by (controller/alerting.py `device_conditions`), so a page never judges a
+device differently. The alerts themselves — raised, acknowledged, cleared, with history — are the engine's
+(controller/alerts_engine.py), read through `GET /api/alerts` and the Alerts page.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from nanofleet.config import Alerts
+from nanofleet.controller.alerting import ALERT_KINDS, Condition, DeviceFacts, device_conditions
 
 from .format import THERMAL_ORDER
 
 __all__ = ["ALERT_KINDS", "DeviceAlert", "device_alerts", "fleet_alerts"]
 
-AlertKind = Literal["offline", "thermal", "low_ram", "queue_depth"]
-ALERT_KINDS: tuple[AlertKind, ...] = ("offline", "thermal", "low_ram", "queue_depth")
+DeviceAlert = Condition  # the name pages and tests used before the engine stored alerts
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceAlert:
-    device_id: str
-    kind: AlertKind
-    detail: str  # for a person: the value and the threshold it crossed
-    value: float
-    threshold: float
-
-
-def device_alerts(d: Any, alerts: Alerts, now_ms: int) -> list[DeviceAlert]:
-    """The alerts one device view raises now, in ALERT_KINDS order."""
-    did = str(getattr(d, "device_id", ""))
-    out: list[DeviceAlert] = []
-    state, last_seen = getattr(d, "state", None), int(getattr(d, "last_seen_ms", 0) or 0)
-    silent_s = (now_ms - last_seen) / 1000
-    if state != "online" and silent_s > alerts.offline_after_s:
-        out.append(DeviceAlert(did, "offline", f"{state}, last seen {silent_s:.0f} s ago (alert after "
-                                               f"{alerts.offline_after_s:g} s)", silent_s, alerts.offline_after_s))
+def device_alerts(d: Any, alerts: Alerts, now_ms: int) -> list[Condition]:
+    """The device rules over one device view (its published policy is not in a view: no policy_behind here; a
+    stale device shows as such in its state, so it gets no `stale` flag)."""
     level = getattr(d, "thermal_level", None)
-    if level in THERMAL_ORDER and THERMAL_ORDER.index(level) >= THERMAL_ORDER.index(alerts.thermal_at):
-        out.append(DeviceAlert(did, "thermal", f"thermal level {level} (alert at {alerts.thermal_at})",
-                               THERMAL_ORDER.index(level), THERMAL_ORDER.index(alerts.thermal_at)))
-    avail = getattr(d, "ram_available_mb", None)
-    if avail and avail < alerts.min_free_ram_mb:
-        out.append(DeviceAlert(did, "low_ram", f"{avail} MB RAM available (alert below {alerts.min_free_ram_mb} MB)",
-                               avail, alerts.min_free_ram_mb))
-    depth = getattr(d, "queue_depth", None)
-    if depth is not None and depth >= alerts.queue_depth:
-        out.append(DeviceAlert(did, "queue_depth", f"{depth} requests in the offline queue (alert at "
-                                                   f"{alerts.queue_depth})", depth, alerts.queue_depth))
-    return out
+    facts = DeviceFacts(
+        device_id=str(getattr(d, "device_id", "")), state=str(getattr(d, "state", "")),
+        last_seen_ms=int(getattr(d, "last_seen_ms", 0) or 0),
+        thermal_level=THERMAL_ORDER.index(level) if level in THERMAL_ORDER else 0,
+        ram_available_mb=int(getattr(d, "ram_available_mb", 0) or 0),
+        queue_depth=int(getattr(d, "queue_depth", 0) or 0), policy_version=int(getattr(d, "policy_version", 0) or 0))
+    # `stale` is already the row's state badge: the flags name thresholds crossed
+    return [c for c in device_conditions(facts, alerts, now_ms) if c.kind != "stale"]
 
 
-def fleet_alerts(devices: Iterable[Any], alerts: Alerts, now_ms: int) -> list[DeviceAlert]:
-    """Every device's alerts, by device id then kind."""
+def fleet_alerts(devices: Iterable[Any], alerts: Alerts, now_ms: int) -> list[Condition]:
+    """Every device's flags, by device id then kind (read-time: for a page's flags, not the stored alerts)."""
     return [a for d in sorted(devices, key=lambda d: str(getattr(d, "device_id", "")))
             for a in device_alerts(d, alerts, now_ms)]

@@ -14,6 +14,8 @@ thread pool, off the event loop).
                    /metrics                                   (Prometheus text format)
     routes_api     /api/...                                   (REST API, docs/rest-api.md)
     routes_artifacts /artifacts/{sha256}                      (devices' downloads: gateway token, Range)
+    routes_events  /events                                    (live events, server-sent; controller/events.py)
+    routes_ops     /api/alerts*, /api/audit, /alerts, /audit  (stored alerts, acknowledgements, the audit log)
     errors         the error edge; context: WebContext and the dependencies every route takes
 """
 
@@ -30,12 +32,16 @@ from typing import Any
 from fastapi import FastAPI
 
 from nanofleet.config import FleetConfig
+from nanofleet.controller import metrics
+from nanofleet.controller.alert_store import AlertStore
 from nanofleet.controller.artifacts import ArtifactStore, DeviceTokens
+from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.errors import StoreError
+from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.metrics import registry_for
 from nanofleet.protos.names import COMMAND_KINDS
 
-from . import routes_api, routes_artifacts, routes_auth, routes_pages
+from . import routes_api, routes_artifacts, routes_auth, routes_events, routes_ops, routes_pages
 from .context import Commands, FleetReader, UsageReader, WebContext
 from .errors import install_error_handlers
 from .openapi_doc import document_errors
@@ -58,11 +64,19 @@ def create_app(
     refresh_s: int = 3,
     clock: Callable[[], float] = time.time,
     status: Callable[[], Mapping[str, Any]] | None = None,
+    events: FleetEvents | None = None,
+    alerts: AlertStore | None = None,
+    audit: AuditLog | None = None,
+    operators: Mapping[str, str] | None = None,
     artifacts: ArtifactStore | None = None,
 ) -> FastAPI:
     """Build the dashboard + API app. `session_secret` defaults to a random per-process key (sessions end on
-    restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status();
-    `artifacts` are served to devices whose gateway token (in `usage_db`, the gateway's db) is active."""
+    restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status(); `events` the
+    hub `/events` streams from (a fresh one when not given, fed by the default alerts and audit below).
+    `alerts` and `audit` default to ones over `store` when it is the controller's Store (it has a writer); the
+    service passes its own so their changes reach its live-update hub. `operators` are the named operators' token
+    hashes (controller/auth.py `read_operators`), beside the default token's holder, `operator`. `artifacts` are
+    served to devices whose gateway token (in `usage_db`, the gateway's db) is active."""
 
     def now_ms() -> int:
         return int(clock() * 1000)
@@ -77,14 +91,21 @@ def create_app(
             errors["store_groups"] += 1
     signer = SessionSigner(session_secret, ttl_s=session_ttl_s)
     usage = UsageReader(Path(usage_db) if usage_db is not None else None)
-    ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms),
+    hub = events if events is not None else FleetEvents()
+    if hasattr(store, "submit"):  # the controller's Store: alerts and audit live in its file
+        writable: Any = store
+        alerts = alerts if alerts is not None else AlertStore(writable, on_change=hub.publish)
+        audit = audit if audit is not None else AuditLog(writable, on_change=hub.publish)
+    ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms, operators),
                      signer=signer, now_ms=now_ms, commands=commands, usage=usage, session_ttl_s=session_ttl_s,
-                     refresh_s=refresh_s, status=status, errors=errors, artifacts=artifacts,
+                     refresh_s=refresh_s, status=status, errors=errors, alerts=alerts, audit=audit, events=hub,
+                     artifacts=artifacts,
                      device_tokens=DeviceTokens(Path(usage_db), config.fleet) if usage_db is not None else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        ctx.events.close()
         usage.close()
 
     app = FastAPI(
@@ -96,14 +117,19 @@ def create_app(
     )
     app.state.web = ctx
     app.state.errors = ctx.errors  # answers given for bugs, by code: a test and an operator can see them
-    app.state.metrics = registry_for(status, web_errors=ctx.errors)  # served at /metrics
+    read = getattr(store, "read", None)  # beyond the FleetReader contract: the fleet's gauges when the store has it
+    fleet = (lambda: read(metrics.fleet_counts)) if read is not None else None
+    app.state.metrics = registry_for(status, web_errors=ctx.errors, fleet=fleet)  # served at /metrics
     app.state.close = usage.close  # for a parent app that mounts us (a mounted app's lifespan does not run)
     app.add_middleware(SecurityHeaders)
     install_error_handlers(app)
     app.include_router(routes_auth.router)
     app.include_router(routes_pages.router)
+    app.include_router(routes_events.router)
     app.include_router(routes_api.router)
     app.include_router(routes_artifacts.router)
+    app.include_router(routes_ops.router)
+    app.include_router(routes_ops.pages)
     if commands is not None:
         app.include_router(routes_api.commands_router)
 

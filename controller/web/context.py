@@ -19,15 +19,19 @@ from fastapi.responses import HTMLResponse
 from starlette.concurrency import run_in_threadpool
 
 from nanofleet.config import FleetConfig
+from nanofleet.controller.alert_store import AlertStore
 from nanofleet.controller.artifacts import ArtifactStore, DeviceTokens
+from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.commands import CommandError, UnknownCommand
-from nanofleet.controller.queries import Overview, Queries, SlowFigures, with_slow
+from nanofleet.controller.events import FleetEvents
+from nanofleet.controller.fleet_queries import Overview, SlowFigures, with_slow
+from nanofleet.controller.queries import Queries
 from nanofleet.controller.summary import Cached
 from nanofleet.controller.views import DeviceView, Rejection, RollupPoint, TelemetryPoint
 
 from . import schemas
 from .layout import TEMPLATES, content_security_policy, new_nonce, render_block
-from .security import Operator, OperatorAuth, WebError
+from .security import Operator, OperatorAuth, WebError, client_address
 from .sessions import SessionSigner
 
 __all__ = ["Authed", "Commands", "FleetReader", "UsageReader", "Web", "WebContext", "Writer"]
@@ -100,6 +104,11 @@ class WebContext:
     artifacts: ArtifactStore | None = None      # served at /artifacts/{sha256} (routes_artifacts.py)
     device_tokens: DeviceTokens | None = None   # who may fetch them: the gateway's device tokens
     artifact_counts: Counter[str] = dataclasses.field(default_factory=Counter)  # served, denied, not_found, …
+    events: FleetEvents = dataclasses.field(default_factory=FleetEvents)  # what /events streams (controller/events)
+    alerts: AlertStore | None = None  # the stored alerts (the engine runs in ControllerService)
+    audit: AuditLog | None = None
+    logins_failed: int = 0  # counted with the audit entry (status()["web"], metrics)
+
     queries: Queries = dataclasses.field(init=False)
     # the overview's fleet-wide aggregates: the fast-moving ones at most 1 s old, the costly slow ones 10 s
     summary: Cached[Overview] = dataclasses.field(init=False)
@@ -108,9 +117,12 @@ class WebContext:
     def __post_init__(self) -> None:
         self.queries = Queries(self.store)
         self.summary = Cached(lambda: self.queries.fleet_figures(self.config.alerts, self.now_ms()),
-                              name="fleet-summary")
+                              name="fleet-summary", on_failure=self._summary_failed)
         self.slow_summary = Cached(lambda: self.queries.slow_figures(self.now_ms()), max_age_s=10.0,
-                                   stale_limit_s=60.0, name="fleet-summary-slow")
+                                   stale_limit_s=60.0, name="fleet-summary-slow", on_failure=self._summary_failed)
+
+    def _summary_failed(self, exc: BaseException) -> None:
+        self.errors["summary_refresh"] += 1  # /metrics: web_errors_total{code="summary_refresh"}
 
     def overview(self) -> Overview:
         return with_slow(self.summary.get(), self.slow_summary.get())
@@ -126,15 +138,25 @@ class WebContext:
             "request": request, "title": title, "operator": operator, "nonce": nonce, "csrf": csrf,
             "fleet": self.config.fleet, "refresh_s": self.refresh_s if refresh else None,
             "open_alerts": self.open_alert_count() if operator is not None else None, **variables}
-        if request.headers.get("x-fragment") == "1":
-            return HTMLResponse(render_block(name, "content", values), status_code=status)
+        if request.headers.get("x-fragment") == "1":  # the header's alert count travels beside the content block
+            count = values["open_alerts"]
+            return HTMLResponse(render_block(name, "content", values), status_code=status,
+                                headers={} if count is None else {"X-Open-Alerts": str(int(count))})
         return TEMPLATES.TemplateResponse(request, name, values, status_code=status,
                                           headers={"Content-Security-Policy": content_security_policy(nonce)})
 
     def open_alert_count(self) -> int | None:
-        """Open alerts for the header's count: web/alerts.py's read-time rule over the devices' latest state,
-        counted in SQL (queries.alert_count) with the rest of the fleet summary, at most a second old."""
-        return self.summary.get().alerts
+        """The header's count: open (raised or acknowledged) stored alerts; None without an alert store."""
+        return None if self.alerts is None else self.alerts.open_count()
+
+    def record(self, request: Request, operator: Operator | None, action: str, target: str = "",
+               detail: Mapping[str, Any] | None = None) -> None:
+        """Append to the audit log without waiting (its failure is logged and counted by the log)."""
+        if self.audit is None:
+            return
+        actor = operator.name if operator is not None else "-"
+        via = {"via": operator.via} if operator is not None else {}
+        self.audit.record_soon(actor, action, target, {**via, **(detail or {})}, client_address(request))
 
     def device(self, device_id: str) -> Any:
         view = self.store.get_device(device_id)
@@ -176,8 +198,23 @@ class WebContext:
         return WebError(500, "internal_error", f"{what} failed: internal error in the controller (error id "
                                                f"{error_id}); its log has the details")
 
-    async def send_command(self, device_id: str, kind: str, args: dict[str, str]) -> schemas.CommandOut:
-        """Send through the command service; only its documented errors map to their statuses, a bug is a 500."""
+    async def send_command(self, device_id: str, kind: str, args: dict[str, str], *, request: Request | None = None,
+                           operator: Operator | None = None) -> schemas.CommandOut:
+        """Send through the command service (audited with its result when `request` is given: who, from where)."""
+        try:
+            out = await self._send_command(device_id, kind, args)
+        except WebError as exc:
+            if request is not None:
+                self.record(request, operator, "command", device_id, {"kind": kind, "args": args,
+                                                                      "result": exc.code, "message": exc.detail})
+            raise
+        if request is not None:
+            self.record(request, operator, "command", device_id, {"kind": kind, "args": args, "result": out.status,
+                                                                  "message": out.message, "id": out.id})
+        return out
+
+    async def _send_command(self, device_id: str, kind: str, args: dict[str, str]) -> schemas.CommandOut:
+        """Only the command service's documented errors map to their statuses, a bug is a 500."""
         if self.commands is None:
             raise WebError(404, "commands_disabled", "this controller was started without a command service")
         await run_in_threadpool(self.device, device_id)

@@ -11,7 +11,8 @@ from nanofleet.protos.names import THERMAL_LEVELS
 
 __all__ = ["STATE_LABELS", "THERMAL_ORDER", "fmt_age", "fmt_mb", "fmt_num", "iso_utc", "relative_time", "state_badge"]
 
-STATE_LABELS = {"online": "online", "offline": "offline", "stale": "stale"}
+STATE_LABELS = {"online": "online", "offline": "offline", "stale": "stale", "revoked": "revoked",
+                "never_seen": "never seen"}
 THERMAL_ORDER = THERMAL_LEVELS  # from the proto enum (protos/names.py)
 
 

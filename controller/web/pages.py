@@ -12,7 +12,10 @@ from urllib.parse import quote, urlencode
 from markupsafe import Markup
 
 from nanofleet.config import Alerts
-from nanofleet.controller.queries import SORTS, Bucket, DeviceFilter
+from nanofleet.controller.device_sql import SORTS
+from nanofleet.controller.fleet_queries import Bucket
+from nanofleet.controller.queries import DeviceFilter
+from nanofleet.controller.views import RollupPoint
 
 from .charts import Band, Series, bar_chart, line_chart
 from .format import THERMAL_ORDER
@@ -81,6 +84,29 @@ class DeviceListState:
 
     def sort_mark(self, key: str) -> str:
         return ("▼" if self.flt.desc else "▲") if self.flt.sort == key else ""
+
+
+MAX_POINTS = 400  # a chart is ~580 px wide: more points per series cost time to draw and show nothing more
+
+
+def coarsen(points: Sequence[RollupPoint], max_points: int = MAX_POINTS) -> list[RollupPoint]:
+    """Rollup buckets merged in runs of consecutive ones so at most about `max_points` remain (a day of 1 min
+    buckets: 4 min each): averages weighted by sample count, maxima and minima kept, so no peak is lost."""
+    step = -(-len(points) // max_points)  # ceil
+    if step <= 1:
+        return list(points)
+    out = []
+    for i in range(0, len(points), step):
+        run = points[i:i + step]
+        n = sum(p.n for p in run) or 1
+        temps = [(p.temp_avg, p.n) for p in run if p.temp_avg is not None]
+        t_n = sum(w for _, w in temps)
+        out.append(RollupPoint(
+            run[0].ts_ms, n, sum(p.cpu_avg * p.n for p in run) / n, max(p.cpu_max for p in run),
+            sum(t * w for t, w in temps) / t_n if t_n else None,
+            max((p.temp_max for p in run if p.temp_max is not None), default=None),
+            min(p.ram_available_min for p in run)))
+    return out
 
 
 def thermal_bands(buckets: Sequence[Bucket], bucket_ms: int, end_ms: int) -> list[Band]:

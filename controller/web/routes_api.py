@@ -1,14 +1,13 @@
-"""The REST API (docs/rest-api.md): devices, alerts, telemetry, policy convergence, ingest rejections, gateway usage,
+"""The REST API (docs/rest-api.md): devices, telemetry, policy convergence, ingest rejections, gateway usage,
 and — in `commands_router`, included when the controller has a command service — commands to devices."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from . import routes_pages, schemas
-from .alerts import fleet_alerts
 from .context import Authed, Web, Writer
 from .security import WebError
 
@@ -31,8 +30,7 @@ Flag = Literal["", "0", "1"]
                         "behind=1 (not yet on the policy published for them), q (a substring of id, model or "
                         "group). sort: any column (device_id default), desc=1 for descending.")
 def api_devices(ctx: Web, operator: Authed, group: Text = "", state: routes_pages.StateParam = "",
-                thermal: Literal["", "none", "light", "moderate", "severe", "critical", "emergency",
-                                 "shutdown"] = "",
+                thermal: routes_pages.ThermalParam = "",
                 model: Text = "", behind: Flag = "", q: Text = "", sort: routes_pages.SortParam = "",
                 desc: Flag = "", limit: Annotated[int, Query(ge=1, le=500)] = 100,
                 cursor: Annotated[str, Query(max_length=2000)] = "") -> schemas.DevicePageOut:
@@ -46,14 +44,6 @@ def api_devices(ctx: Web, operator: Authed, group: Text = "", state: routes_page
             tags=["devices"], summary="One device's latest state")
 def api_device(ctx: Web, device_id: str, operator: Authed) -> Any:
     return ctx.device(device_id)
-
-
-@router.get("/alerts", response_model=list[schemas.AlertOut], responses=_ERR401, tags=["devices"],
-            summary="Devices over fleet.yaml's alert thresholds now",
-            description="One entry per device and crossed threshold (offline_after_s, thermal_at, min_free_ram_mb, "
-                        "queue_depth: the real offline-queue depth), computed from each device's latest state.")
-def api_alerts(ctx: Web, operator: Authed) -> list[Any]:
-    return fleet_alerts(ctx.store.list_devices(), ctx.config.alerts, ctx.now_ms())
 
 
 @router.get("/devices/{device_id}/telemetry", response_model=schemas.TelemetryOut,
@@ -115,5 +105,6 @@ _CMD_ERRORS: Responses = {
                       responses={**_ERR401, **_ERR404, **_CMD_ERRORS}, tags=["devices"],
                       summary="Send a command and wait for its result",
                       description="Cookie sessions must send X-CSRF-Token; Bearer clients need not.")
-async def api_command(ctx: Web, device_id: str, body: schemas.CommandIn, operator: Writer) -> schemas.CommandOut:
-    return await ctx.send_command(device_id, body.kind, body.args)
+async def api_command(request: Request, ctx: Web, device_id: str, body: schemas.CommandIn,
+                      operator: Writer) -> schemas.CommandOut:
+    return await ctx.send_command(device_id, body.kind, body.args, request=request, operator=operator)

@@ -37,10 +37,15 @@ def login(request: Request, ctx: Web, token: Annotated[str, Form(max_length=512)
           next: Annotated[str, Form()] = "/") -> Response:
     check_same_origin(request)
     target = safe_next(next)
-    if not ctx.auth.check_token(token.strip()):
+    name = ctx.auth.identify(token.strip())
+    if name is None:
+        ctx.logins_failed += 1  # audited with the address, never with what was typed
+        ctx.record(request, None, "login_failed", "dashboard", {"reason": "invalid_token" if token else "empty"})
         return ctx.render(request, "login.html", title="Log in", operator=None, status=401, next_path=target,
                           error="That operator token is not valid.")
-    cookie, _session = ctx.signer.issue(ctx.now_ms())
+    cookie, session = ctx.signer.issue(ctx.now_ms(), name)
+    ctx.record(request, Operator("session", session, name=name), "login", "dashboard",
+               {"session": session.session_id[:8]})
     resp = RedirectResponse(target, status_code=303)
     resp.set_cookie(COOKIE, cookie, max_age=int(ctx.session_ttl_s), path="/", httponly=True, samesite="strict",
                     secure=request.url.scheme == "https")
@@ -54,5 +59,7 @@ async def logout(request: Request, ctx: Web) -> Response:
     if session is not None:
         await ctx.auth.require_csrf(request, Operator("session", session))
         ctx.signer.revoke(session, ctx.now_ms())
+        ctx.record(request, Operator("session", session, name=session.name), "logout", "dashboard",
+                   {"session": session.session_id[:8]})
     resp.delete_cookie(COOKIE, path="/")
     return resp

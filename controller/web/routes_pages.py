@@ -19,7 +19,8 @@ from nanofleet.controller import policy as pol
 from nanofleet.controller import rollout_store as rs
 from nanofleet.controller.queries import DeviceFilter, QueryError
 from nanofleet.controller.rollouts import advance
-from nanofleet.protos.names import COMMAND_KINDS
+from nanofleet.controller.views import DEVICE_STATES
+from nanofleet.protos.names import COMMAND_KINDS, ThermalName
 
 from . import pages
 from .context import Authed, Web, WebContext, Writer
@@ -28,10 +29,11 @@ from .security import Operator, WebError
 
 router = APIRouter(include_in_schema=False)
 Window = Literal["15m", "1h", "6h", "24h", "7d"]
-StateParam = Literal["", "online", "offline", "stale"]
+StateParam = Literal["", "online", "offline", "stale", "revoked", "never_seen"]
 SortParam = Literal["", "device_id", "group", "state", "last_seen", "temp", "thermal", "ram", "cpu", "model",
                     "policy", "queue", "slots_waiting"]
 Flag = Literal["", "0", "1"]
+ThermalParam = ThermalName | Literal[""]
 _USAGE_ROWS = 10
 
 
@@ -88,13 +90,13 @@ Text = Annotated[str, Query(max_length=200)]
 
 @router.get("/devices")
 def devices_page(request: Request, ctx: Web, operator: Authed, group: Text = "", state: StateParam = "",
-                 thermal: Literal["", "none", "light", "moderate", "severe", "critical", "emergency", "shutdown"] = "",
+                 thermal: ThermalParam = "",
                  model: Text = "", behind: Flag = "", q: Text = "", sort: SortParam = "", desc: Flag = "",
                  limit: Annotated[int, Query(ge=1, le=500)] = 50,
                  cursor: Annotated[str, Query(max_length=2000)] = "") -> HTMLResponse:
     flt = device_filter(group, state, thermal, model, behind, q, sort, desc)
     page = page_of(ctx, flt, limit, cursor)
-    summary = ctx.summary.get()
+    summary = ctx.overview()
     return ctx.render(request, "devices.html", title="Devices", operator=operator, refresh=True, now_ms=ctx.now_ms(),
                       alerts=ctx.config.alerts, page=page, by_state=summary.by_state, groups=list(summary.groups),
                       models=summary.models, ls=pages.DeviceListState(flt, limit, cursor or None),
@@ -108,7 +110,8 @@ def _device_vars(ctx: WebContext, device_id: str, window: str, operator: Operato
     end = ctx.now_ms()
     start = end - span_ms
     points: Sequence[Any] = (ctx.store.telemetry(device_id, since_ms=start, limit=5000) if source == "raw"
-                             else ctx.store.rollups(device_id, cast(Literal["1m", "1h"], source), since_ms=start))
+                             else pages.coarsen(ctx.store.rollups(device_id, cast(Literal["1m", "1h"], source),
+                                                                  since_ms=start)))
     bucket_ms = max(10_000, span_ms // 360)
     buckets = ctx.queries.buckets(device_id, start, bucket_ms)
     charts = pages.device_charts(points, source, start_ms=start, end_ms=end,
@@ -136,7 +139,7 @@ async def device_command(request: Request, ctx: Web, device_id: str, operator: W
     if kind not in COMMAND_KINDS:  # the form's field is a plain string: checked against the one list
         raise WebError(422, "invalid_request", f"kind: expected one of {', '.join(COMMAND_KINDS)}")
     try:
-        out = await ctx.send_command(device_id, kind, {})
+        out = await ctx.send_command(device_id, kind, {}, request=request, operator=operator)
         took = f" in {out.elapsed_ms:.0f} ms" if out.elapsed_ms is not None else ""
         flash = ("ok" if out.status == "ok" else "error", f"{kind}: {out.status}{took} {out.message}".strip())
     except WebError as exc:
@@ -172,7 +175,7 @@ def groups_page(request: Request, ctx: Web, operator: Authed) -> HTMLResponse:
             name in ctx.config.groups or name == "default") else {}
         compiled.pop("device_id", None)
         views.append(_GroupView(
-            name, s.by_state if s else dict.fromkeys(("online", "offline", "stale"), 0), s.total if s else 0,
+            name, s.by_state if s else dict.fromkeys(DEVICE_STATES, 0), s.total if s else 0,
             s.published if s else None, s.behind if s else [], s.behind_total if s else 0,
             list(ctx.config.groups[name].match) if name in ctx.config.groups else [], compiled))
     return ctx.render(request, "groups.html", title="Groups", operator=operator, refresh=True, now_ms=ctx.now_ms(),

@@ -46,7 +46,7 @@ class DeviceOut(_Out):
     device_id: str
     fleet: str
     group: str | None = None
-    state: Literal["online", "offline", "stale"]
+    state: Literal["online", "offline", "stale", "revoked", "never_seen"]
     last_seen_ms: int | None = None
     birth_ms: int | None = None
     bd_seq: int | None = None

@@ -9,7 +9,7 @@ Exception tree (under ControllerError, see controller/errors.py; all map to HTTP
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -21,7 +21,8 @@ from ..auth import verify_token
 from ..errors import WebError
 from .sessions import Session, SessionSigner
 
-__all__ = ["COOKIE", "Operator", "OperatorAuth", "SecurityHeaders", "Unauthorized", "WebError", "safe_next"]
+__all__ = ["COOKIE", "Operator", "OperatorAuth", "SecurityHeaders", "Unauthorized", "WebError", "client_address",
+           "safe_next"]
 
 COOKIE = "nanofleet_session"
 _MAX_TOKEN = 512
@@ -39,6 +40,12 @@ class Operator:
 
     via: Literal["token", "session"]
     session: Session | None = None
+    name: str = "operator"  # who, for the audit log and acknowledgements: the default token's holder or a named one
+
+
+def client_address(request: Request) -> str:
+    """Where a request came from, for the audit log (the peer; a proxy in front shows as itself)."""
+    return request.client.host if request.client else ""
 
 
 def safe_next(value: str | None) -> str:
@@ -53,11 +60,24 @@ def safe_next(value: str | None) -> str:
 class OperatorAuth:
     """The FastAPI dependencies that decide who may call what."""
 
-    def __init__(self, token_hash: str, signer: SessionSigner, now_ms: Callable[[], int]) -> None:
+    def __init__(self, token_hash: str, signer: SessionSigner, now_ms: Callable[[], int],
+                 operators: Mapping[str, str] | None = None) -> None:
         self.token_hash, self.signer, self.now_ms = token_hash, signer, now_ms
+        self.operators = dict(operators or {})  # named operators: name -> token hash (controller/auth.py)
+        self.refused = 0  # requests with a wrong Bearer token (counted, not audited: a scanner would flood the log)
 
     def check_token(self, token: str) -> bool:
-        return len(token) <= _MAX_TOKEN and verify_token(token, self.token_hash)
+        return self.identify(token) is not None
+
+    def identify(self, token: str) -> str | None:
+        """The name of the operator whose token this is, or None. Every hash is compared (constant-time each)."""
+        if len(token) > _MAX_TOKEN:
+            return None
+        found = "operator" if verify_token(token, self.token_hash) else None
+        for name, token_hash in self.operators.items():
+            if verify_token(token, token_hash):
+                found = name
+        return found
 
     def __call__(self, request: Request) -> Operator:
         header = request.headers.get("authorization")
@@ -67,16 +87,18 @@ class OperatorAuth:
             if scheme.lower() != "bearer" or not token:
                 raise Unauthorized("malformed_authorization",
                                    "Authorization header must be 'Bearer <operator token>'")
-            if not self.check_token(token):
+            name = self.identify(token)
+            if name is None:
+                self.refused += 1
                 raise Unauthorized("invalid_token", "the operator token is not valid")
-            return Operator("token")
+            return Operator("token", name=name)
         cookie = request.cookies.get(COOKIE)
         if cookie is not None:
             session = self.signer.check(cookie, self.now_ms())
             if session is None:
                 raise Unauthorized("session_expired", "session expired or not valid; log in again at /login",
                                    clear_cookie=True)
-            return Operator("session", session)
+            return Operator("session", session, name=session.name)
         raise Unauthorized("missing_token",
                            "no operator credentials: send 'Authorization: Bearer <token>' or log in at /login")
 

@@ -1,7 +1,8 @@
 """Browser sessions: signed, expiring cookies and the CSRF token tied to each one.
 
-A cookie is ``v1.<expires_ms>.<session_id>.<mac>`` where ``mac = HMAC-SHA256(secret, "v1.<expires_ms>.<session_id>")``.
-It carries no operator data, so signing (not encryption) is enough. The CSRF token is a second HMAC of the session
+A cookie is ``v1.<expires_ms>.<session_id>.<mac>`` where ``mac = HMAC-SHA256(secret, "v1.<expires_ms>.<session_id>")``
+(the default operator), or ``v2.<expires_ms>.<session_id>.<name>.<mac>`` for a named operator (controller/auth.py).
+It carries nothing secret, so signing (not encryption) is enough. The CSRF token is a second HMAC of the session
 id: forms carry it and POSTs authenticated by cookie must echo it (the cookie is also SameSite=Strict; this is the
 belt to those braces). Logged-out sessions go on a revocation list until they would have expired anyway.
 Pure apart from the clock, which every method takes as an argument.
@@ -29,6 +30,7 @@ def _b64(raw: bytes) -> str:
 class Session:
     session_id: str
     expires_ms: int
+    name: str = "operator"  # the operator who logged in (a named operator's cookie is v2 and carries it, signed)
 
 
 class SessionSigner:
@@ -45,9 +47,14 @@ class SessionSigner:
     def _mac(self, purpose: str, message: str) -> str:
         return _b64(hmac.new(self._secret, f"{purpose}\x00{message}".encode(), hashlib.sha256).digest())
 
-    def issue(self, now_ms: int) -> tuple[str, Session]:
-        session = Session(_b64(secrets.token_bytes(18)), now_ms + self.ttl_ms)
-        body = f"{_VERSION}.{session.expires_ms}.{session.session_id}"
+    def issue(self, now_ms: int, name: str = "operator") -> tuple[str, Session]:
+        """A cookie for `name`: v1 for the default operator (unchanged), v2 with the name for a named one (names are
+        checked by controller/auth.py: no dots)."""
+        session = Session(_b64(secrets.token_bytes(18)), now_ms + self.ttl_ms, name)
+        if name == "operator":
+            body = f"{_VERSION}.{session.expires_ms}.{session.session_id}"
+        else:
+            body = f"v2.{session.expires_ms}.{session.session_id}.{name}"
         return f"{body}.{self._mac('cookie', body)}", session
 
     def check(self, cookie: str | None, now_ms: int) -> Session | None:
@@ -55,12 +62,13 @@ class SessionSigner:
         if not cookie or len(cookie) > 200:
             return None
         parts = cookie.split(".")
-        if len(parts) != 4 or parts[0] != _VERSION or not parts[1].isdigit():
+        if not ((len(parts) == 4 and parts[0] == _VERSION) or (len(parts) == 5 and parts[0] == "v2")) or \
+                not parts[1].isdigit():
             return None
-        body = ".".join(parts[:3])
-        if not hmac.compare_digest(self._mac("cookie", body).encode(), parts[3].encode()):
+        body = ".".join(parts[:-1])
+        if not hmac.compare_digest(self._mac("cookie", body).encode(), parts[-1].encode()):
             return None
-        session = Session(parts[2], int(parts[1]))
+        session = Session(parts[2], int(parts[1]), parts[3] if len(parts) == 5 else "operator")
         if session.expires_ms <= now_ms:
             return None
         with self._lock:

@@ -29,6 +29,7 @@ class Files:
     cut_after: int | None = None  # first full request: close the connection after this many bytes
     corrupt: bool = False
     delay: float = 0.0            # seconds between 16 KB blocks
+    ignore_range: bool = False    # answer every request with the whole file (200), as some servers do
     ranges: list[str | None] = field(default_factory=list)
 
 
@@ -46,6 +47,8 @@ def http_files(tiny_gguf: Path) -> Iterator[tuple[Files, str]]:
                 data[1000] ^= 0xFF
             rng = self.headers.get("Range")
             files.ranges.append(rng)
+            if files.ignore_range:
+                rng = None
             start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
             if start >= len(data):
                 self.send_response(416)
@@ -126,6 +129,49 @@ def test_cli_pull_list_make_test(http_files, tmp_path: Path) -> None:
     assert r.exit_code == 1 and "sha256 mismatch" in r.output
     r = runner.invoke(main, ["model", "pull", url, "--sha256", "nothex", "--data-dir", str(tmp_path)])
     assert r.exit_code == 2 and "--sha256" in r.output
+
+
+def _pull_with_partial(http_files: tuple[Files, str], tmp_path: Path, have: int) -> str:
+    from nanofleet.agent.models.files import cache_name
+
+    files, url = http_files
+    part = part_path(tmp_path / "models" / cache_name(url, sha(files.data)))
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(files.data[:have])
+    r = CliRunner().invoke(main, ["model", "pull", url, "--sha256", sha(files.data), "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "sha256 verified" in r.output
+    return r.output
+
+
+def test_cli_pull_says_it_resumes_from_the_partial_file(http_files, tmp_path: Path) -> None:
+    files, _ = http_files
+    out = _pull_with_partial(http_files, tmp_path, 200_000)
+    assert files.ranges == ["bytes=200000-"]
+    assert "resuming from 195.3 KB" in out and "cannot resume" not in out
+
+
+def test_cli_pull_says_when_the_server_cannot_resume(http_files, tmp_path: Path) -> None:
+    files, _ = http_files
+    files.ignore_range = True
+    out = _pull_with_partial(http_files, tmp_path, 200_000)
+    assert files.ranges == ["bytes=200000-"]  # asked, but got the whole file: said, not silent
+    assert "server cannot resume (it ignored the Range request): starting again from 0" in out
+    assert "resuming" not in out
+
+
+def test_progress_speed_counts_only_the_bytes_of_this_download() -> None:
+    import io
+
+    out = io.StringIO()
+    now = [100.0]
+    p = ProgressPrinter(out, tty=False, every_s=0, clock=lambda: now[0])
+    now[0] = 110.0  # ten seconds on (e.g. waiting for the server), then the resumed download starts
+    p.notice(900 * 1024, True)
+    now[0] = 111.0  # one second later 100 KB more are on disk: 100 KB/s, not the 1 MB already there
+    p(1000 * 1024, 2000 * 1024)
+    assert "resuming from 900.0 KB" in out.getvalue()
+    assert "100.0 KB/s" in out.getvalue(), out.getvalue()
 
 
 def test_progress_bar_on_a_terminal() -> None:

@@ -25,7 +25,7 @@ def test_enroll_writes_a_private_agent_yaml_with_broker_account_and_gateway_toke
     tmp_path = tmp_path / "state"  # does not exist yet: enroll creates it private
 
     result = CliRunner().invoke(main, ["enroll", "pi-lab-01", "--config", str(ROOT / "fleet.yaml"),
-                                       "--state-dir", str(tmp_path)])
+                                       "--state-dir", str(tmp_path), "--init"])
     assert result.exit_code == 0, result.output
     agent_yaml = tmp_path / "devices" / "pi-lab-01" / "agent.yaml"
     assert agent_yaml.stat().st_mode & 0o777 == 0o600

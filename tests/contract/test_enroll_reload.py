@@ -68,9 +68,9 @@ def test_no_reload_without_a_live_broker_pid(running: tuple[int, Path, Path]) ->
 def test_enroll_without_a_running_broker_says_to_start_it(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.yaml"
     fleet.write_text("fleet: demo\n")
-    result = CliRunner().invoke(enroll, ["pi-2", "--config", str(fleet), "--state-dir", str(tmp_path / "s")])
+    result = CliRunner().invoke(enroll, ["pi-2", "--config", str(fleet), "--state-dir", str(tmp_path / "s"), "--init"])
     assert result.exit_code == 0, result.output
-    assert "start (or restart) the broker to load the new account" in result.output
+    assert "start (or restart) the broker to load the accounts" in result.output
     assert (tmp_path / "s" / "devices" / "pi-2" / "agent.yaml").stat().st_mode & 0o777 == 0o600
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from nanofleet.controller.commands import UnknownCommand
 from nanofleet.controller.service import ControllerService
 from nanofleet.sim import Simulation
 from tests.conftest import free_port, wait_for
+from tests.contract.test_docs_examples import doc_block
 
 
 async def test_commands_ack_result_timeout(broker, tmp_path: Path, reader: str) -> None:
@@ -88,6 +90,11 @@ def test_cli_controller_sim_devices_list_and_cmd(broker, tmp_path: Path) -> None
         r = runner.invoke(main, ["devices", "cmd", "sim-0001", "drain-queue", "limit=5", "--config", str(cfg)])
         assert r.exit_code == 0, r.output
         assert "sim-0001 drain-queue: ok drained" in r.output and "drained = " in r.output
+        r = runner.invoke(main, ["devices", "cmd", "sim-0001", "ping", "--config", str(cfg)])
+        assert r.exit_code == 0, r.output
+        shown = doc_block("operations.md", "ping --config /etc/nanofleet/fleet.yaml --mqtt-username controller\n```\n")
+        pattern = re.sub(r"\d+", r"\\d+", re.escape(shown.replace("pi-lab-01", "sim-0001")))  # any time, any id
+        assert re.fullmatch(pattern, r.output), f"docs/operations.md's ping output is not what it prints:\n{r.output}"
         r = runner.invoke(main, ["devices", "cmd", "sim-0001", "ping", "oops", "--config", str(cfg)])
         assert r.exit_code == 2 and "expected key=value" in r.output
         r = runner.invoke(main, ["devices", "cmd", "ghost", "ping", "--config", str(cfg), "--timeout", "0.5"])

@@ -17,6 +17,7 @@ from playwright.sync_api import sync_playwright
 
 from nanofleet.config import parse_fleet
 from nanofleet.controller.auth import ensure_operator_token
+from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.store import Store
 from nanofleet.controller.web import create_app
 from nanofleet.protos import fleet_pb2
@@ -41,6 +42,7 @@ class Served:
     url: str
     token: str
     store: Store
+    events: FleetEvents  # the test publishes each write's changes here, as ingest does after its commits
 
 
 def _status(device: str, online: bool, **kw: object) -> fleet_pb2.DeviceStatus:
@@ -65,7 +67,8 @@ def served(tmp_path: Path) -> Iterator[Served]:
             for k in range(59)], now)
     token, token_hash = ensure_operator_token(tmp_path / "data")
     assert token is not None
-    app = create_app(store, parse_fleet("fleet: demo\n"), operator_token_hash=token_hash, refresh_s=1)
+    events = FleetEvents()
+    app = create_app(store, parse_fleet("fleet: demo\n"), operator_token_hash=token_hash, refresh_s=1, events=events)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="none",
                                            lifespan="on"))
@@ -73,7 +76,7 @@ def served(tmp_path: Path) -> Iterator[Served]:
     thread.start()
     wait_for(lambda: server.started, timeout=10, what="uvicorn to start")
     try:
-        yield Served(f"http://127.0.0.1:{port}", token, store)
+        yield Served(f"http://127.0.0.1:{port}", token, store, events)
     finally:
         server.should_exit = True
         thread.join(10)
@@ -112,8 +115,8 @@ def test_login_overview_device_charts_and_offline_transition(served: Served) -> 
             page.wait_for_selector('tr[data-device="pi-kitchen"] [data-state="online"]', timeout=5000)
             started = time.monotonic()
             death = _status("pi-kitchen", False, reason="last_will")
-            served.store.write_status("demo", death, int(time.time() * 1000))
-            # The page refreshes itself; no reload here.
+            served.events.publish_devices(served.store.write_status("demo", death, int(time.time() * 1000)).changed)
+            # The page refreshes itself on the event; no reload here.
             page.wait_for_selector('tr[data-device="pi-kitchen"] [data-state="offline"]', timeout=8000)
             assert time.monotonic() - started < 8
             assert page.locator('tr[data-device="pi-lobby"] [data-state="online"]').count() == 1
@@ -124,9 +127,9 @@ def test_login_overview_device_charts_and_offline_transition(served: Served) -> 
             # the offline queue over alerts.queue_depth (500) raises the row's alert badge on the next refresh;
             # requests waiting for a model slot are shown apart and raise none
             now = int(time.time() * 1000)
-            served.store.write_telemetry("demo", [fleet_pb2.Telemetry(
+            served.events.publish_devices(served.store.write_telemetry("demo", [fleet_pb2.Telemetry(
                 device_id="pi-lobby", bd_seq=1, seq=59, ts_ms=now, ram_total_mb=8192, ram_available_mb=4000,
-                queue_depth=650, slots_waiting=3, queue_oldest_age_s=75)], now)
+                queue_depth=650, slots_waiting=3, queue_oldest_age_s=75)], now).changed)
             badge = 'tr[data-device="pi-lobby"] [data-alert="queue_depth"]'
             page.wait_for_selector(badge, timeout=8000)
             assert "650" in (page.get_attribute(badge, "title") or "")

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from nanofleet.cli import main
 from nanofleet.config import THERMAL_LEVELS, parse_fleet
 from nanofleet.controller import policy
+from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.queries import Queries
 from nanofleet.controller.store import Store
 from nanofleet.mqtt import MqttClient
@@ -68,7 +69,11 @@ def test_plan_only_changed_devices_with_a_readable_diff(tmp_path: Path) -> None:
         assert policy.plan(cfg, ["k1", "c1"], store.published_policies()) == []
         cfg2 = parse_fleet(FLEET.replace("clinic: {routing: {cloud: denied}}", "clinic: {routing: {cloud: allowed}}"))
         again = policy.plan(cfg2, ["k1", "c1"], store.published_policies())
-        assert [c.device_id for c in again] == ["c1"] and again[0].changes == ("cloud_allowed: None -> True",)
+        assert [c.device_id for c in again] == ["c1"] and again[0].changes == ("cloud: 'denied' -> 'allowed'",)
+        # spelled as fleet.yaml spells it, not as the proto enum does (THERMAL_LEVEL_MODERATE)
+        cfg3 = parse_fleet(FLEET.replace("thermal_limit: moderate}", "thermal_limit: critical}"))
+        hot = policy.plan(cfg3, ["k1", "c1"], store.published_policies())
+        assert [(c.device_id, c.changes) for c in hot] == [("k1", ("thermal_limit: 'moderate' -> 'critical'",))]
 
 
 def test_policy_apply_cli_shows_diff_publishes_retained_with_increasing_versions(broker, tmp_path: Path) -> None:
@@ -77,11 +82,17 @@ def test_policy_apply_cli_shows_diff_publishes_retained_with_increasing_versions
     data = tmp_path / "ctl"
     runner = CliRunner()
     r = runner.invoke(main, ["policy", "apply", str(cfg_path), "--data-dir", str(data), "--dry-run"])
+    assert r.exit_code == 2 and "--data-dir" in r.output and not data.exists()  # no empty store made here
+    data.mkdir()
+    with Store(data / "controller.db") as store:  # the controller's store, which has seen k1 only
+        store.write_status("pol", fleet_pb2.DeviceStatus(fleet="pol", device_id="k1", online=True, bd_seq=1), 1)
+    r = runner.invoke(main, ["policy", "apply", str(cfg_path), "--data-dir", str(data), "--dry-run"])
     assert r.exit_code == 0, r.output
-    assert "k1 (was none):" in r.output and "(new)" in r.output
+    assert "k1 (was none):" in r.output and "(new)" in r.output and "c1 (was none, never seen):" in r.output
     r = runner.invoke(main, ["policy", "apply", str(cfg_path), "--data-dir", str(data)])
     assert r.exit_code == 0, r.output
-    assert "published policy version 1 to 2 device(s)" in r.output
+    assert ("published policy version 1 to 1 device(s); 1 listed in fleet.yaml but never seen get it (retained) "
+            "when they first connect") in r.output
     r = runner.invoke(main, ["policy", "apply", str(cfg_path), "--data-dir", str(data)])
     assert "no change" in r.output
     broker_line = f"broker: {{url: {broker.url}}}\n"
@@ -109,6 +120,11 @@ def test_policy_apply_cli_shows_diff_publishes_retained_with_increasing_versions
     assert got["k1"].version == 2 and got["k1"].min_free_ram_mb == 300 and got["c1"].version == 1
     r = runner.invoke(main, ["policy", "apply", str(tmp_path / "missing.yaml")])
     assert r.exit_code != 0
+    with Store(data / "controller.db") as store:  # each publishing audited; the dry run and "no change" are not
+        entries = AuditLog(store).page(action="policy_apply")[0]
+    assert [(e.target, e.detail["device_count"], e.source) for e in entries] == [("v2", 1, "cli"), ("v1", 2, "cli")]
+    assert entries[0].actor.startswith("cli:") and entries[0].detail["changes"] == {
+        "k1": ["min_free_ram_mb: 100 -> 300"]}
 
 
 async def test_a_running_controller_never_undoes_policy_apply(broker, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from nanofleet.config import parse_fleet
 from nanofleet.controller import queries
 from nanofleet.controller.store import Batch, Store, TelemetryRow
-from nanofleet.controller.views import DeviceView, PublishedPolicy
+from nanofleet.controller.views import DEVICE_STATES, DeviceView, PublishedPolicy
 from nanofleet.controller.web.alerts import fleet_alerts
 from nanofleet.protos import fleet_pb2
 from nanofleet.protos.names import THERMAL_LEVELS
@@ -59,7 +59,7 @@ def add_devices(store: Store, ids: list[str], rng: random.Random, now: int) -> N
 def python_key(d: DeviceView, sort: str) -> Any:
     return {
         "device_id": d.device_id, "group": d.group, "state": d.state, "last_seen": d.last_seen_ms,
-        "temp": float(queries._NO_TEMP) if d.temp_max_c is None else d.temp_max_c,
+        "temp": float(queries.NO_TEMP) if d.temp_max_c is None else d.temp_max_c,
         "thermal": THERMAL_LEVELS.index(d.thermal_level), "ram": d.ram_available_mb, "cpu": d.cpu_percent,
         "model": d.model_name, "policy": d.policy_version, "queue": d.queue_depth, "slots_waiting": d.slots_waiting,
     }[sort]
@@ -195,7 +195,7 @@ def test_overview_aggregates_match_the_device_views(fleet_store: Store) -> None:
     views = fleet_store.list_devices()
     ov = queries.Queries(fleet_store).overview(CFG.alerts, now, hottest=3)
     assert ov.total == len(views)
-    assert ov.by_state == {s: sum(d.state == s for d in views) for s in ("online", "offline", "stale")}
+    assert ov.by_state == {s: sum(d.state == s for d in views) for s in DEVICE_STATES}
     assert ov.by_thermal == {lv: sum(d.thermal_level == lv for d in views) for lv in THERMAL_LEVELS}
     assert ov.queue_depth == sum(d.queue_depth for d in views) > 0
     assert ov.slots_waiting == sum(d.slots_waiting for d in views)

@@ -64,6 +64,14 @@ def test_start_status_pause_resume_abort_and_pin(tmp_path: Path, tiny_gguf: Path
     assert run(main, ["rollout", "pin", "k-7", "--note", "customer", *dd]).output.strip() == "k-7: pinned"
     assert run(main, ["rollout", "unpin", "k-7", *dd]).output.strip() == "k-7: unpinned"
     assert run(main, ["rollout", "unpin", "k-7", *dd]).output.strip() == "k-7: was not pinned"
+    with Store(data / "controller.db") as store:  # each operator action in the audit log
+        from nanofleet.controller.audit import AuditLog
+
+        entries, _ = AuditLog(store).page(action="rollout")
+        assert [(e.target, e.detail["kind"], e.source) for e in reversed(entries)] == [
+            ("rollout 1", "start", "cli"), ("rollout 1", "pause", "cli"), ("rollout 1", "resume", "cli"),
+            ("rollout 1", "abort", "cli"), ("k-7", "pin", "cli"), ("k-7", "unpin", "cli")]
+        assert entries[0].actor.startswith("cli:")
     r = run(main, ["rollout", "status", "--data-dir", str(tmp_path / "nowhere")])
     assert r.exit_code == 1 and "--data-dir: no controller state" in r.output
 

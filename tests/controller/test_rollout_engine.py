@@ -107,6 +107,9 @@ async def test_canaries_failing_requests_roll_back_and_the_rest_never_receive_it
         assert rs.desired_models(store) == {}
         # counted by the task once its save returned (the store may show the state a moment before)
         await until(lambda: svc.status()["rollouts"].get("rolled_back") == 1, 5, "the rollback counted")
+        assert svc.audit is not None
+        await until(lambda: [e.detail["kind"] for e in svc.audit.page(action="rollout")[0]] == ["rolled_back"], 5,
+                    "the rollback in the audit log")
     finally:
         await sim.stop()
         await svc.stop()
@@ -153,13 +156,23 @@ async def test_a_policy_published_over_the_rollouts_is_repaired(broker, tmp_path
         rs.pin(store, "sim-0000")  # keeps a baseline beside the canaries
         r = rs.create(store, _rollout(sha, (50, 100), bake_s=30.0))  # a long bake: the step stays put
         await until(lambda: (got := rs.get(store, r.id)) is not None and got.state == "baking", 30, "step 1 baking")
+        await until(lambda: any(d.model_sha256 == sha for d in sim.devices), 10, "a canary on the model")
         victim = next(d for d in sim.devices if d.model_sha256 == sha)
+
+        def published_sha() -> str:
+            body = store.published_policies()[victim.device_id].policy_json
+            return json_format.Parse(body, fleet_pb2.RoutingPolicy()).model_sha256
+
+        await until(lambda: published_sha() == sha, 10, "the canary's published policy naming the model")
+        repaired, switches = svc.rollouts.counts["republished"] if svc.rollouts else 0, victim.switches
         stale = pol.plan(svc.config, [victim.device_id], store.published_policies())  # without the rollout
         assert stale and stale[0].policy.model_sha256 == ""
         await pol.publish(svc.ingest.client, store, stale)
-        await until(lambda: victim.model_sha256 == sha and victim.switches == 3, 10,
-                    "the canary back on the rollout's model")
-        assert svc.rollouts is not None and svc.rollouts.counts["republished"] >= 1
+        await until(lambda: victim.switches >= switches + 2 and victim.model_sha256 == sha, 10,
+                    "the canary off the model and back on it")
+        engine = svc.rollouts
+        assert engine is not None  # counted once its publish returned: the device may have switched a moment before
+        await until(lambda: engine.counts["republished"] > repaired, 5, "the repair counted")
     finally:
         await sim.stop()
         await svc.stop()

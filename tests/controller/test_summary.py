@@ -43,14 +43,16 @@ def test_served_fresh_then_stale_while_one_refresh_runs() -> None:
 def test_a_failed_refresh_is_logged_counted_and_retried(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
     src = Source()
-    cache = Cached(src, max_age_s=1.0, stale_limit_s=30.0, clock=lambda: now[0], name="fleet-summary")
+    seen: list[BaseException] = []
+    cache = Cached(src, max_age_s=1.0, stale_limit_s=30.0, clock=lambda: now[0], name="fleet-summary",
+                   on_failure=seen.append)
     assert cache.get() == 1
     now[0] += 5
     src.fail = RuntimeError("disk gone")
     with caplog.at_level(logging.ERROR, logger="nanofleet.controller.summary"):
         assert cache.get() == 1
         wait_for(lambda: cache.failures == 1, what="the refresh to fail")
-    assert cache.last_error == "RuntimeError: disk gone"
+    assert cache.last_error == "RuntimeError: disk gone" and [str(e) for e in seen] == ["disk gone"]
     assert any("fleet-summary refresh failed" in r.getMessage() for r in caplog.records)
     src.fail = None
     assert cache.get() == 1  # the next read retries

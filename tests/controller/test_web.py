@@ -13,6 +13,7 @@ import pytest
 from ctl_helpers import flush_rollups, reject
 
 from nanofleet.config import parse_fleet
+from nanofleet.controller.alerts_engine import AlertEngine
 from nanofleet.controller.auth import ensure_operator_token
 from nanofleet.controller.store import Store
 from nanofleet.controller.web import create_app
@@ -481,12 +482,14 @@ async def test_alerts_api_and_column_flag_devices_over_each_threshold(tmp_path: 
         app = create_app(s, FLEET, operator_token_hash=token_and_hash[1])
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
             assert (await c.get("/api/alerts")).status_code == 401
-            got = (await c.get("/api/alerts", headers=bearer(token_and_hash))).json()
-            assert [(a["device_id"], a["kind"]) for a in got] == [
-                ("hot", "thermal"), ("hot", "low_ram"), ("hot", "queue_depth"), ("quiet", "offline")]
-            queue = got[2]
+            AlertEngine(app.state.web.alerts, FLEET).evaluate()  # stored by the engine, not computed on read
+            got = (await c.get("/api/alerts", headers=bearer(token_and_hash))).json()["alerts"]
+            assert sorted((a["device_id"], a["kind"]) for a in got) == [
+                ("hot", "low_ram"), ("hot", "queue_depth"), ("hot", "thermal"), ("quiet", "offline")]
+            queue = next(a for a in got if a["kind"] == "queue_depth")
+            offline = next(a for a in got if a["kind"] == "offline")
             assert queue["value"] == 500 and queue["threshold"] == 500 and "offline queue" in queue["detail"]
-            assert got[3]["threshold"] == 60 and got[3]["value"] >= 600
+            assert offline["threshold"] == 60 and offline["value"] >= 600
             await login(c, token_and_hash[0])
             html = (await c.get("/devices")).text
             rows = dict(re.findall(r'<tr class="row-\w+" data-device="([^"]+)">(.*?)</tr>', html))
@@ -572,3 +575,20 @@ async def test_groups_page_shows_each_group_its_policy_and_the_last_apply(tmp_pa
     assert re.search(r'1 behind:</span> <a href="/devices/pi-3">pi-3</a> \(runs v6, published v7\)', default.group(1))
     assert 'data-round="7"' in html and "to 3 devices" in html
     assert "<code>prefer: &#39;local&#39; -&gt; &#39;cloud&#39;</code>" in html
+
+
+async def test_a_stale_device_row_renders_without_a_stale_flag(tmp_path: Path, token_and_hash) -> None:
+    s = Store(tmp_path / "stale.db")
+    try:
+        now = int(time.time() * 1000)
+        s.write_status("demo", birth("slow"), now - 30_000)
+        s.sweep_stale(now)  # silent 30 s (> 2.5 x 10 s): stale, but under offline_after_s
+        app = create_app(s, FLEET, operator_token_hash=token_and_hash[1])
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+            await login(c, token_and_hash[0])
+            r = await c.get("/devices")
+            assert r.status_code == 200
+            row = re.search(r'<tr class="row-\w+" data-device="slow">(.*?)</tr>', r.text)
+            assert row and "stale" in row.group(1) and "data-alert" not in row.group(1)
+    finally:
+        s.close()

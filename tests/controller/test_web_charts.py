@@ -140,3 +140,17 @@ def test_bands_shade_their_span_inside_the_plot_and_are_escaped() -> None:
     assert float(severe.get("x")) > 48 and float(severe.get("x")) + float(severe.get("width")) <= 640 - 12 + 0.1
     assert "&lt;x&gt;" in svg and "<x>" not in svg
     assert svg.index('class="band"') < svg.index("<polyline")  # behind the line
+
+
+def test_coarsen_keeps_peaks_and_weighted_averages() -> None:
+    from nanofleet.controller.views import RollupPoint
+    from nanofleet.controller.web.pages import coarsen
+
+    day = [RollupPoint(i * 60_000, 6, 10.0, 20.0, 40.0 if i % 2 else None, 50.0 + (i == 777) * 40, 3000 - i)
+           for i in range(1440)]
+    out = coarsen(day, 400)
+    assert len(out) == 360 and out[0].ts_ms == 0 and out[1].ts_ms == 4 * 60_000
+    assert max(p.temp_max or 0 for p in out) == 90.0  # the one hot minute survives
+    assert min(p.ram_available_min for p in out) == 3000 - 1439
+    assert all(p.n == 24 and p.cpu_avg == 10.0 and p.temp_avg == 40.0 for p in out)
+    assert coarsen(day[:300], 400) == day[:300]  # few enough: as they are

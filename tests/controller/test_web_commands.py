@@ -115,3 +115,21 @@ async def test_dashboard_command_button_needs_csrf(setup) -> None:
     assert re.search(r'class="flash ok" role="status">ping: ok in \d+ ms pong to ping<', r.text)
     r = await c.post("/devices/pi-2/commands", data={"kind": "ping", "csrf": csrf})
     assert 'class="flash error"' in r.text and "no acknowledgement within 1s" in r.text
+
+
+async def test_commands_are_audited_with_their_result(setup) -> None:
+    c, token = setup
+    assert (await _until_ok(c, token)).status_code == 200
+    auth = {"Authorization": f"Bearer {token}"}
+    assert (await c.post("/api/devices/pi-2/commands", json={"kind": "ping"}, headers=auth)).status_code == 504
+    deadline = time.monotonic() + 10
+    while True:  # the entries are written without holding the answer: wait for them with a deadline
+        entries = (await c.get("/api/audit?action=command", headers=auth)).json()["entries"]
+        if any(e["target"] == "pi-2" for e in entries) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    ok = next(e for e in entries if e["target"] == "pi-1" and e["detail"]["result"] == "ok")
+    assert ok["actor"] == "operator" and ok["detail"]["kind"] == "ping" and ok["source"] == "127.0.0.1"
+    assert ok["detail"]["via"] == "token" and len(ok["detail"]["id"]) == 32
+    timeout = next(e for e in entries if e["target"] == "pi-2")
+    assert timeout["detail"]["result"] == "command_timeout" and "no acknowledgement" in timeout["detail"]["message"]

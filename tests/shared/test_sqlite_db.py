@@ -209,3 +209,31 @@ async def test_awaited_writes_of_one_batch_are_answered_together_and_each_its_ow
     w.close()
     with pytest.raises(DatabaseClosed):
         await w.write(lambda c: None)
+
+
+def test_close_waits_for_a_read_in_flight_and_later_reads_are_refused(tmp_path):
+    """close() closed every thread's read connection at once, also one in the middle of a query on another thread:
+    a use-after-free in SQLite (the suite's process died of SIGSEGV when a drainer's read overlapped the queue's
+    close). Now close() waits for the read, and that thread's next read gets DatabaseClosed."""
+    w = Writer(tmp_path / "r.db", STEPS)
+    started, out = threading.Event(), {}
+
+    def slow(conn):
+        started.set()
+        return conn.execute("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2000000) "
+                            "SELECT count(*) FROM c").fetchone()[0]
+
+    def reader():
+        out["first"] = w.read(slow)
+        try:
+            w.read(lambda c: c.execute("SELECT 1").fetchone())
+        except DatabaseClosed as exc:
+            out["second"] = exc
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert started.wait(5)
+    w.close()
+    t.join(30)
+    assert out["first"] == 2_000_000
+    assert isinstance(out.get("second"), DatabaseClosed)
