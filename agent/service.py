@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import psutil
 import uvicorn
@@ -37,6 +38,7 @@ from nanofleet.agent.router import DeviceState, Policy
 from nanofleet.agent.runtime.base import Backend, BackendError
 from nanofleet.agent.runtime.grpc_backend import GrpcBackend
 from nanofleet.agent.runtime.lifecycle import BackendFactory, BridgeModel, LocalModel, ModelManager, free_ram_bytes
+from nanofleet.agent.runtime.model_update import ModelUpdater, disk_free_bytes
 from nanofleet.agent.sessions import SessionStore
 from nanofleet.agent.settings import AgentSettings
 from nanofleet.agent.telemetry import sysfs
@@ -70,6 +72,14 @@ def sample_device(root: Path) -> DeviceState:
                        battery_pct=bat.percent if bat else None, charging=bat.charging if bat else None)
 
 
+def artifact_auth(token: str | None, url: str, sha256: str | None) -> dict[str, str] | None:
+    """The device token goes with a download only to a controller artifact URL naming the expected sha256
+    (`…/artifacts/<sha256>`), never to an arbitrary model host."""
+    if token and sha256 and urlparse(url).path.endswith(f"/artifacts/{sha256}"):
+        return {"Authorization": f"Bearer {token}"}
+    return None
+
+
 class _Server(uvicorn.Server):
     """uvicorn without its own signal handling: the service decides when to stop."""
 
@@ -82,12 +92,15 @@ class AgentService:
     def __init__(
         self, settings: AgentSettings, *, free_ram: Callable[[], int] = free_ram_bytes,
         backend_factory: BackendFactory | None = None, cloud: Backend | None = None, max_waiting: int = 8,
-        warmup: bool = True,
+        warmup: bool = True, disk_free: Callable[[Path], int] = disk_free_bytes,
     ) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(settings.data_dir, 0o700)
         self.models = self._local_model(settings, free_ram, backend_factory, warmup)
+        self.updater = ModelUpdater(self.models, disk_free=disk_free) if isinstance(self.models, ModelManager) else None
+        self._update_task: asyncio.Task[None] | None = None
+        self._update_spec: ModelSpec | None = None
         if cloud is None and settings.gateway_address:
             cloud = GrpcBackend(settings.gateway_address, token=settings.gateway_token, ca=settings.gateway_ca)
         self._device = sample_device(settings.sysfs_root)
@@ -113,7 +126,8 @@ class AgentService:
         self.sessions = SessionStore()
         self.app = create_app(self.dispatcher, self.sessions, max_body_bytes=settings.max_body_bytes,
                               status_extra=self._bridge_status if settings.local_bridge else None)
-        self.app.state.status_providers += [self._policy_status, self._mqtt_status, self._tasks_status]
+        self.app.state.status_providers += [self._policy_status, self._mqtt_status, self._tasks_status,
+                                            self._update_status]
         self.device_session: Any = None
         self._server: _Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
@@ -138,7 +152,8 @@ class AgentService:
         bridge = settings.local_bridge
         if bridge is None:
             return ModelManager(settings.model, settings.cache_dir, settings.data_dir / "private",
-                                free_ram=free_ram, backend_factory=backend_factory, warmup=warmup)
+                                free_ram=free_ram, backend_factory=backend_factory, warmup=warmup,
+                                download_headers=lambda url, sha: artifact_auth(settings.gateway_token, url, sha))
         backend = GrpcBackend(bridge.address, token=bridge.token, ca=bridge.ca, timeout=bridge.timeout,
                               name="local bridge", model=bridge.model or "", cooldown=bridge.cooldown, role="bridge")
         return BridgeModel(backend, settings.model, name=bridge.model or "")
@@ -163,6 +178,17 @@ class AgentService:
         return {"policy": {"version": self.dispatcher.policy.version, "source": self.policy_source,
                            "content": device_policy.content(self.policy), "file": str(self.policy_file.path),
                            "error": error or None, "counts": counts}}
+
+    def _update_status(self) -> dict[str, Any]:
+        """`model_update` in /v1/status: the last model update policy asked for, and the serving model's figures."""
+        up = self.updater
+        if up is None or not isinstance(self.models, ModelManager):
+            return {"model_update": None}
+        stats = self.models.stats
+        return {"model_update": {"state": up.state or None, "sha256": up.sha256 or None, "reason": up.reason or None,
+                                 "progress": round(up.progress, 3), "previous_sha256": up.previous_sha256 or None,
+                                 "serving_sha256": self.models.spec.sha256, "requests": stats.requests,
+                                 "errors": stats.errors, "p95_latency_ms": round(stats.p95_latency_ms, 1)}}
 
     def _mqtt_status(self) -> dict[str, Any]:
         if self.device_session is None:
@@ -277,6 +303,8 @@ class AgentService:
             serving = self._serve_task
             if serving is not None and not serving.done():
                 await asyncio.wait({serving}, timeout=10)  # uvicorn's own graceful shutdown (3 s for requests)
+        if self.updater is not None:
+            self.updater.cancel()  # a download runs in a worker thread: cancelling its task alone would not end it
         await self.tasks.stop()
         remove_socket(self.settings.socket_path, self._inode)
         await asyncio.to_thread(self.queue.close)
@@ -314,9 +342,18 @@ class AgentService:
     # -- AgentHooks ------------------------------------------------------------------------------------------
     def model_state(self) -> fleet_pb2.ModelState:
         st = self.models.status()
-        return fleet_pb2.ModelState(
+        state = fleet_pb2.ModelState(
             name=st.name, sha256=self.models.spec.sha256 or "", availability=_AVAILABILITY[st.availability],
             download_progress=st.progress, loaded=st.loaded, reason=st.reason, tokens_per_s=st.tokens_per_s)
+        up = self.updater
+        if up is not None and isinstance(self.models, ModelManager):
+            stats = self.models.stats
+            state.update_state, state.update_sha256, state.update_reason = up.state, up.sha256, up.reason
+            state.previous_sha256 = up.previous_sha256
+            state.requests, state.errors, state.p95_latency_ms = stats.requests, stats.errors, stats.p95_latency_ms
+            if up.state == "downloading":
+                state.download_progress = up.progress  # the update's download (the serving model is whole)
+        return state
 
     def agent_metrics(self) -> AgentMetrics:
         counts = self.dispatcher.counts
@@ -365,8 +402,34 @@ class AgentService:
                 log.warning("policy v%s: model %r ignored: %s", policy.version, policy.model_source,
                             exc.errors()[0]["msg"])
                 return
-            if await self.models.switch(spec):
-                log.info("policy v%s: now serving model %s", policy.version, spec.source)
+            if self.updater is None:
+                if await self.models.switch(spec):
+                    log.info("policy v%s: now serving model %s", policy.version, spec.source)
+                return
+            self._start_update(spec, policy.version)
+
+    def _start_update(self, spec: ModelSpec, version: int) -> None:
+        """Fetch, load beside and switch to `spec` in the background (a download may take long; policy handling
+        must not wait). A newer model replaces an update in progress; the same one already running is left be."""
+        running = self._update_task is not None and not self._update_task.done()
+        if running and self._update_spec is not None and \
+                (self._update_spec.source, self._update_spec.sha256) == (spec.source, spec.sha256):
+            return
+        updater = self.updater
+        assert updater is not None
+        if running:
+            assert self._update_task is not None
+            updater.cancel()
+            self._update_task.cancel()
+        self._update_spec = spec
+
+        async def update() -> None:
+            outcome = await updater.apply(spec)
+            if outcome != "unchanged":
+                log.info("policy v%s: model update to %s %s", version, spec.source,
+                         outcome if outcome == "applied" else f"failed: {updater.reason}")
+
+        self._update_task = self.tasks.spawn(update, "model-update", on_death="log", forever=False)
 
     async def handle_command(self, command: fleet_pb2.Command) -> fleet_pb2.CommandResult:
         def result(status: str, message: str, **data: str) -> fleet_pb2.CommandResult:

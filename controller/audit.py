@@ -3,7 +3,8 @@
 Recorded: logins (and failed ones, with the client address; never the token), logouts, commands (kind, device,
 result), alert acknowledgements, policy applies (`nanofleet policy apply` and the controller's own publishing),
 operator token rotations, named operators added and removed, enrolments, gateway-token revocations, device
-revocations (`nanofleet revoke`) and removals (`nanofleet devices remove`). The
+revocations (`nanofleet revoke`) and removals (`nanofleet devices remove`), rollouts (the operator's start, pause,
+resume, abort, pin, unpin; the controller's own steps, rollbacks and completions). The
 controller writes through its store's one writer; a CLI command while the controller runs opens the same file with
 a writer of its own (another process: SQLite's write lock and the busy timeout serialise the two). There is no
 UPDATE or DELETE path in the code, and the file refuses both (triggers): an entry once written stays.
@@ -33,7 +34,7 @@ __all__ = ["ACTIONS", "AuditEntry", "AuditLog", "cli_actor", "now_ms", "record_c
 log = logging.getLogger(__name__)
 
 ACTIONS = ("login", "login_failed", "logout", "command", "alert_ack", "policy_apply", "token_rotate", "operator_add",
-           "operator_remove", "enroll", "token_revoke", "revoke", "device_remove")
+           "operator_remove", "enroll", "token_revoke", "revoke", "device_remove", "rollout")
 _MAX_DETAIL = 4000  # characters of detail json kept (a command's result data is the device's to choose)
 
 

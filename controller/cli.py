@@ -320,7 +320,10 @@ def policy_apply(config_path: Path, data_dir: Path, broker_url: str | None, mqtt
     with Store(_store_path(data_dir)) as store:
         if not dry_run:
             store.set_group_resolver(cfg.group_of)  # the dashboard's groups follow the fleet.yaml applied
-        changes = pol.plan(cfg, pol.target_devices(cfg, store), store.published_policies())
+        from nanofleet.controller.rollout_store import desired_models, desired_settings
+
+        changes = pol.plan(cfg, pol.target_devices(cfg, store), store.published_policies(), desired_models(store),
+                           {d: s for d, (s, _, _) in desired_settings(store).items()})
         if not changes:
             click.echo("no change: every device already has this policy")
             return

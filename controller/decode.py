@@ -20,7 +20,7 @@ import msgspec
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from nanofleet.controller.devstate import TelemetryRow, availability_name, row_from_pb, tokens_rate
+from nanofleet.controller.devstate import TelemetryRow, availability_name, model_report, row_from_pb, tokens_rate
 from nanofleet.controller.errors import PayloadError
 from nanofleet.protos import fleet_pb2
 
@@ -200,6 +200,7 @@ def decode_telemetry(payload: bytes, device_id: str) -> TelemetryRow:
             availability_name(model.availability) if model is not None else None,
             t.slots_waiting, t.queue_oldest_age_s, t.queue_counters or None,
             tokens_rate(model.tokens_per_s) if model is not None else None,
+            model_report(model) if model is not None else None,
         )
     return _check_telemetry(row, device_id)
 

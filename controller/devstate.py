@@ -37,6 +37,7 @@ _COLUMNS = (
     "model_availability", "policy_version", "cpu_percent", "ram_total_mb", "ram_available_mb", "temp_max_c",
     "thermal_level", "throttled", "battery_pct", "charging", "queue_depth", "route_counts", "rejected_count",
     "gap_count", "telemetry_interval_s", "status_json", "slots_waiting", "queue_oldest_age_s", "queue_counters",
+    "model_report",
 )
 _encode = msgspec.json.Encoder().encode  # ~10x json.dumps on a small dict: this runs per message
 _UPSERT = f"INSERT OR REPLACE INTO devices ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -45,9 +46,19 @@ _HOT = (
     "state", "last_seen_ms", "bd_seq", "gap_count", "rejected_count", "cpu_percent", "ram_total_mb",
     "ram_available_mb", "temp_max_c", "thermal_level", "throttled", "battery_pct", "charging", "queue_depth",
     "route_counts", "policy_version", "model_name", "model_availability", "slots_waiting", "queue_oldest_age_s",
-    "queue_counters",
+    "queue_counters", "model_report",
 )
 _UPDATE_HOT = f"UPDATE devices SET {', '.join(c + ' = ?' for c in _HOT)} WHERE device_id = ?"
+
+
+def model_report(m: Any) -> str | None:
+    """A ModelState's rollout figures (a proto message or decode.py's Struct: same field names) as compact JSON for
+    the `devices.model_report` column (controller/rollouts.py reads it); None when it reports no update yet."""
+    if not m.sha256 and not m.update_state:
+        return None
+    return _encode({"sha": m.sha256, "state": m.update_state, "usha": m.update_sha256, "why": m.update_reason,
+                    "prev": m.previous_sha256, "req": m.requests, "err": m.errors, "p95": m.p95_latency_ms,
+                    "tps": m.tokens_per_s}).decode()
 
 
 def availability_name(value: int) -> str:
@@ -84,6 +95,7 @@ class TelemetryRow(NamedTuple):
     queue_oldest_age_s: float = 0.0
     queue_counters: dict[str, int] | None = None
     tokens_per_s: float | None = None  # model.tokens_per_s; None: no generation measured recently (see tokens_rate)
+    model_report: str | None = None  # model_report(): the model's sha256, update outcome and gate figures
 
 
 def tokens_rate(value: float) -> float | None:
@@ -103,6 +115,7 @@ def row_from_pb(t: fleet_pb2.Telemetry) -> TelemetryRow:
         dict(t.route_counts) if t.route_counts else None, t.model.name if has_model else None,
         availability_name(t.model.availability) if has_model else None, t.slots_waiting, t.queue_oldest_age_s,
         dict(t.queue_counters) if t.queue_counters else None, tokens_rate(t.model.tokens_per_s) if has_model else None,
+        model_report(t.model) if has_model else None,
     )
 
 
@@ -167,6 +180,7 @@ class _Dev:
     slots_waiting: int
     queue_oldest_age_s: float
     queue_counters: str  # JSON
+    model_report: str  # JSON
 
     def __init__(self, values: dict[str, Any]) -> None:
         for name in _COLUMNS:
@@ -183,7 +197,7 @@ class _Dev:
             "cpu_percent": 0.0, "ram_total_mb": 0, "ram_available_mb": 0, "temp_max_c": None, "thermal_level": 0,
             "throttled": 0, "battery_pct": None, "charging": None, "queue_depth": 0, "route_counts": "{}",
             "rejected_count": 0, "gap_count": 0, "telemetry_interval_s": 10.0, "status_json": "{}",
-            "slots_waiting": 0, "queue_oldest_age_s": 0.0, "queue_counters": "{}",
+            "slots_waiting": 0, "queue_oldest_age_s": 0.0, "queue_counters": "{}", "model_report": "{}",
         })
 
     @property
@@ -386,6 +400,8 @@ class DeviceStates:
             dev.route_counts = _encode(r.route_counts).decode()
         if r.model_name is not None:
             dev.model_name, dev.model_availability = r.model_name, r.model_availability or "unspecified"
+        if r.model_report is not None:
+            dev.model_report = r.model_report
         return bool(shown)
 
     def _status(self, out: BatchOutcome, dev: _Dev, s: fleet_pb2.DeviceStatus, at: int, created: bool) -> bool:
@@ -401,6 +417,7 @@ class DeviceStates:
             dev.agent_version = s.agent_version
             if s.HasField("model"):
                 dev.model_name, dev.model_availability = s.model.name, availability_name(s.model.availability)
+                dev.model_report = model_report(s.model) or dev.model_report
             if s.hardware.ram_total_mb:
                 dev.ram_total_mb = s.hardware.ram_total_mb
             if s.policy_version:

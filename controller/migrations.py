@@ -215,6 +215,45 @@ def _m006_device_queries(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m007_rollouts(db: sqlite_utils.Database) -> None:
+    # Rollouts (controller/rollouts.py): one row per rollout with its state machine's state, the pinned devices it
+    # leaves alone, and an append-only event list for `rollout status` and the dashboard. `model_report` is each
+    # device's last ModelState rollout figures (sha256, update outcome, requests/errors/p95/tokens per s) as JSON,
+    # written with the hot telemetry columns. `rollout_models` is the model a rollout wants on a device instead of
+    # fleet.yaml's: every policy compilation (the engine's, `policy apply`, a new device's) takes it from there.
+    _run_script(
+        db,
+        """
+        ALTER TABLE devices ADD COLUMN model_report TEXT NOT NULL DEFAULT '{}';
+        CREATE TABLE rollouts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            grp TEXT NOT NULL,
+            state_json TEXT NOT NULL,
+            active INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL,
+            updated_ms INTEGER NOT NULL
+        );
+        CREATE INDEX rollouts_active ON rollouts (active, grp);
+        CREATE TABLE rollout_pins (device_id TEXT PRIMARY KEY, pinned_ms INTEGER NOT NULL, note TEXT NOT NULL);
+        CREATE TABLE rollout_events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, rollout_id INTEGER NOT NULL, ts_ms INTEGER NOT NULL,
+            kind TEXT NOT NULL, detail TEXT NOT NULL
+        );
+        CREATE INDEX rollout_events_rollout ON rollout_events (rollout_id, id);
+        CREATE TABLE rollout_models (
+            device_id TEXT PRIMARY KEY, rollout_id INTEGER NOT NULL, source TEXT NOT NULL, sha256 TEXT NOT NULL
+        )
+        """,
+    )
+
+
+def _m008_rollout_settings(db: sqlite_utils.Database) -> None:
+    # Settings rollouts (`rollout start --settings FILE`): the partial profile a rollout wants on a device on top of
+    # fleet.yaml's, and the policy version that first carried it there (the device has it once it reports that
+    # version or a later one). Every policy compilation takes it, as rollout_models.
+    db.execute("""CREATE TABLE rollout_settings (
+        device_id TEXT PRIMARY KEY, rollout_id INTEGER NOT NULL, settings_json TEXT NOT NULL, hash TEXT NOT NULL,
+        version INTEGER NOT NULL DEFAULT 0)""")
 def _m009_revocations(db: sqlite_utils.Database) -> None:
     # Revoked devices (`nanofleet revoke`): the table is the truth the ingest checks (a revoked device's later
     # messages are rejected and counted); `nanofleet enroll` of the device again deletes its row.
@@ -245,6 +284,8 @@ MIGRATIONS: list[Migration] = [
     ("004_alerts", _m004_alerts),
     ("005_audit", _m005_audit),
     ("006_device_queries", _m006_device_queries),
+    ("007_rollouts", _m007_rollouts),
+    ("008_rollout_settings", _m008_rollout_settings),
     ("009_revocations", _m009_revocations),
     ("010_telemetry_tokens_per_s", _m010_telemetry_tokens_per_s),
 ]

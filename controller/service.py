@@ -31,6 +31,7 @@ from nanofleet.controller.commands import CommandError, CommandService
 from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.ingest import Ingest
 from nanofleet.controller.metrics import registry_for
+from nanofleet.controller.rollout_engine import RolloutEngine
 from nanofleet.controller.store import BatchOutcome, Store
 from nanofleet.controller.views import DeviceEvent
 from nanofleet.mqtt import MqttError
@@ -55,6 +56,7 @@ class ControllerService:
         telemetry_qos: int = 1,
         ingest_reader: Literal["paho", "builtin"] | None = None,
         echo: Callable[[str], None] = print,
+        rollout_every_s: float = 2.0,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         alerts_every_s: float = 1.0,
     ) -> None:
@@ -65,6 +67,8 @@ class ControllerService:
         self.sweep_every_s, self.telemetry_qos, self.echo = sweep_every_s, telemetry_qos, echo
         self.ingest_reader = ingest_reader or config.controller.ingest_reader
         self.store: Store | None = None
+        self.rollout_every_s = rollout_every_s
+        self.rollouts: RolloutEngine | None = None
         self.ingest: Ingest | None = None
         self.commands: CommandService | None = None
         self.events = FleetEvents()  # live dashboard events: ingest, the sweep, the alerts and the audit log publish
@@ -113,6 +117,9 @@ class ControllerService:
         self.commands = CommandService(self.ingest.client, self.config.fleet)
         await self.ingest.start()
         self.tasks.spawn(self._sweep, "sweep", on_death="restart")
+        self.rollouts = RolloutEngine(store, self.config, self.ingest.client, every_s=self.rollout_every_s,
+                                      audit=self.audit)
+        self.tasks.spawn(self.rollouts.run, "rollouts", on_death="restart")
         self.tasks.spawn(self._alerts, "alerts", on_death="restart")
         if self.listen:
             await self._start_web(self.listen)
@@ -171,6 +178,7 @@ class ControllerService:
             "ingest": None if ingest is None else {**ingest.stats.as_dict(), "backlog": ingest.backlog},
             "transport": None if ingest is None else ingest.transport_status(),
             "commands": None if self.commands is None else dict(self.commands.counters),
+            "rollouts": None if self.rollouts is None else dict(self.rollouts.counts),
             "events": self.events.stats.as_dict(),
             "alerts": None if self.alert_engine is None else self.alert_engine.status(),
             "audit": None if self.audit is None else {"errors": self.audit.errors},
@@ -279,6 +287,7 @@ class ControllerService:
     async def _start_web(self, listen: str) -> None:
         import uvicorn
 
+        from nanofleet.controller.artifacts import ArtifactStore
         from nanofleet.controller.auth import ensure_operator_token, read_operators
         from nanofleet.controller.web.app import create_app
 
@@ -289,7 +298,8 @@ class ControllerService:
             self.echo(f"operator token: {token}  (shown once; stored hashed in {self.data_dir})")
         app = create_app(self.store, self.config, operator_token_hash=token_hash, commands=self.commands,
                          usage_db=self.usage_db, status=self.status, alerts=self.alerts, audit=self.audit,
-                         operators=operators, events=self.events)
+                         operators=operators, events=self.events,
+                         artifacts=ArtifactStore(self.data_dir / "artifacts"))
         self._web = app.state.web
         host, port = listen.rsplit(":", 1)
 

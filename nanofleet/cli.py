@@ -16,6 +16,8 @@ COMMANDS: dict[str, str] = {
     "controller": "nanofleet.controller.cli:controller",
     "devices": "nanofleet.controller.cli:devices",
     "policy": "nanofleet.controller.cli:policy",
+    "artifacts": "nanofleet.controller.artifacts_cli:artifacts",
+    "rollout": "nanofleet.controller.rollout_cli:rollout",
     "enroll": "nanofleet.controller.enroll:enroll",
     "revoke": "nanofleet.controller.enroll:revoke",
     "gateway": "nanofleet.controller.gateway.cli:gateway",

@@ -107,6 +107,14 @@ class SimDevice:
     available: bool = True
     session: _Session | None = None
     commands: list[str] = field(default_factory=list)
+    # the model a policy asked for (rollouts): switched at once, reported as an agent reports it; a sha256 in
+    # `bad_models` makes this device fail that share of its local requests and run hot (the canaries to catch)
+    model_sha256: str = ""
+    previous_sha256: str = ""
+    model_requests: int = 0
+    model_errors: int = 0
+    switches: int = 0
+    bad_models: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.temp = 40 + self.rng.random() * 8
@@ -181,9 +189,14 @@ class SimDevice:
         return s
 
     def model_state(self) -> fleet_pb2.ModelState:
-        return fleet_pb2.ModelState(name="tiny-test", availability=fleet_pb2.MODEL_AVAILABILITY_AVAILABLE
-                                    if self.available else fleet_pb2.MODEL_AVAILABILITY_DOWNLOADABLE,
-                                    loaded=self.available)
+        m = fleet_pb2.ModelState(name="tiny-test", availability=fleet_pb2.MODEL_AVAILABILITY_AVAILABLE
+                                 if self.available else fleet_pb2.MODEL_AVAILABILITY_DOWNLOADABLE,
+                                 loaded=self.available)
+        if self.model_sha256:
+            m.sha256, m.update_state, m.update_sha256 = self.model_sha256, "applied", self.model_sha256
+            m.previous_sha256, m.requests, m.errors = self.previous_sha256, self.model_requests, self.model_errors
+            m.p95_latency_ms = 40.0
+        return m
 
     def publish_birth(self) -> None:
         assert self.session is not None
@@ -194,12 +207,16 @@ class SimDevice:
     def tick(self) -> None:
         """One telemetry sample (called by the simulation's ticker at this device's interval)."""
         rand = self.rng.random  # random() arithmetic, not randint: this runs 10,000 times a second
-        if self.scenario == "heatwave":
+        bad = self.bad_models.get(self.model_sha256, 0.0) if self.model_sha256 else 0.0
+        if self.scenario == "heatwave" or bad:
             self.temp = min(92.0, self.temp + 1.5 + rand())
         else:
             self.temp += (45 - self.temp) * 0.2 + rand() * 2 - 1
         self.local_last = int(rand() * 4)
         self.route_local += self.local_last
+        if self.model_sha256:
+            self.model_requests += self.local_last
+            self.model_errors += sum(1 for _ in range(self.local_last) if rand() < bad)
         if rand() < 0.2:
             self.route_cloud += 1
         self.queue_depth = max(0, self.queue_depth + int(rand() * 3) - 1)
@@ -231,13 +248,25 @@ class SimDevice:
         if level != "NONE":
             parts.append(f',"thermalLevel":"THERMAL_LEVEL_{level}"')
         parts.append(',"throttleRatio":0.6,"throttled":true' if throttled else ',"throttleRatio":1.0')
-        if not self.available:
+        rate = ""
+        if self.available and self.local_last:  # an interval without local generation reports 0: a chart gap
+            speed = self.speed * (THROTTLED_SPEED if throttled else 1.0) * (0.95 + rand() * 0.1)
+            rate = f',"tokensPerS":{speed:.1f}'
+        if self.model_sha256:
+            prev = f',"previousSha256":"{self.previous_sha256}"' if self.previous_sha256 else ""
+            if self.model_requests:  # proto3 JSON leaves zeros out
+                prev += f',"requests":"{self.model_requests}"'
+            if self.model_errors:
+                prev += f',"errors":"{self.model_errors}"'
+            parts.append(f',"model":{{"name":"tiny-test","sha256":"{self.model_sha256}",'
+                         f'"availability":"MODEL_AVAILABILITY_{"AVAILABLE" if self.available else "DOWNLOADABLE"}"'
+                         f'{"," + chr(34) + "loaded" + chr(34) + ":true" if self.available else ""},'
+                         f'"updateState":"applied","updateSha256":"{self.model_sha256}"{prev},'
+                         f'"p95LatencyMs":40.0{rate}}}')
+        elif not self.available:
             parts.append(_MODEL_DOWN)
-        elif self.local_last:  # an interval without local generation reports 0 (none measured): a chart gap
-            rate = self.speed * (THROTTLED_SPEED if throttled else 1.0) * (0.95 + rand() * 0.1)
-            parts.append(f'{_MODEL_UP},"tokensPerS":{rate:.1f}}}')
         else:
-            parts.append(_MODEL_UP + "}")
+            parts.append(f"{_MODEL_UP}{rate}}}")
         routes = [f'"local":"{self.route_local}"'] if self.route_local else []
         if self.route_cloud:
             routes.append(f'"cloud":"{self.route_cloud}"')
@@ -272,6 +301,13 @@ class SimDevice:
             return  # the broker's retained copy of what is applied
         self.policy, self.policy_version = policy, policy.version
         self.counters.policies += 1
+        if policy.model_sha256 and policy.model_sha256 != self.model_sha256:
+            self.previous_sha256, self.model_sha256 = self.model_sha256, policy.model_sha256
+            self.model_requests = self.model_errors = 0
+            self.switches += 1
+        elif not policy.model_sha256 and self.model_sha256:  # back on fleet.yaml's (unhashed) model
+            self.previous_sha256, self.model_sha256 = self.model_sha256, ""
+            self.switches += 1
         if self.connected:
             self.publish_birth()  # the controller sees the applied version at once, as from an agent
 

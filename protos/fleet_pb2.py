@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnanofleet/protos/fleet.proto\x12\x0cnanofleet.v1\"\xb2\x01\n\nModelState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x35\n\x0c\x61vailability\x18\x03 \x01(\x0e\x32\x1f.nanofleet.v1.ModelAvailability\x12\x19\n\x11\x64ownload_progress\x18\x04 \x01(\x02\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x02\"e\n\x08Hardware\x12\x10\n\x08platform\x18\x01 \x01(\t\x12\x0f\n\x07machine\x18\x02 \x01(\t\x12\x11\n\tcpu_count\x18\x03 \x01(\x05\x12\x14\n\x0cram_total_mb\x18\x04 \x01(\x04\x12\r\n\x05\x62oard\x18\x05 \x01(\t\"\xa5\x02\n\x0c\x44\x65viceStatus\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x0e\n\x06\x62\x64_seq\x18\x04 \x01(\x04\x12\r\n\x05ts_ms\x18\x05 \x01(\x03\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\'\n\x05model\x18\x07 \x01(\x0b\x32\x18.nanofleet.v1.ModelState\x12\x14\n\x0c\x63\x61pabilities\x18\x08 \x03(\t\x12(\n\x08hardware\x18\t \x01(\x0b\x32\x16.nanofleet.v1.Hardware\x12\x16\n\x0epolicy_version\x18\n \x01(\x04\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x1c\n\x14telemetry_interval_s\x18\x0c \x01(\r\"=\n\x07\x42\x61ttery\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0f\n\x07percent\x18\x02 \x01(\x02\x12\x10\n\x08\x63harging\x18\x03 \x01(\x08\"\xb7\x07\n\tTelemetry\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62\x64_seq\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\r\x12\r\n\x05ts_ms\x18\x04 \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\x05 \x01(\x02\x12\r\n\x05load1\x18\x06 \x01(\x02\x12\x14\n\x0cram_total_mb\x18\x07 \x01(\x04\x12\x18\n\x10ram_available_mb\x18\x08 \x01(\x04\x12\x14\n\x0cswap_used_mb\x18\t \x01(\x04\x12\x14\n\x0c\x64isk_free_mb\x18\n \x01(\x04\x12\x42\n\x0etemperatures_c\x18\x0b \x03(\x0b\x32*.nanofleet.v1.Telemetry.TemperaturesCEntry\x12\x12\n\ntemp_max_c\x18\x0c \x01(\x02\x12\x31\n\rthermal_level\x18\r \x01(\x0e\x32\x1a.nanofleet.v1.ThermalLevel\x12\x16\n\x0ethrottle_ratio\x18\x0e \x01(\x02\x12\x11\n\tthrottled\x18\x0f \x01(\x08\x12\x1a\n\x12pi_throttled_flags\x18\x10 \x01(\r\x12&\n\x07\x62\x61ttery\x18\x11 \x01(\x0b\x32\x15.nanofleet.v1.Battery\x12\'\n\x05model\x18\x12 \x01(\x0b\x32\x18.nanofleet.v1.ModelState\x12>\n\x0croute_counts\x18\x13 \x03(\x0b\x32(.nanofleet.v1.Telemetry.RouteCountsEntry\x12\x13\n\x0bqueue_depth\x18\x14 \x01(\r\x12\x16\n\x0epolicy_version\x18\x15 \x01(\x04\x12\x19\n\x11gateway_reachable\x18\x16 \x01(\x08\x12\x17\n\x0fmetered_network\x18\x17 \x01(\x08\x12\x10\n\x08replayed\x18\x18 \x01(\x08\x12\x15\n\rslots_waiting\x18\x19 \x01(\r\x12\x1a\n\x12queue_oldest_age_s\x18\x1a \x01(\x02\x12\x42\n\x0equeue_counters\x18\x1b \x03(\x0b\x32*.nanofleet.v1.Telemetry.QueueCountersEntry\x1a\x34\n\x12TemperaturesCEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a\x32\n\x10RouteCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x34\n\x12QueueCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"*\n\tAppPolicy\x12\x0f\n\x07privacy\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\"%\n\x0b\x43loudBudget\x12\x16\n\x0etokens_per_day\x18\x01 \x01(\x04\"\xec\x04\n\rRoutingPolicy\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x14\n\x0cissued_at_ms\x18\x05 \x01(\x03\x12\x0e\n\x06prefer\x18\x06 \x01(\t\x12\x15\n\rcloud_allowed\x18\x07 \x01(\x08\x12\x31\n\rthermal_limit\x18\x08 \x01(\x0e\x32\x1a.nanofleet.v1.ThermalLevel\x12\x17\n\x0fmin_free_ram_mb\x18\t \x01(\r\x12\x19\n\x11\x62\x61ttery_floor_pct\x18\n \x01(\r\x12\x17\n\x0fmetered_network\x18\x0b \x01(\t\x12\x1f\n\x17max_local_prompt_tokens\x18\x0c \x01(\r\x12/\n\x0c\x63loud_budget\x18\r \x01(\x0b\x32\x19.nanofleet.v1.CloudBudget\x12\x33\n\x04\x61pps\x18\x0e \x03(\x0b\x32%.nanofleet.v1.RoutingPolicy.AppsEntry\x12\x1c\n\x14telemetry_interval_s\x18\x0f \x01(\r\x12\x14\n\x0cmodel_source\x18\x10 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x11 \x01(\t\x12\x17\n\x0fqueue_max_items\x18\x12 \x01(\r\x12\x13\n\x0bqueue_ttl_s\x18\x13 \x01(\r\x12\x17\n\x0fqueue_max_bytes\x18\x14 \x01(\x04\x1a\x44\n\tAppsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.nanofleet.v1.AppPolicy:\x02\x38\x01\"\xa8\x01\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12-\n\x04\x61rgs\x18\x03 \x03(\x0b\x32\x1f.nanofleet.v1.Command.ArgsEntry\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x11\n\ttimeout_s\x18\x05 \x01(\r\x1a+\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc0\x01\n\rCommandResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x33\n\x04\x64\x61ta\x18\x05 \x03(\x0b\x32%.nanofleet.v1.CommandResult.DataEntry\x12\r\n\x05ts_ms\x18\x06 \x01(\x03\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xca\x01\n\x0cThermalLevel\x12\x16\n\x12THERMAL_LEVEL_NONE\x10\x00\x12\x17\n\x13THERMAL_LEVEL_LIGHT\x10\x01\x12\x1a\n\x16THERMAL_LEVEL_MODERATE\x10\x02\x12\x18\n\x14THERMAL_LEVEL_SEVERE\x10\x03\x12\x1a\n\x16THERMAL_LEVEL_CRITICAL\x10\x04\x12\x1b\n\x17THERMAL_LEVEL_EMERGENCY\x10\x05\x12\x1a\n\x16THERMAL_LEVEL_SHUTDOWN\x10\x06*\xc6\x01\n\x11ModelAvailability\x12\"\n\x1eMODEL_AVAILABILITY_UNSPECIFIED\x10\x00\x12\"\n\x1eMODEL_AVAILABILITY_UNAVAILABLE\x10\x01\x12#\n\x1fMODEL_AVAILABILITY_DOWNLOADABLE\x10\x02\x12\"\n\x1eMODEL_AVAILABILITY_DOWNLOADING\x10\x03\x12 \n\x1cMODEL_AVAILABILITY_AVAILABLE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cnanofleet/protos/fleet.proto\x12\x0cnanofleet.v1\"\xc9\x02\n\nModelState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x35\n\x0c\x61vailability\x18\x03 \x01(\x0e\x32\x1f.nanofleet.v1.ModelAvailability\x12\x19\n\x11\x64ownload_progress\x18\x04 \x01(\x02\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x14\n\x0ctokens_per_s\x18\x07 \x01(\x02\x12\x14\n\x0cupdate_state\x18\x08 \x01(\t\x12\x15\n\rupdate_sha256\x18\t \x01(\t\x12\x15\n\rupdate_reason\x18\n \x01(\t\x12\x17\n\x0fprevious_sha256\x18\x0b \x01(\t\x12\x10\n\x08requests\x18\x0c \x01(\x04\x12\x0e\n\x06\x65rrors\x18\r \x01(\x04\x12\x16\n\x0ep95_latency_ms\x18\x0e \x01(\x02\"e\n\x08Hardware\x12\x10\n\x08platform\x18\x01 \x01(\t\x12\x0f\n\x07machine\x18\x02 \x01(\t\x12\x11\n\tcpu_count\x18\x03 \x01(\x05\x12\x14\n\x0cram_total_mb\x18\x04 \x01(\x04\x12\r\n\x05\x62oard\x18\x05 \x01(\t\"\xa5\x02\n\x0c\x44\x65viceStatus\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06online\x18\x03 \x01(\x08\x12\x0e\n\x06\x62\x64_seq\x18\x04 \x01(\x04\x12\r\n\x05ts_ms\x18\x05 \x01(\x03\x12\x15\n\ragent_version\x18\x06 \x01(\t\x12\'\n\x05model\x18\x07 \x01(\x0b\x32\x18.nanofleet.v1.ModelState\x12\x14\n\x0c\x63\x61pabilities\x18\x08 \x03(\t\x12(\n\x08hardware\x18\t \x01(\x0b\x32\x16.nanofleet.v1.Hardware\x12\x16\n\x0epolicy_version\x18\n \x01(\x04\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12\x1c\n\x14telemetry_interval_s\x18\x0c \x01(\r\"=\n\x07\x42\x61ttery\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x0f\n\x07percent\x18\x02 \x01(\x02\x12\x10\n\x08\x63harging\x18\x03 \x01(\x08\"\xb7\x07\n\tTelemetry\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x0e\n\x06\x62\x64_seq\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\r\x12\r\n\x05ts_ms\x18\x04 \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\x05 \x01(\x02\x12\r\n\x05load1\x18\x06 \x01(\x02\x12\x14\n\x0cram_total_mb\x18\x07 \x01(\x04\x12\x18\n\x10ram_available_mb\x18\x08 \x01(\x04\x12\x14\n\x0cswap_used_mb\x18\t \x01(\x04\x12\x14\n\x0c\x64isk_free_mb\x18\n \x01(\x04\x12\x42\n\x0etemperatures_c\x18\x0b \x03(\x0b\x32*.nanofleet.v1.Telemetry.TemperaturesCEntry\x12\x12\n\ntemp_max_c\x18\x0c \x01(\x02\x12\x31\n\rthermal_level\x18\r \x01(\x0e\x32\x1a.nanofleet.v1.ThermalLevel\x12\x16\n\x0ethrottle_ratio\x18\x0e \x01(\x02\x12\x11\n\tthrottled\x18\x0f \x01(\x08\x12\x1a\n\x12pi_throttled_flags\x18\x10 \x01(\r\x12&\n\x07\x62\x61ttery\x18\x11 \x01(\x0b\x32\x15.nanofleet.v1.Battery\x12\'\n\x05model\x18\x12 \x01(\x0b\x32\x18.nanofleet.v1.ModelState\x12>\n\x0croute_counts\x18\x13 \x03(\x0b\x32(.nanofleet.v1.Telemetry.RouteCountsEntry\x12\x13\n\x0bqueue_depth\x18\x14 \x01(\r\x12\x16\n\x0epolicy_version\x18\x15 \x01(\x04\x12\x19\n\x11gateway_reachable\x18\x16 \x01(\x08\x12\x17\n\x0fmetered_network\x18\x17 \x01(\x08\x12\x10\n\x08replayed\x18\x18 \x01(\x08\x12\x15\n\rslots_waiting\x18\x19 \x01(\r\x12\x1a\n\x12queue_oldest_age_s\x18\x1a \x01(\x02\x12\x42\n\x0equeue_counters\x18\x1b \x03(\x0b\x32*.nanofleet.v1.Telemetry.QueueCountersEntry\x1a\x34\n\x12TemperaturesCEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a\x32\n\x10RouteCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x1a\x34\n\x12QueueCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"*\n\tAppPolicy\x12\x0f\n\x07privacy\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\"%\n\x0b\x43loudBudget\x12\x16\n\x0etokens_per_day\x18\x01 \x01(\x04\"\xec\x04\n\rRoutingPolicy\x12\r\n\x05\x66leet\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\r\n\x05group\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x04\x12\x14\n\x0cissued_at_ms\x18\x05 \x01(\x03\x12\x0e\n\x06prefer\x18\x06 \x01(\t\x12\x15\n\rcloud_allowed\x18\x07 \x01(\x08\x12\x31\n\rthermal_limit\x18\x08 \x01(\x0e\x32\x1a.nanofleet.v1.ThermalLevel\x12\x17\n\x0fmin_free_ram_mb\x18\t \x01(\r\x12\x19\n\x11\x62\x61ttery_floor_pct\x18\n \x01(\r\x12\x17\n\x0fmetered_network\x18\x0b \x01(\t\x12\x1f\n\x17max_local_prompt_tokens\x18\x0c \x01(\r\x12/\n\x0c\x63loud_budget\x18\r \x01(\x0b\x32\x19.nanofleet.v1.CloudBudget\x12\x33\n\x04\x61pps\x18\x0e \x03(\x0b\x32%.nanofleet.v1.RoutingPolicy.AppsEntry\x12\x1c\n\x14telemetry_interval_s\x18\x0f \x01(\r\x12\x14\n\x0cmodel_source\x18\x10 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x11 \x01(\t\x12\x17\n\x0fqueue_max_items\x18\x12 \x01(\r\x12\x13\n\x0bqueue_ttl_s\x18\x13 \x01(\r\x12\x17\n\x0fqueue_max_bytes\x18\x14 \x01(\x04\x1a\x44\n\tAppsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.nanofleet.v1.AppPolicy:\x02\x38\x01\"\xa8\x01\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12-\n\x04\x61rgs\x18\x03 \x03(\x0b\x32\x1f.nanofleet.v1.Command.ArgsEntry\x12\x14\n\x0cissued_at_ms\x18\x04 \x01(\x03\x12\x11\n\ttimeout_s\x18\x05 \x01(\r\x1a+\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc0\x01\n\rCommandResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x33\n\x04\x64\x61ta\x18\x05 \x03(\x0b\x32%.nanofleet.v1.CommandResult.DataEntry\x12\r\n\x05ts_ms\x18\x06 \x01(\x03\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xca\x01\n\x0cThermalLevel\x12\x16\n\x12THERMAL_LEVEL_NONE\x10\x00\x12\x17\n\x13THERMAL_LEVEL_LIGHT\x10\x01\x12\x1a\n\x16THERMAL_LEVEL_MODERATE\x10\x02\x12\x18\n\x14THERMAL_LEVEL_SEVERE\x10\x03\x12\x1a\n\x16THERMAL_LEVEL_CRITICAL\x10\x04\x12\x1b\n\x17THERMAL_LEVEL_EMERGENCY\x10\x05\x12\x1a\n\x16THERMAL_LEVEL_SHUTDOWN\x10\x06*\xc6\x01\n\x11ModelAvailability\x12\"\n\x1eMODEL_AVAILABILITY_UNSPECIFIED\x10\x00\x12\"\n\x1eMODEL_AVAILABILITY_UNAVAILABLE\x10\x01\x12#\n\x1fMODEL_AVAILABILITY_DOWNLOADABLE\x10\x02\x12\"\n\x1eMODEL_AVAILABILITY_DOWNLOADING\x10\x03\x12 \n\x1cMODEL_AVAILABILITY_AVAILABLE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,40 +43,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMMAND_ARGSENTRY']._serialized_options = b'8\001'
   _globals['_COMMANDRESULT_DATAENTRY']._loaded_options = None
   _globals['_COMMANDRESULT_DATAENTRY']._serialized_options = b'8\001'
-  _globals['_THERMALLEVEL']._serialized_start=2716
-  _globals['_THERMALLEVEL']._serialized_end=2918
-  _globals['_MODELAVAILABILITY']._serialized_start=2921
-  _globals['_MODELAVAILABILITY']._serialized_end=3119
+  _globals['_THERMALLEVEL']._serialized_start=2867
+  _globals['_THERMALLEVEL']._serialized_end=3069
+  _globals['_MODELAVAILABILITY']._serialized_start=3072
+  _globals['_MODELAVAILABILITY']._serialized_end=3270
   _globals['_MODELSTATE']._serialized_start=47
-  _globals['_MODELSTATE']._serialized_end=225
-  _globals['_HARDWARE']._serialized_start=227
-  _globals['_HARDWARE']._serialized_end=328
-  _globals['_DEVICESTATUS']._serialized_start=331
-  _globals['_DEVICESTATUS']._serialized_end=624
-  _globals['_BATTERY']._serialized_start=626
-  _globals['_BATTERY']._serialized_end=687
-  _globals['_TELEMETRY']._serialized_start=690
-  _globals['_TELEMETRY']._serialized_end=1641
-  _globals['_TELEMETRY_TEMPERATURESCENTRY']._serialized_start=1483
-  _globals['_TELEMETRY_TEMPERATURESCENTRY']._serialized_end=1535
-  _globals['_TELEMETRY_ROUTECOUNTSENTRY']._serialized_start=1537
-  _globals['_TELEMETRY_ROUTECOUNTSENTRY']._serialized_end=1587
-  _globals['_TELEMETRY_QUEUECOUNTERSENTRY']._serialized_start=1589
-  _globals['_TELEMETRY_QUEUECOUNTERSENTRY']._serialized_end=1641
-  _globals['_APPPOLICY']._serialized_start=1643
-  _globals['_APPPOLICY']._serialized_end=1685
-  _globals['_CLOUDBUDGET']._serialized_start=1687
-  _globals['_CLOUDBUDGET']._serialized_end=1724
-  _globals['_ROUTINGPOLICY']._serialized_start=1727
-  _globals['_ROUTINGPOLICY']._serialized_end=2347
-  _globals['_ROUTINGPOLICY_APPSENTRY']._serialized_start=2279
-  _globals['_ROUTINGPOLICY_APPSENTRY']._serialized_end=2347
-  _globals['_COMMAND']._serialized_start=2350
-  _globals['_COMMAND']._serialized_end=2518
-  _globals['_COMMAND_ARGSENTRY']._serialized_start=2475
-  _globals['_COMMAND_ARGSENTRY']._serialized_end=2518
-  _globals['_COMMANDRESULT']._serialized_start=2521
-  _globals['_COMMANDRESULT']._serialized_end=2713
-  _globals['_COMMANDRESULT_DATAENTRY']._serialized_start=2670
-  _globals['_COMMANDRESULT_DATAENTRY']._serialized_end=2713
+  _globals['_MODELSTATE']._serialized_end=376
+  _globals['_HARDWARE']._serialized_start=378
+  _globals['_HARDWARE']._serialized_end=479
+  _globals['_DEVICESTATUS']._serialized_start=482
+  _globals['_DEVICESTATUS']._serialized_end=775
+  _globals['_BATTERY']._serialized_start=777
+  _globals['_BATTERY']._serialized_end=838
+  _globals['_TELEMETRY']._serialized_start=841
+  _globals['_TELEMETRY']._serialized_end=1792
+  _globals['_TELEMETRY_TEMPERATURESCENTRY']._serialized_start=1634
+  _globals['_TELEMETRY_TEMPERATURESCENTRY']._serialized_end=1686
+  _globals['_TELEMETRY_ROUTECOUNTSENTRY']._serialized_start=1688
+  _globals['_TELEMETRY_ROUTECOUNTSENTRY']._serialized_end=1738
+  _globals['_TELEMETRY_QUEUECOUNTERSENTRY']._serialized_start=1740
+  _globals['_TELEMETRY_QUEUECOUNTERSENTRY']._serialized_end=1792
+  _globals['_APPPOLICY']._serialized_start=1794
+  _globals['_APPPOLICY']._serialized_end=1836
+  _globals['_CLOUDBUDGET']._serialized_start=1838
+  _globals['_CLOUDBUDGET']._serialized_end=1875
+  _globals['_ROUTINGPOLICY']._serialized_start=1878
+  _globals['_ROUTINGPOLICY']._serialized_end=2498
+  _globals['_ROUTINGPOLICY_APPSENTRY']._serialized_start=2430
+  _globals['_ROUTINGPOLICY_APPSENTRY']._serialized_end=2498
+  _globals['_COMMAND']._serialized_start=2501
+  _globals['_COMMAND']._serialized_end=2669
+  _globals['_COMMAND_ARGSENTRY']._serialized_start=2626
+  _globals['_COMMAND_ARGSENTRY']._serialized_end=2669
+  _globals['_COMMANDRESULT']._serialized_start=2672
+  _globals['_COMMANDRESULT']._serialized_end=2864
+  _globals['_COMMANDRESULT_DATAENTRY']._serialized_start=2821
+  _globals['_COMMANDRESULT_DATAENTRY']._serialized_end=2864
 # @@protoc_insertion_point(module_scope)

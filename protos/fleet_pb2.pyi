@@ -38,7 +38,7 @@ MODEL_AVAILABILITY_DOWNLOADING: ModelAvailability
 MODEL_AVAILABILITY_AVAILABLE: ModelAvailability
 
 class ModelState(_message.Message):
-    __slots__ = ("name", "sha256", "availability", "download_progress", "loaded", "reason", "tokens_per_s")
+    __slots__ = ("name", "sha256", "availability", "download_progress", "loaded", "reason", "tokens_per_s", "update_state", "update_sha256", "update_reason", "previous_sha256", "requests", "errors", "p95_latency_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     AVAILABILITY_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,13 @@ class ModelState(_message.Message):
     LOADED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_STATE_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    P95_LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     sha256: str
     availability: ModelAvailability
@@ -53,7 +60,14 @@ class ModelState(_message.Message):
     loaded: bool
     reason: str
     tokens_per_s: float
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., availability: _Optional[_Union[ModelAvailability, str]] = ..., download_progress: _Optional[float] = ..., loaded: _Optional[bool] = ..., reason: _Optional[str] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    update_state: str
+    update_sha256: str
+    update_reason: str
+    previous_sha256: str
+    requests: int
+    errors: int
+    p95_latency_ms: float
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., availability: _Optional[_Union[ModelAvailability, str]] = ..., download_progress: _Optional[float] = ..., loaded: _Optional[bool] = ..., reason: _Optional[str] = ..., tokens_per_s: _Optional[float] = ..., update_state: _Optional[str] = ..., update_sha256: _Optional[str] = ..., update_reason: _Optional[str] = ..., previous_sha256: _Optional[str] = ..., requests: _Optional[int] = ..., errors: _Optional[int] = ..., p95_latency_ms: _Optional[float] = ...) -> None: ...
 
 class Hardware(_message.Message):
     __slots__ = ("platform", "machine", "cpu_count", "ram_total_mb", "board")

@@ -4,7 +4,8 @@ Errors::
 
     ModelFileError             root
     └── DownloadError          HTTP error, gave up after retries, bad server answer
-        └── ChecksumMismatch   the bytes are not the ones the sha256 names; the partial file is deleted
+        ├── ChecksumMismatch   the bytes are not the ones the sha256 names; the partial file is deleted
+        └── DownloadCancelled  asked to stop (the partial file stays)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,10 @@ class ChecksumMismatch(DownloadError):
     pass
 
 
+class DownloadCancelled(DownloadError):
+    """`cancel` was set: a newer update replaced this one (the partial file stays for a later resume)."""
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -52,19 +58,24 @@ def sha256_file(path: Path) -> str:
 def pull(
     url: str, dest: Path, sha256: str, *, progress: Progress | None = None, retries: int = 5,
     timeout: float = 30.0, backoff: float = 0.2, notice: Notice | None = None,
+    headers: dict[str, str] | None = None, on_size: Callable[[int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> Path:
-    """Fetch `url` into `dest` unless it is already there. A cut connection resumes from the partial file;
-    `notice` hears whether an attempt with bytes on disk resumed or the server ignored the Range."""
+    """Fetch `url` into `dest` unless it is already there. A cut connection resumes from the partial file, and so
+    does a new call after the process died mid-download (the `.part` file stays); `notice` hears whether an
+    attempt with bytes on disk resumed or the server ignored the Range. `headers`: e.g. the device token for the
+    controller's artifact store. `on_size(bytes still to fetch)` is called once the server said the size, before any
+    byte is written (it may raise, e.g. when the disk is too small); `cancel` stops between blocks."""
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = part_path(dest)
     failures = 0
     delays = Backoff(backoff, _BACKOFF_CAP_S)  # the project's one rule (nanofleet.backoff): capped, with jitter
-    with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+    with httpx.Client(timeout=timeout, follow_redirects=True, headers=headers) as client:
         while True:
             try:
-                if _fetch(client, url, part, progress, notice):
+                if _fetch(client, url, part, progress, notice, on_size, cancel):
                     break
             except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
                 failures += 1
@@ -81,7 +92,8 @@ def pull(
     return dest
 
 
-def _fetch(client: httpx.Client, url: str, part: Path, progress: Progress | None, notice: Notice | None = None) -> bool:
+def _fetch(client: httpx.Client, url: str, part: Path, progress: Progress | None, notice: Notice | None = None,
+           on_size: Callable[[int], None] | None = None, cancel: threading.Event | None = None) -> bool:
     """One attempt; True when the server has sent everything. Raises transport errors for the retry loop."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -99,14 +111,19 @@ def _fetch(client: httpx.Client, url: str, part: Path, progress: Progress | None
             if notice:
                 notice(offset, True)
         else:
-            raise DownloadError(f"{url}: HTTP {r.status_code}")
+            detail = r.read()[:300].decode("utf-8", "replace").strip()
+            raise DownloadError(f"{url}: HTTP {r.status_code}" + (f": {detail}" if detail else ""))
         length = r.headers.get("content-length")
         total = offset + int(length) if length and length.isdigit() else None
         done = offset
+        if on_size is not None and total is not None:
+            on_size(total - offset)
         with open(part, "r+b" if offset else "wb") as f:
             f.seek(offset)
             f.truncate()
             for block in r.iter_bytes():
+                if cancel is not None and cancel.is_set():
+                    raise DownloadCancelled(f"{url}: cancelled after {done} bytes; the partial file stays")
                 f.write(block)
                 done += len(block)
                 if progress:

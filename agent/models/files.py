@@ -41,6 +41,8 @@ def url_for(source: str) -> str:
 
 def cache_name(url: str, sha256: str | None) -> str:
     base = Path(urlparse(url).path).name or "model.gguf"
+    if not base.endswith(".gguf"):  # e.g. the controller's /artifacts/<sha256>: still a model in the cache listing
+        base += ".gguf"
     tag = (sha256 or hashlib.sha256(url.encode()).hexdigest())[:12]
     return f"{tag}-{base}"
 

@@ -26,6 +26,7 @@ import psutil
 from nanofleet.agent.models.download import ModelFileError, pull
 from nanofleet.agent.models.files import ModelFile, resolve
 from nanofleet.agent.models.memory import RamGuard, estimate_bytes
+from nanofleet.agent.models.stats import ModelStats
 from nanofleet.agent.runtime.base import (
     Backend,
     BackendError,
@@ -91,8 +92,11 @@ class ModelManager:
     def __init__(
         self, spec: ModelSpec, cache_dir: Path, private_dir: Path, *, free_ram: Callable[[], int] = free_ram_bytes,
         backend_factory: BackendFactory | None = None, warmup: bool = True,
+        download_headers: Callable[[str, str | None], dict[str, str] | None] | None = None,
     ) -> None:
         self.spec = spec
+        self.stats = ModelStats(spec.sha256 or "")  # the gate's figures of the model serving now
+        self.download_headers = download_headers or (lambda url, sha: None)  # (url, sha256) -> auth for it
         self.cache_dir = cache_dir
         self.private_dir = private_dir
         self.free_ram = free_ram
@@ -169,8 +173,14 @@ class ModelManager:
         if self._idle is not None:
             self._idle.cancel()
             self._idle = None
+        stats, t0 = self.stats, time.monotonic()  # a request that began on the old model counts for the old one
         try:
             yield loaded.backend
+        except BackendError:
+            stats.record(time.monotonic() - t0, ok=False)
+            raise
+        else:
+            stats.record(time.monotonic() - t0, ok=True)
         finally:
             loaded.users -= 1
             self._released(loaded)
@@ -243,7 +253,8 @@ class ModelManager:
                 loop.call_soon_threadsafe(setattr, self, "_progress", min(done / total, 0.999))
 
         try:
-            return await asyncio.to_thread(pull, file.url, file.path, file.sha256, progress=progress)
+            return await asyncio.to_thread(pull, file.url, file.path, file.sha256, progress=progress,
+                                           headers=self.download_headers(file.url, file.sha256))
         except ModelFileError as exc:
             self.reason = f"download failed: {exc}"
             raise BackendUnavailable(self.reason) from exc
@@ -309,6 +320,57 @@ class ModelManager:
         await self.unload()
         self.spec, self.file, self.reason, self.refused_at = spec, resolve(spec, self.cache_dir), "", 0.0
         return True
+
+    async def install(self, spec: ModelSpec, path: Path) -> bool:
+        """Serve `spec` (its file at `path`, verified) from now on: load and warm it beside the current model, then
+        switch in one step; requests in flight finish on the old model, whose backend closes when the last ends.
+        When RAM holds only one of the two, the old one is unloaded first (a gap of one load, no overlap). Returns
+        whether it loaded beside. InsufficientMemory (the reason says how much) or WarmupFailed: nothing changed."""
+        async with self._lock:  # a request that needs a load waits for the switch instead of loading the old model
+            need = await asyncio.to_thread(estimate_bytes, path, spec.n_ctx, spec.n_parallel, self.ram_guard)
+            free = self.ram_guard.free_bytes(self.free_ram)
+            old = self._loaded
+            beside = free is None or free >= need
+            if not beside:
+                old_need = (await asyncio.to_thread(estimate_bytes, self.file.path, self.spec.n_ctx,
+                                                    self.spec.n_parallel, self.ram_guard)) if old else 0
+                assert free is not None
+                if free + old_need < need:
+                    raise InsufficientMemory(f"insufficient_ram: model needs about {need >> 20} MB, {free >> 20} MB "
+                                             f"free{f' (+{old_need >> 20} MB of the current model)' if old else ''}")
+                log.warning("model %s: RAM holds one model, not two: unloading %s before loading it (no overlap)",
+                            spec.source, self.spec.source)
+                self._drop(old)
+            file = resolve(spec, self.cache_dir)
+            backend = await asyncio.to_thread(self._factory, file, spec)
+            if self.warmup:
+                try:
+                    await backend.generate(ChatRequest([{"role": "user", "content": "hi"}], max_tokens=1))
+                except BaseException as exc:
+                    await backend.close()
+                    if isinstance(exc, BackendError):
+                        raise WarmupFailed(f"warmup_failed: {exc.message}") from exc
+                    raise
+            new = _Loaded(backend)
+            self._loaded, self.spec, self.file = new, spec, file
+            self.stats = ModelStats(spec.sha256 or "")
+            self.reason, self.refused_at, self._file_seen = "", 0.0, (-2.0, False)
+            self.loads += 1
+            if beside:
+                self._drop(old)
+        self._ready()
+        self._released(new)  # keep_alive counts from now
+        return beside
+
+    def _drop(self, loaded: _Loaded | None) -> None:
+        """Retire `loaded`: no new request gets it; closed now if idle, else when its last request ends."""
+        if loaded is None:
+            return
+        if self._loaded is loaded:
+            self._loaded = None
+        loaded.retired = True
+        if not loaded.users:
+            self._retire(loaded)
 
     async def settle(self) -> None:
         """Wait until backends being unloaded are closed."""

@@ -13,6 +13,7 @@ thread pool, off the event loop).
                    /openapi.json,
                    /metrics                                   (Prometheus text format)
     routes_api     /api/...                                   (REST API, docs/rest-api.md)
+    routes_artifacts /artifacts/{sha256}                      (devices' downloads: gateway token, Range)
     routes_events  /events                                    (live events, server-sent; controller/events.py)
     routes_ops     /api/alerts*, /api/audit, /alerts, /audit  (stored alerts, acknowledgements, the audit log)
     errors         the error edge; context: WebContext and the dependencies every route takes
@@ -33,13 +34,14 @@ from fastapi import FastAPI
 from nanofleet.config import FleetConfig
 from nanofleet.controller import metrics
 from nanofleet.controller.alert_store import AlertStore
+from nanofleet.controller.artifacts import ArtifactStore, DeviceTokens
 from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.errors import StoreError
 from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.metrics import registry_for
 from nanofleet.protos.names import COMMAND_KINDS
 
-from . import routes_api, routes_auth, routes_events, routes_ops, routes_pages
+from . import routes_api, routes_artifacts, routes_auth, routes_events, routes_ops, routes_pages
 from .context import Commands, FleetReader, UsageReader, WebContext
 from .errors import install_error_handlers
 from .openapi_doc import document_errors
@@ -66,13 +68,15 @@ def create_app(
     alerts: AlertStore | None = None,
     audit: AuditLog | None = None,
     operators: Mapping[str, str] | None = None,
+    artifacts: ArtifactStore | None = None,
 ) -> FastAPI:
     """Build the dashboard + API app. `session_secret` defaults to a random per-process key (sessions end on
     restart); `clock` exists for tests of expiry; `status` is the running ControllerService's status(); `events` the
     hub `/events` streams from (a fresh one when not given, fed by the default alerts and audit below).
     `alerts` and `audit` default to ones over `store` when it is the controller's Store (it has a writer); the
     service passes its own so their changes reach its live-update hub. `operators` are the named operators' token
-    hashes (controller/auth.py `read_operators`), beside the default token's holder, `operator`."""
+    hashes (controller/auth.py `read_operators`), beside the default token's holder, `operator`. `artifacts` are
+    served to devices whose gateway token (in `usage_db`, the gateway's db) is active."""
 
     def now_ms() -> int:
         return int(clock() * 1000)
@@ -94,7 +98,9 @@ def create_app(
         audit = audit if audit is not None else AuditLog(writable, on_change=hub.publish)
     ctx = WebContext(store=store, config=config, auth=OperatorAuth(operator_token_hash, signer, now_ms, operators),
                      signer=signer, now_ms=now_ms, commands=commands, usage=usage, session_ttl_s=session_ttl_s,
-                     refresh_s=refresh_s, status=status, errors=errors, alerts=alerts, audit=audit, events=hub)
+                     refresh_s=refresh_s, status=status, errors=errors, alerts=alerts, audit=audit, events=hub,
+                     artifacts=artifacts,
+                     device_tokens=DeviceTokens(Path(usage_db), config.fleet) if usage_db is not None else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -121,6 +127,7 @@ def create_app(
     app.include_router(routes_pages.router)
     app.include_router(routes_events.router)
     app.include_router(routes_api.router)
+    app.include_router(routes_artifacts.router)
     app.include_router(routes_ops.router)
     app.include_router(routes_ops.pages)
     if commands is not None:

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller.alert_store import AlertStore
+from nanofleet.controller.artifacts import ArtifactStore, DeviceTokens
 from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.commands import CommandError, UnknownCommand
 from nanofleet.controller.events import FleetEvents
@@ -100,6 +101,9 @@ class WebContext:
     refresh_s: int
     errors: Counter[str] = dataclasses.field(default_factory=Counter)  # answers given for bugs, by code
     status: Callable[[], Mapping[str, Any]] | None = None  # ControllerService.status, when a service runs us
+    artifacts: ArtifactStore | None = None      # served at /artifacts/{sha256} (routes_artifacts.py)
+    device_tokens: DeviceTokens | None = None   # who may fetch them: the gateway's device tokens
+    artifact_counts: Counter[str] = dataclasses.field(default_factory=Counter)  # served, denied, not_found, …
     events: FleetEvents = dataclasses.field(default_factory=FleetEvents)  # what /events streams (controller/events)
     alerts: AlertStore | None = None  # the stored alerts (the engine runs in ControllerService)
     audit: AuditLog | None = None

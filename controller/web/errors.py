@@ -34,7 +34,7 @@ def _error_json(exc: WebError) -> JSONResponse:
 
 def _wants_json(request: Request) -> bool:
     path = request.url.path
-    return (path.startswith("/api/") or path in ("/openapi.json", "/metrics", "/events")
+    return (path.startswith(("/api/", "/artifacts/")) or path in ("/openapi.json", "/metrics", "/events")
             or request.headers.get("x-fragment") == "1")
 
 

@@ -16,7 +16,9 @@ from starlette.concurrency import run_in_threadpool
 
 from nanofleet.controller import metrics
 from nanofleet.controller import policy as pol
+from nanofleet.controller import rollout_store as rs
 from nanofleet.controller.queries import DeviceFilter, QueryError
+from nanofleet.controller.rollouts import advance
 from nanofleet.controller.views import DEVICE_STATES
 from nanofleet.protos.names import COMMAND_KINDS, ThermalName
 
@@ -194,6 +196,37 @@ def groups_page(request: Request, ctx: Web, operator: Authed) -> HTMLResponse:
             list(ctx.config.groups[name].match) if name in ctx.config.groups else [], compiled))
     return ctx.render(request, "groups.html", title="Groups", operator=operator, refresh=True, now_ms=ctx.now_ms(),
                       groups=views, last_round=ctx.queries.last_policy_round())
+
+
+@dataclass
+class _RolloutView:
+    rollout: Any
+    steps: list[dict[str, Any]]  # per step: pct, state (passed/failed/current/waiting), devices, applied, failed
+    events: list[Any]
+
+
+@router.get("/rollouts")
+def rollouts_page(request: Request, ctx: Web, operator: Authed) -> HTMLResponse:
+    """Recent rollouts with their progress per step (controller/rollouts.py) and their last events."""
+    views = []
+    for r in rs.list_all(ctx.store, limit=20):
+        live = advance(r, rs.group_reports(ctx.store, r.group), rs.pins(ctx.store), ctx.now_ms()).progress \
+            if r.active else {}
+        steps = []
+        for i, pct in enumerate(r.steps):
+            done = next((s for s in r.step_results if s["step"] == pct), None)
+            if done is not None:
+                steps.append({"pct": pct, "state": done["gate"], "devices": done["devices"],
+                              "applied": done["applied"], "failed": done["failed"], "canary": done["canary"]})
+            elif i == r.step and r.active:
+                steps.append({"pct": pct, "state": r.state, "devices": live.get("assigned", 0),
+                              "applied": live.get("applied", 0), "failed": live.get("failed", 0), "canary": {}})
+            else:
+                steps.append({"pct": pct, "state": "waiting", "devices": None, "applied": None, "failed": None,
+                              "canary": {}})
+        views.append(_RolloutView(r, steps, rs.events(ctx.store, r.id)[-8:]))
+    return ctx.render(request, "rollouts.html", title="Rollouts", operator=operator, refresh=True,
+                      now_ms=ctx.now_ms(), rollouts=views, pinned=sorted(rs.pins(ctx.store)))
 
 
 @router.get("/api")

@@ -173,7 +173,9 @@ async def test_policy_with_a_new_model_switches_to_it(make_settings, tmp_path: P
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
         assert (await c.post("/v1/chat/completions", json=CHAT)).json()["model"] == tiny_gguf.stem
         await svc.apply_policy(fleet_pb2.RoutingPolicy(**ME, version=2, prefer="local", model_source=f"file:{other}"))
-        assert not svc.models.loaded  # the old model is gone; the new one loads on first use
+        assert svc.updater is not None
+        await until(lambda: svc.updater.state == "applied", what="the update to the policy's model")
+        assert svc.models.loaded  # loaded (and warm) beside the old one before the switch, not on first use
         assert (await c.post("/v1/chat/completions", json=CHAT)).json()["model"] == "fleet-model"
         await svc.apply_policy(fleet_pb2.RoutingPolicy(**ME, version=3, prefer="local", model_source="ftp://nope"))
         assert svc.models.spec.source == f"file:{other}" and svc.dispatcher.policy.version == 3

@@ -69,6 +69,9 @@ def test_telemetry_template_is_exactly_the_proto3_json_an_agent_writes() -> None
         for _ in range(i % 40):
             d.tick()  # not connected: advances the state, counts a skipped sample
         d.seq, d.policy_version, d.available = i % 256, i % 3, i % 5 != 0
+        if i % 4 == 0:  # a device on a rollout's model reports it as an agent does
+            d.model_sha256, d.previous_sha256 = f"{i:064x}", "" if i % 8 else "f" * 64
+            d.model_requests, d.model_errors = i * 3, i % 7
         fast = d.telemetry_json()
         msg = json_format.Parse(fast, fleet_pb2.Telemetry())
         assert json.loads(fast) == json.loads(json_format.MessageToJson(msg, indent=None)), fast

@@ -1,0 +1,68 @@
+"""`nanofleet artifacts add|list|rm`: the controller's artifact store (controller/artifacts.py) from the shell."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nanofleet.controller.artifacts import Artifact, ArtifactError, ArtifactStore
+
+_DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=Path("nanofleet-controller"),
+                         show_default=True, help="The controller's state folder (artifacts/ is inside it).")
+
+
+def _store(data_dir: Path) -> ArtifactStore:
+    if not (data_dir / "controller.db").exists():  # never make an empty store where the operator did not mean one
+        raise click.ClickException(f"--data-dir: no controller state in {data_dir} (no controller.db); "
+                                   "give the controller's --data-dir")
+    return ArtifactStore(data_dir / "artifacts")
+
+
+def _line(a: Artifact) -> str:
+    return f"{a.sha256}  {a.size:>12}  {a.name}"
+
+
+@click.group()
+def artifacts() -> None:
+    """Files devices fetch from the controller (models), named by sha256."""
+
+
+@artifacts.command("add")
+@click.argument("source")
+@click.option("--name", default=None, help="A name to refer to it by (default: the file name).")
+@click.option("--sha256", default=None, help="For a URL or hf:// source: the expected sha256 (required).")
+@_DATA_DIR
+def add(source: str, name: str | None, sha256: str | None, data_dir: Path) -> None:
+    """Add SOURCE (a file, or an http(s):// / hf:// URL with --sha256) and print its sha256."""
+    store = _store(data_dir)
+    try:
+        if source.startswith(("http://", "https://", "hf://")):
+            if not sha256:
+                raise click.UsageError("--sha256 is required for a URL: the download is verified against it")
+            art = store.add_url(source, sha256, name)
+        else:
+            art = store.add_file(Path(source), name)
+    except ArtifactError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(_line(art))
+
+
+@artifacts.command("list")
+@_DATA_DIR
+def list_(data_dir: Path) -> None:
+    """The artifacts: sha256, size in bytes, name."""
+    for art in _store(data_dir).list():
+        click.echo(_line(art))
+
+
+@artifacts.command("rm")
+@click.argument("ref")
+@_DATA_DIR
+def rm(ref: str, data_dir: Path) -> None:
+    """Remove the artifact REF (sha256, 8+ digit prefix, or name)."""
+    try:
+        art = _store(data_dir).remove(ref)
+    except ArtifactError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"removed {art.sha256} ({art.name})")
