@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import FileResponse, Response
 
 from nanofleet.controller.artifacts import ArtifactNotFound, ArtifactRefused
@@ -59,13 +59,16 @@ def _caller(ctx: Web, request: Request) -> str:
     raise Unauthorized("invalid_token", why)
 
 
+# a dependency, so the token is checked before the path is validated (a caller without one learns nothing of it)
+Caller = Annotated[str, Depends(_caller)]
+
+
 @router.head("/artifacts/{sha256}", tags=["artifacts"], operation_id="head_artifact", responses=_RESPONSES,
              summary="An artifact's size and ETag (devices: gateway token)")
 @router.get("/artifacts/{sha256}", tags=["artifacts"], operation_id="get_artifact", responses=_RESPONSES,
             response_class=Response,
             summary="An artifact's bytes (devices: gateway token), with Range")
-def get_artifact(ctx: Web, request: Request, sha256: Sha) -> Response:
-    _caller(ctx, request)
+def get_artifact(ctx: Web, caller: Caller, sha256: Sha) -> Response:
     if ctx.artifacts is None:
         raise WebError(404, "artifacts_disabled", "this controller serves no artifacts")
     try:

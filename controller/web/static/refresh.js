@@ -57,7 +57,11 @@
       alertCount(r.headers.get("X-Open-Alerts"));
       return r.text();
     }).then(function (html) {
-      if (html !== null) { main.innerHTML = html; document.body.classList.remove("disconnected"); }
+      if (html === null) return;
+      document.body.classList.remove("disconnected");
+      // the operator began to edit a form while this was in flight: their edit wins, the figures come later
+      if (typing()) { later(every * 1000); return; }
+      main.innerHTML = html;
     }).catch(function () {
       document.body.classList.add("disconnected");
     }).then(function () {
