@@ -1,5 +1,5 @@
 """Live dashboard in a real Chromium: a device's telemetry (real mosquitto, the real ingest path into SQLite) changes
-its thermal level and the device page shows it without a reload within 2 s of the publish — five times, the
+its thermal level and the device page shows it without a reload within 2 s of the publish — three times, the
 figures printed (bench/bench_live.py measures the same path ten times for `make bench`)."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def artifacts() -> Path:
 
 
 async def test_a_heating_device_shows_on_its_page_within_two_seconds(broker, tmp_path: Path, artifacts: Path) -> None:
-    seconds = await telemetry_to_screen(broker.url, tmp_path, tries=5, screenshot=artifacts / "live-device.png")
+    seconds = await telemetry_to_screen(broker.url, tmp_path, tries=3, screenshot=artifacts / "live-device.png")
     print(f"telemetry to screen: p50 {percentile(seconds, 50):.3f} s, max {max(seconds):.3f} s over {len(seconds)}")
-    assert len(seconds) == 5
+    assert len(seconds) == 3
     assert max(seconds) < 2.0, seconds
     assert percentile(seconds, 50) < 1.0, seconds
