@@ -6,7 +6,6 @@ Routing policy is not here: the controller pushes it over MQTT.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nanofleet.config import ConfigError, ModelSpec
+from nanofleet.tcp import is_loopback
 
 
 def default_runtime_dir() -> Path:
@@ -25,15 +25,6 @@ def default_runtime_dir() -> Path:
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "nanofleet"
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class LocalBridge(BaseModel):
@@ -67,7 +58,7 @@ class LocalBridge(BaseModel):
         host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"expected unix:/path or host:port, got {value!r}")
-        if not _loopback(host):
+        if not is_loopback(host):
             raise ValueError(f"{host!r} is not loopback: the local bridge must be on this device (unix:/path, "
                              "127.0.0.1:port or [::1]:port), since sensitive requests go to it")
         return value

@@ -12,13 +12,13 @@ loopback only.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import stat
 from pathlib import Path
 
 from nanofleet.agent.errors import AgentError
+from nanofleet.tcp import is_loopback
 
 
 class SocketError(AgentError):
@@ -80,11 +80,7 @@ def bind_tcp(address: str) -> socket.socket:
     """`host:port` on a loopback address only (the API has no auth of its own beyond file permissions)."""
     host, _, port = address.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback or not port.isdigit():
+    if not is_loopback(host) or not port.isdigit():
         raise UnsafeListen(f"tcp_listen {address!r}: only a loopback host:port is allowed (e.g. 127.0.0.1:8765)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

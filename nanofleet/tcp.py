@@ -1,9 +1,23 @@
-"""Loopback port and file-descriptor helpers for `nanofleet up` and the simulator."""
+"""Loopback checks, port and file-descriptor helpers for `nanofleet up`, the simulator, the agent and the gateway."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an IPv4/IPv6 address, brackets allowed) is this machine only: the one rule for
+    what may listen without TLS or a token."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:

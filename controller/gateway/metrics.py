@@ -16,7 +16,6 @@ chunk, a token count), `budget_refusals_total{scope}` (device, app, fleet), `ups
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -26,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import GatewayError
 
-__all__ = ["CONTENT_TYPE", "GatewayMetrics", "MetricsApp", "MetricsConfigError", "is_loopback"]
+__all__ = ["CONTENT_TYPE", "GatewayMetrics", "MetricsApp", "MetricsConfigError"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _P = "nanofleet_gateway_"
@@ -36,16 +35,6 @@ _BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 class MetricsConfigError(GatewayError):
     """The metrics listener cannot run as configured (beyond loopback without a token)."""
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Live(Collector):

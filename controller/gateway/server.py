@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ from grpc_health.v1._async import HealthServicer
 from nanofleet.config import FleetConfig
 from nanofleet.config import Upstream as UpstreamConfig
 from nanofleet.protos import inference_pb2_grpc
+from nanofleet.tcp import is_loopback
 
 from .auth import Authenticator
 from .db import Database
@@ -85,16 +85,6 @@ class _DetailedHealth(HealthServicer):
         return await super().Check(request, context)
 
 
-def _is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class Gateway:
     """One gateway: `async with Gateway(config, data_dir) as gw:` serves on `gw.address` until the block ends."""
 
@@ -110,13 +100,13 @@ class Gateway:
         if bool(tls_cert) != bool(tls_key):
             raise ListenError("--tls-cert and --tls-key go together")
         host = self.listen.rsplit(":", 1)[0]
-        if self.tls is None and not _is_loopback(host):
+        if self.tls is None and not is_loopback(host):
             raise ListenError(f"refusing to serve device tokens in plaintext on {self.listen}: "
                               "give --tls-cert/--tls-key or listen on a loopback address")
         self.metrics_listen = metrics_listen or config.gateway.metrics_listen
         token_env = config.gateway.metrics_token_env
         self._metrics_token = (os.environ if env is None else env).get(token_env) or None
-        if self.metrics_listen and self._metrics_token is None and not _is_loopback(
+        if self.metrics_listen and self._metrics_token is None and not is_loopback(
                 self.metrics_listen.rsplit(":", 1)[0]):
             raise ListenError(f"refusing to serve /metrics on {self.metrics_listen} without a token: set "
                               f"{token_env} (gateway.metrics_token_env) or listen on a loopback address")
