@@ -14,7 +14,6 @@ from ctl_helpers import flush_rollups, reject
 
 from nanofleet.config import parse_fleet
 from nanofleet.controller.alerts_engine import AlertEngine
-from nanofleet.controller.auth import ensure_operator_token
 from nanofleet.controller.store import Store
 from nanofleet.controller.web import create_app
 from nanofleet.controller.web.security import COOKIE
@@ -48,13 +47,6 @@ def samples(device: str, n: int, *, start_ms: int, bd_seq: int = 1, step_ms: int
                             queue_depth=i, policy_version=7)
         for i in range(n)
     ]
-
-
-@pytest.fixture
-def token_and_hash(tmp_path: Path) -> tuple[str, str]:
-    token, token_hash = ensure_operator_token(tmp_path / "data")
-    assert token is not None
-    return token, token_hash
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from test_web import FLEET, bearer, birth, csrf_of, death, login
 from nanofleet.controller.alert_store import AlertStore
 from nanofleet.controller.alerts_engine import AlertEngine
 from nanofleet.controller.audit import AuditLog
-from nanofleet.controller.auth import ensure_operator_token
 from nanofleet.controller.store import Store
 from nanofleet.controller.web import create_app
 from nanofleet.protos import fleet_pb2
@@ -48,13 +47,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.write_status("demo", death("gone"), now - 5_000)  # offline 5 s ago: under offline_after_s
     yield s
     s.close()
-
-
-@pytest.fixture
-def token_and_hash(tmp_path: Path) -> tuple[str, str]:
-    token, token_hash = ensure_operator_token(tmp_path / "data")
-    assert token is not None
-    return token, token_hash
 
 
 @pytest.fixture

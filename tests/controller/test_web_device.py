@@ -16,7 +16,6 @@ from test_web import FLEET, bearer, birth, death, login
 
 from nanofleet.controller.alert_store import AlertStore
 from nanofleet.controller.alerts_engine import AlertEngine
-from nanofleet.controller.auth import ensure_operator_token
 from nanofleet.controller.store import Store
 from nanofleet.controller.web import create_app
 from nanofleet.protos import fleet_pb2
@@ -30,13 +29,6 @@ def sample(device: str, i: int, ts: int, rate: float) -> fleet_pb2.Telemetry:
         temp_max_c=45.0, throttle_ratio=1.0,
         model=fleet_pb2.ModelState(name="tiny-test", availability=fleet_pb2.MODEL_AVAILABILITY_AVAILABLE,
                                    tokens_per_s=rate))
-
-
-@pytest.fixture
-def token_and_hash(tmp_path: Path) -> tuple[str, str]:
-    token, token_hash = ensure_operator_token(tmp_path / "data")
-    assert token is not None
-    return token, token_hash
 
 
 @pytest.fixture
