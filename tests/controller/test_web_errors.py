@@ -13,9 +13,9 @@ import pytest
 from nanofleet.controller.commands import CommandOutcome, UnknownCommand
 from nanofleet.controller.store import Store
 from nanofleet.controller.web import create_app
-from tests.controller.test_web import FLEET, bearer, client, store, token_and_hash
+from tests.controller.test_web import FLEET, bearer, client, store
 
-__all__ = ["client", "store", "token_and_hash"]  # fixtures shared with test_web.py
+__all__ = ["client", "store"]  # fixtures shared with test_web.py (token_and_hash: conftest.py)
 
 
 async def test_integers_past_sqlite_are_a_422_naming_the_field(client: httpx.AsyncClient, token_and_hash) -> None:
