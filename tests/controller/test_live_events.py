@@ -11,20 +11,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-from ctl_helpers import fleet, until
+from ctl_helpers import start_service, until
 
-from nanofleet.controller.service import ControllerService
 from nanofleet.mqtt import MqttClient
 from nanofleet.protos import topics
-from nanofleet.tcp import free_port
-
-
-async def _start(name: str, broker_url: str, tmp_path: Path, **kw: object) -> tuple[ControllerService, str, str]:
-    lines: list[str] = []
-    svc = await ControllerService(fleet(name, broker_url), tmp_path / "ctl", listen=f"127.0.0.1:{free_port()}",
-                                  echo=lines.append, **kw).start()  # type: ignore[arg-type]
-    token = next(line.split()[2] for line in lines if line.startswith("operator token:"))
-    return svc, f"http://127.0.0.1:{svc.web_port}", token
 
 
 async def _events(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
@@ -54,7 +44,7 @@ def _telemetry(device: str, seq: int, thermal: int) -> bytes:
 
 
 async def test_events_need_the_operator(broker, tmp_path: Path) -> None:
-    svc, url, token = await _start("live1", broker.url, tmp_path)
+    svc, url, token = await start_service("live1", broker.url, tmp_path)
     try:
         async with httpx.AsyncClient(base_url=url, timeout=10) as c:
             r = await c.get("/events")
@@ -71,7 +61,7 @@ async def test_events_need_the_operator(broker, tmp_path: Path) -> None:
 
 
 async def test_a_device_heating_up_arrives_as_an_event_and_a_reconnect_resumes(broker, tmp_path: Path) -> None:
-    svc, url, token = await _start("live2", broker.url, tmp_path, sweep_every_s=0.1)
+    svc, url, token = await start_service("live2", broker.url, tmp_path, sweep_every_s=0.1)
     auth = {"Authorization": f"Bearer {token}"}
     try:
         await svc.ingest.wait_subscribed(5)
@@ -113,7 +103,7 @@ async def test_a_device_heating_up_arrives_as_an_event_and_a_reconnect_resumes(b
 
 
 async def test_stopping_the_controller_ends_open_streams(broker, tmp_path: Path) -> None:
-    svc, url, token = await _start("live3", broker.url, tmp_path)
+    svc, url, token = await start_service("live3", broker.url, tmp_path)
     auth = {"Authorization": f"Bearer {token}"}
     ended = asyncio.Event()
 

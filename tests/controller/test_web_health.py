@@ -9,21 +9,11 @@ import re
 from pathlib import Path
 
 import httpx
-from ctl_helpers import fleet, until
+from ctl_helpers import start_service, until
 
 from nanofleet.controller import metrics
-from nanofleet.controller.service import ControllerService
 from nanofleet.mqtt import MqttClient
 from nanofleet.protos import topics
-from nanofleet.tcp import free_port
-
-
-async def _start(name: str, broker_url: str, tmp_path: Path, **kw: object) -> tuple[ControllerService, str, str]:
-    lines: list[str] = []
-    svc = await ControllerService(fleet(name, broker_url), tmp_path / "ctl", listen=f"127.0.0.1:{free_port()}",
-                                  echo=lines.append, **kw).start()  # type: ignore[arg-type]
-    token = next(line.split()[2] for line in lines if line.startswith("operator token:"))
-    return svc, f"http://127.0.0.1:{svc.web_port}", token
 
 
 def _sample(text: str, name: str, labels: str = "") -> float:
@@ -33,7 +23,7 @@ def _sample(text: str, name: str, labels: str = "") -> float:
 
 
 async def test_metrics_need_the_operator_and_show_the_controller_and_its_500s(broker, tmp_path: Path) -> None:
-    svc, url, token = await _start("hm1", broker.url, tmp_path)
+    svc, url, token = await start_service("hm1", broker.url, tmp_path)
     auth = {"Authorization": f"Bearer {token}"}
     try:
         await svc.ingest.wait_subscribed(5)
@@ -62,7 +52,7 @@ async def test_metrics_need_the_operator_and_show_the_controller_and_its_500s(br
 
 
 async def test_healthz_is_503_and_the_panel_shows_the_death_once_ingest_died(broker, tmp_path: Path) -> None:
-    svc, url, token = await _start("hm2", broker.url, tmp_path)
+    svc, url, token = await start_service("hm2", broker.url, tmp_path)
     auth = {"Authorization": f"Bearer {token}"}
     try:
         await svc.ingest.wait_subscribed(5)
@@ -92,7 +82,7 @@ async def test_healthz_is_503_and_the_panel_shows_the_death_once_ingest_died(bro
 
 
 async def test_the_panel_counts_rejections_and_a_restarted_tasks_death(broker, tmp_path: Path) -> None:
-    svc, url, token = await _start("hm3", broker.url, tmp_path, sweep_every_s=0.05)
+    svc, url, token = await start_service("hm3", broker.url, tmp_path, sweep_every_s=0.05)
     auth = {"Authorization": f"Bearer {token}"}
     try:
         await svc.ingest.wait_subscribed(5)
