@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.py
 	@touch $(STAMP)
 
 system-deps:
-	@sh deploy/system-deps.sh mosquitto chromium curl sshd systemd-analyze
+	@sh deploy/system-deps.sh mosquitto chromium curl sshd systemd-analyze postgresql
 
 run: $(STAMP)
 	@sh deploy/system-deps.sh --optional mosquitto

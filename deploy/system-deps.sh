@@ -1,6 +1,6 @@
 #!/bin/sh
 # Installs the system packages nanofleet needs (Debian names), or says exactly how when we are not root.
-#   deploy/system-deps.sh [--optional] mosquitto chromium curl sshd systemd-analyze
+#   deploy/system-deps.sh [--optional] mosquitto chromium curl sshd systemd-analyze postgresql
 # With --optional a missing package is installed when we are root, and otherwise only reported (make run falls back
 # to the embedded amqtt broker); without it, a missing package we cannot install stops the caller.
 optional=0
@@ -12,6 +12,7 @@ for tool in "$@"; do
     chromium)  command -v chromium >/dev/null 2>&1 || missing="$missing chromium" ;;
     curl)      command -v curl >/dev/null 2>&1 || missing="$missing curl" ;;
     sshd)      [ -x /usr/sbin/sshd ] || missing="$missing openssh-server" ;;  # the Ansible installer's test target
+    postgresql) ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$missing postgresql" ;;  # store tests
     systemd-analyze) command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd" ;;  # unit checks
     *) echo "system-deps: unknown tool $tool" >&2; exit 2 ;;
   esac

@@ -176,6 +176,13 @@ class Controller(_Model):
     ingest_reader: Literal["builtin", "paho"] = "builtin"
 
 
+class Store(_Model):
+    url: str | None = Field(
+        default=None, pattern=r"^(sqlite:///\S+|postgres(ql)?://\S+)$",
+        description="sqlite:///path, or postgresql://user@host:port/db (password from PGPASSWORD or ~/.pgpass, not "
+                    "here) for several controllers and gateways sharing one fleet; None: SQLite in the data folder")
+
+
 class Alerts(_Model):
     offline_after_s: float = Field(default=60, gt=0)
     thermal_at: ThermalName = "severe"
@@ -195,6 +202,7 @@ class FleetConfig(_Model):
     groups: dict[str, Group] = {}
     devices: dict[DeviceId, DeviceEntry] = {}
     alerts: Alerts = Alerts()
+    store: Store = Store()
 
     @model_validator(mode="after")
     def _check_references(self) -> FleetConfig:

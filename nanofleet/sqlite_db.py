@@ -171,13 +171,13 @@ class Writer:
         wal_autocheckpoint: int | None = None, checkpoint_s: float | None = None,
         on_rollback: Callable[[sqlite3.Connection], Any] | None = None,
     ) -> None:
-        self.path = Path(path)
+        self.path: Any = self._target(path)
         self.synchronous: Synchronous = synchronous
         if checkpoint_s is not None:
             wal_autocheckpoint = 0
-        self._conn = connect(self.path, synchronous=synchronous, wal_autocheckpoint=wal_autocheckpoint)
+        self._conn: Any = self._open_writer(wal_autocheckpoint)
         try:
-            self.applied = migrate(self._conn, migrations, table=migrations_table)
+            self.applied = self._migrate(self._conn, migrations, migrations_table)
         except BaseException:
             self._conn.close()
             raise
@@ -189,6 +189,7 @@ class Writer:
         self.batches = 0
         self.commit_errors = 0
         self.rollback_errors = 0
+        self.retries = 0  # jobs run again after losing a race to another writer (PostgreSQL only)
         self.checkpoint_errors = 0
         self._on_rollback = on_rollback
         self._local = threading.local()
@@ -203,6 +204,31 @@ class Writer:
             self._checkpointer = threading.Thread(target=self._checkpoints, args=(checkpoint_s,),
                                                   name=f"{name}-checkpoint", daemon=True)
             self._checkpointer.start()
+
+    # -- what a backend changes (nanofleet.pg_db.PgWriter: the same writer over PostgreSQL) ----------------------
+    _BEGIN = "BEGIN IMMEDIATE"  # take SQLite's write lock at once: a later upgrade could fail mid-batch
+    _ERRORS: tuple[type[Exception], ...] = (sqlite3.Error,)
+
+    def _target(self, path: str | Path) -> Any:
+        return Path(path)
+
+    def _open_writer(self, wal_autocheckpoint: int | None) -> Any:
+        return connect(self.path, synchronous=self.synchronous, wal_autocheckpoint=wal_autocheckpoint)
+
+    def _migrate(self, conn: Any, migrations: Sequence[Migration], table: str) -> list[str]:
+        return migrate(conn, migrations, table=table)
+
+    def _open_reader(self) -> Any:
+        return connect(self.path, synchronous=self.synchronous)
+
+    _ATTEMPTS = 1  # runs of a job whose error is _retryable (one SQLite writer: nobody to lose a race to)
+
+    def _retryable(self, exc: Exception) -> bool:
+        return False
+
+    def _healthy(self, conn: Any) -> Any:
+        """The write connection to use for the next batch (a backend may replace a broken one)."""
+        return conn
 
     @property
     def closed(self) -> bool:
@@ -235,7 +261,7 @@ class Writer:
         if reader is None:
             if self._closed:
                 raise DatabaseClosed(f"database {self.path} is closed")
-            reader = _Reader(connect(self.path, synchronous=self.synchronous), threading.RLock())
+            reader = _Reader(self._open_reader(), threading.RLock())
             self._local.reader = reader
             with self._readers_lock:
                 self._readers.append(reader)
@@ -290,7 +316,6 @@ class Writer:
             log.exception("%s: on_rollback hook failed", self.path)
 
     def _run(self) -> None:
-        conn = self._conn
         next_housekeeping = time.monotonic() + self._housekeeping_s
         stop = False
         try:
@@ -308,17 +333,19 @@ class Writer:
                 if _STOP in batch:
                     stop = True
                     batch = [job for job in batch if job is not _STOP]
+                if batch or self._housekeeping is not None:
+                    self._conn = self._healthy(self._conn)
                 if batch:
-                    self._run_batch(conn, batch)
+                    self._run_batch(self._conn, batch)
                 if self._housekeeping is not None and (stop or time.monotonic() >= next_housekeeping):
                     next_housekeeping = time.monotonic() + self._housekeeping_s
                     try:
-                        self._housekeeping(conn)
+                        self._housekeeping(self._conn)
                     except Exception:
                         self.housekeeping_errors += 1
                         log.exception("%s: housekeeping failed (retried on the next tick)", self.path)
         finally:
-            conn.close()
+            self._conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Job]) -> None:
         live = [(fn, fut) for fn, fut in batch if fut.set_running_or_notify_cancel()]
@@ -326,23 +353,30 @@ class Writer:
             return
         results: list[tuple[concurrent.futures.Future[Any] | _LoopFuture, Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(self._BEGIN)
             for fn, future in live:
-                conn.execute("SAVEPOINT job")
-                try:
-                    results.append((future, fn(conn), None))
-                    conn.execute("RELEASE job")
-                except Exception as exc:  # one bad job must not sink the batch; its caller gets the error
-                    if not conn.in_transaction:
-                        raise  # SQLite rolled the whole transaction back itself (disk full, I/O error)
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    self._rolled_back(conn)
-                    results.append((future, None, exc))
+                for attempt in range(1, self._ATTEMPTS + 1):
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        value = fn(conn)
+                        conn.execute("RELEASE job")
+                    except Exception as exc:  # one bad job must not sink the batch; its caller gets the error
+                        if not conn.in_transaction:
+                            raise  # SQLite rolled the whole transaction back itself (disk full, I/O error)
+                        conn.execute("ROLLBACK TO job")  # (PostgreSQL: also frees the row locks the job took)
+                        conn.execute("RELEASE job")
+                        self._rolled_back(conn)
+                        if attempt < self._ATTEMPTS and self._retryable(exc):
+                            self.retries += 1  # another writer of the same rows won (a deadlock): run it again
+                            continue
+                        results.append((future, None, exc))
+                    else:
+                        results.append((future, value, None))
+                    break
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - BEGIN/COMMIT failed (disk full, I/O): every future gets exc
             self.commit_errors += 1
-            with contextlib.suppress(sqlite3.Error):  # may fail when SQLite already rolled back; exc is reported
+            with contextlib.suppress(*self._ERRORS):  # may fail when SQLite already rolled back; exc is reported
                 conn.execute("ROLLBACK")
             self._rolled_back(conn)
             _settle_all([(future, None, exc) for _fn, future in live])

@@ -15,6 +15,7 @@ from hypothesis import settings
 
 from nanofleet.agent.tiny_model import make_tiny_gguf
 from nanofleet.broker import mosquitto_binary as find_mosquitto
+from nanofleet.pg_server import PgServer
 from nanofleet.tcp import free_port
 
 # No per-example deadline for the whole suite: on a loaded 2-core CI machine hypothesis's default 200 ms deadline
@@ -139,3 +140,26 @@ def reader(request: pytest.FixtureRequest) -> str:
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's tiny random-weight GGUF, generated once per test session."""
     return make_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny-test.gguf")
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """One throwaway PostgreSQL server for the session (initdb + pg_ctl in a temporary folder; `make test` installs
+    the distribution's server when missing). Tests take a fresh database each: `pg_url`."""
+    server = PgServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    """The URL of a new, empty database on the session's PostgreSQL server."""
+    return pg_server.create_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store URL on each backend (`store: {url: …}`): tests taking it run once on SQLite, once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return str(request.getfixturevalue("pg_server").create_database())
