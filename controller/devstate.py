@@ -40,7 +40,8 @@ _COLUMNS = (
     "model_report",
 )
 _encode = msgspec.json.Encoder().encode  # ~10x json.dumps on a small dict: this runs per message
-_UPSERT = f"INSERT OR REPLACE INTO devices ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_UPSERT = (f"INSERT INTO devices ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+           f"ON CONFLICT (device_id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS[1:])}")
 # what telemetry and rejections change: an UPDATE of these costs ~60% of replacing the whole row (per message)
 _HOT = (
     "state", "last_seen_ms", "bd_seq", "gap_count", "rejected_count", "cpu_percent", "ram_total_mb",
@@ -307,14 +308,14 @@ class DeviceStates:
             out.revoked_rejected = len(refused)
             conn.executemany(
                 """INSERT INTO rejections VALUES (?, ?, ?, 1, ?) ON CONFLICT (device_id, topic, reason)
-                   DO UPDATE SET count = count + 1, last_ms = excluded.last_ms""",
+                   DO UPDATE SET count = rejections.count + 1, last_ms = excluded.last_ms""",
                 [(d, kind, REVOKED, at) for d, kind in refused],
             )
         if batch.rejections:
             counts = Counter(batch.rejections)
             conn.executemany(
                 """INSERT INTO rejections VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id, topic, reason)
-                   DO UPDATE SET count = count + excluded.count, last_ms = excluded.last_ms""",
+                   DO UPDATE SET count = rejections.count + excluded.count, last_ms = excluded.last_ms""",
                 [(d or "", t, r, n, at) for (d, t, r), n in counts.items()],
             )
             for (device_id, _, _), n in counts.items():
@@ -325,7 +326,9 @@ class DeviceStates:
                     self._shown.add(dev.device_id)
         if batch.command_results:
             conn.executemany(
-                "INSERT OR REPLACE INTO command_results VALUES (?, ?, ?, ?, ?, ?)",
+                """INSERT INTO command_results VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id, status) DO UPDATE SET
+                   device_id = excluded.device_id, message = excluded.message, data_json = excluded.data_json,
+                   ts_ms = excluded.ts_ms""",
                 [(r.id, r.device_id, r.status, r.message, json.dumps(dict(r.data)), r.ts_ms or at)
                  for r in batch.command_results],
             )

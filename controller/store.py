@@ -27,6 +27,7 @@ from typing import Any, Literal, TypeVar
 from nanofleet.controller import devstate as ds
 from nanofleet.controller.errors import StoreClosed, StoreError
 from nanofleet.controller.migrations import MIGRATIONS
+from nanofleet.controller.pg_migrations import PG_MIGRATIONS
 from nanofleet.controller.views import (
     DeviceEvent,
     DeviceView,
@@ -35,8 +36,10 @@ from nanofleet.controller.views import (
     RollupPoint,
     TelemetryPoint,
 )
+from nanofleet.pg_db import PgWriter, dialect, is_postgres
 from nanofleet.protos import fleet_pb2
 from nanofleet.sqlite_db import DatabaseClosed, Writer, create_private, in_transaction
+from nanofleet.store_url import StoreTarget, resolve
 
 from .devstate import Batch, BatchOutcome, TelemetryRow, row_from_pb
 
@@ -56,10 +59,14 @@ _TELEMETRY_COLUMNS = ("device_id, ts_ms, bd_seq, seq, received_ms, cpu_percent, 
                       "thermal_level, throttle_ratio, queue_depth, battery_pct, replayed, slots_waiting, "
                       "queue_oldest_age_s, tokens_per_s")
 # columns named: a later migration adding one cannot shift these values into the wrong place
-_INSERT_TELEMETRY = (f"INSERT OR IGNORE INTO telemetry ({_TELEMETRY_COLUMNS}) "
-                     f"VALUES ({', '.join('?' * len(_TELEMETRY_COLUMNS.split(',')))})")
+_INSERT_TELEMETRY = (f"INSERT INTO telemetry ({_TELEMETRY_COLUMNS}) "
+                     f"VALUES ({', '.join('?' * len(_TELEMETRY_COLUMNS.split(',')))}) ON CONFLICT DO NOTHING")
+_SET_GROUP = ("INSERT INTO device_groups VALUES (?, ?) ON CONFLICT (device_id) DO UPDATE SET grp = excluded.grp")
+_DAY_MS = 86_400_000
 _ROLLUP_COLUMNS = ("device_id, ts_ms, n, cpu_avg, cpu_max, temp_avg, temp_max, ram_available_min, tokens_per_s_avg, "
                    "tokens_per_s_n")
+_ROLLUP_UPSERT = "ON CONFLICT (device_id, ts_ms) DO UPDATE SET " + ", ".join(
+    f"{c} = excluded.{c}" for c in _ROLLUP_COLUMNS.replace(" ", "").split(",")[2:])
 
 
 def now_ms() -> int:
@@ -69,7 +76,7 @@ def now_ms() -> int:
 class Store:
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | StoreTarget,
         *,
         raw_retention_s: float = 7 * 86_400,
         rollup_1m_retention_s: float = 31 * 86_400,
@@ -79,7 +86,14 @@ class Store:
         prune_every_s: float = 60.0,
         clock: Callable[[], int] = now_ms,
     ) -> None:
-        self.path = Path(path)
+        if isinstance(path, StoreTarget):
+            target = path
+        elif is_postgres(str(path)) or str(path).startswith("sqlite:///"):  # a store URL
+            target = resolve(str(path), Path("."), "")
+        else:
+            target = StoreTarget("sqlite", path=Path(path))
+        self.target = target
+        self.path: Path | str = target.path if target.path is not None else str(target)
         self._retention = (raw_retention_s, rollup_1m_retention_s, rollup_1h_retention_s)
         self.stale_factor = stale_factor
         self._clock = clock
@@ -91,12 +105,19 @@ class Store:
         self._group_of: Callable[[str], str] | None = None  # fleet.yaml's rule, once set_group_resolver ran
         self._next_route_snapshot = 0
         self.reloads = 0  # times the device mirror was reloaded after a rollback
-        for suffix in ("", "-wal", "-shm"):  # documented 0600: also a file an older controller made with the umask's
-            if suffix == "" or Path(f"{self.path}{suffix}").exists():
-                create_private(f"{self.path}{suffix}")
-        self.db = Writer(self.path, MIGRATIONS, name="store-writer", migrations_table="_migrations",
-                         housekeeping=self._housekeeping, housekeeping_s=0.5, checkpoint_s=_CHECKPOINT_EVERY_S,
-                         on_rollback=self._reload)
+        self._partitions: set[int] = set()  # PostgreSQL: the telemetry day partitions known to exist (day numbers)
+        self.db: Writer
+        if target.kind == "postgresql":
+            assert target.url is not None
+            self.db = PgWriter(target.url, PG_MIGRATIONS, name="store-writer", housekeeping=self._housekeeping,
+                               housekeeping_s=0.5, on_rollback=self._reload)
+        else:
+            for suffix in ("", "-wal", "-shm"):  # documented 0600: also a file an older controller made 0644
+                if suffix == "" or Path(f"{self.path}{suffix}").exists():
+                    create_private(f"{self.path}{suffix}")
+            self.db = Writer(self.path, MIGRATIONS, name="store-writer", migrations_table="_migrations",
+                             housekeeping=self._housekeeping, housekeeping_s=0.5, checkpoint_s=_CHECKPOINT_EVERY_S,
+                             on_rollback=self._reload)
         self.db.call(self._load)
 
     @property
@@ -185,9 +206,10 @@ class Store:
     def _apply(self, conn: sqlite3.Connection, batch: Batch) -> BatchOutcome:
         outcome = self._state.apply(conn, batch)  # raising rolls this job back, then _reload mends the mirror
         if outcome.new_devices and self._group_of is not None:
-            conn.executemany("INSERT OR REPLACE INTO device_groups VALUES (?, ?)",
-                             [(d, self._group_of(d)) for d in outcome.new_devices])
+            conn.executemany(_SET_GROUP, [(d, self._group_of(d)) for d in outcome.new_devices])
         if batch.telemetry:
+            if dialect(conn) == "postgresql":
+                self._ensure_partitions(conn, {r.ts_ms // _DAY_MS for r in batch.telemetry})
             before = conn.total_changes
             conn.executemany(
                 _INSERT_TELEMETRY,
@@ -229,8 +251,7 @@ class Store:
         def run(conn: sqlite3.Connection) -> list[str]:
             new = self._state.expect(conn, device_ids, fleet)
             if new and self._group_of is not None:
-                conn.executemany("INSERT OR REPLACE INTO device_groups VALUES (?, ?)",
-                                 [(d, self._group_of(d)) for d in new])
+                conn.executemany(_SET_GROUP, [(d, self._group_of(d)) for d in new])
             return new
 
         return self._call(run)
@@ -250,12 +271,25 @@ class Store:
 
         self._call(run)
 
+    def _ensure_partitions(self, conn: Any, days: set[int]) -> None:
+        """PostgreSQL: the telemetry partition of each UTC day (number since the epoch) a batch writes into."""
+        for day in days - self._partitions:
+            name = time.strftime("telemetry_%Y%m%d", time.gmtime(day * 86_400))
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF telemetry "
+                         f"FOR VALUES FROM ({day * _DAY_MS}) TO ({(day + 1) * _DAY_MS})")
+            self._partitions.add(day)
+
     def _snapshot_routes(self, conn: sqlite3.Connection, at_ms: int) -> None:
         """Every device's cumulative route counters now (agents count since they started): the overview's route mix
         of the last hour is the counters now minus these, an hour back (controller/queries.py)."""
-        extract = ", ".join(f"coalesce(json_extract(route_counts, '$.{r}'), 0)" for r in ROUTES)
-        conn.execute(f"INSERT OR REPLACE INTO route_snapshots SELECT ?, device_id, birth_ms, {extract} FROM devices",
-                     (at_ms,))
+        if dialect(conn) == "postgresql":
+            extract = ", ".join(f"coalesce((route_counts::jsonb ->> '{r}')::bigint, 0)" for r in ROUTES)
+        else:
+            extract = ", ".join(f"coalesce(json_extract(route_counts, '$.{r}'), 0)" for r in ROUTES)
+        conn.execute(f"""INSERT INTO route_snapshots SELECT ?, device_id, birth_ms, {extract} FROM devices WHERE true
+                         ON CONFLICT (ts_ms, device_id) DO UPDATE SET birth_ms = excluded.birth_ms,
+                         local = excluded.local, cloud = excluded.cloud, queued = excluded.queued,
+                         rejected = excluded.rejected""", (at_ms,))
         conn.execute("DELETE FROM route_snapshots WHERE ts_ms < ?", (at_ms - _ROUTE_SNAPSHOT_KEEP_MS,))
 
     def snapshot_routes(self, at_ms: int | None = None) -> None:
@@ -267,30 +301,30 @@ class Store:
         touched, self._touched = self._touched, set()
         if not touched:
             return
-        conn.execute("CREATE TEMP TABLE IF NOT EXISTS _touched (device_id TEXT, ts_ms INTEGER)")
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS _touched (device_id TEXT, ts_ms BIGINT)")
         conn.execute("DELETE FROM _touched")
         conn.executemany("INSERT INTO _touched VALUES (?, ?)", touched)
         conn.execute(
-            f"""INSERT OR REPLACE INTO rollup_1m ({_ROLLUP_COLUMNS})
+            f"""INSERT INTO rollup_1m ({_ROLLUP_COLUMNS})
                SELECT b.device_id, b.ts_ms, count(*), avg(t.cpu_percent), max(t.cpu_percent), avg(t.temp_max_c),
                       max(t.temp_max_c), min(t.ram_available_mb), avg(t.tokens_per_s), count(t.tokens_per_s)
                FROM _touched b JOIN telemetry t
                  ON t.device_id = b.device_id AND t.ts_ms >= b.ts_ms AND t.ts_ms < b.ts_ms + 60000
-               GROUP BY b.device_id, b.ts_ms"""
+               WHERE true GROUP BY b.device_id, b.ts_ms {_ROLLUP_UPSERT}"""
         )
         hours = {(d, ts - ts % 3_600_000) for d, ts in touched}
         conn.execute("DELETE FROM _touched")
         conn.executemany("INSERT INTO _touched VALUES (?, ?)", hours)
         conn.execute(
-            f"""INSERT OR REPLACE INTO rollup_1h ({_ROLLUP_COLUMNS})
+            f"""INSERT INTO rollup_1h ({_ROLLUP_COLUMNS})
                SELECT b.device_id, b.ts_ms, sum(r.n), sum(r.cpu_avg * r.n) / sum(r.n), max(r.cpu_max),
-                      sum(r.temp_avg * r.n) / sum(CASE WHEN r.temp_avg IS NULL THEN 0 ELSE r.n END),
+                      sum(r.temp_avg * r.n) / nullif(sum(CASE WHEN r.temp_avg IS NULL THEN 0 ELSE r.n END), 0),
                       max(r.temp_max), min(r.ram_available_min),
                       sum(r.tokens_per_s_avg * r.tokens_per_s_n) / nullif(sum(r.tokens_per_s_n), 0),
                       sum(r.tokens_per_s_n)
                FROM _touched b JOIN rollup_1m r
                  ON r.device_id = b.device_id AND r.ts_ms >= b.ts_ms AND r.ts_ms < b.ts_ms + 3600000
-               GROUP BY b.device_id, b.ts_ms"""
+               WHERE true GROUP BY b.device_id, b.ts_ms {_ROLLUP_UPSERT}"""
         )
 
     def _prune(self, conn: sqlite3.Connection, at_ms: int) -> bool:
@@ -315,10 +349,10 @@ class Store:
         """Allocate the fleet's next policy version (monotonic, persisted)."""
 
         def run(conn: sqlite3.Connection) -> int:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'policy_version'").fetchone()
-            version = (int(row[0]) if row else 0) + 1
-            conn.execute("INSERT OR REPLACE INTO meta VALUES ('policy_version', ?)", (str(version),))
-            return version
+            # one statement: several controllers on one PostgreSQL never hand out the same version
+            row = conn.execute("INSERT INTO meta VALUES ('policy_version', '1') ON CONFLICT (key) DO UPDATE "
+                               "SET value = CAST(CAST(meta.value AS INTEGER) + 1 AS TEXT) RETURNING value").fetchone()
+            return int(row[0])
 
         return self._call(run)
 
@@ -329,13 +363,17 @@ class Store:
         rows = [(p.device_id, p.version, p.content_hash, p.policy_json, p.published_ms) for p in published]
 
         def run(conn: sqlite3.Connection) -> None:
-            conn.executemany("INSERT OR REPLACE INTO policies VALUES (?,?,?,?,?)", rows)
+            conn.executemany("""INSERT INTO policies VALUES (?,?,?,?,?) ON CONFLICT (device_id) DO UPDATE SET
+                version = excluded.version, content_hash = excluded.content_hash, policy_json = excluded.policy_json,
+                published_ms = excluded.published_ms""", rows)
             if changes is not None and rows:
                 by_lines: dict[tuple[str, ...], list[str]] = {}
                 for device_id, lines in sorted(changes.items()):
                     by_lines.setdefault(tuple(lines), []).append(device_id)
                 diff = [{"changes": list(k), "devices": v} for k, v in by_lines.items()]
-                conn.execute("INSERT OR REPLACE INTO policy_rounds VALUES (?, ?, ?, ?)",
+                conn.execute("""INSERT INTO policy_rounds VALUES (?, ?, ?, ?) ON CONFLICT (version) DO UPDATE SET
+                                published_ms = excluded.published_ms, devices = excluded.devices,
+                                changes_json = excluded.changes_json""",
                              (rows[0][1], rows[0][4], len(rows), json.dumps(diff)))
 
         self._call(run)

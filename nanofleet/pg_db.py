@@ -96,7 +96,7 @@ class PgConn:
         if params:
             cur.execute(pyformat(sql), params)
         else:
-            cur.execute(sql.replace("%", "%%") if "%" in sql else sql)
+            cur.execute(sql)  # no parameters: psycopg sends the text as it is (no placeholder parsing)
         if cur.description is None and cur.rowcount > 0:
             self.total_changes += cur.rowcount
         return cur

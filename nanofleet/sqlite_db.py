@@ -89,12 +89,13 @@ def connect(path: str | Path, *, synchronous: Synchronous = "NORMAL", timeout_s:
 
 
 def in_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    """`fn(conn)` inside `BEGIN IMMEDIATE … COMMIT`, rolled back if it raises."""
-    conn.execute("BEGIN IMMEDIATE")
+    """`fn(conn)` inside `BEGIN IMMEDIATE … COMMIT` (plain `BEGIN` on a nanofleet.pg_db.PgConn), rolled back if it
+    raises."""
+    conn.execute("BEGIN" if getattr(conn, "dialect", "sqlite") == "postgresql" else "BEGIN IMMEDIATE")
     try:
         result = fn(conn)
     except BaseException:
-        with contextlib.suppress(sqlite3.Error):  # the original error is the one that matters; it is re-raised
+        with contextlib.suppress(Exception):  # the original error is the one that matters; it is re-raised
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")

@@ -36,8 +36,8 @@ def tel(device: str, bd_seq: int, seq: int, ts: int, **kw: object) -> fleet_pb2.
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    s = Store(tmp_path / "store.db")
+def store(store_url: str):
+    s = Store(store_url)
     yield s
     s.close()
 
