@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed-stamp
 FLEET  ?= fleet.yaml
 # STRICT=0: `make test` skips ruff and the type check and prints coverage without failing on modules under 80 %.
 STRICT ?= 1
+# pytest-xdist workers: most tests wait on brokers, processes and sockets, so two share the two cores well.
+JOBS ?= 2
 ifeq ($(STRICT),0)
 LINT      := @echo "ruff skipped (STRICT=0)"
 TYPECHECK := @echo "typecheck skipped (STRICT=0)"
@@ -32,12 +34,13 @@ run: $(STAMP)
 	@sh deploy/system-deps.sh --optional mosquitto
 	$(BIN)/nanofleet up --config $(FLEET)
 
-# Fast failures first (lint, types), then the suite under coverage (subprocesses included), then the coverage gate.
+# Fast failures first (lint, types), then the suite under coverage (subprocesses included) on $(JOBS) xdist workers
+# (JOBS=0: one process; the tests of a module sharing a module-scoped fixture stay on one worker), then the gate.
 test: $(STAMP) system-deps
 	$(LINT)
 	$(TYPECHECK)
 	rm -f .coverage .coverage.*
-	$(BIN)/python -m pytest -q -p no:cacheprovider --cov --cov-report= $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadgroup --cov --cov-report= $(PYTEST_ARGS)
 	$(GATE)
 
 # LiteLLM (a baseline in bench_socket) gets a venv of its own: its pins must not move ours.

@@ -1,4 +1,16 @@
-"""Shared fixtures: a real Mosquitto broker on a free loopback port, the tiny GGUF, waiting on conditions."""
+"""Shared fixtures: a real Mosquitto broker on a free loopback port, the tiny GGUF, waiting on conditions.
+
+`make test` runs the suite under pytest-xdist (`-n 2 --dist loadgroup`): two worker processes, each with its own
+session fixtures (broker, tiny GGUF, PostgreSQL server). Rules every test follows so it passes on any worker, beside
+any other test, and beside another engineer's run of the suite on the same machine:
+- Ports: `free_port()` or port 0, never a fixed number; files: `tmp_path`/`tmp_path_factory`, never a fixed /tmp
+  path or the repository folder; env vars and the working folder: `monkeypatch` only.
+- Names on the session's shared broker or PostgreSQL server: unique per test (fleet ids, client ids, `pg_url`).
+- Waiting: `until()`/`wait_for()` on a condition with a deadline, never a fixed sleep; no wall-clock bound on work
+  the machine's load decides (two workers share two cores with the processes the tests start).
+- A module- or class-scoped fixture keeps its module's tests on one worker (`pytest_collection_modifyitems` below
+  marks them `xdist_group`), so it is set up once; nothing else needs marking.
+"""
 
 from __future__ import annotations
 
@@ -163,3 +175,13 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
     return str(request.getfixturevalue("pg_server").create_database())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that share a module-, class- or package-scoped fixture (a stack of processes, an installed venv) run
+    on one xdist worker (`--dist loadgroup` reads the mark): on two they would each set it up, paying twice."""
+    shared = ("module", "class", "package")
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is not None and any(d.scope in shared for defs in info.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

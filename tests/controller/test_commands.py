@@ -7,7 +7,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -55,16 +55,35 @@ async def test_commands_ack_result_timeout(broker, tmp_path: Path, reader: str) 
         await svc.stop()
 
 
-def _nanofleet(*args: str, **kw: object) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "nanofleet", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)  # type: ignore[call-overload]
+class _Child:
+    """A `python -m nanofleet …` process whose output is read as it comes (a thread), so a test can wait for a line."""
 
+    def __init__(self, *args: str, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "nanofleet", *args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-def _stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=15)
-    assert proc.returncode == 0, out
-    return out
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_line(self, fragment: str, timeout: float = 60) -> None:
+        """Until the process printed `fragment` (it exited first: fail with its output)."""
+        wait_for(lambda: any(fragment in line for line in self.lines) or self.proc.poll() is not None, timeout,
+                 what=f"{fragment!r} printed")
+        assert any(fragment in line for line in self.lines), "".join(self.lines)
+
+    def stop(self) -> str:
+        """SIGTERM; it must exit 0 (a clean stop). Its whole output."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(15)
+        self._reader.join(5)
+        out = "".join(self.lines)
+        assert self.proc.returncode == 0, out
+        return out
 
 
 def test_cli_controller_sim_devices_list_and_cmd(broker, tmp_path: Path) -> None:
@@ -72,12 +91,14 @@ def test_cli_controller_sim_devices_list_and_cmd(broker, tmp_path: Path) -> None
     cfg.write_text(f"fleet: cli1\nbroker: {{url: {broker.url}}}\ndefaults: {{telemetry_interval_s: 1}}\n")
     data = tmp_path / "ctl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    ctl = _nanofleet("controller", "--config", str(cfg), "--data-dir", str(data), "--listen",
-                     f"127.0.0.1:{free_port()}", env=env)
-    sim = _nanofleet("sim", "--devices", "2", "--broker-url", broker.url, "--fleet", "cli1", "--interval", "0.2",
-                     "--data-dir", str(tmp_path / "sim"), env=env)
+    ctl = _Child("controller", "--config", str(cfg), "--data-dir", str(data), "--listen", f"127.0.0.1:{free_port()}",
+                 env=env)
+    sim = _Child("sim", "--devices", "2", "--broker-url", broker.url, "--fleet", "cli1", "--interval", "0.2",
+                 "--data-dir", str(tmp_path / "sim"), env=env)
+    runner = CliRunner()
     try:
-        runner = CliRunner()
+        # started (its SIGTERM handler is set after start): on a loaded machine the devices can be listed before
+        ctl.wait_line("controller: fleet 'cli1'")
 
         def listed() -> str | None:
             if not (data / "controller.db").exists():
@@ -100,9 +121,11 @@ def test_cli_controller_sim_devices_list_and_cmd(broker, tmp_path: Path) -> None
         r = runner.invoke(main, ["devices", "cmd", "ghost", "ping", "--config", str(cfg), "--timeout", "0.5"])
         assert r.exit_code == 1 and "no acknowledgement" in r.output
     finally:
-        sim_out = _stop(sim)
-        time.sleep(0.3)  # the shutdown statuses reach the controller before it stops (asserted below)
-        ctl_out = _stop(ctl)
+        sim_out = sim.stop()
+        # the devices' shutdown statuses reach the controller before it stops
+        wait_for(lambda: runner.invoke(main, ["devices", "list", "--data-dir", str(data)]).output.count(" offline ")
+                 == 2, 20, what="both devices offline")
+        ctl_out = ctl.stop()
     assert "simulating 2 devices" in sim_out
     assert "operator token: " in ctl_out and "dashboard: http://127.0.0.1:" in ctl_out
     r = CliRunner().invoke(main, ["devices", "list", "--data-dir", str(data)])

@@ -7,6 +7,7 @@ others do not; the health check the rolling upgrade relies on fails when the age
 from __future__ import annotations
 
 import base64
+import contextlib
 import grp
 import hashlib
 import os
@@ -17,6 +18,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -86,6 +88,38 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return next(out.glob("nanofleet-*.whl"))
 
 
+def _agent_requirements(wheel: Path) -> list[str]:
+    """The wheel's Requires-Dist lines (its METADATA): what the agent extra pulls in, the wheelhouse's key."""
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        return [line for line in z.read(meta).decode().splitlines() if line.startswith("Requires-Dist:")]
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(wheel: Path) -> Path:
+    """nanofleet[agent]'s dependencies as wheels in a folder the playbook installs from with `--no-index
+    --find-links` (the path docs/operations.md gives fleets without internet). Downloading and resolving them
+    against the index is most of an install's time (~100 s on a loaded CI box, ~15 s from the folder), so the folder
+    is kept between runs under ~/.cache, keyed by the wheel's requirements and this Python: a changed requirement
+    makes a new one. The install itself (the real 275 MB venv, every file unpacked) is done in full by every run."""
+    reqs = _agent_requirements(wheel)
+    key = hashlib.sha256("\n".join([sys.version, sys.platform, *reqs]).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanofleet-tests"
+    house = cache / f"agent-wheels-{key}"
+    if not house.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="agent-wheels-", dir=cache))
+        p = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", str(staging), f"{wheel}[agent]"],
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, f"pip download of the agent's dependencies failed: {p.stderr[-3000:]}"
+        for own in staging.glob("nanofleet-*"):
+            own.unlink()  # the playbook's wheel comes from nanofleet_wheel, never from here
+        with contextlib.suppress(OSError):  # another run made it first: theirs holds the same wheels
+            staging.rename(house)
+        shutil.rmtree(staging, ignore_errors=True)
+    return house
+
+
 @dataclass
 class Run:
     rc: int
@@ -114,7 +148,7 @@ class Playbook:
 
 
 @pytest.fixture(scope="module")
-def playbook(sshd: SshTarget, stage_root: Path, users: Users, fleet: Fleet, wheel: Path,
+def playbook(sshd: SshTarget, stage_root: Path, users: Users, fleet: Fleet, wheel: Path, wheelhouse: Path,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Playbook]:
     d = tmp_path_factory.mktemp("ansible")
     inventory = d / "inventory.yml"
@@ -125,7 +159,7 @@ def playbook(sshd: SshTarget, stage_root: Path, users: Users, fleet: Fleet, whee
         "nanofleet_root": str(stage_root), "nanofleet_user": users.service, "nanofleet_group": users.service,
         "nanofleet_wheel": str(wheel), "nanofleet_enroll_dir": str(fleet.state / "devices"),
         "nanofleet_app_users": [users.app], "nanofleet_systemd": False, "nanofleet_python": "/usr/bin/python3",
-        "nanofleet_health_retries": 20}}}}))
+        "nanofleet_health_retries": 20, "nanofleet_pip_args": f"--no-index --find-links {wheelhouse}"}}}}))
     env = clean_env(ANSIBLE_HOME=str(d / "home"), ANSIBLE_LOCAL_TEMP=str(d / "tmp"), ANSIBLE_NOCOLOR="1",
                     ANSIBLE_REMOTE_TMP=str(d / "remote"), ANSIBLE_SSH_CONTROL_PATH_DIR=str(d / "cp"),
                     PATH=f"{BIN}:{os.environ['PATH']}")
