@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
+import socket
 import sqlite3
 import threading
 import time
@@ -47,6 +49,7 @@ class _Inflight:
     batch: Batch
     messages: int
     future: Future[BatchOutcome]
+    through: int = 0  # the messages taken from the inbox so far, this batch's included (for commit_through)
 
 
 @dataclass
@@ -73,6 +76,13 @@ class IngestStats:
                 "rejected_by_reason": dict(self.rejected_by_reason), "write_retries": self.write_retries,
                 "dropped": self.dropped, "dropped_by_reason": dict(self.dropped_by_reason),
                 "hook_errors": self.hook_errors, "lag_ms_mean": self.lag_ms_mean, "lag_ms_max": self.lag_ms_max}
+
+
+def durable_client_id(fleet: str, data_dir: Path) -> str:
+    """The controller's MQTT client id: the same across restarts of one controller (its persistent session, with
+    what the broker holds for it, is found again), different for each controller (host and data folder)."""
+    where = f"{socket.gethostname()}:{data_dir.resolve()}"
+    return f"nanofleet-ctl-{fleet}-{hashlib.sha256(where.encode()).hexdigest()[:10]}"
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -106,8 +116,16 @@ class Ingest:
         write_retry_s: tuple[float, float] = (0.2, 5.0),
         on_thread_death: Callable[[BaseException], None] | None = None,
         ca: str | Path | None = None,
+        durable: bool = False,
     ) -> None:
         self.store, self.fleet = store, topics.check_id(fleet, "fleet")
+        # durable (the builtin reader): a persistent session under `client_id` and each QoS 1 message acknowledged
+        # to the broker only after its batch is stored (or counted as dropped), so a controller killed mid-batch
+        # loses nothing: the broker delivers the unacknowledged messages again when it reconnects
+        if durable and (transport != "builtin" or not client_id):
+            raise ValueError("durable ingest needs the builtin reader and a fixed client_id")
+        self.durable = durable
+        self._taken = 0
         self.stats = IngestStats()
         self._batch_s, self._max_batch = batch_ms / 1000, max_batch
         self._write_attempts, self._write_retry_s = max(1, write_attempts), write_retry_s
@@ -131,9 +149,10 @@ class Ingest:
         if transport == "builtin":
             # one connection both ways: publishes after a resubscription are ordered after the SUBSCRIBE
             self.subscriber = MqttReader(broker_url, self.filters, self._inbox.extend, client_id=client_id,
-                                             username=username, password=password,
-                                             on_connection=self._threaded_connection,
-                                             busy=lambda: len(self._inbox) > max_backlog, ca=ca)
+                                         clean_session=not durable, ack_after_commit=durable,
+                                         username=username, password=password,
+                                         on_connection=self._threaded_connection,
+                                         busy=lambda: len(self._inbox) > max_backlog, ca=ca)
             self.client = AsyncPublisher(self.subscriber)
         else:
             inbox = self._inbox
@@ -225,7 +244,8 @@ class Ingest:
             batch = self.decode(items)
             while len(inflight) >= 2:  # bound the work queued at the writer: backpressure into the inbox
                 self._reap(inflight, block=True)
-            inflight.append(_Inflight(batch, len(items), self._submit(batch)))
+            self._taken += len(items)
+            inflight.append(_Inflight(batch, len(items), self._submit(batch), self._taken))
             self._reap(inflight, block=False)
         while inflight:
             self._reap(inflight, block=True)
@@ -243,6 +263,8 @@ class Ingest:
             item = inflight.popleft()
             block = False
             outcome = self._settle(item)
+            if self.durable and self.subscriber is not None:
+                self.subscriber.commit_through(item.through)  # stored, or dropped and counted: the broker may forget
             if outcome is None:
                 continue
             self.stats.stored += outcome.inserted

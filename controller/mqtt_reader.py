@@ -80,15 +80,21 @@ def subscribe_packet(packet_id: int, filters: Sequence[tuple[str, int]]) -> byte
     return b"\x82" + _varint(len(body)) + body
 
 
+def unsubscribe_packet(packet_id: int, filters: Sequence[str]) -> bytes:
+    body = struct.pack("!H", packet_id) + b"".join(_str(f) for f in filters)
+    return b"\xa2" + _varint(len(body)) + body
+
+
 def publish_packet(topic: str, payload: bytes, qos: int = 0, retain: bool = False, packet_id: int = 0) -> bytes:
     body = _str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
     return bytes([0x30 | (qos << 1) | int(retain)]) + _varint(len(body)) + body
 
 
 def parse(buf: bytearray, out: list[tuple[str, bytes]], acks: list[bytes],
-          pubacks: list[int] | None = None) -> tuple[int, list[int]]:
-    """Cut whole packets from `buf`: PUBLISH -> `out` (and a PUBACK into `acks` for QoS 1), PUBACK ids ->
-    `pubacks`. Returns how many bytes were consumed and the other packet types seen (9 SUBACK, -9 refused).
+          pubacks: list[int] | None = None, ack_at: list[int] | None = None) -> tuple[int, list[int]]:
+    """Cut whole packets from `buf`: PUBLISH -> `out` (and a PUBACK into `acks` for QoS 1, with the message's
+    index in `out` into `ack_at` when given), PUBACK ids -> `pubacks`. Returns how many bytes were consumed and
+    the other packet types seen (9 SUBACK, -9 refused).
     A packet that cannot be what its header says raises MqttProtocolError, once it is whole (so the result never
     depends on how the stream was split); everything before it has been handed out."""
     i, n = 0, len(buf)
@@ -121,6 +127,8 @@ def parse(buf: bytearray, out: list[tuple[str, bytes]], acks: list[bytes],
                 if k + 2 > end:
                     raise MqttProtocolError(f"PUBLISH of {rl} bytes cannot hold its topic and packet id")
                 acks.append(b"\x40\x02" + bytes(buf[k:k + 2]))
+                if ack_at is not None:
+                    ack_at.append(len(out))
                 k += 2
             elif k > end:
                 raise MqttProtocolError(f"PUBLISH of {rl} bytes cannot hold its {k - j - 2}-byte topic")
@@ -154,6 +162,7 @@ class MqttReader:
         recv_bytes: int = 1 << 18,
         busy: Callable[[], bool] | None = None,
         ca: str | Path | None = None,
+        ack_after_commit: bool = False,
     ) -> None:
         self.host, self.port, self.tls = parse_broker_url(url)
         check_ca(url, self.tls, ca)
@@ -177,6 +186,15 @@ class MqttReader:
         self._send_lock = threading.Lock()
         self._next_id = 1
         self._inflight: dict[int, Callable[[BaseException | None], None]] = {}
+        # ack_after_commit: a QoS 1 PUBLISH is acknowledged only once the consumer says it is stored
+        # (`commit_through`), so a controller killed mid-batch leaves it unacknowledged in its persistent session
+        # and the broker delivers it again when the controller (the same client id) comes back.
+        self.ack_after_commit = ack_after_commit
+        self._sunk = 0  # messages handed to `sink` since start (all connections)
+        self._pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # (message no., conn., ack)
+        self._conn_no = 0  # which connection a PUBACK belongs to: packet ids mean nothing on the next one
+        self._pending_lock = threading.Lock()
+        self.acks_dropped = 0  # PUBACKs of a connection that ended first (the broker sends those messages again)
         self._thread = threading.Thread(target=self._run, name=f"mqtt-sub:{self.host}:{self.port}", daemon=True)
 
     def start(self) -> MqttReader:
@@ -187,6 +205,34 @@ class MqttReader:
         """Disconnect cleanly and join the thread (blocking: call it off the event loop)."""
         self._stop.set()
         self._thread.join(grace)
+
+    @property
+    def received(self) -> int:
+        """Messages handed to `sink` since start (what `commit_through` counts in)."""
+        return self._sunk
+
+    def commit_through(self, n: int) -> None:
+        """The consumer stored the first `n` messages handed to `sink` (any thread): acknowledge their QoS 1
+        PUBLISHes, in the order they came (MQTT 3.1.1 4.6). Acks of a connection that has ended are dropped."""
+        with self._pending_lock:
+            due = []
+            while self._pending and self._pending[0][0] <= n:
+                due.append(self._pending.popleft())
+        if not due:
+            return
+        with self._send_lock:
+            sock = self._sock
+            acks = [a for _, conn_no, a in due if conn_no == self._conn_no]
+            self.acks_dropped += len(due) - len(acks)
+            if sock is None or not self.connected:
+                self.acks_dropped += len(acks)
+                return
+            if not acks:
+                return
+            try:
+                sock.sendall(b"".join(acks))
+            except OSError:  # the reader thread sees the connection die and reconnects; the broker resends
+                self.acks_dropped += len(acks)
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
                 on_done: Callable[[BaseException | None], None] | None = None) -> None:
@@ -259,10 +305,16 @@ class MqttReader:
     def _close(self, sock: socket.socket) -> None:
         with self._send_lock:
             was, self.connected, self._sock = self.connected, False, None
+            self._conn_no += 1  # PUBACKs still pending belong to the connection that ended
         self._fail_inflight()
         if self._stop.is_set():
+            # A persistent session in a $share group leaving for good takes its subscriptions along: else the broker
+            # goes on routing the group's messages to it (mosquitto does) and they wait for a return that may never
+            # come. Processed before the DISCONNECT that follows (in order, on one connection).
+            shared = [f for f, _ in self.filters if f.startswith("$share/")]
+            bye = (unsubscribe_packet(2, shared) if shared and was else b"") + _DISCONNECT
             with contextlib.suppress(OSError):  # best effort: the broker drops us either way
-                sock.sendall(_DISCONNECT)
+                sock.sendall(bye)
         sock.close()
         if was:
             self._notify(False)
@@ -342,8 +394,15 @@ class MqttReader:
                 out: list[tuple[str, bytes]] = []
                 acks: list[bytes] = []
                 pubacks: list[int] = []
-                used, other = parse(buf, out, acks, pubacks)
+                ack_at: list[int] | None = [] if self.ack_after_commit else None
+                used, other = parse(buf, out, acks, pubacks, ack_at)
                 del buf[:used]
+                if ack_at is not None and acks:
+                    with self._pending_lock:  # numbered before the sink sees them: commit_through may follow at once
+                        self._pending.extend((self._sunk + k + 1, self._conn_no, a)
+                                             for k, a in zip(ack_at, acks, strict=True))
+                    acks = []
+                self._sunk += len(out)
                 if out:
                     self.sink(out)
                 if acks:

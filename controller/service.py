@@ -29,7 +29,7 @@ from nanofleet.controller.alerts_engine import AlertEngine
 from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.commands import CommandError, CommandService
 from nanofleet.controller.events import FleetEvents
-from nanofleet.controller.ingest import Ingest
+from nanofleet.controller.ingest import Ingest, durable_client_id
 from nanofleet.controller.metrics import registry_for
 from nanofleet.controller.rollout_engine import RolloutEngine
 from nanofleet.controller.store import BatchOutcome, Store
@@ -113,7 +113,10 @@ class ControllerService:
                              on_result=self._on_result,
                              on_connection=self._on_connection, transport=self.ingest_reader,
                              on_thread_death=lambda exc: self._fatal("ingest", exc),
-                             ca=self.config.broker.ca if self.broker_url.startswith("mqtts://") else None)
+                             ca=self.config.broker.ca if self.broker_url.startswith("mqtts://") else None,
+                             durable=self.ingest_reader == "builtin",  # paho acks on receipt: not durable
+                             client_id=durable_client_id(self.config.fleet, self.data_dir)
+                             if self.ingest_reader == "builtin" else "")
         self.commands = CommandService(self.ingest.client, self.config.fleet)
         await self.ingest.start()
         self.tasks.spawn(self._sweep, "sweep", on_death="restart")

@@ -197,7 +197,16 @@ def write_mosquitto_config(accounts: BrokerAccounts, host: str, port: int) -> Pa
         "log_dest stderr",
         "log_type error",
         "log_type warning",
-        "max_queued_messages 10000",
+        # A controller that is down keeps its share of the fleet's telemetry queued in its persistent session until
+        # it is back (controller/ingest.py, durable; mosquitto keeps routing $share messages to it): room for a
+        # restart's worth at fleet rates (~30 MB at most), not for a controller gone for good.
+        "max_queued_messages 100000",
+        # ... and a session whose client never returns (a controller host gone for good) is forgotten after an hour,
+        # with what was queued for it: the bound on what a lost $share member can hold back.
+        "persistent_client_expiration 1h",
+        # The controller acknowledges telemetry only once it is stored: the broker must let a batch's worth and more
+        # be unacknowledged at once (mosquitto's default of 20 would hold ingest to ~20 messages a batch).
+        "max_inflight_messages 20000",
     ]
     _write_private(folder / "mosquitto.conf", "\n".join(conf) + "\n")
     return folder / "mosquitto.conf"

@@ -91,7 +91,7 @@ class Broker:
     def start(self) -> Broker:
         conf = self.workdir / "mosquitto.conf"
         lines = [f"listener {self.port} 127.0.0.1", "persistence false", "log_dest stderr", "log_type error",
-                 "max_queued_messages 100000"]
+                 "max_queued_messages 100000", "max_inflight_messages 20000"]
         if not any(line.startswith(("allow_anonymous", "password_file")) for line in self.extra_conf):
             lines.append("allow_anonymous true")
         conf.write_text("\n".join(lines + self.extra_conf) + "\n")

@@ -218,3 +218,38 @@ async def test_a_failing_connection_observer_is_counted_and_reading_goes_on(brok
         assert any("on_connection failed" in r.getMessage() for r in caplog.records)
     finally:
         await asyncio.to_thread(sub.stop)
+
+
+async def test_ack_after_commit_leaves_what_was_not_stored_with_the_broker(broker) -> None:
+    """A durable reader acknowledges a QoS 1 message only when the consumer says it is stored: what a controller had
+    received but not stored when it went away is delivered again to its persistent session (the same client id)."""
+
+    def reader(got: list[tuple[str, bytes]]) -> MqttReader:
+        return MqttReader(broker.url, [("dur/#", 1)], got.extend, client_id="dur-reader-1", clean_session=False,
+                          ack_after_commit=True, backoff=(0.05, 0.2)).start()
+
+    first: list[tuple[str, bytes]] = []
+    sub = reader(first)
+    await until(lambda: sub.connected, 5)
+    async with MqttClient(broker.url) as pub:
+        await pub.wait_connected(5)
+        await asyncio.gather(*(pub.publish(f"dur/{i}", bytes([i]), qos=1) for i in range(10)))
+        await until(lambda: len(first) == 10, 5)
+        sub.commit_through(4)  # the first four are stored; the other six were received only
+        await asyncio.to_thread(sub.stop)
+        again: list[tuple[str, bytes]] = []
+        sub = reader(again)
+        await until(lambda: len(again) >= 6, 5, "the six unacknowledged messages delivered again")
+        assert sorted(p for _, p in again) == [bytes([i]) for i in range(4, 10)]
+        sub.commit_through(sub.received)  # all stored now
+        await pub.publish("dur/end", b"end", qos=1)
+        await until(lambda: any(p == b"end" for _, p in again), 5)
+        sub.commit_through(sub.received)
+        await asyncio.to_thread(sub.stop)
+        last: list[tuple[str, bytes]] = []
+        sub = reader(last)
+        await until(lambda: sub.connected, 5)
+        await pub.publish("dur/marker", b"marker", qos=1)
+        await until(lambda: last, 5)
+        assert last == [("dur/marker", b"marker")]  # nothing acknowledged came back
+        await asyncio.to_thread(sub.stop)
