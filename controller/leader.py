@@ -30,8 +30,6 @@ from nanofleet.pg_db import redact
 
 log = logging.getLogger(__name__)
 
-# libpq keepalives: a leader cut off by a silent network loses its lock (server side) and its check (ours) in ~10 s
-_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2}
 
 
 def lock_key(fleet: str) -> int:
@@ -116,7 +114,9 @@ class Leadership:
     def _connect(self) -> None:
         assert self.url is not None
         self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=max(1, int(self.check_timeout_s)),
-                                     application_name="nanofleet-controller-leader", **_KEEPALIVES)
+                                     application_name="nanofleet-controller-leader",
+                                     # a leader cut off by a silent network loses its lock and its check in ~10 s
+                                     keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2)
 
     def _take(self) -> bool:
         assert self._conn is not None
