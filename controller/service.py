@@ -73,6 +73,7 @@ class ControllerService:
         alerts_every_s: float = 1.0,
         store_url: str | None = None,
         gaps_every_s: float = 1.0,
+        gap_settle_ms: int = gaps.SETTLE_MS,
         leader_retry_s: float = 1.0,
     ) -> None:
         self.config, self.data_dir = config, Path(data_dir)
@@ -85,7 +86,7 @@ class ControllerService:
         self.target: StoreTarget = resolve(store_url or config.store.url, self.data_dir, "controller.db")
         self.leader = Leadership(self.target.url if self.target.kind == "postgresql" else None, config.fleet,
                                  retry_s=leader_retry_s, check_s=leader_retry_s, on_change=self._on_leadership)
-        self.gaps_every_s = gaps_every_s
+        self.gaps_every_s, self.gap_settle_ms = gaps_every_s, gap_settle_ms
         self.gap_rounds = 0
         self.gaps_found = 0  # missing seqs judged from stored rows (under $share)
         self._gap_asked: dict[str, int] = {}
@@ -347,7 +348,7 @@ class ControllerService:
     def _judge_gaps(self, conn: Any) -> gaps.GapRound:
         """One round, on the store's writer. SQLite's store keeps its devices in memory (controller.devstate) and
         writes their gap_count back on its next flush: the mirror takes the same increment in the same job."""
-        found = gaps.judge(conn)
+        found = gaps.judge(conn, settle_ms=self.gap_settle_ms)
         mirror = getattr(getattr(self.store, "_state", None), "devices", None)
         if isinstance(mirror, dict):
             for device_id, n in found.missing.items():

@@ -1,0 +1,110 @@
+"""Several controllers of one fleet: leadership over a real PostgreSQL advisory lock gates the once-per-fleet work;
+ingest runs on all of them ($share, real mosquitto); gaps are judged from the stored rows by the leader.
+
+Each controller here keeps its own SQLite store (the controller store on PostgreSQL is controller/store.py's, merged
+separately); the lock is on a real PostgreSQL server, which is all leadership needs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from ctl_helpers import fleet, until
+
+from nanofleet.controller.leader import Leadership
+from nanofleet.controller.metrics import render
+from nanofleet.controller.service import ControllerService
+from nanofleet.mqtt import MqttClient
+from nanofleet.protos import topics
+
+
+def _service(name: str, broker_url: str, path: Path, pg_url: str | None, **kw: object) -> ControllerService:
+    svc = ControllerService(fleet(name, broker_url), path, share_group="g", sweep_every_s=0.1, alerts_every_s=0.1,
+                            **kw)  # type: ignore[arg-type]
+    if pg_url is not None:  # the lock on PostgreSQL, the store on SQLite (see the module docstring)
+        svc.leader = Leadership(pg_url, svc.config.fleet, retry_s=0.1, check_s=0.1, on_change=svc._on_leadership)
+    return svc
+
+
+def _gauge(svc: ControllerService, name: str) -> float:
+    for line in render(svc.metrics).decode().splitlines():
+        if line.startswith(f"nanofleet_controller_{name} "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exposed")
+
+
+async def test_only_the_leader_does_the_fleet_work_and_a_follower_takes_over(broker, tmp_path: Path,
+                                                                            pg_url: str) -> None:
+    a = await _service("mc1", broker.url, tmp_path / "a", pg_url).start()
+    b: ControllerService | None = None
+    try:
+        await until(lambda: a.leader.is_leader, 10, "the first controller leads")
+        b = await _service("mc1", broker.url, tmp_path / "b", pg_url).start()
+        follower = b
+        await until(lambda: a.alert_engine is not None and a.alert_engine.rounds >= 3, 10, "the leader's alerts run")
+        assert follower.alert_engine is not None
+        assert not follower.leader.is_leader and follower.alert_engine.rounds == 0  # several rounds later: none
+        assert (_gauge(a, "leader"), _gauge(follower, "leader")) == (1.0, 0.0)
+        assert follower.status()["leader"]["backend"] == "postgresql"
+        # ingest runs on both: a burst through $share reaches both stores
+        await asyncio.gather(a.ingest.wait_subscribed(5), follower.ingest.wait_subscribed(5))  # type: ignore[union-attr]
+        async with MqttClient(broker.url) as pub:
+            await pub.wait_connected(5)
+            await asyncio.gather(*[pub.publish(topics.telemetry("mc1", f"d{i % 5}"),
+                                               f'{{"tsMs": "{int(time.time() * 1000) + i}", "seq": {i % 256}}}',
+                                               qos=1) for i in range(200)])
+        await until(lambda: a.ingest.stats.telemetry + follower.ingest.stats.telemetry == 200, 10,  # type: ignore
+                    "200 rows between the two")
+        assert follower.ingest.stats.telemetry > 0  # type: ignore[union-attr]
+        stopped_at = time.monotonic()
+        await a.stop()  # the leader goes (kill -9 of a lock holder: tests/controller/test_leader.py)
+        await until(lambda: follower.leader.is_leader, 5, "the follower takes over")
+        took = time.monotonic() - stopped_at
+        await until(lambda: follower.alert_engine is not None and follower.alert_engine.rounds >= 1, 5,
+                    "its alert engine starts")
+        assert took < 5 and _gauge(follower, "leader") == 1.0
+    finally:
+        if b is not None:
+            await b.stop()
+        if a.started_at is not None and a.ingest is not None and a.ingest.connected:
+            await a.stop()
+
+
+async def test_gaps_are_judged_from_the_store_under_share(broker, tmp_path: Path) -> None:
+    svc = await _service("mc2", broker.url, tmp_path / "c", None, gaps_every_s=0.1, gap_settle_ms=300).start()
+    try:
+        await until(lambda: svc.leader.is_leader and svc.gap_rounds >= 1, 10, "the SQLite controller leads, judges")
+        assert svc.store is not None and not svc.store.check_gaps  # the live check is off under $share
+        async with MqttClient(broker.url) as pub, MqttClient(broker.url) as device:
+            await pub.wait_connected(5)
+            await device.wait_connected(5)
+            device.subscribe([(topics.cmd("mc2", "d1"), 1)])  # d1's command topic: the rebirth request comes there
+            requests: list[dict[str, object]] = []
+
+            async def collect() -> None:
+                async for msg in device.messages():
+                    requests.append(json.loads(msg.payload))
+
+            collector = asyncio.ensure_future(collect())
+            await pub.publish(topics.status("mc2", "d1"), json.dumps(
+                {"deviceId": "d1", "fleet": "mc2", "online": True, "bdSeq": "4",
+                 "tsMs": str(int(time.time() * 1000))}).encode(), qos=1)
+            await until(lambda: svc.store.get_device("d1") is not None, 10, "d1's birth")  # type: ignore[union-attr]
+            now = int(time.time() * 1000)
+            sent = [(250 + i) % 256 for i in range(12)]  # 250..255, 0..5 across the wrap; 254, 0 and 1 lost
+            for i, seq in enumerate(sent):
+                if seq not in (254, 0, 1):
+                    await pub.publish(topics.telemetry("mc2", "d1"), json.dumps(
+                        {"tsMs": str(now + i * 10), "seq": seq, "bdSeq": "4"}).encode(), qos=1)
+            await until(lambda: svc.store.get_device("d1").gap_count == 3, 10,  # type: ignore[union-attr]
+                        "3 missing seqs counted")
+            assert svc.status()["gaps"]["missing"] == 3 and _gauge(svc, "stored_gaps_total") == 3.0
+            await until(lambda: any(r.get("kind") == "rebirth" for r in requests), 10, "a rebirth asked for")
+            rounds = svc.gap_rounds
+            await until(lambda: svc.gap_rounds >= rounds + 3, 10, "more rounds")
+            assert svc.store.get_device("d1").gap_count == 3  # type: ignore[union-attr]  # judged once
+            collector.cancel()
+    finally:
+        await svc.stop()
