@@ -90,6 +90,7 @@ class ControllerService:
         self.gap_rounds = 0
         self.gaps_found = 0  # missing seqs judged from stored rows (under $share)
         self._gap_asked: dict[str, int] = {}
+        self._broker_up = False  # the last connection state ingest reported (_on_connection)
         self.store: Store | None = None
         self.rollout_every_s = rollout_every_s
         self.rollouts: RolloutEngine | None = None
@@ -231,6 +232,7 @@ class ControllerService:
 
     # -- events ---------------------------------------------------------------------------------------------------
     def _on_connection(self, up: bool) -> None:
+        self._broker_up = up  # as the loop learns it: a lead taken before this callback publishes here, not twice
         if up:
             if self.leader.is_leader:
                 self.tasks.spawn(lambda: self._publish_policies(republish=True), "publish-policies",
@@ -241,7 +243,7 @@ class ControllerService:
     def _on_leadership(self, leader: bool) -> None:
         """Taking the lead: republish the policies (the old leader may have died before publishing a change).
         The leader-only loops start and stop by themselves (Leadership.run_while_leader)."""
-        if leader and self.ingest is not None and self.ingest.connected:
+        if leader and self._broker_up:
             self.tasks.spawn(lambda: self._publish_policies(republish=True), "publish-policies", on_death="log",
                              forever=False)
 

@@ -20,6 +20,7 @@ from ctl_helpers import fleet, until
 from nanofleet.controller.leader import Leadership
 from nanofleet.controller.metrics import render
 from nanofleet.controller.service import ControllerService
+from nanofleet.controller.web.panels import controller_panel
 from nanofleet.mqtt import MqttClient
 from nanofleet.protos import topics
 from nanofleet.tcp import free_port
@@ -53,6 +54,8 @@ async def test_only_the_leader_does_the_fleet_work_and_a_follower_takes_over(bro
         assert not follower.leader.is_leader and follower.alert_engine.rounds == 0  # several rounds later: none
         assert (_gauge(a, "leader"), _gauge(follower, "leader")) == (1.0, 0.0)
         assert follower.status()["leader"]["backend"] == "postgresql"
+        assert 'data-health="leader">yes' in controller_panel(a.status())
+        assert 'data-health="leader">no' in controller_panel(follower.status())
         # ingest runs on both: a burst through $share reaches both stores
         await asyncio.gather(a.ingest.wait_subscribed(5), follower.ingest.wait_subscribed(5))  # type: ignore[union-attr]
         async with MqttClient(broker.url) as pub:
