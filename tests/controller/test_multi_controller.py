@@ -173,3 +173,49 @@ async def test_kill_9_of_one_of_two_controller_processes_under_load(broker, tmp_
             if p.returncode is None:
                 p.terminate()
                 await p.wait()
+
+
+async def test_a_command_result_reaches_the_controller_that_sent_it(broker, tmp_path: Path) -> None:
+    """Under $share a device's result could go to the other controller: the sender (the one serving the dashboard
+    request) then timed out. Every controller now hears every result (few and small); each stores it (idempotent)."""
+    from google.protobuf import json_format
+
+    from nanofleet.protos import fleet_pb2
+
+    a = await _service("mc4", broker.url, tmp_path / "a", None).start()
+    b = await _service("mc4", broker.url, tmp_path / "b", None).start()
+    try:
+        await asyncio.gather(a.ingest.wait_subscribed(5), b.ingest.wait_subscribed(5))  # type: ignore[union-attr]
+        async with MqttClient(broker.url) as device:
+            await device.wait_connected(5)
+            device.subscribe([(topics.cmd("mc4", "d1"), 1)])
+
+            subscribed = asyncio.Event()
+
+            async def answer() -> None:
+                async for msg in device.messages():
+                    if msg.payload == b"probe":  # our own probe came back: the subscription is in place
+                        subscribed.set()
+                        continue
+                    cmd = json_format.Parse(msg.payload, fleet_pb2.Command())
+                    await device.publish(topics.cmd_result("mc4", "d1"), json_format.MessageToJson(
+                        fleet_pb2.CommandResult(id=cmd.id, device_id="d1", status="ok", message="pong")), qos=1)
+
+            responder = asyncio.ensure_future(answer())
+            try:
+                while not subscribed.is_set():
+                    await device.publish(topics.cmd("mc4", "d1"), b"probe", qos=1)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(subscribed.wait(), 0.2)
+                for sender in (a, a, a, b, b, b):  # not in step with the broker's round robin
+                    assert sender.commands is not None
+                    out = await sender.commands.send("d1", "ping", timeout_s=5)
+                    assert out.status == "ok" and out.message == "pong"
+            finally:
+                responder.cancel()
+        assert a.commands is not None and b.commands is not None
+        await until(lambda: a.commands.counters["results_unclaimed"] == 3
+                    and b.commands.counters["results_unclaimed"] == 3, 5, "each heard the other's 3 results")
+    finally:
+        await a.stop()
+        await b.stop()
