@@ -110,6 +110,10 @@ async def test_gaps_are_judged_from_the_store_under_share(broker, tmp_path: Path
                         "3 missing seqs counted")
             assert svc.status()["gaps"]["missing"] == 3 and _gauge(svc, "stored_gaps_total") == 3.0
             await until(lambda: any(r.get("kind") == "rebirth" for r in requests), 10, "a rebirth asked for")
+            # the next row (seq 6, no gap) rewrites d1's row from the store's in-memory devices: the count stays
+            await pub.publish(topics.telemetry("mc2", "d1"), json.dumps(
+                {"tsMs": str(now + 12 * 10), "seq": 6, "bdSeq": "4"}).encode(), qos=1)
+            await until(lambda: len(svc.store.telemetry("d1")) == 10, 10, "the tenth row")  # type: ignore[union-attr]
             rounds = svc.gap_rounds
             await until(lambda: svc.gap_rounds >= rounds + 3, 10, "more rounds")
             assert svc.store.get_device("d1").gap_count == 3  # type: ignore[union-attr]  # judged once
