@@ -58,30 +58,40 @@ async def _until_signal() -> None:
 @click.option("--listen", default=None, help="Dashboard/API address (default: fleet.yaml controller.listen).")
 @_mqtt_options
 @click.option("--share-group", default=None, help="Subscribe via $share/<group>/ so controllers split the load.")
+@click.option("--store", "store_url", default=None, metavar="URL",
+              help="sqlite:///path or postgresql://… (default: fleet.yaml store.url, else controller.db in the data "
+                   "folder); several controllers of one fleet share one PostgreSQL store and elect a leader")
 @click.option("--gateway-db", type=click.Path(path_type=Path), default=None, help="Gateway usage DB to show.")
 @click.option("--ingest-reader", type=click.Choice(["builtin", "paho"]), default=None,
               help="MQTT reader for ingest (default: fleet.yaml controller.ingest_reader, builtin).")
 @click.pass_context
 def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, listen: str | None,
                broker_url: str | None, mqtt_username: str | None, mqtt_password: str | None,
-               share_group: str | None, gateway_db: Path | None, ingest_reader: str | None) -> None:
-    """Run the controller: MQTT ingest into SQLite, policy, commands, dashboard + REST API."""
+               share_group: str | None, store_url: str | None, gateway_db: Path | None,
+               ingest_reader: str | None) -> None:
+    """Run the controller: MQTT ingest into its store (SQLite or PostgreSQL), policy, commands, dashboard + API."""
     if ctx.invoked_subcommand is not None:
         return
     if config_path is None:
         raise click.UsageError("--config fleet.yaml is required")
     cfg = _load(config_path)
     from nanofleet.controller.service import ControllerService
+    from nanofleet.store_url import resolve
+
+    try:
+        resolve(store_url or cfg.store.url, data_dir, "controller.db")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--store" if store_url else "store.url") from None
 
     async def main() -> None:
         svc = ControllerService(cfg, data_dir, broker_url=broker_url, mqtt_username=mqtt_username,
                                 mqtt_password=mqtt_password, share_group=share_group,
                                 listen=listen or cfg.controller.listen, usage_db=gateway_db,
                                 ingest_reader=ingest_reader,  # type: ignore[arg-type]
-                                echo=lambda line: click.echo(line, err=False))
+                                echo=lambda line: click.echo(line, err=False), store_url=store_url)
         await svc.start()
         click.echo(f"controller: fleet {cfg.fleet!r}, broker {svc.broker_url} ({svc.ingest_reader} reader), "
-                   f"store {data_dir / 'controller.db'}")
+                   f"store {svc.target}")
         signal_task = asyncio.ensure_future(_until_signal())
         failed_task = asyncio.ensure_future(svc.wait_failed())
         try:

@@ -140,9 +140,11 @@ class Ingest:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribed = asyncio.Event()
         prefix = f"$share/{topics.check_id(share_group, 'share group')}/" if share_group else ""
+        # command results are not shared: the controller that sent a command waits for its result, so every
+        # controller hears every result (few and small; storing one twice is an idempotent upsert)
         self.filters = [(prefix + topics.fleet_filter(fleet, "status"), 1),
                         (prefix + topics.fleet_filter(fleet, "telemetry"), telemetry_qos),
-                        (prefix + topics.fleet_filter(fleet, "cmd/result"), 1)]
+                        (topics.fleet_filter(fleet, "cmd/result"), 1)]
         self.transport = transport
         self.subscriber: MqttReader | None = None
         self.client: MqttClient | AsyncPublisher

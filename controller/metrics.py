@@ -1,7 +1,9 @@
 """The controller's Prometheus metrics, read from `ControllerService.status()` at each scrape — one source of truth,
 no second set of counters to keep in step. The web layer serves `render(registry)` at `/metrics`.
 
-Exposed (all prefixed `nanofleet_controller_`): `up` (0 once a fatal part died), `broker_connected`,
+Exposed (all prefixed `nanofleet_controller_`): `up` (0 once a fatal part died), `broker_connected`, `leader` (1 while
+this controller does the once-per-fleet work, controller/leader.py), `stored_gaps_total` (missing seqs judged from
+stored rows under `$share`),
 `ingest_received_total`, `ingest_stored_total`, `ingest_duplicates_total`, `ingest_rejected_total`, `ingest_gaps_total`,
 `ingest_batches_total`, `ingest_write_retries_total`, `ingest_dropped_total{reason}` (messages lost after the
 retries, by SQLite error name), `ingest_backlog`, `task_running{task}`, `task_deaths_total{task}`,
@@ -56,6 +58,10 @@ class ControllerCollector(Collector):
         s = self._status()
         yield _gauge("up", "1 while no part the controller needs has died", 0 if s.get("failed") else 1)
         yield _gauge("broker_connected", "1 while the ingest subscription is up", int(bool(s.get("broker_connected"))))
+        yield _gauge("leader", "1 while this controller leads the fleet (alerts, rollouts, policy, sweep, gaps)",
+                     int(bool((s.get("leader") or {}).get("is_leader"))))
+        yield CounterMetricFamily(f"{_P}stored_gaps", "missing telemetry seqs judged from the stored rows ($share)",
+                                  value=(s.get("gaps") or {}).get("missing", 0))
         ingest = s.get("ingest") or {}
         for key, doc in _INGEST_COUNTERS:
             yield CounterMetricFamily(f"{_P}ingest_{key}", doc, value=ingest.get(key, 0))

@@ -277,6 +277,21 @@ def _m010_telemetry_tokens_per_s(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m011_gap_judgment(db: sqlite_utils.Database) -> None:
+    # Gaps judged from stored rows by the leader of several controllers (controller/gaps.py): how far rows were
+    # judged (by received_ms, hence the index: a round reads only the rows received since the last one) and each
+    # session's last judged seq, so a new leader continues where the old one stopped.
+    _run_script(
+        db,
+        """
+        CREATE INDEX telemetry_received ON telemetry (received_ms);
+        CREATE TABLE gap_watermark (name TEXT PRIMARY KEY, received_ms INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE gap_cursors (device_id TEXT NOT NULL, bd_seq INTEGER NOT NULL, seq INTEGER NOT NULL,
+            ts_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (device_id, bd_seq)) WITHOUT ROWID
+        """,
+    )
+
+
 MIGRATIONS: list[Migration] = [
     ("001_initial", _m001_initial),
     ("002_telemetry_ts_index", _m002_telemetry_ts_index),
@@ -288,5 +303,6 @@ MIGRATIONS: list[Migration] = [
     ("008_rollout_settings", _m008_rollout_settings),
     ("009_revocations", _m009_revocations),
     ("010_telemetry_tokens_per_s", _m010_telemetry_tokens_per_s),
+    ("011_gap_judgment", _m011_gap_judgment),
 ]
 

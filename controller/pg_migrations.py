@@ -184,7 +184,16 @@ CREATE TABLE rollout_settings (
 );
 """
 
+# twin of SQLite's 011_gap_judgment (controller/gaps.py); the index on the partitioned parent covers every partition
+_GAPS = """
+CREATE INDEX telemetry_received ON telemetry (received_ms);
+CREATE TABLE gap_watermark (name TEXT PRIMARY KEY, received_ms BIGINT NOT NULL);
+CREATE TABLE gap_cursors (device_id TEXT NOT NULL, bd_seq BIGINT NOT NULL, seq INTEGER NOT NULL,
+    ts_ms BIGINT NOT NULL, updated_ms BIGINT NOT NULL, PRIMARY KEY (device_id, bd_seq));
+"""
+
 PG_MIGRATIONS: list[Migration] = [
     ("001_core", _CORE),  # devices, telemetry (by day), rollups, events, policies, commands, revocations
     ("002_app", _APP),  # alerts, audit, rollouts
+    ("003_gap_judgment", _GAPS),  # gap_watermark, gap_cursors, telemetry by received_ms
 ]

@@ -1,8 +1,17 @@
 """The controller process: ingest, stale sweep, policy publishing, commands, and the dashboard/REST app.
 
-When the controller loses the broker it cannot vouch for any device, so it marks every online device offline
-("controller_lost_broker"); births (retained) bring them back after it reconnects. On each (re)connect it
-republishes the last policies (an empty restarted broker has lost the retained ones) and publishes any change.
+Several controllers can share one fleet (PostgreSQL store, `--share-group`): every one ingests its share of the
+messages, and what must happen once per fleet runs only on the leader (controller/leader.py: a PostgreSQL advisory
+lock; on SQLite the one controller always leads) and starts and stops with leadership: the alert engine, the
+rollout engine, the stale sweep, policy republishing on (re)connect and on taking the lead, and, under `$share`,
+Sparkplug gap judgment from the stored rows (controller/gaps.py; the live check sees only a share of each device's
+seqs). A birth's policy is published by the controller that took the birth (each birth reaches one of them).
+
+When a lone controller loses the broker it cannot vouch for any device, so it marks every online device offline
+("controller_lost_broker"); births (retained) bring them back after it reconnects. Under `$share` one controller
+losing the broker says nothing about the devices (the others still hear them): the leader's stale sweep judges
+silence instead. On each (re)connect the leader republishes the last policies (an empty restarted broker has lost
+the retained ones) and publishes any change.
 
 Every task runs under nanofleet.tasks.TaskSupervisor: the stale sweep is restarted when it dies; the dashboard
 server and the ingest thread are fatal (`failed` is set, `wait_failed()` returns, the CLI exits non-zero so systemd
@@ -23,18 +32,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nanofleet.config import FleetConfig
-from nanofleet.controller import policy
+from nanofleet.controller import gaps, policy
 from nanofleet.controller.alert_store import AlertStore
 from nanofleet.controller.alerts_engine import AlertEngine
 from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.commands import CommandError, CommandService
+from nanofleet.controller.devstate import REBIRTH_EVERY_MS
 from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.ingest import Ingest, durable_client_id
+from nanofleet.controller.leader import Leadership
 from nanofleet.controller.metrics import registry_for
 from nanofleet.controller.rollout_engine import RolloutEngine
 from nanofleet.controller.store import BatchOutcome, Store
 from nanofleet.controller.views import DeviceEvent
 from nanofleet.mqtt import MqttError
+from nanofleet.store_url import StoreTarget, resolve
 from nanofleet.tasks import TaskSupervisor
 
 log = logging.getLogger(__name__)
@@ -59,6 +71,10 @@ class ControllerService:
         rollout_every_s: float = 2.0,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         alerts_every_s: float = 1.0,
+        store_url: str | None = None,
+        gaps_every_s: float = 1.0,
+        gap_settle_ms: int = gaps.SETTLE_MS,
+        leader_retry_s: float = 1.0,
     ) -> None:
         self.config, self.data_dir = config, Path(data_dir)
         self.broker_url = broker_url or config.broker.url
@@ -66,6 +82,15 @@ class ControllerService:
         self.share_group, self.listen, self.usage_db = share_group, listen, usage_db
         self.sweep_every_s, self.telemetry_qos, self.echo = sweep_every_s, telemetry_qos, echo
         self.ingest_reader = ingest_reader or config.controller.ingest_reader
+        # --store overrides fleet.yaml's store.url; neither: controller.db in the data folder
+        self.target: StoreTarget = resolve(store_url or config.store.url, self.data_dir, "controller.db")
+        self.leader = Leadership(self.target.url if self.target.kind == "postgresql" else None, config.fleet,
+                                 retry_s=leader_retry_s, check_s=leader_retry_s, on_change=self._on_leadership)
+        self.gaps_every_s, self.gap_settle_ms = gaps_every_s, gap_settle_ms
+        self.gap_rounds = 0
+        self.gaps_found = 0  # missing seqs judged from stored rows (under $share)
+        self._gap_asked: dict[str, int] = {}
+        self._broker_up = False  # the last connection state ingest reported (_on_connection)
         self.store: Store | None = None
         self.rollout_every_s = rollout_every_s
         self.rollouts: RolloutEngine | None = None
@@ -94,7 +119,7 @@ class ControllerService:
     async def start(self) -> ControllerService:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.events.bind(asyncio.get_running_loop())
-        self.store = store = await asyncio.to_thread(Store, self.data_dir / "controller.db")
+        self.store = store = await asyncio.to_thread(self._open_store)
         store.check_gaps = self.share_group is None  # with $share this controller sees only some of a device's seqs
         await asyncio.to_thread(store.set_group_resolver, self.config.group_of)
         # fleet.yaml's devices that never sent anything show as never_seen (the dashboard and API list them)
@@ -119,11 +144,15 @@ class ControllerService:
                              if self.ingest_reader == "builtin" else "")
         self.commands = CommandService(self.ingest.client, self.config.fleet)
         await self.ingest.start()
-        self.tasks.spawn(self._sweep, "sweep", on_death="restart")
-        self.rollouts = RolloutEngine(store, self.config, self.ingest.client, every_s=self.rollout_every_s,
-                                      audit=self.audit)
-        self.tasks.spawn(self.rollouts.run, "rollouts", on_death="restart")
-        self.tasks.spawn(self._alerts, "alerts", on_death="restart")
+        self.rollouts = rollouts = RolloutEngine(store, self.config, self.ingest.client,
+                                                 every_s=self.rollout_every_s, audit=self.audit)
+        self.tasks.spawn(self.leader.run, "leader", on_death="restart")
+        lead = self.leader.run_while_leader  # these run on the leader only, from when it leads until it steps down
+        self.tasks.spawn(lambda: lead(self._sweep), "sweep", on_death="restart")
+        self.tasks.spawn(lambda: lead(rollouts.run), "rollouts", on_death="restart")
+        self.tasks.spawn(lambda: lead(self._alerts), "alerts", on_death="restart")
+        if self.share_group is not None:
+            self.tasks.spawn(lambda: lead(self._gaps), "gaps", on_death="restart")
         if self.listen:
             await self._start_web(self.listen)
         self.started_at = time.time()
@@ -152,6 +181,14 @@ class ControllerService:
         if errors:
             raise BaseExceptionGroup("controller: errors while stopping", errors)
 
+    def _open_store(self) -> Store:
+        """The SQLite file, or the PostgreSQL database (Store takes the URL; the password never reaches a log)."""
+        if self.target.kind == "postgresql":
+            assert self.target.url is not None
+            return Store(self.target.url)
+        assert self.target.path is not None
+        return Store(self.target.path)
+
     def _fatal(self, name: str, exc: BaseException) -> None:
         """A part the controller cannot run without died: say so, and let the process end (then be restarted)."""
         if self.failed is None:
@@ -176,6 +213,10 @@ class ControllerService:
             "started_at": self.started_at,
             "tasks": self.tasks.status(),
             "broker_connected": bool(ingest and ingest.connected),
+            "leader": self.leader.status(),
+            "store_target": {"kind": self.target.kind, "where": str(self.target)},
+            "gaps": {"rounds": self.gap_rounds, "missing": self.gaps_found,
+                     "judged": self.share_group is not None},
             "policy": {"rounds": self.policy_rounds, "failures": self.policy_failures,
                        "rebirth_failures": self.rebirth_failures},
             "ingest": None if ingest is None else {**ingest.stats.as_dict(), "backlog": ingest.backlog},
@@ -194,11 +235,20 @@ class ControllerService:
 
     # -- events ---------------------------------------------------------------------------------------------------
     def _on_connection(self, up: bool) -> None:
+        self._broker_up = up  # as the loop learns it: a lead taken before this callback publishes here, not twice
         if up:
+            if self.leader.is_leader:
+                self.tasks.spawn(lambda: self._publish_policies(republish=True), "publish-policies",
+                                 on_death="log", forever=False)
+        elif self.share_group is None:  # under $share the other controllers still hear the devices
+            self.tasks.spawn(self._mark_offline, "mark-offline", on_death="log", forever=False)
+
+    def _on_leadership(self, leader: bool) -> None:
+        """Taking the lead: republish the policies (the old leader may have died before publishing a change).
+        The leader-only loops start and stop by themselves (Leadership.run_while_leader)."""
+        if leader and self._broker_up:
             self.tasks.spawn(lambda: self._publish_policies(republish=True), "publish-policies", on_death="log",
                              forever=False)
-        else:
-            self.tasks.spawn(self._mark_offline, "mark-offline", on_death="log", forever=False)
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         """An alert or audit change (AlertStore, AuditLog): to the live dashboard, and to `on_event` when given."""
@@ -222,12 +272,7 @@ class ControllerService:
     def _on_outcome(self, outcome: BatchOutcome) -> None:
         assert self.commands is not None and self.ingest is not None
         for device_id in outcome.rebirth:
-            if self.ingest.client.connected:
-                try:
-                    self.commands.fire(device_id, "rebirth")
-                except (MqttError, CommandError) as exc:  # counted; the next gap asks again (REBIRTH_EVERY_MS)
-                    self.rebirth_failures += 1
-                    log.warning("controller: rebirth request to %s not sent: %s", device_id, exc)
+            self._ask_rebirth(device_id)
         # a new device needs its first policy; every birth (a `rebirth` of the same session too) gets its policy
         # again, live: that tells the device the controller listens (it replays its buffer then), restores a
         # retained copy a broker lost, and replaces a stray policy the device took (it applies the last received)
@@ -238,6 +283,15 @@ class ControllerService:
             if first:
                 self.tasks.spawn(lambda: self._publish_policies(delay=0.05), "publish-policies", on_death="log",
                                  forever=False)
+
+    def _ask_rebirth(self, device_id: str) -> None:
+        assert self.commands is not None and self.ingest is not None
+        if self.ingest.client.connected:
+            try:
+                self.commands.fire(device_id, "rebirth")
+            except (MqttError, CommandError) as exc:  # counted; the next gap asks again (REBIRTH_EVERY_MS)
+                self.rebirth_failures += 1
+                log.warning("controller: rebirth request to %s not sent: %s", device_id, exc)
 
     async def _publish_policies(self, republish: bool = False, delay: float = 0.0) -> None:
         assert self.store is not None and self.ingest is not None
@@ -274,6 +328,38 @@ class ControllerService:
                 self._nudges += 1
                 log.info("device %s is stale (silent)", ev.device_id)
             self._publish_events(events)
+
+    async def _gaps(self) -> None:
+        """Under $share, on the leader: seq gaps judged from the stored rows (controller/gaps.py), a backlog in
+        several bounded rounds; each device with missing seqs is asked for a rebirth (at most every 10 s)."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.gaps_every_s)
+            while True:
+                found = await asyncio.wrap_future(self.store.submit(self._judge_gaps))
+                self.gap_rounds += 1
+                missing = sum(found.missing.values())
+                if missing:
+                    self.gaps_found += missing
+                    self._nudges += 1
+                    log.info("controller: %d missing telemetry messages of %d devices judged from the store",
+                             missing, len(found.missing))
+                for device_id in gaps.devices_to_ask(found.missing, self._gap_asked, int(time.time() * 1000),
+                                                     REBIRTH_EVERY_MS):
+                    self._ask_rebirth(device_id)
+                if found.caught_up:
+                    break
+
+    def _judge_gaps(self, conn: Any) -> gaps.GapRound:
+        """One round, on the store's writer. SQLite's store keeps its devices in memory (controller.devstate) and
+        writes their gap_count back on its next flush: the mirror takes the same increment in the same job."""
+        found = gaps.judge(conn, settle_ms=self.gap_settle_ms)
+        mirror = getattr(getattr(self.store, "_state", None), "devices", None)
+        if isinstance(mirror, dict):
+            for device_id, n in found.missing.items():
+                if device_id in mirror:
+                    mirror[device_id].gap_count += n
+        return found
 
     async def _alerts(self) -> None:
         """The alert engine: every alerts_every_s, and right after ingest committed a batch or the sweep changed a

@@ -14,6 +14,7 @@ from nanofleet.broker import CONTROLLER_USER, BrokerAccounts, broker_command
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
 from nanofleet.sim import argv as sim_argv
 from nanofleet.sim import device_ids
+from nanofleet.store_url import resolve
 from nanofleet.supervisor import Child, StartError, Supervisor, http_ok, tcp_open
 from nanofleet.tcp import free_port, port_free, raise_nofile
 
@@ -45,6 +46,18 @@ def choose_ports(cfg: FleetConfig, free: bool) -> tuple[Ports, list[str]]:
     return Ports(**chosen), notes
 
 
+def store_args(store_url: str | None, state_dir: Path) -> tuple[list[str], str]:
+    """`--store URL` for the controller and the gateway (none: each its own SQLite file in the state folder, or
+    fleet.yaml's store.url), and how to name it to the user (the password left out)."""
+    if store_url is None:
+        return [], "SQLite in the state folder (or fleet.yaml's store.url)"
+    try:
+        target = resolve(store_url, state_dir, "controller.db")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--store") from None
+    return ["--store", store_url], str(target)
+
+
 def _nanofleet(*args: str) -> list[str]:
     return [sys.executable, "-m", "nanofleet", *args]
 
@@ -64,8 +77,11 @@ def _nanofleet(*args: str) -> list[str]:
 @click.option("--restart-delay", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="seconds before a crashed child (broker, gateway, controller, agent, simulator) is restarted; "
                    "the delay grows with each crash, and 5 crashes of one child within 60 s stop everything")
+@click.option("--store", "store_url", default=None, metavar="URL",
+              help="postgresql://… (or sqlite:///path): the controller's and the gateway's store on that server "
+                   "instead of SQLite files in the state folder; the password from PGPASSWORD or ~/.pgpass")
 def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports: bool, simulate: int,
-       broker_kind: str, restart_delay: float) -> None:
+       broker_kind: str, restart_delay: float, store_url: str | None) -> None:
     """Start the broker, controller, gateway and one agent on this machine; Ctrl-C stops them all.
 
     A child that dies is restarted (after a growing delay); only Ctrl-C or a child crashing again and again stops
@@ -75,6 +91,7 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     state_dir = state_dir.resolve()
+    store, store_desc = store_args(store_url, state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ports, notes = choose_ports(cfg, free_ports)
     for note in notes:
@@ -103,17 +120,19 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
         click.echo(f"broker:     {broker_desc}")
         sup.start(Child("broker", broker_argv, logs / "broker.log", tcp_open(host, ports.broker),
                         restart_delay=restart_delay, pid_file=state_dir / "broker" / "broker.pid"))
+        click.echo(f"store:      {store_desc}")
         click.echo(f"gateway:    gRPC Inference on {host}:{ports.gateway}")
         sup.start(Child("gateway", _nanofleet("gateway", "serve", "--config", str(config_path),
                                               "--data-dir", str(state_dir / "gateway"),
-                                              "--listen", f"{host}:{ports.gateway}"),
+                                              "--listen", f"{host}:{ports.gateway}", *store),
                         logs / "gateway.log", tcp_open(host, ports.gateway), restart_delay=restart_delay))
         controller = Child("controller", _nanofleet("controller", "--config", str(config_path),
                                                     "--data-dir", str(state_dir / "controller"),
                                                     "--listen", f"{host}:{ports.controller}",
                                                     "--broker-url", broker_url,
                                                     "--mqtt-username", CONTROLLER_USER,
-                                                    "--gateway-db", str(state_dir / "gateway" / "gateway.db")),
+                                                    "--gateway-db", str(state_dir / "gateway" / "gateway.db"),
+                                                    *store),
                            logs / "controller.log", http_ok("/healthz", host=host, port=ports.controller),
                            env={"NANOFLEET_MQTT_PASSWORD": controller_password}, restart_delay=restart_delay)
         sup.start(controller)

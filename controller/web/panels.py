@@ -47,8 +47,13 @@ def controller_panel(status: Mapping[str, Any] | None) -> str:
                    f'{_n(transport.get("connects"))} connects'
                    f'{", last error: " + escape(str(last_error)) if last_error else ""}</span>')
     store_errors = sum(_n(store.get(k)) for k in ("commit_errors", "housekeeping_errors", "checkpoint_errors"))
+    lead = status.get("leader") or {}
+    leader = ("yes" if lead.get("is_leader") else "no (a follower: ingest only)") + (
+        f' <span class="muted">{escape(str(lead.get("backend", "")))}, {_n(lead.get("changes"))} changes'
+        f'{", last error: " + escape(str(lead["last_error"])) if lead.get("last_error") else ""}</span>')
     facts = "".join([
         _fact("Broker", broker, "broker", warn=not connected),
+        _fact("Leader", leader, "leader"),
         _fact("Messages received / stored", f'{_n(ingest.get("received"))} / {_n(ingest.get("stored"))}', "ingest"),
         _fact("Writes retried", str(_n(ingest.get("write_retries"))), "write_retries",
               warn=_n(ingest.get("write_retries")) > 0),

@@ -23,6 +23,7 @@ def healthz(ctx: Web) -> JSONResponse:
     ok = bool(status.get("ok"))
     failed = status.get("failed") or {}
     body = {"ok": ok, "broker_connected": bool(status.get("broker_connected")),
+            "leader": bool((status.get("leader") or {}).get("is_leader")),
             "failed": failed.get("task") if not ok else None}
     return JSONResponse(body, status_code=200 if ok else 503)
 

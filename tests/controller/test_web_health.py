@@ -46,7 +46,8 @@ async def test_metrics_need_the_operator_and_show_the_controller_and_its_500s(br
             assert r.status_code == 500 and r.json()["error"] == "internal_error"
             r = await c.get("/metrics", headers=auth)
             assert _sample(r.text, "nanofleet_controller_web_errors_total", '{code="internal_error"}') == 1
-            assert (await c.get("/healthz")).json() == {"ok": True, "broker_connected": True, "failed": None}
+            assert (await c.get("/healthz")).json() == {"ok": True, "broker_connected": True, "leader": True,
+                                                         "failed": None}
     finally:
         await svc.stop()
 
