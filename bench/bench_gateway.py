@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,13 @@ import grpc
 
 from bench.stats import percentile
 from nanofleet.controller.gateway.auth import issue_token
-from nanofleet.controller.gateway.upstreams.base import Message, UpstreamRequest
+from nanofleet.controller.gateway.upstreams.base import (
+    Message,
+    Upstream,
+    UpstreamChunk,
+    UpstreamRequest,
+    UpstreamResult,
+)
 from nanofleet.controller.gateway.upstreams.gemini import GeminiUpstream
 from nanofleet.protos import inference_pb2, inference_pb2_grpc
 
@@ -259,6 +265,70 @@ def _direct_cps(base_url: str, seconds: float, concurrency: int) -> tuple[int, i
     return uvloop.run(main())
 
 
+# -- where a call's CPU goes: the gateway without google-genai, and a bare grpc.aio server ------------------------
+
+class _Instant(Upstream):
+    """Answers at once: what is left of a gateway call's CPU is the gateway's own (gRPC, auth, policy, budget,
+    idempotency record, usage row)."""
+
+    name = "instant"
+
+    async def generate(self, request: UpstreamRequest) -> UpstreamResult:
+        return UpstreamResult("echo: two words", "stop", 5, 3, request.model)
+
+    async def stream(self, request: UpstreamRequest) -> AsyncGenerator[UpstreamChunk, None]:
+        yield UpstreamChunk("echo: two words", "stop", 5, 3, request.model)
+
+    async def count_tokens(self, request: UpstreamRequest) -> int:
+        return 3
+
+
+class _Bare(inference_pb2_grpc.InferenceServicer):
+    async def Generate(self, request: inference_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
+        return inference_pb2.GenerateResponse(request_id=request.request_id, text="echo: two words")
+
+
+def _in_process_cpu_ms(tmp: Path, token: str, bare: bool) -> float:
+    """CPU ms a call of a server run in this process (uvloop) under the clients' load."""
+    import uvloop
+
+    from nanofleet.config import parse_fleet
+    from nanofleet.controller.gateway.server import Gateway
+
+    ctx = multiprocessing.get_context("spawn")
+
+    async def main() -> float:
+        gw: Gateway | None = None
+        server: grpc.aio.Server | None = None
+        if bare:
+            server = grpc.aio.server()
+            inference_pb2_grpc.add_InferenceServicer_to_server(_Bare(), server)
+            address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+            await server.start()
+        else:
+            cfg = parse_fleet("fleet: bench\ngateway:\n  listen: 127.0.0.1:0\n  upstream: {kind: gemini}\n"
+                              "defaults: {routing: {cloud_budget: {tokens_per_day: 1000000000000}}}\n")
+            gw = Gateway(cfg, tmp / "gw0", env={"GEMINI_API_KEY": "k"}, upstream=_Instant())
+            await gw.start()
+            address = gw.address
+        loop = asyncio.get_running_loop()
+        with ctx.Pool(CLIENT_PROCESSES) as pool:
+            pool.map(abs, range(CLIENT_PROCESSES))
+            cpu0 = time.process_time()
+            pending = pool.starmap_async(_load_grpc, [(address, token, THROUGHPUT_S, CLIENT_CONCURRENCY)]
+                                         * CLIENT_PROCESSES)
+            results = await loop.run_in_executor(None, pending.get)
+            cpu = time.process_time() - cpu0
+        if gw is not None:
+            await gw.stop()
+        if server is not None:
+            await server.stop(None)
+        return cpu * 1000 / max(sum(r[0] for r in results), 1)
+
+    return uvloop.run(main())
+
+
 # -- processes ----------------------------------------------------------------------------------------------------
 
 class _Procs:
@@ -295,7 +365,8 @@ class _Procs:
         return f"127.0.0.1:{port}"
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
+        procs, self.procs = self.procs, []
+        for proc in reversed(procs):
             if proc.stdin:
                 proc.stdin.close()
             if proc.poll() is None:
@@ -336,6 +407,9 @@ def run() -> dict[str, Any]:
             done, _ = _parallel_raw(_direct_cps, (base_url, THROUGHPUT_S, CLIENT_CONCURRENCY), 1)
             figures.update(direct_genai_cps=round(done[0][0] / THROUGHPUT_S),
                            direct_genai_cpu_ms=round(done[0][2] * 1000 / max(done[0][0], 1), 3))
+            procs.stop()  # the gateways' processes: the in-process figures below run alone
+            figures["own_cpu_ms"] = round(_in_process_cpu_ms(Path(tmp), procs.token, bare=False), 3)
+            figures["bare_grpc_cpu_ms"] = round(_in_process_cpu_ms(Path(tmp), procs.token, bare=True), 3)
             figures["cpus"] = os.cpu_count()
         finally:
             procs.stop()
@@ -369,6 +443,10 @@ def _markdown(f: dict[str, Any]) -> str:
               f"(gateway) | **{f['gateway1_core_cps']}** |",
               f"| 2 gateway processes (round robin, one channel) | **{f['gateway2_cps']}** | {f['gateway2_failed']} | "
               f"{f['gateway2_cpu_ms']} ms (both) | **{f['gateway2_core_cps']}** per process |",
+              f"| a gateway whose upstream answers at once (in-process; its own checks and writes) | – | – | "
+              f"{f['own_cpu_ms']} ms | {round(1000 / f['own_cpu_ms']) if f['own_cpu_ms'] else '–'} |",
+              f"| a bare grpc.aio server (uvloop) answering Generate | – | – | {f['bare_grpc_cpu_ms']} ms | "
+              f"{round(1000 / f['bare_grpc_cpu_ms']) if f['bare_grpc_cpu_ms'] else '–'} |",
               "", f"2 gateways / 1: **{f['gateway2_to_1']}×** (on {f['cpus']} CPUs shared with the fake and the "
               f"clients). Goal ≥ {GOAL_CPS} calls/s per gateway process and ≤ {GOAL_ADDED_P50_MS} ms p50 added: "
               f"**{'met' if met else 'not met'}**."]
