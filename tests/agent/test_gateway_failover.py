@@ -71,11 +71,13 @@ async def test_kill_one_of_two_gateways_under_load(tmp_path: Path,
                 # calls in flight on gateway 0 when it dies: its fake holds the next ones for a while
                 fakes[0].push(*[Reply(delay=2.0) for _ in range(4)])
                 await until(lambda: len(fakes[0].script) < 4, 10, "a call held on gateway 0")
-                seen0 = len(fakes[0].calls())
                 assert procs[0].proc is not None
                 procs[0].proc.kill()  # kill -9
                 killed = time.monotonic()
                 procs[0].proc.wait(10)
+                # what the dead gateway sent before it died has landed a second later; nothing may follow it
+                await until(lambda: time.monotonic() > killed + 1.0, 5, "a second after the kill")
+                seen0 = len(fakes[0].calls())
                 seen1 = len(fakes[1].calls())
                 await until(lambda: len(fakes[1].calls()) >= seen1 + 40 and time.monotonic() > killed + 4, 20,
                             "the live gateway serving alone for 4 s")
