@@ -41,8 +41,9 @@ def _gateways(tmp_path: Path, fakes: list[FakeGemini]) -> tuple[list[Proc], list
     return procs, addresses, token
 
 
-async def test_kill_one_of_two_gateways_under_load(tmp_path: Path,
-                                                   make_settings: Callable[..., AgentSettings]) -> None:
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_kill_one_of_two_gateways_under_load(tmp_path: Path, make_settings: Callable[..., AgentSettings],
+                                                   stream: bool) -> None:
     fakes = [FakeGemini(), FakeGemini()]
     procs, addresses, token = _gateways(tmp_path, fakes)
     svc: AgentService | None = None
@@ -57,7 +58,9 @@ async def test_kill_one_of_two_gateways_under_load(tmp_path: Path,
 
         async def worker(c: httpx.AsyncClient) -> None:
             while not stop.is_set():
-                r = await c.post("/v1/chat/completions", json=BODY)
+                r = await c.post("/v1/chat/completions", json={**BODY, "stream": stream})
+                if stream:  # a stream cut before its first token went again; none may end in an error event
+                    assert r.text.endswith("data: [DONE]\n\n") and '"error"' not in r.text, r.text
                 answers.append((time.monotonic(), r.status_code, r.headers.get("x-nanofleet-route", ""),
                                 r.headers.get("x-nanofleet-reason", "")))
 
