@@ -101,8 +101,9 @@ class AgentService:
         self.updater = ModelUpdater(self.models, disk_free=disk_free) if isinstance(self.models, ModelManager) else None
         self._update_task: asyncio.Task[None] | None = None
         self._update_spec: ModelSpec | None = None
-        if cloud is None and settings.gateway_address:
-            cloud = GrpcBackend(settings.gateway_address, token=settings.gateway_token, ca=settings.gateway_ca)
+        if cloud is None and settings.gateways:
+            cloud = GrpcBackend(settings.gateways, token=settings.gateway_token, ca=settings.gateway_ca,
+                                tls_name=settings.gateway_tls_name)
         self._device = sample_device(settings.sysfs_root)
         self.queue = QueueStore(settings.data_dir / "queue.db", Limits(
             settings.queue_max_items, settings.queue_max_bytes, settings.queue_ttl_s, settings.queue_keep_s),

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from nanofleet.agent.runtime.grpc_target import channel_target
 from nanofleet.config import ConfigError, ModelSpec
 from nanofleet.tcp import is_loopback
 
@@ -76,8 +77,14 @@ class AgentSettings(BaseModel):
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     gateway_address: str | None = Field(None, description="host:port of the gateway; None: no cloud route")
+    gateway_addresses: list[str] | None = Field(None, min_length=1, max_length=64,
+                                                description="several gateways (IP:port each): round robin, "
+                                                "health-checked; exclusive with gateway_address")
     gateway_token: str | None = None
     gateway_ca: Path | None = Field(None, description="CA bundle for the gateway's TLS; None: plaintext (loopback)")
+    gateway_tls_name: str | None = Field(None, min_length=1, max_length=253,
+                                         description="the name the gateways' TLS certificates carry; needed with "
+                                         "gateway_ca and several gateway_addresses")
     model: ModelSpec = ModelSpec()
     local_bridge: LocalBridge | None = Field(None, description="None: llama.cpp in-process serves the local route")
     sysfs_root: Path = Path("/sys")
@@ -91,6 +98,40 @@ class AgentSettings(BaseModel):
     queue_max_bytes: int = Field(64 << 20, ge=1024)
     queue_keep_s: float = Field(86_400, ge=0)
     queue_max_file_bytes: int | None = Field(None, ge=65_536)
+
+    @field_validator("gateway_addresses", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """`NANOFLEET_GATEWAY_ADDRESSES=10.0.0.5:50051,10.0.0.6:50051` (env values are strings)."""
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _gateways(self) -> AgentSettings:
+        """One gateway field, addresses the gRPC channel can take, and a TLS name when several share a CA."""
+        if self.gateway_address is not None and self.gateway_addresses is not None:
+            raise ValueError("gateway_address and gateway_addresses are both set: give one (gateway_addresses "
+                             "lists every gateway, gateway_address is the one-gateway form)")
+        if self.gateway_addresses is not None:
+            try:
+                channel_target(self.gateway_addresses)
+            except ValueError as exc:
+                raise ValueError(f"gateway_addresses: {exc}") from None
+            if self.gateway_ca is not None and len(self.gateway_addresses) > 1 and not self.gateway_tls_name:
+                raise ValueError("gateway_tls_name: required with gateway_ca and several gateway_addresses (the "
+                                 "name the gateways' certificates carry, since an address list is no host name)")
+        elif self.gateway_address is not None:
+            try:
+                channel_target([self.gateway_address])
+            except ValueError as exc:
+                raise ValueError(f"gateway_address: {exc}") from None
+        return self
+
+    @property
+    def gateways(self) -> list[str]:
+        """Every gateway address ([] = no cloud route), whichever of the two fields gave them."""
+        if self.gateway_addresses is not None:
+            return list(self.gateway_addresses)
+        return [self.gateway_address] if self.gateway_address else []
 
     @property
     def cache_dir(self) -> Path:
@@ -119,4 +160,5 @@ def load_agent_settings(path: str | os.PathLike[str] | None = None, **overrides:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"{source}: {loc}: {err['msg']}") from None
+        # a check across fields (the gateways) has no location: its message names the fields itself
+        raise ConfigError(f"{source}: {loc}: {err['msg']}" if loc else f"{source}: {err['msg']}") from None

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import yaml
 
+from nanofleet.agent.runtime.grpc_target import channel_target
 from nanofleet.agent.settings import AgentSettings
 from nanofleet.broker import (
     CONTROLLER_USER,
@@ -42,11 +44,14 @@ def gateway_db(state_dir: Path) -> Path:
 
 
 def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_url: str,
-                  gateway_address: str | None, local: bool = False, socket_path: Path | None = None) -> AgentYaml:
+                  gateway_address: str | Sequence[str] | None, local: bool = False,
+                  socket_path: Path | None = None) -> AgentYaml:
     """Create (or refresh the addresses of) a device's credentials and agent.yaml under state/devices/<id>/.
 
-    `local` is for an agent on this machine (`nanofleet up`): its data folder and socket are paths here. For a real
-    device they are left out of agent.yaml, so the agent uses the device's own defaults (XDG folders).
+    Several gateway addresses are written as `gateway_addresses` (the agent round-robins over them), one as
+    `gateway_address`. `local` is for an agent on this machine (`nanofleet up`): its data folder and socket are
+    paths here. For a real device they are left out of agent.yaml, so the agent uses the device's own defaults
+    (XDG folders).
     """
     topics.check_id(device_id, "device")
     folder = state_dir / "devices" / device_id
@@ -71,7 +76,7 @@ def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_u
     settings = AgentSettings.model_validate({
         "fleet": cfg.fleet, "device_id": device_id,
         "broker_url": broker_url, "mqtt_username": device_id, "mqtt_password": accounts.ensure(device_id, "device"),
-        "gateway_address": gateway_address, "gateway_token": token, "model": profile.model,
+        **_gateway_fields(gateway_address), "gateway_token": token, "model": profile.model,
         "telemetry_interval_s": profile.telemetry_interval_s, **paths,
     })
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -79,6 +84,13 @@ def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_u
         yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True, exclude=_DEVICE_LOCAL - set(paths)),
                        f, sort_keys=False)
     return AgentYaml(path, settings, replaced)
+
+
+def _gateway_fields(address: str | Sequence[str] | None) -> dict[str, str | list[str] | None]:
+    """agent.yaml's gateway lines: one address keeps the one-gateway field, several the list."""
+    if address is None or isinstance(address, str):
+        return {"gateway_address": address}
+    return {"gateway_addresses": list(address)} if len(address) > 1 else {"gateway_address": address[0]}
 
 
 _DEVICE_LOCAL = {"data_dir", "socket_path", "sysfs_root"}  # the device's own defaults, unless running here
@@ -164,11 +176,12 @@ def _load(config_path: Path) -> FleetConfig:
 @_STATE_DIR
 @click.option("--init", is_flag=True, help="create the state folder if it does not exist (the fleet's first device)")
 @click.option("--broker-url", default=None, help="the broker as the device reaches it (default: fleet.yaml broker.url)")
-@click.option("--gateway", "gateway_address", default=None,
-              help="host:port of the gateway as the device reaches it (default: fleet.yaml gateway.listen)")
+@click.option("--gateway", "gateway_address", multiple=True,
+              help="host:port of the gateway as the device reaches it (default: fleet.yaml gateway.listen); "
+                   "repeat it for several gateways (IP:port each)")
 @_CONTROLLER_DIR
 def enroll(config_path: Path, state_dir: Path | None, init: bool, device_id: str, broker_url: str | None,
-           gateway_address: str | None, controller_dir: Path | None) -> None:
+           gateway_address: tuple[str, ...], controller_dir: Path | None) -> None:
     """Create a device's broker account and gateway token, and write the agent.yaml to copy to it. Run again for a
     revoked device, it issues fresh credentials and lifts the revocation."""
     from nanofleet.controller.audit import record_cli
@@ -176,6 +189,11 @@ def enroll(config_path: Path, state_dir: Path | None, init: bool, device_id: str
 
     cfg = _load(config_path)
     state = resolve_state_dir(state_dir, config_path, init=init)
+    if gateway_address:
+        try:  # several --gateway must be IP addresses of one family: what the agent would refuse is refused here
+            channel_target(gateway_address)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--gateway") from None
     result = enroll_device(cfg, state, device_id, broker_url=broker_url or cfg.broker.url,
                            gateway_address=gateway_address or cfg.gateway.listen)
     _, broker_line = sync_broker(cfg, state)

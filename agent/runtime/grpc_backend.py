@@ -21,6 +21,13 @@ model is unavailable for now" (ML Kit's BUSY, BACKGROUND_USE_BLOCKED, battery qu
 RESOURCE_EXHAUSTED and FAILED_PRECONDITION all become `BridgeUnavailable` (503, reason `model_unavailable`) with the
 bridge's `retry-after` trailer, and the route is paused that long — before the first token the router falls back.
 
+Several gateways (`address` a list, role "gateway"): one channel, gRPC's `round_robin` with client-side health
+checking (`grpc_target.py`), so a dead or NOT_SERVING gateway leaves the rotation and comes back when it serves. A
+call cut by a gateway that dies under it (UNAVAILABLE) is sent once more, within its deadline, when a health check
+still finds a gateway answering — to the live one; a stream only before its first chunk (never a duplicate token).
+Repeating is safe: the request_id is the gateway's idempotency key. Only when no gateway answers does the breaker
+open. One address (also one DNS name with several A records) goes through the same channel setup.
+
 The route's `state` (for /v1/status and the router's Connectivity) keeps these apart: `unknown` (no call yet),
 `serving`, `unreachable` (transport), `not_serving` (reachable, the server says it cannot serve: the gateway's health
 check answers — grpc.health.v1, called by hand so the device needs no extra package), `refused` (the device's
@@ -33,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +60,7 @@ from nanofleet.agent.runtime.base import (
     Usage,
 )
 from nanofleet.agent.runtime.breaker import CircuitBreaker
+from nanofleet.agent.runtime.grpc_target import PROBE_SERVICE_CONFIG, SERVICE_CONFIG, channel_target
 from nanofleet.protos import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("nanofleet.agent.runtime")
@@ -135,12 +143,17 @@ def _refusal_reason(detail: str) -> str:
 
 class GrpcBackend(Backend):
     def __init__(
-        self, address: str, *, token: str | None = None, ca: Path | None = None, timeout: float = 30.0,
-        name: str = "cloud", model: str = "", failure_threshold: int = 1, cooldown: float = 5.0,
-        max_cooldown: float = 60.0, clock: Callable[[], float] = time.monotonic,
-        role: Literal["gateway", "bridge"] = "gateway",
+        self, address: str | Sequence[str], *, token: str | None = None, ca: Path | None = None,
+        timeout: float = 30.0, name: str = "cloud", model: str = "", failure_threshold: int = 1,
+        cooldown: float = 5.0, max_cooldown: float = 60.0, clock: Callable[[], float] = time.monotonic,
+        role: Literal["gateway", "bridge"] = "gateway", tls_name: str | None = None,
     ) -> None:
-        self.address = address
+        self.addresses = (address,) if isinstance(address, str) else tuple(address)
+        self.target = channel_target(self.addresses)
+        self.address = ",".join(self.addresses)
+        self.tls_name = tls_name
+        self.failovers = 0         # calls sent again after the gateway they were on failed (several gateways)
+        self._probe_channel: grpc.aio.Channel | None = None
         self.role = role
         self.name = name
         self.model = model
@@ -180,29 +193,56 @@ class GrpcBackend(Backend):
         now = self._clock()
         return max(self.breaker.retry_in(now), self._paused_until - now, 0.0)
 
+    @property
+    def several(self) -> bool:
+        """Several gateways listed: a failed call may be sent again to another one."""
+        return self.role == "gateway" and len(self.addresses) > 1
+
+    def _new_channel(self, service_config: str | None) -> grpc.aio.Channel:
+        # A channel of its own subchannels: with gRPC's global pool a fresh channel (the probe) could reuse the
+        # old channel's subchannel still in its connect backoff and fail at once although the server is back.
+        # Reconnect backoff capped at 10 s: a gateway that restarts is back in the rotation within seconds.
+        options: list[tuple[str, Any]] = [
+            ("grpc.keepalive_time_ms", 300_000), ("grpc.max_receive_message_length", 16 << 20),
+            ("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 10_000)]
+        if service_config is not None:
+            options.append(("grpc.service_config", service_config))
+        if self.tls_name:
+            options.append(("grpc.default_authority", self.tls_name))
+        if self._ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=self._ca)
+            return grpc.aio.secure_channel(self.target, creds, options=options)
+        return grpc.aio.insecure_channel(self.target, options=options)
+
     def _stub_now(self) -> Any:
         if self._stub is None:  # channels bind to the running event loop: create on first use
-            # A channel of its own subchannels: with gRPC's global pool a fresh channel (the probe) could reuse the
-            # old channel's subchannel still in its connect backoff and fail at once although the server is back.
-            options = [("grpc.keepalive_time_ms", 300_000), ("grpc.max_receive_message_length", 16 << 20),
-                       ("grpc.use_local_subchannel_pool", 1)]
-            if self._ca is not None:
-                creds = grpc.ssl_channel_credentials(root_certificates=self._ca)
-                self._channel = grpc.aio.secure_channel(self.address, creds, options=options)
-            else:
-                self._channel = grpc.aio.insecure_channel(self.address, options=options)
+            self._channel = self._new_channel(SERVICE_CONFIG if self.role == "gateway" else None)
             self._stub = inference_pb2_grpc.InferenceStub(self._channel)
         return self._stub
 
+    def _health_channel(self) -> grpc.aio.Channel:
+        """The channel health checks go on. For the gateways, one without client-side health checking: the calls'
+        channel has no route to a NOT_SERVING gateway, yet that gateway's own words are what `state` shows."""
+        if self.role != "gateway":
+            self._stub_now()
+            assert self._channel is not None
+            return self._channel
+        if self._probe_channel is None:
+            self._probe_channel = self._new_channel(PROBE_SERVICE_CONFIG)
+        return self._probe_channel
+
     def _drop_channel(self) -> None:
         """After a transport failure the next call (the probe) gets a fresh channel: an old one may sit in gRPC's
-        own reconnect backoff (up to 2 min) and fail the probe at once although the gateway is back. Calls still
-        running on the old one may finish within their deadline."""
+        own reconnect backoff and fail the probe at once although the gateway is back. Calls still running on the
+        old one may finish within their deadline."""
         channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
-            task = asyncio.ensure_future(channel.close(grace=self.timeout))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+        probe, self._probe_channel = self._probe_channel, None
+        for old in (channel, probe):
+            if old is not None:
+                task = asyncio.ensure_future(old.close(grace=self.timeout))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     def _admit(self) -> bool:
         """Ask the breaker; True if this call is the half-open probe. Raises while the breaker is open."""
@@ -230,10 +270,8 @@ class GrpcBackend(Backend):
     async def _health(self) -> tuple[str, str] | None:
         """The server's own health of the Inference service and its `nanofleet-detail`, or None when it does not
         answer at all (so the failure was the transport's). A server without the health service still answered."""
-        self._stub_now()
-        assert self._channel is not None
         service = b"nanofleet.v1.Inference"
-        check = self._channel.unary_unary(_HEALTH_CHECK, request_serializer=None, response_deserializer=None)
+        check = self._health_channel().unary_unary(_HEALTH_CHECK, request_serializer=None, response_deserializer=None)
         call = check(b"\n" + bytes([len(service)]) + service, timeout=min(2.0, self.timeout))
         try:
             raw: bytes = await call
@@ -354,17 +392,40 @@ class GrpcBackend(Backend):
         )
 
     async def generate(self, request: ChatRequest) -> Completion:
-        resp = await self._call(lambda stub: stub.Generate(self._request(request), timeout=self.timeout,
-                                                           metadata=self._metadata))
+        msg = self._request(request)
+        resp = await self._call(lambda stub, timeout: stub.Generate(msg, timeout=timeout, metadata=self._metadata))
         self.served_model = resp.model or self.served_model
         return Completion(resp.text, resp.finish_reason or "stop", _usage(resp.usage), resp.model or self.name)
 
-    async def _call(self, send: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def _failover(self, exc: grpc.aio.AioRpcError, deadline: float) -> bool:
+        """With several gateways: may a call that failed UNAVAILABLE go once more? Yes when time is left and a
+        gateway still answers SERVING (the failed one died under the call, or its upstream failed: the next pick
+        is another gateway). No gateway answering, or all saying NOT_SERVING, is the route's failure."""
+        if not self.several or exc.code() != grpc.StatusCode.UNAVAILABLE or deadline - time.monotonic() < 0.05:
+            return False
+        health = await self._health()
+        if health is None or health[0] != "SERVING":
+            return False
+        self.failovers += 1
+        log.info("%s (%s): a call failed (%s: %s); sent again to another gateway", self.name, self.address,
+                 exc.code().name, exc.details())
+        return True
+
+    async def _call(self, send: Callable[[Any, float], Awaitable[Any]]) -> Any:
         """One unary call through the breaker: its outcome is the breaker's verdict on the route."""
         probe = self._admit()
         verdict = False
+        deadline = time.monotonic() + self.timeout
+        retried = False
         try:
-            resp = await send(self._stub_now())
+            while True:
+                try:
+                    resp = await send(self._stub_now(), max(deadline - time.monotonic(), 0.001))
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if retried or not await self._failover(exc, deadline):
+                        raise
+                    retried = True
             verdict = True
             self.breaker.success()
             self._set_state("serving")
@@ -379,17 +440,30 @@ class GrpcBackend(Backend):
     async def stream(self, request: ChatRequest) -> AsyncIterator[Chunk]:
         probe = self._admit()
         verdict = False
-        call = self._stub_now().GenerateStream(self._request(request), timeout=self.timeout,
-                                              metadata=self._metadata)
+        msg = self._request(request)
+        deadline = time.monotonic() + self.timeout
+        retried = False
+        call = self._stub_now().GenerateStream(msg, timeout=self.timeout, metadata=self._metadata)
         try:
-            async for chunk in call:
-                if not verdict:
-                    verdict = True
-                    self.breaker.success()
-                    self._set_state("serving")
-                self.served_model = chunk.model or self.served_model
-                yield Chunk(chunk.text, chunk.finish_reason or None,
-                            _usage(chunk.usage) if chunk.HasField("usage") else None, chunk.model or self.name)
+            while True:
+                try:
+                    async for chunk in call:
+                        if not verdict:
+                            verdict = True
+                            self.breaker.success()
+                            self._set_state("serving")
+                        self.served_model = chunk.model or self.served_model
+                        yield Chunk(chunk.text, chunk.finish_reason or None,
+                                    _usage(chunk.usage) if chunk.HasField("usage") else None,
+                                    chunk.model or self.name)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    # before the first chunk only: after it, sending again would repeat tokens the caller has
+                    if verdict or retried or not await self._failover(exc, deadline):
+                        raise
+                    retried = True
+                    call = self._stub_now().GenerateStream(msg, timeout=max(deadline - time.monotonic(), 0.001),
+                                                          metadata=self._metadata)
             if not verdict:
                 verdict = True
                 self.breaker.success()
@@ -406,7 +480,7 @@ class GrpcBackend(Backend):
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         msg = inference_pb2.CountTokensRequest(model=self.model, system_instruction=system, messages=[
             inference_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages if m["role"] != "system"])
-        resp = await self._call(lambda stub: stub.CountTokens(msg, timeout=self.timeout, metadata=self._metadata))
+        resp = await self._call(lambda stub, timeout: stub.CountTokens(msg, timeout=timeout, metadata=self._metadata))
         return int(resp.total_tokens)
 
     async def close(self) -> None:
@@ -416,6 +490,9 @@ class GrpcBackend(Backend):
         if self._channel is not None:
             await self._channel.close()
             self._channel, self._stub = None, None
+        if self._probe_channel is not None:
+            await self._probe_channel.close()
+            self._probe_channel = None
         for task in list(self._closing):
             task.cancel()
         await asyncio.gather(*self._closing, return_exceptions=True)

@@ -167,6 +167,7 @@ class Gateway:
         except (OSError, RuntimeError) as exc:
             await self._close_storage()
             raise ListenError(f"cannot listen on {self.listen}: {exc}") from exc
+        await self.upstream.open()  # its connection pool, before the first call's deadline runs
         await server.start()
         self._server = server
         if self.metrics_listen:

@@ -301,7 +301,8 @@ def test_with_the_gateway_down_local_still_answers_and_cloud_only_fails_fast(sta
         # knows the gateway is away and answers without trying. One outage, one error shape: only the route says
         # whether the cloud was tried; Retry-After counts down to the breaker's next probe (cooldown 5 s).
         # (`queue: deny`: allowed to wait, the second would be queued — tests/e2e/test_queue_faults.py)
-        expected = [("cloud", "unavailable: failed to connect"), ("reject", "(gateway_unreachable)")]
+        # (gRPC's round_robin words it "connections to all backends failing … Connection refused")
+        expected = [("cloud", "unavailable: connections to all backends failing"), ("reject", "(gateway_unreachable)")]
         for route, says in expected:
             t0 = time.monotonic()
             r = chat(c, "cloud please", {**CLOUD_ONLY, "queue": "deny"})

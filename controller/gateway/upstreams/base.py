@@ -64,10 +64,14 @@ class Upstream(abc.ABC):
     @abc.abstractmethod
     async def count_tokens(self, request: UpstreamRequest) -> int: ...
 
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Make what binds to the running event loop (a connection pool) before the first call pays for it."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
     async def __aenter__(self) -> Upstream:
+        await self.open()
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -1,6 +1,10 @@
 """Gemini through google-genai (HTTP). Its own retries are off (one attempt): `RetryingUpstream` owns retrying.
 
-We hand google-genai our own `httpx.AsyncClient`, so the connection pool is ours and closes with us.
+We hand google-genai our own `aiohttp.ClientSession` (its aiohttp transport), so the connection pool is ours and
+closes with us. aiohttp rather than httpx: measured here through google-genai against the fast fake, httpx cost
+3.8 ms of CPU a call at 8 in flight and 10.4 ms at 64 (its pool degrades with concurrency), aiohttp 2.1–2.3 ms;
+the rest of a call's cost is google-genai's own request building and pydantic parsing. The session binds to the
+running loop, so it (and the client) is made in `open()` (the gateway's start), else on the first call.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import aiohttp
 import httpx
 from google import genai
 from google.genai import errors as genai_errors
@@ -27,15 +32,32 @@ class GeminiUpstream(Upstream):
 
     def __init__(self, api_key: str, base_url: str | None = None, timeout: float = 30.0,
                  max_connections: int = 256) -> None:
-        self._http = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=min(64, max_connections)))
-        # api_version pinned: google-genai's default moved between releases (v1beta → v1) and follows an env var.
-        options = types.HttpOptions(base_url=base_url, api_version="v1beta",
-                                    retry_options=types.HttpRetryOptions(attempts=1), httpx_async_client=self._http)
-        self._client = genai.Client(api_key=api_key, vertexai=False, http_options=options)
+        self._api_key = api_key
+        self._base_url = base_url
+        self._timeout = timeout
+        self._max_connections = max_connections
+        self._http: aiohttp.ClientSession | None = None
+        self._genai: genai.Client | None = None
+
+    @property
+    def _client(self) -> genai.Client:
+        if self._genai is None:
+            self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._max_connections))
+            # api_version pinned: google-genai's default moved between releases (v1beta → v1) and follows an env
+            # var; its timeout is in ms and becomes each request's aiohttp total timeout
+            options = types.HttpOptions(base_url=self._base_url, api_version="v1beta",
+                                        timeout=int(self._timeout * 1000),
+                                        retry_options=types.HttpRetryOptions(attempts=1), aiohttp_client=self._http)
+            self._genai = genai.Client(api_key=self._api_key, vertexai=False, http_options=options)
+        return self._genai
+
+    async def open(self) -> None:
+        self._client  # noqa: B018 - made now, in the loop, not inside the first call's deadline
 
     async def close(self) -> None:
-        await self._http.aclose()
+        if self._http is not None:
+            await self._http.close()
+            self._http, self._genai = None, None
 
     async def generate(self, request: UpstreamRequest) -> UpstreamResult:
         try:
@@ -90,9 +112,9 @@ def convert(exc: Exception) -> UpstreamError:
             return UpstreamUnavailable(f"upstream refused the gateway's credentials ({code}): {message}",
                                        retryable=False)
         return UpstreamUnavailable(f"upstream error {code}: {message}", retryable=code in _RETRYABLE)
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):  # aiohttp's timeouts are TimeoutErrors
         return UpstreamUnavailable(f"upstream timed out: {type(exc).__name__}")
-    if isinstance(exc, httpx.TransportError):
+    if isinstance(exc, httpx.TransportError | aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
         return UpstreamUnavailable(f"upstream connection failed: {type(exc).__name__}: {exc}")
     return UpstreamMalformed(f"malformed upstream answer: {type(exc).__name__}: {exc}"[:500])
 

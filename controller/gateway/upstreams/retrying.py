@@ -91,5 +91,8 @@ class RetryingUpstream(Upstream):
         finally:
             await chunks.aclose()
 
+    async def open(self) -> None:
+        await self.inner.open()
+
     async def close(self) -> None:
         await self.inner.close()
