@@ -49,9 +49,9 @@ async def test_detached_work_that_dies_is_shown_by_health(make_gateway: MakeGate
 
 
 async def test_refusals_of_detached_calls_are_answers_not_deaths(make_gateway: MakeGateway) -> None:
-    gw = await make_gateway(device_budget=1)
+    gw = await make_gateway(device_budget=15)
     client = gw.client("dev-1")
-    await client.generate("spend", request_id="r-1")
+    await client.generate("spend", request_id="r-1")  # 7 of 15: no room left for the next prompt's 15
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await client.generate("over budget", request_id="r-2")
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
