@@ -69,10 +69,10 @@ def _add(conn: Any, row: UsageRow) -> None:
 class UsageLedger:
     """The usage table and the budget rows, written together for each answered (or partly streamed) call."""
 
-    def __init__(self, db: GatewayDb, prices: Mapping[str, Price], budgets_: budgets.Budgets) -> None:
+    def __init__(self, db: GatewayDb, prices: Mapping[str, Price], budgets_: budgets.Budgets | None = None) -> None:
         self._db = db
         self._prices = prices
-        self.budgets = budgets_
+        self.budgets = budgets_ or budgets.Budgets(db, "gateway", hold_s=60.0)
         self.on_record: Callable[[UsageRow], None] | None = None  # after each commit: the gateway's metrics
 
     async def record(self, device_id: str, app_id: str, model: str, input_tokens: int, output_tokens: int,
