@@ -5,7 +5,8 @@ sharing the database.
 `lookup` first asks this process (calls in flight, a small LRU of answers), then claims the key in the database in
 one writer job: a committed answer is returned as is; otherwise a row in `idempotency_claims` makes this gateway the
 one that calls the upstream. A duplicate that finds the claim held by another gateway waits for its answer (polling
-the database every `poll_s`, within the caller's own deadline) — no "in progress" error to handle; if the claim
+the database every `poll_s`, within the call's deadline: the caller's, capped by the upstream timeout; past it the
+caller gets DEADLINE_EXCEEDED and retries) — no "in progress" error to handle; if the claim
 goes away without an answer (that call failed, or its gateway died and the claim expired after `hold_s`) the waiter
 gets UNAVAILABLE and its retry runs afresh. Answers are committed with the usage row (same transaction), which also
 drops the claim. Failures are not remembered: a retry after an error calls the upstream again.
