@@ -10,10 +10,11 @@ plus a margin, past which no call of its can still be running) and any gateway's
 
 What "never exceeded" means exactly: for each scope and UTC day, the settled tokens plus the reservations in flight
 never pass the limit, on any number of gateways. A call is admitted only if its prompt bound and at least one output
-token fit in what is left; its output is capped at what fits (the upstream gets that `max_output_tokens`, at most
-the request's own and at most `OUTPUT_RESERVE`), so a call can never be charged more than it reserved as long as
-the upstream counts no more prompt tokens than UTF-8 bytes plus 4 a message (true of byte-level BPE and
-SentencePiece-with-byte-fallback tokenizers) and honours max_output_tokens (Gemini counts thinking inside it).
+token fit in what is left; its output is capped at what fits (the upstream gets that `max_output_tokens`: the
+request's own, `OUTPUT_RESERVE` when it sets none, less when less is left), so a call can never be charged more
+than it reserved as long as the upstream counts no more prompt tokens than UTF-8 bytes plus 4 a message (true of
+byte-level BPE and SentencePiece-with-byte-fallback tokenizers) and honours max_output_tokens (Gemini counts
+thinking inside it).
 Not counted: the tokens of a call whose gateway died before it recorded them — the upstream may have charged them,
 no usage row says so; its reservation is released on expiry.
 
@@ -34,7 +35,7 @@ from typing import Any
 from nanofleet.pg_db import dialect
 from nanofleet.sqlite_db import DatabaseClosed
 
-from .db import GatewayDb, transaction
+from .db import GatewayDb, lock_gateway_writes, transaction
 from .errors import BudgetExceeded
 from .rules import Limits, Used, seconds_until_next_utc_day, utc_day
 from .upstreams.base import UpstreamRequest
@@ -137,6 +138,7 @@ def housekeeping(window_s: float, clock: Callable[[], float] = time.time) -> Cal
         now = clock()
         now_ms = int(now * 1000)
         with transaction(conn):
+            lock_gateway_writes(conn)
             release_expired(conn, now_ms)
             conn.execute("DELETE FROM idempotency_claims WHERE expires_ms < ?", (now_ms,))
             conn.execute("DELETE FROM budget_counts WHERE day < ?", (utc_day(now - 2 * 86_400),))
@@ -158,7 +160,7 @@ class Budgets:
                       now: float) -> Reservation:
         """Hold this call's worst case on every limited scope, or raise BudgetRefused (see the module docstring)."""
         day = utc_day(now)
-        wanted = min(max_output or OUTPUT_RESERVE, OUTPUT_RESERVE)
+        wanted = max_output or OUTPUT_RESERVE
         scoped = [(scope, letter, getattr(limits, scope)) for scope, letter in _SCOPES
                   if getattr(limits, scope) is not None]
         rid = secrets.token_hex(12)

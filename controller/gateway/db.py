@@ -207,8 +207,25 @@ class Database(Writer):
                          max_batch=max_batch, housekeeping=housekeeping, housekeeping_s=housekeeping_s)
 
 
+GATEWAY_WRITES_LOCK = 0x6E66_6777  # "nfgw": the advisory lock every gateway write transaction takes first
+
+
+def lock_gateway_writes(conn: Any) -> None:
+    """On PostgreSQL, wait for the other gateways' write transactions (see PgDatabase); nothing on SQLite, whose
+    writer lock already does it."""
+    if pg_db.dialect(conn) == "postgresql":
+        conn.execute(f"SELECT pg_advisory_xact_lock({GATEWAY_WRITES_LOCK})")
+
+
 class PgDatabase(PgWriter):
-    """The gateway's writer over PostgreSQL: the same jobs as `Database`, shared by every gateway of the fleet."""
+    """The gateway's writer over PostgreSQL: the same jobs as `Database`, shared by every gateway of the fleet.
+
+    Each write transaction (a group-committed batch of jobs) first takes one advisory lock shared by every gateway,
+    so the gateways' batches commit one at a time, as SQLite's writer lock would have them: the jobs of one batch
+    lock budget, usage and claim rows in whatever order they come, and two batches doing that at once deadlock.
+    Batches grow under load, so this costs one commit's time per batch, not per call."""
+
+    _BEGIN = f"BEGIN; SELECT pg_advisory_xact_lock({GATEWAY_WRITES_LOCK})"
 
     def __init__(self, url: str, max_batch: int = 256, housekeeping: Any = None, housekeeping_s: float = 0.5) -> None:
         super().__init__(url, PG_MIGRATIONS, name="gateway-pg-writer", migrations_table=MIGRATIONS_TABLE,

@@ -99,8 +99,10 @@ async def test_kill_9_one_gateway_under_load(two: list[Proc], pg_url: str, fake_
         for i in range(n):
             rid = f"{name}-{i}"
             order = [victim, survivor] if i % 2 == 0 else [survivor, victim]
-            for attempt in range(8):
-                target = order[0] if attempt == 0 else survivor  # an agent moves on to the live gateway
+            # an agent moves on to the live gateway; a retry waiting on the dead one's claim gets DEADLINE_EXCEEDED
+            # (1 s, the upstream timeout) until the claim expires (timeout + 5 s), then runs afresh
+            for attempt in range(40):
+                target = order[0] if attempt == 0 else survivor
                 try:
                     reply = await clients[(target.address, name)].generate(f"call {rid}", request_id=rid, deadline=10)
                 except grpc.aio.AioRpcError as exc:

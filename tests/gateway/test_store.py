@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -133,34 +134,74 @@ def _answer(text: str) -> inference_pb2.GenerateResponse:
 
 
 async def test_a_request_id_is_answered_once_across_two_gateways(db: GatewayDb) -> None:
+    now = time.time()  # the waiter compares claim expiries with the wall clock
     a = Idempotency(db, window=3600, gateway_id="gw-a", hold_s=30, poll_s=0.01)
     b = Idempotency(db, window=3600, gateway_id="gw-b", hold_s=30, poll_s=0.01)
     key = ("d1", "r-1")
-    assert await a.lookup(key, NOW) is None  # a owns it
-    waiting = await b.lookup(key, NOW)  # b sees a's claim: it waits for a's answer
+    assert await a.lookup(key, now) is None  # a owns it
+    waiting = await b.lookup(key, now)  # b sees a's claim: it waits for a's answer
     assert isinstance(waiting, asyncio.Future)
-    await db.write(a.committer(key, _answer("once"), NOW))
-    a.finish(key, _answer("once"), NOW)
+    await db.write(a.committer(key, _answer("once"), now))
+    a.finish(key, _answer("once"), now)
     assert (await asyncio.wait_for(waiting, 5)).text == "once"
     again = Idempotency(db, window=3600, gateway_id="gw-c", hold_s=30)
-    found = await again.lookup(key, NOW + 1)  # a third gateway: the stored answer, no upstream call
+    found = await again.lookup(key, now + 1)  # a third gateway: the stored answer, no upstream call
     assert isinstance(found, inference_pb2.GenerateResponse) and found.text == "once"
-    assert await again.lookup(key, NOW + 7200) is None  # past the window: a new call
+    assert await again.lookup(key, now + 7200) is None  # past the window: a new call
 
 
 async def test_a_failed_or_dead_owner_lets_a_retry_run_afresh(db: GatewayDb) -> None:
+    now = time.time()  # the waiter compares claim expiries with the wall clock
     a = Idempotency(db, window=3600, gateway_id="gw-a", hold_s=30, poll_s=0.01)
     b = Idempotency(db, window=3600, gateway_id="gw-b", hold_s=30, poll_s=0.01)
     key = ("d1", "r-2")
-    assert await a.lookup(key, NOW) is None
-    waiting = await b.lookup(key, NOW)
+    assert await a.lookup(key, now) is None
+    waiting = await b.lookup(key, now)
     assert isinstance(waiting, asyncio.Future)
     a.fail(key, UpstreamError("boom"))  # releases the claim
     with pytest.raises(UpstreamError, match="ended without an answer"):
         await asyncio.wait_for(waiting, 5)
-    assert await b.lookup(key, NOW) is None  # the retry owns it now
+    assert await b.lookup(key, now) is None  # the retry owns it now
     dead_claim = ("d1", "r-3")
-    assert await a.lookup(dead_claim, NOW) is None  # a "dies" holding the claim: it expires after hold_s
-    assert isinstance(await b.lookup(dead_claim, NOW + 1), asyncio.Future)
+    assert await a.lookup(dead_claim, now) is None  # a "dies" holding the claim: it expires after hold_s
+    assert isinstance(await b.lookup(dead_claim, now + 1), asyncio.Future)
     c = Idempotency(db, window=3600, gateway_id="gw-c", hold_s=30)
-    assert await c.lookup(dead_claim, NOW + 31) is None  # expired: taken over
+    assert await c.lookup(dead_claim, now + 31) is None  # expired: taken over
+
+
+def test_two_gateways_batches_locking_rows_in_opposite_orders_do_not_deadlock(pg_url: str) -> None:
+    """Group commit puts several calls' jobs in one transaction, each locking its device's rows: gateway A's batch
+    (d1 then d2) and B's (d2 then d1) deadlocked PostgreSQL, and retrying the job cannot help while the batch's earlier
+    job keeps its lock. Every gateway batch now starts by taking one shared advisory lock."""
+    import concurrent.futures
+    import threading
+
+    from nanofleet.controller.gateway.db import PgDatabase
+
+    writers = [PgDatabase(pg_url), PgDatabase(pg_url)]
+    try:
+        writers[0].call(lambda c: c.execute(
+            "INSERT INTO budget_counts VALUES ('d', 'device', 'd1', '', 0, 0), ('d', 'device', 'd2', '', 0, 0)"))
+        locked = [threading.Event(), threading.Event()]
+        gates = [threading.Event(), threading.Event()]
+
+        def bump(me: int, device: str, first: bool) -> Any:
+            def job(conn: Any) -> None:
+                conn.execute("UPDATE budget_counts SET used = used + 1 WHERE device_id = ?", (device,))
+                if first:  # both batches hold their first row before either asks for its second
+                    locked[me].set()
+                    locked[1 - me].wait(2)
+            return job
+
+        futures: list[concurrent.futures.Future[Any]] = []
+        for me, order in ((0, ("d1", "d2")), (1, ("d2", "d1"))):
+            writers[me].submit(lambda c, g=gates[me]: g.wait(5))  # holds the writer thread: the next two batch up
+            futures += [writers[me].submit(bump(me, order[0], True)), writers[me].submit(bump(me, order[1], False))]
+        for gate in gates:
+            gate.set()
+        for future in futures:
+            future.result(timeout=30)  # raised DeadlockDetected before
+        assert writers[0].read(lambda c: c.execute("SELECT sum(used) FROM budget_counts").fetchone()[0]) == 4
+    finally:
+        for w in writers:
+            w.close()
