@@ -19,13 +19,12 @@ Not counted: the tokens of a call whose gateway died before it recorded them —
 no usage row says so; its reservation is released on expiry.
 
 Refusals are `BudgetRefused` (RESOURCE_EXHAUSTED): retry after the next UTC midnight when the settled tokens alone
-leave no room, after `BUSY_RETRY_S` when only reservations of calls in flight stand in the way.
+leave no room, after `rules.BUSY_RETRY_S` when only reservations of calls in flight stand in the way.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -37,13 +36,12 @@ from nanofleet.sqlite_db import DatabaseClosed
 
 from .db import GatewayDb, lock_gateway_writes, transaction
 from .errors import BudgetExceeded
-from .rules import Limits, Used, seconds_until_next_utc_day, utc_day
+from .rules import BudgetRefusal, Limits, Used, fit_output, utc_day
 from .upstreams.base import UpstreamRequest
 
 log = logging.getLogger("nanofleet.gateway")
 OUTPUT_RESERVE = 8192  # output tokens reserved (and passed upstream as max_output_tokens) when a request sets none
 HOLD_MARGIN_S = 5.0  # a reservation outlives the upstream timeout by this much before it may be released
-BUSY_RETRY_S = 1.0
 _MESSAGE_OVERHEAD = 4
 _SCOPES = (("app", "a"), ("device", "d"), ("fleet", "f"))  # lock order: the same on every gateway
 
@@ -170,10 +168,10 @@ class Budgets:
             out = wanted
             for scope, _letter, limit in scoped:
                 used, reserved = _row(conn, day, scope, device_id, app_id)
-                room = limit - used - reserved - prompt
-                if room < 1:
-                    raise _refusal(scope, used, reserved, limit, prompt, now)
-                out = min(out, room)
+                fit = fit_output(scope, used, reserved, limit, prompt, out, now)
+                if isinstance(fit, BudgetRefusal):
+                    raise BudgetRefused(scope, fit.message, fit.retry_after)
+                out = fit
             scopes = "".join(letter for _scope, letter, _limit in scoped)
             _add(conn, day, scopes, device_id, app_id, 0, prompt + out)
             conn.execute("INSERT INTO reservations VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -220,11 +218,3 @@ class Budgets:
 
         return self._db.read(read)
 
-
-def _refusal(scope: str, used: int, reserved: int, limit: int, prompt: int, now: float) -> BudgetRefused:
-    if used + prompt + 1 <= limit:  # only calls in flight stand in the way: soon
-        return BudgetRefused(scope, f"{scope} cloud budget busy: {reserved} of the {limit - used} tokens left today "
-                             f"(UTC) are held by calls in flight; retry in {BUSY_RETRY_S:.0f}s", BUSY_RETRY_S)
-    retry = seconds_until_next_utc_day(now)
-    return BudgetRefused(scope, f"{scope} cloud budget exhausted: {used} of {limit} tokens used today (UTC), this "
-                         f"call needs up to {prompt + 1}; retry in {math.ceil(retry)}s", retry)

@@ -17,7 +17,7 @@ from nanofleet.controller.gateway.budgets import BudgetRefused, Budgets
 from nanofleet.controller.gateway.db import GatewayDb, as_target, connection, open_store
 from nanofleet.controller.gateway.errors import UpstreamError
 from nanofleet.controller.gateway.idempotency import Idempotency
-from nanofleet.controller.gateway.rules import Limits
+from nanofleet.controller.gateway.rules import BUSY_RETRY_S, Limits
 from nanofleet.controller.gateway.usage import UsageLedger, UsageStore
 from nanofleet.protos import inference_pb2
 
@@ -82,7 +82,7 @@ async def test_refusals_say_whether_to_wait_for_calls_in_flight_or_for_midnight(
     assert held.max_output == 15  # the app's 20 minus the prompt: the output cap that fits
     with pytest.raises(BudgetRefused) as busy:
         await b.reserve("d1", "chat", limits, prompt=5, max_output=None, now=NOW)
-    assert busy.value.scope == "app" and busy.value.retry_after == budgets.BUSY_RETRY_S
+    assert busy.value.scope == "app" and busy.value.retry_after == BUSY_RETRY_S
     assert "held by calls in flight" in str(busy.value)
     other = await b.reserve("d1", "mail", limits, prompt=5, max_output=3, now=NOW)  # another app: its own budget
     b.release(held)
