@@ -149,7 +149,7 @@ class Budgets:
     """Reserve / settle / release against the shared budget rows (one writer job each)."""
 
     def __init__(self, db: GatewayDb, gateway_id: str, hold_s: float) -> None:
-        self._db = db
+        self.db = db
         self.gateway_id = gateway_id
         self.hold_s = hold_s
         self.release_errors = 0
@@ -178,7 +178,7 @@ class Budgets:
                          (rid, day, device_id, app_id, scopes, prompt + out, expires_ms, self.gateway_id))
             return Reservation(rid, day, device_id, app_id, scopes, prompt + out, out)
 
-        result: Reservation = await self._db.write(job)
+        result: Reservation = await self.db.write(job)
         return result
 
     def release(self, reservation: Reservation) -> None:
@@ -192,7 +192,7 @@ class Budgets:
                      -int(held[0]))
 
         try:
-            future = self._db.submit(job)
+            future = self.db.submit(job)
         except DatabaseClosed:  # shutdown: the reservation expires on its own
             self._failed(None)
             return
@@ -216,5 +216,5 @@ class Budgets:
             return Used(device=total(" AND device_id = ?", device_id),
                         app=total(" AND device_id = ? AND app_id = ?", device_id, app_id), fleet=total(""))
 
-        return self._db.read(read)
+        return self.db.read(read)
 

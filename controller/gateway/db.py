@@ -162,22 +162,27 @@ def open_db(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
-@contextlib.contextmanager
-def connection(target: Target) -> Iterator[Any]:
+def open_connection(target: Target) -> Any:
     """A migrated connection (sqlite3.Connection or nanofleet.pg_db.PgConn, same `?` SQL) for one-off work: the
-    CLI's token commands, `nanofleet enroll`, the controller's usage view."""
+    CLI's token commands, `nanofleet enroll`, the controller's usage view. The caller closes it."""
     where = as_target(target)
     if where.kind == "sqlite":
         assert where.path is not None
-        conn: Any = open_db(where.path)
-    else:
-        assert where.url is not None
-        conn = pg_db.connect(where.url, application_name="nanofleet-gateway-cli")
-        try:
-            pg_db.migrate(conn, PG_MIGRATIONS, table=MIGRATIONS_TABLE)
-        except BaseException:
-            conn.close()
-            raise
+        return open_db(where.path)
+    assert where.url is not None
+    conn = pg_db.connect(where.url, application_name="nanofleet-gateway-cli")
+    try:
+        pg_db.migrate(conn, PG_MIGRATIONS, table=MIGRATIONS_TABLE)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+@contextlib.contextmanager
+def connection(target: Target) -> Iterator[Any]:
+    """`open_connection` for a `with` block."""
+    conn = open_connection(target)
     try:
         yield conn
     finally:

@@ -355,6 +355,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                                     for d in self.tasks.deaths.values()))
         if self.bugs:
             parts.append(f"internal errors: {self.bugs} (last: {self.last_bug}, see the log)")
+        unreleased = self.ledger.budgets.release_errors + self.idem.claim_errors
+        if unreleased:
+            parts.append(f"budget reservations / request_id claims not released: {unreleased} (they expire; see the "
+                         "log)")
+        if self.ledger.budgets.db.housekeeping_errors:
+            parts.append(f"database housekeeping failed {self.ledger.budgets.db.housekeeping_errors}x (expired "
+                         "reservations are not being released; see the log)")
         return "; ".join(parts)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from nanofleet.config import Price
 
 from . import budgets
-from .db import GatewayDb, Target, connection
+from .db import GatewayDb, Target, open_connection
 from .rules import cost_usd, utc_day
 
 
@@ -39,8 +39,7 @@ class UsageStore:
     """Read access to the gateway's usage table; safe to share between threads."""
 
     def __init__(self, store: Target) -> None:
-        self._cm = connection(store)
-        self._conn = self._cm.__enter__()
+        self._conn = open_connection(store)
         self._lock = threading.Lock()
 
     def summary(self, day: str | None = None) -> list[UsageRow]:
@@ -53,7 +52,7 @@ class UsageStore:
 
     def close(self) -> None:
         with self._lock:
-            self._cm.__exit__(None, None, None)
+            self._conn.close()
 
 
 def _add(conn: Any, row: UsageRow) -> None:

@@ -205,3 +205,14 @@ def test_two_gateways_batches_locking_rows_in_opposite_orders_do_not_deadlock(pg
     finally:
         for w in writers:
             w.close()
+
+
+async def test_a_release_that_cannot_be_written_is_counted_and_expires(store_url: str) -> None:
+    db = await asyncio.to_thread(open_store, store_url)
+    b = Budgets(db, "gw-a", hold_s=1)
+    held = await b.reserve("d1", "", Limits(100, None, None), prompt=5, max_output=10, now=NOW)
+    await asyncio.to_thread(db.close)
+    b.release(held)  # the writer is closed (shutdown): counted, logged; the reservation expires on its own
+    assert b.release_errors == 1
+    with connection(store_url) as conn:
+        assert budgets.release_expired(conn, int((NOW + 2) * 1000)) == 1
