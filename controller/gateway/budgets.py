@@ -41,7 +41,7 @@ from .upstreams.base import UpstreamRequest
 
 log = logging.getLogger("nanofleet.gateway")
 OUTPUT_RESERVE = 8192  # output tokens reserved (and passed upstream as max_output_tokens) when a request sets none
-HOLD_MARGIN_S = 5.0  # a reservation outlives the upstream timeout by this much before it may be released
+HOLD_MARGIN_S = 2.0  # a reservation outlives the upstream timeout by this much (the settle write, clock skew)
 _MESSAGE_OVERHEAD = 4
 _SCOPES = (("app", "a"), ("device", "d"), ("fleet", "f"))  # lock order: the same on every gateway
 

@@ -100,7 +100,7 @@ async def test_kill_9_one_gateway_under_load(two: list[Proc], pg_url: str, fake_
             rid = f"{name}-{i}"
             order = [victim, survivor] if i % 2 == 0 else [survivor, victim]
             # an agent moves on to the live gateway; a retry waiting on the dead one's claim gets DEADLINE_EXCEEDED
-            # (1 s, the upstream timeout) until the claim expires (timeout + 5 s), then runs afresh
+            # (1 s, the upstream timeout) until the claim expires (timeout + 2 s), then runs afresh
             for attempt in range(40):
                 target = order[0] if attempt == 0 else survivor
                 try:
