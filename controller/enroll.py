@@ -29,6 +29,7 @@ from nanofleet.broker import (
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
 from nanofleet.controller.gateway.auth import issue_token, token_is_active
 from nanofleet.params import DEVICE_ID
+from nanofleet.pg_db import is_postgres
 from nanofleet.protos import topics
 
 
@@ -41,6 +42,13 @@ class AgentYaml:
 
 def gateway_db(state_dir: Path) -> Path:
     return state_dir / "gateway" / "gateway.db"
+
+
+def gateway_store(cfg: FleetConfig, state_dir: Path) -> str | Path:
+    """Where device tokens go: fleet.yaml's store.url when it is PostgreSQL (the database the fleet's gateways
+    share), else the state folder's gateway.db."""
+    url = cfg.store.url
+    return url if url and is_postgres(url) else gateway_db(state_dir)
 
 
 def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_url: str,
@@ -60,12 +68,14 @@ def enroll_device(cfg: FleetConfig, state_dir: Path, device_id: str, *, broker_u
     previous = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else {}
     accounts = BrokerAccounts(state_dir, cfg.fleet)
     token = previous.get("gateway_token")
-    replaced = token is not None and not token_is_active(gateway_db(state_dir), str(token))
+    store = gateway_store(cfg, state_dir)
+    replaced = token is not None and not token_is_active(store, str(token))
     if replaced:
         token = None  # revoked (`nanofleet revoke`, `gateway token revoke`): a fresh one, never the dead one
     if not token:
-        gateway_db(state_dir).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        token = issue_token(gateway_db(state_dir), device_id, cfg.fleet, cfg.group_of(device_id))
+        if isinstance(store, Path):
+            store.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        token = issue_token(store, device_id, cfg.fleet, cfg.group_of(device_id))
     profile = cfg.profile_for(device_id)
     paths: dict[str, Path | bool] = {}
     if local:
@@ -252,7 +262,8 @@ def revoke(device_id: str, config_path: Path, state_dir: Path | None, controller
     accounts = BrokerAccounts(state, cfg.fleet)
     account = accounts.remove(device_id)
     reloaded, broker_line = sync_broker(cfg, state, drop=(device_id,))
-    tokens = revoke_token(gateway_db(state), device_id) if gateway_db(state).exists() else 0
+    gateway = gateway_store(cfg, state)
+    tokens = revoke_token(gateway, device_id) if not isinstance(gateway, Path) or gateway.exists() else 0
     db = (controller_dir or state / "controller") / "controller.db"
     if not (account or tokens or is_known(db, device_id)):
         raise click.ClickException(f"nothing to revoke: {device_id} has no broker account or gateway token in {state} "

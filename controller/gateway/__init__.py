@@ -1,9 +1,11 @@
 """The gateway: gRPC `Inference` for devices — auth, policy and budget enforcement, Gemini Flash upstream.
 
 Public surface (other parts call these):
-- `issue_token(db_path, device_id, fleet, group=None) -> str`, `revoke_token`, `list_tokens` (device tokens)
-- `UsageStore(path).summary(day=None) -> list[UsageRow]` (usage accounting, read side)
-- `Gateway(config, data_dir, listen=..., tls_cert=..., tls_key=...)` (async context manager; `db_path`, `address`)
+- `issue_token(store, device_id, fleet, group=None) -> str`, `revoke_token`, `list_tokens` (device tokens); `store`
+  is a SQLite file's path, a store URL (`postgresql://…`, `sqlite:///…`) or a nanofleet.store_url.StoreTarget
+- `UsageStore(store).summary(day=None) -> list[UsageRow]` (usage accounting, read side)
+- `Gateway(config, data_dir, listen=..., tls_cert=..., tls_key=..., store=...)` (async context manager; `store`,
+  `db_path`, `address`)
 - `GatewayError` and its tree (`errors`)
 
 `Gateway` is imported lazily so reading usage or issuing a token does not load grpc servers or google-genai.

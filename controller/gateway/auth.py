@@ -2,6 +2,8 @@
 
 A token is 256 random bits, so one SHA-256 of it is as strong as a slow password hash (nothing to brute-force) and
 cheap enough to check on every call. Issuing a token for a device revokes its previous one.
+The functions below take the gateway's store: a SQLite file's path (as always), a store URL
+(`postgresql://…`, `sqlite:///…`) or a nanofleet.store_url.StoreTarget.
 """
 
 from __future__ import annotations
@@ -9,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
-from .db import Database, open_db
+from .db import GatewayDb, Target, as_target, connection, transaction
 from .errors import InvalidRequest, PermissionDenied, Unauthenticated
 
 TOKEN_PREFIX = "nft_"
@@ -53,47 +54,36 @@ def _check_id(field: str, value: str | None, optional: bool = False) -> None:
         raise InvalidRequest(f"{field}: expected letters, digits and . _ : - (1-128 characters), got {value!r}")
 
 
-def _issue(conn: sqlite3.Connection, device_id: str, fleet: str, group: str | None, token_hash: str) -> None:
+def _issue(conn: Any, device_id: str, fleet: str, group: str | None, token_hash: str) -> None:
     now = int(time.time() * 1000)
     conn.execute("UPDATE tokens SET revoked_ms = ? WHERE device_id = ? AND revoked_ms IS NULL", (now, device_id))
     conn.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, NULL)", (token_hash, device_id, fleet, group, now))
 
 
-def issue_token(db_path: str | Path, device_id: str, fleet: str, group: str | None = None) -> str:
+def issue_token(store: Target, device_id: str, fleet: str, group: str | None = None) -> str:
     """Issue a new token for `device_id` (revoking its previous one) and return it; only its hash is stored."""
     _check_id("device_id", device_id)
     _check_id("fleet", fleet)
     _check_id("group", group, optional=True)
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    conn = open_db(db_path)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
+    with connection(store) as conn, transaction(conn):
         _issue(conn, device_id, fleet, group, hash_token(token))
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
     return token
 
 
-def revoke_token(db_path: str | Path, device_id: str) -> int:
+def revoke_token(store: Target, device_id: str) -> int:
     """Revoke every active token of `device_id`; returns how many were revoked (0: none was active)."""
-    conn = open_db(db_path)
-    try:
+    with connection(store) as conn:
         cur = conn.execute("UPDATE tokens SET revoked_ms = ? WHERE device_id = ? AND revoked_ms IS NULL",
                            (int(time.time() * 1000), device_id))
-        return cur.rowcount
-    finally:
-        conn.close()
+        return int(cur.rowcount)
 
 
-def list_tokens(db_path: str | Path) -> list[TokenInfo]:
+def list_tokens(store: Target) -> list[TokenInfo]:
     """Every token ever issued (never the hashes), newest first per device."""
-    conn = open_db(db_path)
-    try:
+    with connection(store) as conn:
         rows = conn.execute("SELECT device_id, fleet, grp, created_ms, revoked_ms FROM tokens "
                             "ORDER BY device_id, created_ms DESC").fetchall()
-    finally:
-        conn.close()
     return [TokenInfo(*row) for row in rows]
 
 
@@ -116,7 +106,7 @@ class Authenticator:
     Revocations made by this process take effect at once; those made by another process (the CLI) within the TTL.
     """
 
-    def __init__(self, db: Database, fleet: str, cache_ttl: float = 2.0) -> None:
+    def __init__(self, db: GatewayDb, fleet: str, cache_ttl: float = 2.0) -> None:
         self._db = db
         self._fleet = fleet
         self._ttl = cache_ttl
@@ -144,7 +134,7 @@ class Authenticator:
         return identity
 
 
-def _lookup(conn: sqlite3.Connection, token_hash: str) -> tuple[DeviceIdentity | None, str]:
+def _lookup(conn: Any, token_hash: str) -> tuple[DeviceIdentity | None, str]:
     row = conn.execute("SELECT device_id, fleet, grp, revoked_ms FROM tokens WHERE token_hash = ?",
                        (token_hash,)).fetchone()
     if row is None:
@@ -155,13 +145,11 @@ def _lookup(conn: sqlite3.Connection, token_hash: str) -> tuple[DeviceIdentity |
     return DeviceIdentity(device_id, fleet, group), ""
 
 
-def token_is_active(db_path: str | Path, token: str) -> bool:
+def token_is_active(store: Target, token: str) -> bool:
     """True if `token` was issued here and is not revoked (`nanofleet enroll` must not hand out a dead one)."""
-    if not Path(db_path).exists():
+    where = as_target(store)
+    if where.kind == "sqlite" and (where.path is None or not where.path.exists()):
         return False
-    conn = open_db(db_path)
-    try:
+    with connection(where) as conn:
         row = conn.execute("SELECT revoked_ms FROM tokens WHERE token_hash = ?", (hash_token(token),)).fetchone()
-    finally:
-        conn.close()
     return row is not None and row[0] is None

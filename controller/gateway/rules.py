@@ -62,17 +62,25 @@ class Used:
     fleet: int
 
 
+BUSY_RETRY_S = 1.0  # when only calls in flight hold what is left of a budget
+
+
 @dataclass(frozen=True)
 class BudgetRefusal:
     scope: str  # device | app | fleet
-    used: int
+    used: int  # settled tokens today
+    reserved: int  # held by calls in flight (on every gateway)
     limit: int
+    need: int  # the least this call needs: its prompt bound + 1 output token
     retry_after: float
 
     @property
     def message(self) -> str:
-        return (f"{self.scope} cloud budget exhausted: {self.used} of {self.limit} tokens used today (UTC); "
-                f"retry in {math.ceil(self.retry_after)}s")
+        if self.retry_after == BUSY_RETRY_S:
+            return (f"{self.scope} cloud budget busy: {self.reserved} of the {self.limit - self.used} tokens left "
+                    f"today (UTC) are held by calls in flight; retry in {math.ceil(self.retry_after)}s")
+        return (f"{self.scope} cloud budget exhausted: {self.used} of {self.limit} tokens used today (UTC), this call "
+                f"needs up to {self.need}; retry in {math.ceil(self.retry_after)}s")
 
 
 def limits_for(profile: Profile, app_id: str, app_default: int | None, fleet_limit: int | None) -> Limits:
@@ -82,14 +90,17 @@ def limits_for(profile: Profile, app_id: str, app_default: int | None, fleet_lim
     return Limits(device=profile.routing.cloud_budget.tokens_per_day, app=app_limit, fleet=fleet_limit)
 
 
-def check_budget(used: Used, limits: Limits, now: float) -> BudgetRefusal | None:
-    """Refuse once a budget is used up (used >= limit); the fleet first, since it blocks every device."""
-    for scope in ("fleet", "device", "app"):
-        limit = getattr(limits, scope)
-        spent = getattr(used, scope)
-        if limit is not None and spent >= limit:
-            return BudgetRefusal(scope, spent, limit, seconds_until_next_utc_day(now))
-    return None
+def fit_output(scope: str, used: int, reserved: int, limit: int, prompt: int, wanted: int,
+               now: float) -> int | BudgetRefusal:
+    """The output tokens a call may reserve on one budget: what it wants, capped so that the settled tokens, the
+    reservations in flight, its prompt bound and its output stay within `limit`; a refusal when not even one output
+    token fits — retry at UTC midnight, or in BUSY_RETRY_S when only calls in flight stand in the way."""
+    room = limit - used - reserved - prompt
+    if room >= 1:
+        return min(wanted, room)
+    busy = used + prompt + 1 <= limit
+    return BudgetRefusal(scope, used, reserved, limit, prompt + 1,
+                         BUSY_RETRY_S if busy else seconds_until_next_utc_day(now))
 
 
 def retry_delay(message: str | None, details: Any = None, header: str | None = None) -> float | None:

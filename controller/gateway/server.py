@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
+import secrets
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -26,10 +27,12 @@ from grpc_health.v1._async import HealthServicer
 from nanofleet.config import FleetConfig
 from nanofleet.config import Upstream as UpstreamConfig
 from nanofleet.protos import inference_pb2_grpc
+from nanofleet.store_url import StoreTarget
 from nanofleet.tcp import is_loopback
 
+from . import budgets
 from .auth import Authenticator
-from .db import Database
+from .db import DB_NAME, GatewayDb, as_target, gateway_target, open_store
 from .errors import GatewayError
 from .idempotency import Idempotency
 from .metrics import GatewayMetrics, MetricsApp
@@ -42,7 +45,7 @@ log = logging.getLogger("nanofleet.gateway")
 INFERENCE_SERVICE = "nanofleet.v1.Inference"
 UPSTREAM_SERVICE = "nanofleet.gateway.Upstream"
 DETAIL_KEY = "nanofleet-detail"
-DB_NAME = "gateway.db"  # `nanofleet enroll` / `up` issue tokens into DATA_DIR/gateway.db
+__all__ = ["DB_NAME", "Gateway", "ListenError", "build_upstream"]
 
 
 class ListenError(GatewayError):
@@ -86,15 +89,22 @@ class _DetailedHealth(HealthServicer):
 
 
 class Gateway:
-    """One gateway: `async with Gateway(config, data_dir) as gw:` serves on `gw.address` until the block ends."""
+    """One gateway: `async with Gateway(config, data_dir) as gw:` serves on `gw.address` until the block ends.
+
+    Its state lives in `store` (a URL or StoreTarget; `--store`), else in fleet.yaml's `store.url` when that is
+    PostgreSQL (shared with the controller and the other gateways), else in DATA_DIR/gateway.db. A `sqlite:///`
+    store.url in fleet.yaml names the controller's file, so it is not the gateway's (one writer per SQLite file)."""
 
     def __init__(self, config: FleetConfig, data_dir: str | Path, *, listen: str | None = None,
                  tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
                  upstream: Upstream | None = None, env: Mapping[str, str] | None = None, grace: float = 10.0,
                  retry_base_delay: float = 0.25, auth_cache_ttl: float = 2.0,
-                 metrics_listen: str | None = None) -> None:
+                 metrics_listen: str | None = None, store: str | Path | StoreTarget | None = None) -> None:
         self.config = config
         self.data_dir = Path(data_dir)
+        shared = config.store.url if config.store.url and not config.store.url.startswith("sqlite:") else None
+        self.store = as_target(store) if store is not None else gateway_target(shared, self.data_dir)
+        self.gateway_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.listen = listen or config.gateway.listen
         self.tls = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
         if bool(tls_cert) != bool(tls_key):
@@ -119,14 +129,15 @@ class Gateway:
         self.upstream = RetryingUpstream(inner, max_retries=cfg.max_retries, base_delay=retry_base_delay)
         self._auth_ttl = auth_cache_ttl
         self.port = 0
-        self.db: Database | None = None
+        self.db: GatewayDb | None = None
         self.service: InferenceService | None = None
         self.health = _DetailedHealth()
         self._server: grpc.aio.Server | None = None
 
     @property
     def db_path(self) -> Path:
-        return self.data_dir / DB_NAME
+        """The SQLite file (the store's path; DATA_DIR/gateway.db when the store is PostgreSQL, unused then)."""
+        return self.store.path if self.store.path is not None else self.data_dir / DB_NAME
 
     @property
     def address(self) -> str:
@@ -138,15 +149,14 @@ class Gateway:
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = db = await asyncio.to_thread(Database, self.db_path)
         gw = self.config.gateway
-        ledger = UsageLedger(db, gw.prices_per_million)
+        self.db = db = await asyncio.to_thread(open_store, self.store, budgets.housekeeping(gw.idempotency_window),
+                                               1.0)
+        hold_s = gw.upstream.timeout + budgets.HOLD_MARGIN_S  # no call of ours outlives its upstream timeout
+        ledger = UsageLedger(db, gw.prices_per_million, budgets.Budgets(db, self.gateway_id, hold_s))
         metrics = self.metrics
         ledger.on_record = lambda row: metrics.charged(row.model, row.input_tokens, row.output_tokens, row.cost_usd)
-        idem = Idempotency(db, gw.idempotency_window)
-        now = time.time()
-        await asyncio.to_thread(ledger.load, now)
-        await asyncio.to_thread(idem.load, now)
+        idem = Idempotency(db, gw.idempotency_window, gateway_id=self.gateway_id, hold_s=hold_s)
         self.service = InferenceService(self.config, self.upstream, Authenticator(db, self.config.fleet,
                                         self._auth_ttl), ledger, idem, metrics=self.metrics)
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 8 << 20)])

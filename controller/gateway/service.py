@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -28,7 +29,8 @@ from nanofleet.tasks import TaskSupervisor
 
 from . import rules
 from .auth import Authenticator, DeviceIdentity
-from .errors import BudgetExceeded, DeadlineExceeded, GatewayError, InternalError, PolicyRefused, UpstreamError
+from .budgets import BudgetRefused, Reservation, input_bound
+from .errors import DeadlineExceeded, GatewayError, InternalError, PolicyRefused, UpstreamError
 from .idempotency import Idempotency
 from .metrics import GatewayMetrics
 from .requests import count_request, pick_model, to_upstream
@@ -62,6 +64,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self._offered = frozenset(gw.prices_per_million)
         self.metrics = metrics or GatewayMetrics()
         self.metrics.watch(lambda: self.upstream.retries, lambda: self.bugs)
+        self.idem.spawn = self._spawn
 
     # -- helpers -------------------------------------------------------------------------------------------------
 
@@ -142,15 +145,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             raise UpstreamError(self.upstream.unavailable)
         return identity, upstream_request
 
-    def _check_budget(self, identity: DeviceIdentity, app_id: str) -> None:
-        now = self.clock()
+    async def _reserve(self, identity: DeviceIdentity, app_id: str, up_req: UpstreamRequest,
+                       ) -> tuple[Reservation, UpstreamRequest]:
+        """Hold the call's worst case on its budgets (shared by every gateway: nanofleet.controller.gateway.budgets);
+        the upstream gets the output cap that fits."""
         budgets = self.config.gateway.budgets
         limits = rules.limits_for(self.profile_of(identity), app_id, budgets.app_tokens_per_day,
                                   budgets.fleet_tokens_per_day)
-        refusal = rules.check_budget(self.ledger.used(identity.device_id, app_id, now), limits, now)
-        if refusal is not None:
+        try:
+            held = await self.ledger.budgets.reserve(identity.device_id, app_id, limits, input_bound(up_req),
+                                                     up_req.max_output_tokens, self.clock())
+        except BudgetRefused as refusal:
             self.metrics.budget_refusals.labels(refusal.scope).inc()
-            raise BudgetExceeded(refusal.message, refusal.retry_after)
+            raise
+        if held.max_output != up_req.max_output_tokens:
+            up_req = dataclasses.replace(up_req, max_output_tokens=held.max_output)
+        return held, up_req
 
     @contextlib.contextmanager
     def _timed(self, method: str) -> Iterator[None]:
@@ -192,8 +202,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             if isinstance(found, inference_pb2.GenerateResponse):
                 self.metrics.calls.labels("Generate", "OK").inc()
                 return found
-            if found is None:
-                self.idem.start(key)
+            if found is None:  # this call owns the request_id now
                 found = self.idem.peek(key, self.clock())
                 # the upstream call gets the gateway's cap, not this caller's deadline: if the device gives up,
                 # the answer still lands once and its retry (same request_id) gets it without a second charge
@@ -212,27 +221,32 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def _generate(self, identity: DeviceIdentity, request: inference_pb2.GenerateRequest,
                         up_req: UpstreamRequest, seconds: float, key: tuple[str, str] | None,
                         ) -> inference_pb2.GenerateResponse:
+        held: Reservation | None = None
         try:
-            self._check_budget(identity, request.app_id)
+            held, up_req = await self._reserve(identity, request.app_id, up_req)
             self.upstream_calls += 1
             deadline = time.monotonic() + seconds
             with self._timed("Generate"):
                 result = await self._within(seconds, self.upstream.generate(up_req, deadline=deadline))
             response = _response(request.request_id, result)
-            await self._account(identity, request.app_id, result, response, key)
+            await self._account(identity, request.app_id, result, response, key, held)
+            held = None
             return response
         except BaseException as exc:
+            if held is not None:
+                self.ledger.budgets.release(held)
             error = exc if key is None else self._fail_key(key, exc, "call")
             if error is exc:
                 raise
             raise error from exc
 
     async def _account(self, identity: DeviceIdentity, app_id: str, result: UpstreamResult,
-                       response: inference_pb2.GenerateResponse | None, key: tuple[str, str] | None) -> None:
+                       response: inference_pb2.GenerateResponse | None, key: tuple[str, str] | None,
+                       held: Reservation) -> None:
         now = self.clock()
         also = self.idem.committer(key, response, now) if key is not None and response is not None else None
         await self.ledger.record(identity.device_id, app_id, result.model, result.input_tokens, result.output_tokens,
-                                 now, also)
+                                 now, also, held)
         if key is not None and response is not None:
             self.idem.finish(key, response, now)
 
@@ -253,7 +267,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     yield _replay(found)
                     self.metrics.calls.labels("GenerateStream", "OK").inc()
                     return
-                self.idem.start(key)
             async for chunk in self._stream(identity, request, up_req, deadline, key):
                 yield chunk
             self.metrics.calls.labels("GenerateStream", "OK").inc()
@@ -267,8 +280,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                       ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         seen: list[UpstreamChunk] = []
         finished = False
+        held: Reservation | None = None
         try:
-            self._check_budget(identity, request.app_id)
+            held, up_req = await self._reserve(identity, request.app_id, up_req)
             self.upstream_calls += 1
             chunks = self.upstream.stream(up_req, deadline=deadline)
             try:
@@ -289,14 +303,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             yield inference_pb2.GenerateChunk(request_id=request.request_id, finish_reason=result.finish_reason,
                                               usage=response.usage, model=result.model)
             finished = True
-            await self._account(identity, request.app_id, result, response, key)
+            await self._account(identity, request.app_id, result, response, key, held)
         except BaseException as exc:
             error = exc if key is None else self._fail_key(key, exc, "stream")
-            if not finished and seen:  # charged upstream even if the device went away: count what we know
+            if not finished and seen and held is not None:  # charged upstream even if the device went away
                 partial = _fold(seen, up_req.model)
                 self._spawn(self.ledger.record(identity.device_id, request.app_id, partial.model,
-                                               partial.input_tokens, partial.output_tokens, self.clock()),
-                            "record-partial-usage")
+                                               partial.input_tokens, partial.output_tokens, self.clock(),
+                                               reservation=held), "record-partial-usage")
+            elif held is not None and not finished:
+                self.ledger.budgets.release(held)
             if error is exc:
                 raise
             raise error from exc
@@ -339,6 +355,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                                     for d in self.tasks.deaths.values()))
         if self.bugs:
             parts.append(f"internal errors: {self.bugs} (last: {self.last_bug}, see the log)")
+        unreleased = self.ledger.budgets.release_errors + self.idem.claim_errors
+        if unreleased:
+            parts.append(f"budget reservations / request_id claims not released: {unreleased} (they expire; see the "
+                         "log)")
+        if self.ledger.budgets.db.housekeeping_errors:
+            parts.append(f"database housekeeping failed {self.ledger.budgets.db.housekeeping_errors}x (expired "
+                         "reservations are not being released; see the log)")
         return "; ".join(parts)
 
 

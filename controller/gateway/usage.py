@@ -1,23 +1,23 @@
 """Usage accounting: tokens in/out per UTC day, device, app and model, with their cost.
 
-`UsageStore(path).summary(day)` is the read side the controller's REST API uses (any process, any thread).
-`UsageLedger` is the gateway's side: it writes through the one writer and keeps today's totals in memory, so a
-budget check costs no SQLite read.
+`UsageStore(store).summary(day)` is the read side the controller's REST API and the CLI use (any process, any
+thread; a SQLite path, a store URL or a StoreTarget). `UsageLedger` is the gateway's side: one writer job per call
+commits the usage row, settles the call's budget reservation (nanofleet.controller.gateway.budgets) and, through
+`also`, the idempotent answer — all in one transaction, so an answered call is counted exactly once.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
-from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 from nanofleet.config import Price
 
-from .db import Database, open_db
-from .rules import Used, cost_usd, utc_day
+from . import budgets
+from .db import GatewayDb, Target, open_connection
+from .rules import cost_usd, utc_day
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ _SELECT = ("SELECT day, device_id, app_id, model, requests, input_tokens, output
 class UsageStore:
     """Read access to the gateway's usage table; safe to share between threads."""
 
-    def __init__(self, path: str | Path) -> None:
-        self._conn = open_db(path)
+    def __init__(self, store: Target) -> None:
+        self._conn = open_connection(store)
         self._lock = threading.Lock()
 
     def summary(self, day: str | None = None) -> list[UsageRow]:
@@ -47,72 +47,43 @@ class UsageStore:
         sql = _SELECT + (" WHERE day = ?" if day else "") + " ORDER BY day DESC, device_id, app_id, model"
         with self._lock:
             rows = self._conn.execute(sql, (day,) if day else ()).fetchall()
-        return [UsageRow(*row) for row in rows]
+        return [UsageRow(day, dev, app, model, int(n), int(i), int(o), float(c))
+                for day, dev, app, model, n, i, o, c in rows]
 
     def close(self) -> None:
         with self._lock:
             self._conn.close()
 
 
-def _add(conn: sqlite3.Connection, row: UsageRow) -> None:
+def _add(conn: Any, row: UsageRow) -> None:
     conn.execute(
         "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, device_id, app_id, model) DO UPDATE SET "
-        "requests = requests + excluded.requests, input_tokens = input_tokens + excluded.input_tokens, "
-        "output_tokens = output_tokens + excluded.output_tokens, cost_usd = cost_usd + excluded.cost_usd",
+        "requests = usage.requests + excluded.requests, input_tokens = usage.input_tokens + excluded.input_tokens, "
+        "output_tokens = usage.output_tokens + excluded.output_tokens, cost_usd = usage.cost_usd + excluded.cost_usd",
         (row.day, row.device_id, row.app_id, row.model, row.requests, row.input_tokens, row.output_tokens,
          row.cost_usd),
     )
 
 
 class UsageLedger:
-    """Today's token totals in memory (for budgets) over the usage table (for accounting)."""
+    """The usage table and the budget rows, written together for each answered (or partly streamed) call."""
 
-    def __init__(self, db: Database, prices: Mapping[str, Price]) -> None:
+    def __init__(self, db: GatewayDb, prices: Mapping[str, Price], budgets_: budgets.Budgets | None = None) -> None:
         self._db = db
         self._prices = prices
-        self._day = ""
-        self._device: dict[str, int] = defaultdict(int)
-        self._app: dict[tuple[str, str], int] = defaultdict(int)
-        self._fleet = 0
+        self.budgets = budgets_ or budgets.Budgets(db, "gateway", hold_s=60.0)
         self.on_record: Callable[[UsageRow], None] | None = None  # after each commit: the gateway's metrics
 
-    def load(self, now: float) -> None:
-        """Rebuild today's totals from the table (at start, so a restart does not refill budgets)."""
-        day = utc_day(now)
-        rows = self._db.read(lambda conn: conn.execute(
-            "SELECT device_id, app_id, SUM(input_tokens + output_tokens) FROM usage WHERE day = ? "
-            "GROUP BY device_id, app_id", (day,)).fetchall())
-        self._reset(day)
-        for device_id, app_id, tokens in rows:
-            self._count(device_id, app_id, int(tokens or 0))
-
-    def _reset(self, day: str) -> None:
-        self._day = day
-        self._device.clear()
-        self._app.clear()
-        self._fleet = 0
-
-    def _count(self, device_id: str, app_id: str, tokens: int) -> None:
-        self._device[device_id] += tokens
-        self._app[(device_id, app_id)] += tokens
-        self._fleet += tokens
-
-    def used(self, device_id: str, app_id: str, now: float) -> Used:
-        if utc_day(now) != self._day:
-            self._reset(utc_day(now))
-        return Used(device=self._device.get(device_id, 0), app=self._app.get((device_id, app_id), 0),
-                    fleet=self._fleet)
-
     async def record(self, device_id: str, app_id: str, model: str, input_tokens: int, output_tokens: int,
-                     now: float, also: Callable[[sqlite3.Connection], None] | None = None) -> UsageRow:
-        """Count one upstream call (totals at once, the row after COMMIT); `also` commits in the same transaction."""
-        self.used(device_id, app_id, now)  # rolls the day over if needed
-        self._count(device_id, app_id, input_tokens + output_tokens)
+                     now: float, also: Callable[[Any], None] | None = None,
+                     reservation: budgets.Reservation | None = None) -> UsageRow:
+        """Count one upstream call and settle its reservation in one transaction; `also` commits with them."""
         row = UsageRow(utc_day(now), device_id, app_id, model, 1, input_tokens, output_tokens,
                        cost_usd(model, input_tokens, output_tokens, self._prices))
 
-        def job(conn: sqlite3.Connection) -> None:
+        def job(conn: Any) -> None:
             _add(conn, row)
+            budgets.settle(conn, reservation, device_id, app_id, input_tokens + output_tokens, now)
             if also is not None:
                 also(conn)
 

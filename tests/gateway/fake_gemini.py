@@ -1,8 +1,8 @@
 """A fake Gemini API: a real HTTP/1.1 server on loopback speaking the Gemini REST wire format that google-genai uses
 (POST /v1beta/models/{model}:generateContent, :streamGenerateContent?alt=sse, :countTokens).
 
-By default it echoes the last user message; tests queue `Reply`s to script errors, delays and malformed answers,
-and read `requests` to assert what our code sent.
+By default it echoes the last user message (one token a word, cut at generationConfig.maxOutputTokens); tests queue
+`Reply`s to script errors, delays and malformed answers, and read `requests` to assert what our code sent.
 """
 
 from __future__ import annotations
@@ -154,6 +154,9 @@ class FakeGemini:
             if content.get("role") == "user":
                 last = " ".join(p.get("text", "") for p in content.get("parts", []))
         text = f"echo: {last}"
+        cap = (body.get("generationConfig") or {}).get("maxOutputTokens")
+        if cap and len(text.split(" ")) > cap:  # one token a word, as Gemini honours maxOutputTokens
+            text = " ".join(text.split(" ")[:cap])
         if match["method"] == "generateContent":
             return self._send(h, Reply(body=answer(text, model=match["model"])))
         if reply.chunks is None:

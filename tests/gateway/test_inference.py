@@ -141,18 +141,45 @@ async def test_budget_exhausted_until_next_utc_day(make_gateway: MakeGateway, bu
                                                    scope: str) -> None:
     gw = await make_gateway(**budgets)
     client = gw.client("dev-1")
-    await client.generate("a b c d e", app_id=app)  # 5 in + 6 out = 11 tokens: under 12, over 10
-    if scope != "app":
-        await client.generate("a", app_id=app)  # 5 + 2 = 7 more: now over
-    with pytest.raises(grpc.aio.AioRpcError) as over:
+    # "a" reserves 5 (its UTF-8 byte + 4) + the output that fits; the fake answers 5 + 2 ("echo: a") = 7 tokens
+    await client.generate("a", app_id=app)
+    with pytest.raises(grpc.aio.AioRpcError) as over:  # 12 - 7 leaves no room for a 5-token prompt + 1
         await client.generate("a", app_id=app)
     assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert f"{scope} cloud budget exhausted" in over.value.details()
     delay = _retry_after(over.value)
     assert abs(delay - _seconds_to_midnight()) < 5
     assert f"retry in {delay}s" in over.value.details()
+    assert _used(gw.gateway.db_path) == 7
     if scope == "app":  # another app of the same device still has budget
         await client.generate("a", app_id="com.example.chat")
+
+
+def _used(store: object) -> int:
+    usage = UsageStore(store)  # type: ignore[arg-type]
+    try:
+        return sum(r.input_tokens + r.output_tokens for r in usage.summary())
+    finally:
+        usage.close()
+
+
+async def test_the_output_is_capped_at_what_the_budget_has_left(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway(device_budget=7)
+    client = gw.client("dev-1")
+    answer = await client.generate("a", config={"max_output_tokens": 50})  # reserves 5 (prompt bound) + 2
+    assert gw.fake.calls()[0].body["generationConfig"]["maxOutputTokens"] == 2
+    assert answer.usage.total_tokens == 7 == _used(gw.gateway.db_path)
+    with pytest.raises(grpc.aio.AioRpcError) as over:
+        await client.generate("a")
+    assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(gw.fake.calls()) == 1
+
+
+async def test_a_call_without_max_output_tokens_is_capped_at_the_output_reserve(make_gateway: MakeGateway) -> None:
+    from nanofleet.controller.gateway.budgets import OUTPUT_RESERVE
+
+    gw = await make_gateway()
+    await gw.client("dev-1").generate("a b")
+    assert gw.fake.calls()[0].body["generationConfig"]["maxOutputTokens"] == OUTPUT_RESERVE
 
 
 async def test_gemini_429_passes_its_retry_delay_without_retrying(make_gateway: MakeGateway) -> None:

@@ -36,7 +36,7 @@ async def _scrape(port: int, token: str | None = None) -> httpx.Response:
 
 
 async def test_calls_tokens_cost_latency_and_refusals_are_exposed(make_gateway: MakeGateway) -> None:
-    gw = await make_gateway(device_budget=15, metrics_listen="127.0.0.1:0")
+    gw = await make_gateway(device_budget=22, metrics_listen="127.0.0.1:0")
     port = gw.gateway.metrics_port
     assert port > 0
     before = samples((await _scrape(port)).text)
@@ -45,7 +45,7 @@ async def test_calls_tokens_cost_latency_and_refusals_are_exposed(make_gateway: 
     await client.generate("a b c d e")  # 5 in, 6 out
     chunks = await client.stream("a")
     assert chunks[-1].usage.total_tokens > 0
-    with pytest.raises(grpc.aio.AioRpcError) as over:  # the device's 15 tokens are spent
+    with pytest.raises(grpc.aio.AioRpcError) as over:  # 18 of 22 spent: no room for 5 + 1
         await client.generate("a")
     assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     with pytest.raises(grpc.aio.AioRpcError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import pytest
 from hypothesis import given
@@ -43,18 +44,20 @@ def test_policy() -> None:
     assert "local_only" in str(rules.check_policy(default, "d1", "local", False))
 
 
-@given(st.integers(0, 200), st.integers(0, 200), st.integers(0, 200), st.none() | st.integers(0, 150),
-       st.none() | st.integers(0, 150), st.none() | st.integers(0, 150))
-def test_budget_refuses_exactly_when_a_limit_is_reached(d: int, a: int, f: int, ld: int | None, la: int | None,
-                                                        lf: int | None) -> None:
-    refusal = rules.check_budget(rules.Used(d, a, f), rules.Limits(ld, la, lf), 1_700_000_000.0)
-    over = {s for s, used, lim in (("device", d, ld), ("app", a, la), ("fleet", f, lf)) if lim is not None
-            and used >= lim}
-    assert (refusal is None) == (not over)
-    if refusal is not None:
-        assert refusal.scope in over and refusal.retry_after > 0
-        assert ("fleet" not in over) or refusal.scope == "fleet"
-        assert f"{refusal.used} of {refusal.limit}" in refusal.message
+@given(st.integers(0, 200), st.integers(0, 200), st.integers(1, 200), st.integers(1, 50), st.integers(1, 100))
+def test_a_call_reserves_only_what_fits_and_is_refused_when_nothing_does(used: int, reserved: int, limit: int,
+                                                                         prompt: int, wanted: int) -> None:
+    fit = rules.fit_output("device", used, reserved, limit, prompt, wanted, 1_700_000_000.0)
+    if isinstance(fit, int):
+        assert 1 <= fit <= wanted and used + reserved + prompt + fit <= limit  # never past the limit
+        assert fit == wanted or used + reserved + prompt + fit == limit  # capped only by what is left
+    else:
+        assert used + reserved + prompt + 1 > limit
+        busy = used + prompt + 1 <= limit  # it would fit without the calls in flight
+        assert (fit.retry_after == rules.BUSY_RETRY_S) == busy and fit.retry_after > 0
+        assert ("held by calls in flight" in fit.message) == busy
+        assert busy or f"{used} of {limit} tokens used today (UTC), this call needs up to {prompt + 1}" in fit.message
+        assert f"retry in {math.ceil(fit.retry_after)}s" in fit.message
 
 
 def test_limits_for_apps() -> None:

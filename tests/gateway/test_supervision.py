@@ -49,9 +49,9 @@ async def test_detached_work_that_dies_is_shown_by_health(make_gateway: MakeGate
 
 
 async def test_refusals_of_detached_calls_are_answers_not_deaths(make_gateway: MakeGateway) -> None:
-    gw = await make_gateway(device_budget=1)
+    gw = await make_gateway(device_budget=15)
     client = gw.client("dev-1")
-    await client.generate("spend", request_id="r-1")
+    await client.generate("spend", request_id="r-1")  # 7 of 15: no room left for the next prompt's 15
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await client.generate("over budget", request_id="r-2")
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -72,3 +72,17 @@ async def test_stop_raises_what_failed_and_still_closes_the_db(make_gateway: Mak
         await gw.gateway.stop(grace=0.5)
     assert [str(e) for e in err.value.exceptions] == ["connection pool would not close"]
     assert gw.gateway.db is None  # the storage step ran after the failed one
+
+
+async def test_failing_database_housekeeping_is_shown_by_health(make_gateway: MakeGateway) -> None:
+    """Expired reservations of a dead gateway are given back by housekeeping: when it fails, health says so."""
+    import sqlite3
+
+    gw = await make_gateway()
+    client = gw.client("dev-1")
+    with sqlite3.connect(gw.gateway.db_path) as conn:
+        conn.execute("DROP TABLE idempotency_claims")  # housekeeping's DELETE fails from now on
+    await until(lambda: gw.gateway.db is not None and gw.gateway.db.housekeeping_errors > 0, within=10,
+                what="a failed housekeeping run")
+    detail = await _health_detail(client)
+    assert "database housekeeping failed" in detail and "expired reservations are not being released" in detail

@@ -174,15 +174,16 @@ async def test_one_writer_batches_and_isolates_failing_jobs(tmp_path: Path) -> N
 
 async def test_usage_store_reads_by_day(tmp_path: Path) -> None:
     from nanofleet.config import DEFAULT_PRICES
+    from nanofleet.controller.gateway.budgets import Budgets
     from nanofleet.controller.gateway.usage import UsageLedger
 
     db = Database(tmp_path / "g.sqlite")
-    ledger = UsageLedger(db, DEFAULT_PRICES)
+    ledger = UsageLedger(db, DEFAULT_PRICES, Budgets(db, "gw-1", 60))
     day1, day2 = 1_700_000_000.0, 1_700_000_000.0 + 86_400
     await ledger.record("d1", "app", "gemini-2.5-flash-lite", 1000, 100, day1)
     await ledger.record("d1", "app", "gemini-2.5-flash-lite", 1000, 100, day1)
     await ledger.record("d2", "", "gemini-2.5-flash", 10, 10, day2)
-    assert ledger.used("d1", "app", day2).device == 0  # a new UTC day starts from zero
+    assert ledger.budgets.used("d1", "app", day2).device == 0  # a new UTC day starts from zero
     db.close()
     store = UsageStore(tmp_path / "g.sqlite")
     try:
@@ -194,7 +195,5 @@ async def test_usage_store_reads_by_day(tmp_path: Path) -> None:
     finally:
         store.close()
     again = Database(tmp_path / "g.sqlite")
-    reloaded = UsageLedger(again, DEFAULT_PRICES)
-    reloaded.load(day1 + 60)
-    assert reloaded.used("d1", "app", day1 + 60).app == 2200  # a restart does not refill budgets
+    assert Budgets(again, "gw-2", 60).used("d1", "app", day1 + 60).app == 2200  # a restart does not refill budgets
     again.close()
