@@ -69,9 +69,10 @@ class AuditLog:
         ts = self.clock()
 
         def run(conn: sqlite3.Connection) -> AuditEntry:
-            cur = conn.execute("INSERT INTO audit (ts_ms, actor, action, target, detail, source) "
-                               "VALUES (?, ?, ?, ?, ?, ?)", (ts, actor, action, target, text, source))
-            return AuditEntry(int(cur.lastrowid or 0), ts, actor, action, target, json.loads(text), source)
+            (entry_id,) = conn.execute("INSERT INTO audit (ts_ms, actor, action, target, detail, source) "
+                                       "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                                       (ts, actor, action, target, text, source)).fetchone()
+            return AuditEntry(int(entry_id), ts, actor, action, target, json.loads(text), source)
 
         return run
 
@@ -109,7 +110,7 @@ class AuditLog:
     def page(self, *, actor: str | None = None, action: str | None = None, since_ms: int | None = None,
              limit: int = 100, cursor: int | None = None) -> tuple[list[AuditEntry], int | None]:
         """Newest first; `cursor` continues below the previous page's last id (keyset, no OFFSET)."""
-        sql, args = "SELECT id, ts_ms, actor, action, target, detail, source FROM audit WHERE 1", []
+        sql, args = "SELECT id, ts_ms, actor, action, target, detail, source FROM audit WHERE TRUE", []
         for column, op, value in (("actor", "=", actor), ("action", "=", action), ("ts_ms", ">=", since_ms),
                                   ("id", "<", cursor)):
             if value is not None:

@@ -1,4 +1,5 @@
-"""Stored alerts and the audit log through the REST API, in-process over a real SQLite store: the engine raises,
+"""Stored alerts and the audit log through the REST API, in-process over a real store on each backend (SQLite,
+PostgreSQL): the engine raises,
 the API lists and pages them, an operator acknowledges (audited), the engine clears; logins, failed logins and
 logouts are audited with the client's address; the audit table refuses changes."""
 
@@ -23,6 +24,7 @@ from nanofleet.controller.alerts_engine import AlertEngine
 from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.store import Store
 from nanofleet.controller.web import create_app
+from nanofleet.pg_db import DB_ERRORS
 from nanofleet.protos import fleet_pb2
 
 
@@ -34,8 +36,8 @@ def hot(device: str, now: int, *, level: int = fleet_pb2.THERMAL_LEVEL_CRITICAL,
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "alerts.db")
+def store(store_url: str) -> Iterator[Store]:
+    s = Store(store_url)
     now = int(time.time() * 1000)
     s.write_status("demo", birth("hot"), now)
     s.write_telemetry("demo", [hot("hot", now)], now)
@@ -176,7 +178,7 @@ async def test_logins_failures_and_logouts_are_audited(client: httpx.AsyncClient
     entries = await until(lambda: (e := audit.page()[0]) and len(e) == 3 and e, what="three audit entries")
     assert [e.action for e in reversed(entries)] == ["login_failed", "login", "logout"]  # type: ignore[union-attr]
     assert all(e.source == "127.0.0.1" for e in entries)  # type: ignore[union-attr]
-    raw = store.read(lambda c: c.execute("SELECT group_concat(detail) FROM audit").fetchone()[0])
+    raw = " ".join(d for (d,) in store.read(lambda c: c.execute("SELECT detail FROM audit").fetchall()))
     assert "nft_wrong" not in raw and token_and_hash[0] not in raw  # never the token
     assert client._transport.app.state.web.logins_failed == 1  # type: ignore[attr-defined]
     auth = bearer(token_and_hash)
@@ -195,8 +197,10 @@ async def test_logins_failures_and_logouts_are_audited(client: httpx.AsyncClient
 
 def test_audit_log_refuses_update_and_delete(store: Store) -> None:
     entry = AuditLog(store).record("ops", "token_rotate", "operator_token", {"k": 1}, "cli")
-    for sql in ("UPDATE audit SET actor = 'someone else'", "DELETE FROM audit"):
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    refused = (sqlite3.IntegrityError, *DB_ERRORS)  # SQLite's trigger aborts; PostgreSQL's raises
+    truncate = ["TRUNCATE audit"] if store.target.kind == "postgresql" else []  # SQLite has no TRUNCATE
+    for sql in ("UPDATE audit SET actor = 'someone else'", "DELETE FROM audit", *truncate):
+        with pytest.raises(refused, match="append-only"):
             store.submit(lambda c, sql=sql: c.execute(sql)).result()
     assert AuditLog(store).page()[0] == [entry]
     with pytest.raises(ValueError, match="audit action 'nuke'"):
