@@ -4,10 +4,11 @@ Recorded: logins (and failed ones, with the client address; never the token), lo
 result), alert acknowledgements, policy applies (`nanofleet policy apply` and the controller's own publishing),
 operator token rotations, named operators added and removed, enrolments, gateway-token revocations, device
 revocations (`nanofleet revoke`) and removals (`nanofleet devices remove`), rollouts (the operator's start, pause,
-resume, abort, pin, unpin; the controller's own steps, rollbacks and completions). The
-controller writes through its store's one writer; a CLI command while the controller runs opens the same file with
-a writer of its own (another process: SQLite's write lock and the busy timeout serialise the two). There is no
-UPDATE or DELETE path in the code, and the file refuses both (triggers): an entry once written stays.
+resume, abort, pin, unpin; the controller's own steps, rollbacks and completions). The controller writes through
+its store's one writer; a CLI command while the controller runs opens the same store with a writer of its own
+(another process: SQLite's write lock and busy timeout, or the PostgreSQL server, serialise the two). There is no
+UPDATE or DELETE path in the code, and the store refuses both (triggers; PostgreSQL's also TRUNCATE): an entry once
+written stays.
 
 `record()` waits for the commit (the CLI and tests); `record_soon()` does not (a web request or the event loop):
 its failure is logged and counted in `errors`, never lost silently.
@@ -26,6 +27,8 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from nanofleet.store_url import StoreTarget
 
 from .alert_store import OnChange, SubmittingStore
 
@@ -137,18 +140,18 @@ def cli_actor() -> str:
         return f"cli:uid{os.getuid()}"
 
 
-def record_cli(db_path: Path, action: str, target: str, detail: Mapping[str, Any] | None = None, *,
+def record_cli(db_path: Path | StoreTarget, action: str, target: str, detail: Mapping[str, Any] | None = None, *,
                create: bool = True) -> AuditEntry | None:
-    """Append a CLI command's entry to the controller store at `db_path`, as another writer of the file beside a
-    running controller (SQLite's write lock and busy timeout serialise the two). With `create=False` a missing
-    store is left alone and None returned (the command ran where no controller keeps its state)."""
-    from nanofleet.sqlite_db import Writer
+    """Append a CLI command's entry to the controller store at `db_path` (a SQLite file, or a store_cli.target on
+    either backend), as another writer beside a running controller (SQLite's write lock and busy timeout, or the
+    PostgreSQL server, serialise the two). With `create=False` a missing SQLite store is left alone and None
+    returned (the command ran where no controller keeps its state)."""
+    from .store_cli import exists
+    from .store_cli import writer as open_writer
 
-    from .migrations import MIGRATIONS
-
-    if not create and not Path(db_path).exists():
+    if not create and not exists(db_path):
         return None
-    writer = Writer(db_path, MIGRATIONS, name="cli-audit", migrations_table="_migrations")
+    writer = open_writer(db_path, "cli-audit")
     try:
         return AuditLog(writer).record(cli_actor(), action, target, detail, "cli")
     finally:
