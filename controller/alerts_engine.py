@@ -78,7 +78,8 @@ class AlertEngine:
 
         facts, rejected = self.alerts.store.read(read)
         conditions = [c for row in facts for c in alerting.device_conditions(DeviceFacts(*row), t, now)]
-        conditions += alerting.rejection_conditions(((d or "", n, r) for d, n, r in rejected), t.rejections_window_s)
+        conditions += alerting.rejection_conditions(((d or "", int(n), r) for d, n, r in rejected),
+                                                    t.rejections_window_s)  # int: PostgreSQL's sum() is numeric
         kinds: set[str] = {*DEVICE_KINDS, "rejections"}
         if self.usage is not None and now / 1000 >= self._next_budget:
             budget = self._budget_conditions(now)

@@ -137,9 +137,9 @@ def fleet_figures(conn: sqlite3.Connection, alerts: Alerts, now_ms: int, *, hott
                + from_devices(dialect(conn), "devices_temp")
                + f" WHERE d.temp_max_c IS NOT NULL ORDER BY {SORTS['temp']} DESC, d.device_id DESC LIMIT ?",
                (hottest,))]
-    return Overview(total=sum(by_state.values()), by_state=by_state, by_thermal=by_thermal, queue_depth=depth,
-                    slots_waiting=waiting, queue_devices=queued, hottest=hot, alerts=alert_count(conn, alerts, now_ms),
-                    groups=groups)
+    return Overview(total=sum(by_state.values()), by_state=by_state, by_thermal=by_thermal,
+                    queue_depth=int(depth), slots_waiting=int(waiting), queue_devices=int(queued), hottest=hot,
+                    alerts=alert_count(conn, alerts, now_ms), groups=groups)  # int(): PostgreSQL's sum() is numeric
 
 
 def slow_figures(conn: sqlite3.Connection, now_ms: int) -> SlowFigures:
@@ -150,7 +150,8 @@ def slow_figures(conn: sqlite3.Connection, now_ms: int) -> SlowFigures:
     convergence = {int(v): int(n) for v, n in conn.execute(
         "SELECT policy_version, count(*) FROM devices GROUP BY policy_version")}
     rejected = conn.execute("SELECT coalesce(sum(count), 0) FROM rejections").fetchone()[0]
-    return SlowFigures(routes, since, p_total, p_behind, p_latest, convergence, rejected, models(conn))
+    # int(): PostgreSQL's sum() of integers is numeric (read as float), SQLite's an integer
+    return SlowFigures(routes, since, int(p_total), int(p_behind), p_latest, convergence, int(rejected), models(conn))
 
 
 def with_slow(fast: Overview, slow: SlowFigures) -> Overview:

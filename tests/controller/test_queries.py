@@ -219,6 +219,9 @@ def test_overview_aggregates_match_the_device_views(fleet_store: Store) -> None:
     assert ov.queue_depth == sum(d.queue_depth for d in views) > 0
     assert ov.slots_waiting == sum(d.slots_waiting for d in views)
     assert ov.queue_devices == sum(d.queue_depth > 0 for d in views)
+    counts = (ov.queue_depth, ov.slots_waiting, ov.queue_devices, ov.alerts, ov.policy_total, ov.policy_behind,
+              ov.rejected, *ov.routes_last_hour.values())
+    assert all(type(v) is int for v in counts), counts  # PostgreSQL's sum() is numeric: shown as 3210.0 if not int
     hot = sorted((d for d in views if d.temp_max_c is not None), key=lambda d: (d.temp_max_c, d.device_id),
                  reverse=True)[:3]  # ties: the later id first (the temperature index walked backwards)
     assert [h.device_id for h in ov.hottest] == [d.device_id for d in hot]

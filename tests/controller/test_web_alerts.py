@@ -153,8 +153,9 @@ async def test_rejections_and_policy_lag_raise_and_clear(store: Store, engine: A
     now = int(time.time() * 1000)
     reject(store, "calm", "nanofleet/v1/demo/calm/telemetry", "bad json", now)
     reject(store, None, "nanofleet/v1/demo", "no device", now)
-    kinds = {(a.device_id, a.kind) for a in engine.evaluate(now)}
-    assert {("calm", "rejections"), ("", "rejections")} <= kinds
+    raised = {(a.device_id, a.kind): a for a in engine.evaluate(now)}
+    assert {("calm", "rejections"), ("", "rejections")} <= set(raised)
+    assert raised["calm", "rejections"].detail.startswith("1 payload(s) rejected in the last 300 s (1 reason(s);")
     assert engine.evaluate(now + 301_000) and not engine.alerts.page(kind="rejections")[0]  # the window passed
     from nanofleet.controller.views import PublishedPolicy
 
