@@ -13,8 +13,19 @@ from typing import Literal, get_args
 
 from nanofleet.config import DEFAULT_GROUP
 
-__all__ = ["COLUMNS", "FROM_DEVICES", "NO_TEMP", "SORTS", "SORT_INDEX", "SortKey", "count_if", "from_devices",
-           "json_number", "like"]
+__all__ = [
+    "COLUMNS",
+    "FROM_DEVICES",
+    "NO_TEMP",
+    "SORTS",
+    "SORT_INDEX",
+    "TEXT_SORTS",
+    "SortKey",
+    "count_if",
+    "from_devices",
+    "json_number",
+    "like",
+]
 
 SortKey = Literal["device_id", "group", "state", "last_seen", "temp", "thermal", "ram", "cpu", "model", "policy",
                   "queue", "slots_waiting"]
@@ -35,6 +46,7 @@ SORTS: dict[str, str] = {
     "slots_waiting": "d.slots_waiting",
 }
 assert set(SORTS) == set(get_args(SortKey))
+TEXT_SORTS = frozenset({"device_id", "group", "state", "model"})  # the others are numbers
 # sorts with an index of their own (migration 006): walked in order, so a filtered page stops after its rows
 # instead of sorting every match — SQLite's planner, without statistics, would rather take a filter's index
 SORT_INDEX = {"temp": "devices_temp"}

@@ -20,7 +20,16 @@ from typing import Any, Protocol
 
 from nanofleet.config import DEFAULT_GROUP as DEFAULT_GROUP
 from nanofleet.config import Alerts
-from nanofleet.controller.device_sql import COLUMNS, FROM_DEVICES, SORT_INDEX, SORTS, SortKey, from_devices, like
+from nanofleet.controller.device_sql import (
+    COLUMNS,
+    FROM_DEVICES,
+    SORT_INDEX,
+    SORTS,
+    TEXT_SORTS,
+    SortKey,
+    from_devices,
+    like,
+)
 from nanofleet.controller.device_sql import NO_TEMP as NO_TEMP
 from nanofleet.controller.fleet_queries import (
     Bucket,
@@ -138,7 +147,9 @@ def decode_cursor(cursor: str, sort: str, desc: bool) -> tuple[Any, str]:
     if c_sort != sort or bool(c_desc) != desc:
         raise QueryError("cursor", f"it belongs to sort {c_sort!r}{' desc' if c_desc else ''}, not to this one: "
                                    "start again without a cursor")
-    if not isinstance(device_id, str) or not isinstance(key, str | int | float) or isinstance(key, bool):
+    # the key's type is the sort's: SQLite would compare any two values, PostgreSQL refuses text against a number
+    key_type = str if sort in TEXT_SORTS else int | float
+    if not isinstance(device_id, str) or not isinstance(key, key_type) or isinstance(key, bool):
         raise QueryError("cursor", "not a cursor this controller gave (take next_cursor as it is)")
     return key, device_id
 

@@ -161,6 +161,10 @@ def test_a_bad_cursor_or_limit_is_a_clear_error_naming_it(fleet_store: Store) ->
     for junk in ("!!!", "bm90IGpzb24", "WzEsMiwzXQ", "WyJ0ZW1wIiwwLFtdLCJ4Il0"):  # garbage, not JSON, wrong shape
         with pytest.raises(queries.QueryError, match=r"^cursor: not a cursor"):
             q.devices(queries.DeviceFilter(sort="temp"), cursor=junk)
+    for sort, key in (("cpu", "hot"), ("group", 5), ("temp", "x"), ("device_id", 1.5)):  # a key of the wrong type
+        forged = queries.encode_cursor(sort, False, key, "k-1")  # (PostgreSQL would refuse to compare it: a 500)
+        with pytest.raises(queries.QueryError, match=r"^cursor: not a cursor"):
+            q.devices(queries.DeviceFilter(sort=sort), cursor=forged)  # type: ignore[arg-type]
     with pytest.raises(queries.QueryError, match=r"^limit: expected 1 to 500, got 0"):
         q.devices(queries.DeviceFilter(), limit=0)
     with pytest.raises(queries.QueryError, match=r"^thermal: expected one of none"):
