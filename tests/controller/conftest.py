@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from ctl_helpers import StoreUrls
 
 from nanofleet.controller.auth import ensure_operator_token
 
@@ -27,9 +27,9 @@ def module_store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def new_store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Callable[[], str]:
+def new_store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> StoreUrls:
     """A maker of fresh, empty store URLs on one backend: for a test that opens a new store per hypothesis example."""
     if request.param == "sqlite":
-        return lambda: f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.db'}"
+        return StoreUrls("sqlite", lambda: f"sqlite:///{tmp_path_factory.mktemp('store') / 'store.db'}")
     server = request.getfixturevalue("pg_server")
-    return lambda: str(server.create_database())
+    return StoreUrls("postgresql", lambda: str(server.create_database()))
