@@ -293,3 +293,32 @@ def test_route_mix_of_the_last_hour_from_cumulative_counters(store_url: str) -> 
         store.apply(Batch("demo", later, statuses=[status("d", ts=later)]))
         counters("d", later, cloud=3)  # d did not exist at the snapshot
         assert mix(later) == ({"local": 30 + 7 + 5, "cloud": 3, "queued": 0, "rejected": 2}, t0)
+
+
+def test_pages_are_exact_under_a_collation_that_is_not_byte_order(pg_server: Any) -> None:
+    """A PostgreSQL database in a linguistic collation (ICU en-US: 'a_-1' before 'A--1', unlike SQLite and Python)
+    still pages every device exactly once in every sort: ORDER BY and the cursor's comparison use the same one."""
+    import psycopg
+
+    name = f"icu{int(time.time() * 1000) % 10**8}"
+    with psycopg.connect(pg_server.url(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' "
+                     "LOCALE 'C.UTF-8'")
+    ids = sorted({f"{p}-{i}" for i in range(6) for p in ("k", "K", "a_", "A-", "l", "é")} | {"Z-upper", "a_%"})
+    with Store(pg_server.url(name)) as store:
+        store.set_group_resolver(CFG.group_of)
+        add_devices(store, ids, random.Random(3), int(time.time() * 1000))
+        q = queries.Queries(store)
+        first = [d.device_id for d in q.devices(queries.DeviceFilter(), limit=3).items]
+        assert first != sorted(ids)[:3]  # not byte order: the collation is really another
+        for sort in sorted(queries.SORTS):
+            for desc in (False, True):
+                seen: list[str] = []
+                cursor = None
+                while True:
+                    page = q.devices(queries.DeviceFilter(sort=sort, desc=desc), limit=4,  # type: ignore[arg-type]
+                                     cursor=cursor)
+                    seen += [d.device_id for d in page.items]
+                    if (cursor := page.next_cursor) is None:
+                        break
+                assert sorted(seen) == ids, (sort, desc)  # each once
