@@ -17,7 +17,10 @@ def _store(data_dir: Path, store_url: str | None) -> ArtifactStore:
     """The artifacts folder of the controller's data folder, refused where no controller keeps its state (its
     SQLite store missing; with --store postgresql://… the data folder itself) — never an empty one made there."""
     target = store_cli.target(data_dir, store_url)
-    if not (data_dir.is_dir() if target.kind == "postgresql" else store_cli.exists(target)):
+    if target.kind == "postgresql" and not data_dir.is_dir():
+        raise click.ClickException(f"--data-dir: no controller state in {data_dir} (no such folder); "
+                                   "give the controller's --data-dir")
+    if not store_cli.exists(target):
         raise click.ClickException(f"--data-dir: no controller state in {data_dir} (no controller.db); "
                                    "give the controller's --data-dir")
     return ArtifactStore(data_dir / "artifacts")
