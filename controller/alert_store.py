@@ -2,8 +2,9 @@
 through the store's one writer (`Store.submit`). An alert's history is its own timestamps — raised_ms, acked_ms
 (with acked_by and ack_note), cleared_ms — and a condition that returns after its alert cleared is a new row.
 
-Writes are guarded in SQL so they are right whatever ran in between: raising is INSERT OR IGNORE against the unique
-index of open alerts per (device, kind); clearing and acknowledging touch only a row still in the state they expect.
+Writes are guarded in SQL so they are right whatever ran in between: raising is an INSERT … ON CONFLICT DO NOTHING
+against the unique (partial) index of open alerts per (device, kind), the same statement on SQLite and PostgreSQL;
+clearing and acknowledging touch only a row still in the state they expect.
 Each change is handed to `on_change("alert", {...})` after it committed (the live-update hub, when one is wired).
 
 Exceptions (errors.py): AlertError ← AlertNotFound, AlertCleared.
@@ -101,12 +102,13 @@ class AlertStore:
         def run(conn: sqlite3.Connection) -> list[AlertView]:
             changed: list[int] = []
             for c in changes.raise_:
-                cur = conn.execute(
-                    "INSERT OR IGNORE INTO alerts (device_id, kind, state, detail, value, threshold, raised_ms) "
-                    "VALUES (?, ?, 'raised', ?, ?, ?, ?)", (c.device_id, c.kind, c.detail, c.value, c.threshold,
-                                                           now_ms))
-                if cur.rowcount:
-                    changed.append(int(cur.lastrowid or 0))
+                row = conn.execute(
+                    "INSERT INTO alerts (device_id, kind, state, detail, value, threshold, raised_ms) "
+                    "VALUES (?, ?, 'raised', ?, ?, ?, ?) "
+                    "ON CONFLICT (device_id, kind) WHERE state != 'cleared' DO NOTHING RETURNING id",
+                    (c.device_id, c.kind, c.detail, c.value, c.threshold, now_ms)).fetchone()
+                if row is not None:
+                    changed.append(int(row[0]))
             for alert_id in changes.clear:
                 cur = conn.execute("UPDATE alerts SET state = 'cleared', cleared_ms = ? "
                                    "WHERE id = ? AND state != 'cleared'", (now_ms, alert_id))
@@ -124,9 +126,9 @@ class AlertStore:
         Returns the alert and whether this call changed it."""
 
         def run(conn: sqlite3.Connection) -> tuple[AlertView, bool]:
-            conn.execute("UPDATE alerts SET state = 'acknowledged', acked_ms = ?, acked_by = ?, ack_note = ? "
-                         "WHERE id = ? AND state = 'raised'", (now_ms, by, note, alert_id))
-            changed = conn.execute("SELECT changes()").fetchone()[0] > 0
+            changed = conn.execute("UPDATE alerts SET state = 'acknowledged', acked_ms = ?, acked_by = ?, "
+                                   "ack_note = ? WHERE id = ? AND state = 'raised'",
+                                   (now_ms, by, note, alert_id)).rowcount > 0
             views = _fetch(conn, [alert_id])
             if not views:
                 raise AlertNotFound(f"no alert {alert_id}")

@@ -33,11 +33,12 @@ log = logging.getLogger(__name__)
 _FACTS_SQL = """SELECT d.device_id, d.state, d.last_seen_ms, d.thermal_level, d.ram_available_mb, d.queue_depth,
         d.policy_version, p.version, p.published_ms
     FROM devices d LEFT JOIN policies p ON p.device_id = d.device_id
-    WHERE d.state = 'stale' OR (d.state != 'online' AND d.last_seen_ms < :silent_before)
-       OR d.thermal_level >= :thermal_at
-       OR (d.ram_available_mb > 0 AND d.ram_available_mb < :min_ram)
-       OR d.queue_depth >= :queue_depth
-       OR (p.version IS NOT NULL AND p.version != d.policy_version AND p.published_ms < :published_before)"""
+    WHERE d.state = 'stale' OR (d.state != 'online' AND d.last_seen_ms < ?)
+       OR d.thermal_level >= ?
+       OR (d.ram_available_mb > 0 AND d.ram_available_mb < ?)
+       OR d.queue_depth >= ?
+       OR (p.version IS NOT NULL AND p.version != d.policy_version AND p.published_ms < ?)"""
+# qmark, not named, parameters: the one style both backends take (pg_db translates `?`)
 _REJECTIONS_SQL = """SELECT device_id, sum(count), count(*) FROM rejections WHERE last_ms >= ? GROUP BY device_id"""
 
 
@@ -67,9 +68,8 @@ class AlertEngine:
         started = time.perf_counter()
         now = int(self.clock() * 1000) if now_ms is None else now_ms
         t = self.config.alerts
-        args = {"silent_before": now - int(t.offline_after_s * 1000), "thermal_at": THERMAL_LEVELS.index(t.thermal_at),
-                "min_ram": t.min_free_ram_mb, "queue_depth": t.queue_depth,
-                "published_before": now - int(t.policy_behind_s * 1000)}
+        args = (now - int(t.offline_after_s * 1000), THERMAL_LEVELS.index(t.thermal_at), t.min_free_ram_mb,
+                t.queue_depth, now - int(t.policy_behind_s * 1000))  # silent before, thermal at, RAM, queue, behind
         window_from = now - int(t.rejections_window_s * 1000)
 
         def read(conn: Any) -> tuple[list[Any], list[Any]]:
@@ -78,7 +78,8 @@ class AlertEngine:
 
         facts, rejected = self.alerts.store.read(read)
         conditions = [c for row in facts for c in alerting.device_conditions(DeviceFacts(*row), t, now)]
-        conditions += alerting.rejection_conditions(((d or "", n, r) for d, n, r in rejected), t.rejections_window_s)
+        conditions += alerting.rejection_conditions(((d or "", int(n), r) for d, n, r in rejected),
+                                                    t.rejections_window_s)  # int: PostgreSQL's sum() is numeric
         kinds: set[str] = {*DEVICE_KINDS, "rejections"}
         if self.usage is not None and now / 1000 >= self._next_budget:
             budget = self._budget_conditions(now)

@@ -4,10 +4,11 @@ Recorded: logins (and failed ones, with the client address; never the token), lo
 result), alert acknowledgements, policy applies (`nanofleet policy apply` and the controller's own publishing),
 operator token rotations, named operators added and removed, enrolments, gateway-token revocations, device
 revocations (`nanofleet revoke`) and removals (`nanofleet devices remove`), rollouts (the operator's start, pause,
-resume, abort, pin, unpin; the controller's own steps, rollbacks and completions). The
-controller writes through its store's one writer; a CLI command while the controller runs opens the same file with
-a writer of its own (another process: SQLite's write lock and the busy timeout serialise the two). There is no
-UPDATE or DELETE path in the code, and the file refuses both (triggers): an entry once written stays.
+resume, abort, pin, unpin; the controller's own steps, rollbacks and completions). The controller writes through
+its store's one writer; a CLI command while the controller runs opens the same store with a writer of its own
+(another process: SQLite's write lock and busy timeout, or the PostgreSQL server, serialise the two). There is no
+UPDATE or DELETE path in the code, and the store refuses both (triggers; PostgreSQL's also TRUNCATE): an entry once
+written stays.
 
 `record()` waits for the commit (the CLI and tests); `record_soon()` does not (a web request or the event loop):
 its failure is logged and counted in `errors`, never lost silently.
@@ -26,6 +27,8 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from nanofleet.store_url import StoreTarget
 
 from .alert_store import OnChange, SubmittingStore
 
@@ -69,9 +72,10 @@ class AuditLog:
         ts = self.clock()
 
         def run(conn: sqlite3.Connection) -> AuditEntry:
-            cur = conn.execute("INSERT INTO audit (ts_ms, actor, action, target, detail, source) "
-                               "VALUES (?, ?, ?, ?, ?, ?)", (ts, actor, action, target, text, source))
-            return AuditEntry(int(cur.lastrowid or 0), ts, actor, action, target, json.loads(text), source)
+            (entry_id,) = conn.execute("INSERT INTO audit (ts_ms, actor, action, target, detail, source) "
+                                       "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                                       (ts, actor, action, target, text, source)).fetchone()
+            return AuditEntry(int(entry_id), ts, actor, action, target, json.loads(text), source)
 
         return run
 
@@ -109,7 +113,7 @@ class AuditLog:
     def page(self, *, actor: str | None = None, action: str | None = None, since_ms: int | None = None,
              limit: int = 100, cursor: int | None = None) -> tuple[list[AuditEntry], int | None]:
         """Newest first; `cursor` continues below the previous page's last id (keyset, no OFFSET)."""
-        sql, args = "SELECT id, ts_ms, actor, action, target, detail, source FROM audit WHERE 1", []
+        sql, args = "SELECT id, ts_ms, actor, action, target, detail, source FROM audit WHERE TRUE", []
         for column, op, value in (("actor", "=", actor), ("action", "=", action), ("ts_ms", ">=", since_ms),
                                   ("id", "<", cursor)):
             if value is not None:
@@ -136,18 +140,18 @@ def cli_actor() -> str:
         return f"cli:uid{os.getuid()}"
 
 
-def record_cli(db_path: Path, action: str, target: str, detail: Mapping[str, Any] | None = None, *,
+def record_cli(db_path: Path | StoreTarget, action: str, target: str, detail: Mapping[str, Any] | None = None, *,
                create: bool = True) -> AuditEntry | None:
-    """Append a CLI command's entry to the controller store at `db_path`, as another writer of the file beside a
-    running controller (SQLite's write lock and busy timeout serialise the two). With `create=False` a missing
-    store is left alone and None returned (the command ran where no controller keeps its state)."""
-    from nanofleet.sqlite_db import Writer
+    """Append a CLI command's entry to the controller store at `db_path` (a SQLite file, or a store_cli.target on
+    either backend), as another writer beside a running controller (SQLite's write lock and busy timeout, or the
+    PostgreSQL server, serialise the two). With `create=False` a missing SQLite store is left alone and None
+    returned (the command ran where no controller keeps its state)."""
+    from .store_cli import exists
+    from .store_cli import writer as open_writer
 
-    from .migrations import MIGRATIONS
-
-    if not create and not Path(db_path).exists():
+    if not create and not exists(db_path):
         return None
-    writer = Writer(db_path, MIGRATIONS, name="cli-audit", migrations_table="_migrations")
+    writer = open_writer(db_path, "cli-audit")
     try:
         return AuditLog(writer).record(cli_actor(), action, target, detail, "cli")
     finally:

@@ -12,8 +12,11 @@ from typing import Any
 import click
 
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
+from nanofleet.controller import store_cli
+from nanofleet.controller.store_cli import STORE_OPTION
 from nanofleet.params import BROKER_URL, DEVICE_ID
 from nanofleet.protos.names import COMMAND_KINDS
+from nanofleet.store_url import StoreTarget
 
 _DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=Path("nanofleet-controller"),
                          show_default=True, help="The controller's state folder (controller.db, operator token).")
@@ -34,13 +37,10 @@ def _load(path: Path) -> FleetConfig:
         raise click.ClickException(str(exc)) from None
 
 
-def _store_path(data_dir: Path) -> Path:
-    """The controller store a command reads: refused when missing, naming the flag (never an empty one made here)."""
-    db = data_dir / "controller.db"
-    if not db.exists():
-        raise click.BadParameter(f"no controller store at {db.resolve()}: give the controller's --data-dir "
-                                 "(`nanofleet up` keeps it in .nanofleet/controller)", param_hint="--data-dir")
-    return db
+def _store_at(data_dir: Path, store_url: str | None, config_url: str | None = None) -> StoreTarget:
+    """The controller store a command opens (controller/store_cli.py's rule): refused when it is a SQLite file that
+    does not exist, naming the flag (never an empty one made here)."""
+    return store_cli.require(store_cli.target(data_dir, store_url, config_url))
 
 
 async def _until_signal() -> None:
@@ -113,13 +113,15 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
 
 @controller.command("rotate-token")
 @_DATA_DIR
-def rotate_token(data_dir: Path) -> None:
+@STORE_OPTION
+def rotate_token(data_dir: Path, store_url: str | None) -> None:
     """Issue a new operator token (the old one stops working) and print it once."""
     from nanofleet.controller.audit import record_cli
     from nanofleet.controller.auth import rotate_operator_token
 
     token, _ = rotate_operator_token(data_dir)
-    record_cli(data_dir / "controller.db", "token_rotate", "operator_token", {"file": "operator_token.sha256"})
+    record_cli(store_cli.target(data_dir, store_url), "token_rotate", "operator_token",
+               {"file": "operator_token.sha256"})
     click.echo(f"operator token: {token}")
 
 
@@ -131,7 +133,8 @@ def operator() -> None:
 @operator.command("add")
 @click.argument("name")
 @_DATA_DIR
-def operator_add(name: str, data_dir: Path) -> None:
+@STORE_OPTION
+def operator_add(name: str, data_dir: Path, store_url: str | None) -> None:
     """Give operator NAME a token (a new one if they had one) and print it once."""
     from nanofleet.controller.audit import record_cli
     from nanofleet.controller.auth import AuthError, TokenFileError, add_operator
@@ -142,7 +145,7 @@ def operator_add(name: str, data_dir: Path) -> None:
         raise click.ClickException(str(exc)) from None
     except AuthError as exc:
         raise click.BadParameter(str(exc), param_hint="NAME") from None
-    record_cli(data_dir / "controller.db", "operator_add", name, {"file": "operators.sha256"})
+    record_cli(store_cli.target(data_dir, store_url), "operator_add", name, {"file": "operators.sha256"})
     click.echo(f"operator token for {name}: {token}")
     click.echo("restart the controller to let it in", err=True)
 
@@ -150,7 +153,8 @@ def operator_add(name: str, data_dir: Path) -> None:
 @operator.command("remove")
 @click.argument("name")
 @_DATA_DIR
-def operator_remove(name: str, data_dir: Path) -> None:
+@STORE_OPTION
+def operator_remove(name: str, data_dir: Path, store_url: str | None) -> None:
     """Remove operator NAME's token (refused from the controller's next start)."""
     from nanofleet.controller.audit import record_cli
     from nanofleet.controller.auth import AuthError, remove_operator
@@ -161,7 +165,7 @@ def operator_remove(name: str, data_dir: Path) -> None:
         raise click.ClickException(str(exc)) from None
     if not removed:
         raise click.ClickException(f"no operator {name!r} in {data_dir}")
-    record_cli(data_dir / "controller.db", "operator_remove", name, {"file": "operators.sha256"})
+    record_cli(store_cli.target(data_dir, store_url), "operator_remove", name, {"file": "operators.sha256"})
     click.echo(f"removed {name}")
 
 
@@ -186,11 +190,12 @@ def devices() -> None:
 
 @devices.command("list")
 @_DATA_DIR
-def devices_list(data_dir: Path) -> None:
+@STORE_OPTION
+def devices_list(data_dir: Path, store_url: str | None) -> None:
     """Devices the controller knows, with state, last seen, temperature and policy version."""
     from nanofleet.controller.store import Store
 
-    with Store(_store_path(data_dir)) as store:
+    with Store(_store_at(data_dir, store_url)) as store:
         rows = store.list_devices()
     now = time.time() * 1000
     click.echo(f"{'DEVICE':24} {'STATE':10} {'SEEN':>7} {'TEMP':>6} {'THERMAL':9} {'CPU%':>5} {'RAM FREE':>9} POLICY")
@@ -204,12 +209,13 @@ def devices_list(data_dir: Path) -> None:
 @devices.command("remove")
 @click.argument("device", type=DEVICE_ID)
 @_DATA_DIR
-def devices_remove(device: str, data_dir: Path) -> None:
+@STORE_OPTION
+def devices_remove(device: str, data_dir: Path, store_url: str | None) -> None:
     """Take DEVICE off the dashboard and API (a revoked or offline device; an online one is refused)."""
     from nanofleet.controller.audit import record_cli
     from nanofleet.controller.revocation import RemoveRefused, remove_device
 
-    db = _store_path(data_dir)
+    db = _store_at(data_dir, store_url)
     try:
         was = remove_device(db, device)
     except RemoveRefused as exc:
@@ -317,17 +323,18 @@ def policy() -> None:
 @policy.command("apply")
 @click.argument("config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @_DATA_DIR
+@STORE_OPTION
 @_mqtt_options
 @click.option("--dry-run", is_flag=True, help="Show the diff only.")
-def policy_apply(config_path: Path, data_dir: Path, broker_url: str | None, mqtt_username: str | None,
-                 mqtt_password: str | None, dry_run: bool) -> None:
+def policy_apply(config_path: Path, data_dir: Path, store_url: str | None, broker_url: str | None,
+                 mqtt_username: str | None, mqtt_password: str | None, dry_run: bool) -> None:
     """Show what changed since the last published policy, then publish it (retained) with a new version."""
     from nanofleet.controller import policy as pol
     from nanofleet.controller.audit import AuditLog, cli_actor
     from nanofleet.controller.store import Store
 
     cfg = _load(config_path)
-    with Store(_store_path(data_dir)) as store:
+    with Store(_store_at(data_dir, store_url, cfg.store.url)) as store:
         if not dry_run:
             store.set_group_resolver(cfg.group_of)  # the dashboard's groups follow the fleet.yaml applied
         from nanofleet.controller.rollout_store import desired_models, desired_settings

@@ -28,6 +28,9 @@ from nanofleet.broker import (
 )
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
 from nanofleet.controller.gateway.auth import issue_token, token_is_active
+from nanofleet.controller.store_cli import STORE_OPTION
+from nanofleet.controller.store_cli import exists as store_exists
+from nanofleet.controller.store_cli import target as store_target
 from nanofleet.params import DEVICE_ID
 from nanofleet.pg_db import is_postgres
 from nanofleet.protos import topics
@@ -190,8 +193,9 @@ def _load(config_path: Path) -> FleetConfig:
               help="host:port of the gateway as the device reaches it (default: fleet.yaml gateway.listen); "
                    "repeat it for several gateways (IP:port each)")
 @_CONTROLLER_DIR
+@STORE_OPTION
 def enroll(config_path: Path, state_dir: Path | None, init: bool, device_id: str, broker_url: str | None,
-           gateway_address: tuple[str, ...], controller_dir: Path | None) -> None:
+           gateway_address: tuple[str, ...], controller_dir: Path | None, store_url: str | None) -> None:
     """Create a device's broker account and gateway token, and write the agent.yaml to copy to it. Run again for a
     revoked device, it issues fresh credentials and lifts the revocation."""
     from nanofleet.controller.audit import record_cli
@@ -207,7 +211,7 @@ def enroll(config_path: Path, state_dir: Path | None, init: bool, device_id: str
     result = enroll_device(cfg, state, device_id, broker_url=broker_url or cfg.broker.url,
                            gateway_address=gateway_address or cfg.gateway.listen)
     _, broker_line = sync_broker(cfg, state)
-    db = (controller_dir or state / "controller") / "controller.db"
+    db = store_target(controller_dir or state / "controller", store_url, cfg.store.url)
     reinstated = reinstate(db, device_id)
     record_cli(db, "enroll", device_id, {"fleet": cfg.fleet, "group": cfg.group_of(device_id),
                                          "agent_yaml": str(result.path), "reinstated": reinstated})
@@ -245,12 +249,13 @@ async def _replace_status(cfg: FleetConfig, url: str, user: str, password: str |
 @_CONFIG
 @_STATE_DIR
 @_CONTROLLER_DIR
+@STORE_OPTION
 @click.option("--mqtt-username", envvar="NANOFLEET_MQTT_USERNAME", default=CONTROLLER_USER, show_default=True,
               help="the controller's broker account, to replace the device's retained status")
 @click.option("--mqtt-password", envvar="NANOFLEET_MQTT_PASSWORD", default=None,
               help="its password (env NANOFLEET_MQTT_PASSWORD; default: the state folder's account)")
 def revoke(device_id: str, config_path: Path, state_dir: Path | None, controller_dir: Path | None,
-           mqtt_username: str, mqtt_password: str | None) -> None:
+           store_url: str | None, mqtt_username: str, mqtt_password: str | None) -> None:
     """Take DEVICE back: remove its broker account (the broker reloads and cuts its session), revoke its gateway
     token, replace its retained status with `revoked`, show it revoked on the dashboard; audited."""
     from nanofleet.controller.audit import cli_actor, now_ms, record_cli
@@ -264,7 +269,7 @@ def revoke(device_id: str, config_path: Path, state_dir: Path | None, controller
     reloaded, broker_line = sync_broker(cfg, state, drop=(device_id,))
     gateway = gateway_store(cfg, state)
     tokens = revoke_token(gateway, device_id) if not isinstance(gateway, Path) or gateway.exists() else 0
-    db = (controller_dir or state / "controller") / "controller.db"
+    db = store_target(controller_dir or state / "controller", store_url, cfg.store.url)
     if not (account or tokens or is_known(db, device_id)):
         raise click.ClickException(f"nothing to revoke: {device_id} has no broker account or gateway token in {state} "
                                    f"and is not in the controller store {db}")
@@ -273,7 +278,7 @@ def revoke(device_id: str, config_path: Path, state_dir: Path | None, controller
         mqtt_password = accounts.load().get(CONTROLLER_USER, {}).get("password")
     payload = revoked_status(cfg.fleet, device_id, at)
     why = asyncio.run(_replace_status(cfg, cfg.broker.url, mqtt_username, mqtt_password, device_id, payload))
-    if db.exists():
+    if store_exists(db):
         mark_revoked(db, cfg.fleet, device_id, cli_actor(), at)
         record_cli(db, "revoke", device_id, {"broker_account": account, "broker_reloaded": reloaded,
                                              "gateway_tokens": tokens, "status_replaced": why is None}, create=False)
@@ -286,6 +291,6 @@ def revoke(device_id: str, config_path: Path, state_dir: Path | None, controller
         click.echo(f"warning: retained status not replaced ({why}); to do it: mosquitto_pub -r -q 1 -u "
                    f"{mqtt_username} -P PASSWORD -t {topics.status(cfg.fleet, device_id)} -m '{payload.decode()}' "
                    "(plus -h/-p for the broker)", err=True)
-    if not db.exists():
-        click.echo(f"warning: not on the dashboard, not audited: no controller store at {db} (--controller-dir)",
-                   err=True)
+    if not store_exists(db):
+        click.echo(f"warning: not on the dashboard, not audited: no controller store at {db} "
+                   "(--controller-dir, --store)", err=True)

@@ -9,9 +9,10 @@ import sqlite3
 from dataclasses import dataclass, field
 
 from nanofleet.config import DEFAULT_GROUP, Alerts
-from nanofleet.controller.device_sql import FROM_DEVICES, SORTS
+from nanofleet.controller.device_sql import FROM_DEVICES, SORTS, count_if, from_devices, json_number
 from nanofleet.controller.store import ROUTES
 from nanofleet.controller.views import DEVICE_STATES
+from nanofleet.pg_db import dialect
 from nanofleet.protos.names import THERMAL_LEVELS
 
 __all__ = ["Bucket", "CommandRecord", "GroupSummary", "HotDevice", "Overview", "PolicyLag", "PolicyRound",
@@ -81,7 +82,7 @@ def _route_mix(conn: sqlite3.Connection, now_ms: int) -> tuple[dict[str, int], i
         return dict.fromkeys(ROUTES, 0), None
     parts = []
     for r in ROUTES:
-        now_v = f"coalesce(json_extract(d.route_counts, '$.{r}'), 0)"
+        now_v = f"coalesce({json_number(dialect(conn), 'd.route_counts', r)}, 0)"
         parts.append(f"sum(CASE WHEN s.device_id IS NULL OR s.birth_ms != d.birth_ms OR {now_v} < s.{r} "
                      f"THEN {now_v} ELSE {now_v} - s.{r} END)")
     sql = (f"SELECT {', '.join(parts)} FROM devices d LEFT JOIN route_snapshots s "
@@ -94,11 +95,11 @@ def alert_count(conn: sqlite3.Connection, alerts: Alerts, now_ms: int) -> int:
     """How many alerts web/alerts.py's `device_alerts` raises over the whole fleet now, counted in SQL (held equal
     to it by a test)."""
     thermal_at = THERMAL_LEVELS.index(alerts.thermal_at)
-    sql = """SELECT
-        sum(state IN ('offline', 'stale') AND (? - last_seen_ms) / 1000.0 > ?),
-        sum(thermal_level >= ? AND thermal_level < ?),
-        sum(ram_available_mb > 0 AND ram_available_mb < ?),
-        sum(queue_depth >= ?) FROM devices"""
+    sql = f"""SELECT
+        {count_if("state IN ('offline', 'stale') AND (? - last_seen_ms) / 1000.0 > ?")},
+        {count_if("thermal_level >= ? AND thermal_level < ?")},
+        {count_if("ram_available_mb > 0 AND ram_available_mb < ?")},
+        {count_if("queue_depth >= ?")} FROM devices"""
     row = conn.execute(sql, (now_ms, alerts.offline_after_s, thermal_at, len(THERMAL_LEVELS), alerts.min_free_ram_mb,
                              alerts.queue_depth)).fetchone()
     return sum(int(v or 0) for v in row)
@@ -116,7 +117,7 @@ def states_and_groups(conn: sqlite3.Connection) -> tuple[dict[str, int], dict[st
     for state, n in conn.execute("SELECT state, count(*) FROM devices GROUP BY state"):
         by_state[state] = n
     groups = dict(conn.execute(f"SELECT coalesce(g.grp, '{DEFAULT_GROUP}') AS grp, count(*)" + FROM_DEVICES
-                               + " GROUP BY grp ORDER BY grp").fetchall())
+                               + " GROUP BY 1 ORDER BY 1").fetchall())
     return by_state, groups
 
 
@@ -129,27 +130,28 @@ def fleet_figures(conn: sqlite3.Connection, alerts: Alerts, now_ms: int, *, hott
         by_thermal[name] += n
     depth, waiting, queued = conn.execute(
         "SELECT coalesce(sum(queue_depth), 0), coalesce(sum(slots_waiting), 0), "
-        "coalesce(sum(queue_depth > 0), 0) FROM devices").fetchone()
+        f"{count_if('queue_depth > 0')} FROM devices").fetchone()
     hot = [HotDevice(r[0], r[1], r[2], THERMAL_LEVELS[r[3]] if 0 <= r[3] < len(THERMAL_LEVELS) else "none", r[4])
            for r in conn.execute(
                f"SELECT d.device_id, coalesce(g.grp, '{DEFAULT_GROUP}'), d.temp_max_c, d.thermal_level, d.state"
-               + FROM_DEVICES.replace("devices d", "devices d INDEXED BY devices_temp", 1)
+               + from_devices(dialect(conn), "devices_temp")
                + f" WHERE d.temp_max_c IS NOT NULL ORDER BY {SORTS['temp']} DESC, d.device_id DESC LIMIT ?",
                (hottest,))]
-    return Overview(total=sum(by_state.values()), by_state=by_state, by_thermal=by_thermal, queue_depth=depth,
-                    slots_waiting=waiting, queue_devices=queued, hottest=hot, alerts=alert_count(conn, alerts, now_ms),
-                    groups=groups)
+    return Overview(total=sum(by_state.values()), by_state=by_state, by_thermal=by_thermal,
+                    queue_depth=int(depth), slots_waiting=int(waiting), queue_devices=int(queued), hottest=hot,
+                    alerts=alert_count(conn, alerts, now_ms), groups=groups)  # int(): PostgreSQL's sum() is numeric
 
 
 def slow_figures(conn: sqlite3.Connection, now_ms: int) -> SlowFigures:
     routes, since = _route_mix(conn, now_ms)
     p_total, p_behind, p_latest = conn.execute(
-        "SELECT count(*), coalesce(sum(p.version != d.policy_version), 0), max(p.version) "
+        f"SELECT count(*), {count_if('p.version != d.policy_version')}, max(p.version) "
         "FROM policies p JOIN devices d ON d.device_id = p.device_id").fetchone()
     convergence = {int(v): int(n) for v, n in conn.execute(
         "SELECT policy_version, count(*) FROM devices GROUP BY policy_version")}
     rejected = conn.execute("SELECT coalesce(sum(count), 0) FROM rejections").fetchone()[0]
-    return SlowFigures(routes, since, p_total, p_behind, p_latest, convergence, rejected, models(conn))
+    # int(): PostgreSQL's sum() of integers is numeric (read as float), SQLite's an integer
+    return SlowFigures(routes, since, int(p_total), int(p_behind), p_latest, convergence, int(rejected), models(conn))
 
 
 def with_slow(fast: Overview, slow: SlowFigures) -> Overview:
@@ -185,10 +187,10 @@ def group_summaries(conn: sqlite3.Connection, *, behind_limit: int = 20) -> dict
     grp = SORTS["group"]
     states: dict[str, dict[str, int]] = {}
     for name, state, n in conn.execute(f"SELECT {grp} AS grp, d.state, count(*)" + FROM_DEVICES
-                                       + " GROUP BY grp, d.state"):
+                                       + " GROUP BY 1, 2"):
         states.setdefault(name, dict.fromkeys(DEVICE_STATES, 0))[state] = n
     published = dict(conn.execute(f"SELECT {grp} AS grp, max(p.version)" + FROM_DEVICES
-                                  + " JOIN policies p ON p.device_id = d.device_id GROUP BY grp").fetchall())
+                                  + " JOIN policies p ON p.device_id = d.device_id GROUP BY 1").fetchall())
     behind: dict[str, list[tuple[str, int, int]]] = {}
     behind_total: dict[str, int] = {}
     for name, did, applied, version in conn.execute(

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from nanofleet.pg_db import dialect
 from nanofleet.protos.names import THERMAL_LEVELS, thermal_name
 
 __all__ = ["CONTENT_TYPE", "ControllerCollector", "FleetCollector", "FleetCounts", "WebErrorsCollector",
@@ -128,10 +129,16 @@ def fleet_counts(conn: sqlite3.Connection) -> FleetCounts:
         if state != "offline":
             name = thermal_name(level)
             counts.thermal[name] = counts.thermal.get(name, 0) + n
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alerts'").fetchone():
+    if _has_alerts(conn):
         counts.alerts = {(kind, state): n for kind, state, n in conn.execute(
             "SELECT kind, state, count(*) FROM alerts WHERE state != 'cleared' GROUP BY 1, 2")}
     return counts
+
+
+def _has_alerts(conn: sqlite3.Connection) -> bool:
+    if dialect(conn) == "postgresql":
+        return bool(conn.execute("SELECT to_regclass('alerts') IS NOT NULL").fetchone()[0])
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alerts'").fetchone() is not None
 
 
 class FleetCollector(Collector):

@@ -20,7 +20,16 @@ from typing import Any, Protocol
 
 from nanofleet.config import DEFAULT_GROUP as DEFAULT_GROUP
 from nanofleet.config import Alerts
-from nanofleet.controller.device_sql import COLUMNS, FROM_DEVICES, SORT_INDEX, SORTS, SortKey
+from nanofleet.controller.device_sql import (
+    COLUMNS,
+    FROM_DEVICES,
+    SORT_INDEX,
+    SORTS,
+    TEXT_SORTS,
+    SortKey,
+    from_devices,
+    like,
+)
 from nanofleet.controller.device_sql import NO_TEMP as NO_TEMP
 from nanofleet.controller.fleet_queries import (
     Bucket,
@@ -43,6 +52,7 @@ from nanofleet.controller.fleet_queries import (
 )
 from nanofleet.controller.store import Store
 from nanofleet.controller.views import DeviceView
+from nanofleet.pg_db import dialect
 from nanofleet.protos.names import THERMAL_LEVELS
 
 __all__ = [
@@ -85,7 +95,7 @@ class DeviceFilter:
     sort: SortKey = "device_id"
     desc: bool = False
 
-    def where(self) -> tuple[str, list[Any]]:
+    def where(self, dialect: str = "sqlite") -> tuple[str, list[Any]]:
         clauses: list[str] = []
         args: list[Any] = []
         if self.group:
@@ -106,10 +116,11 @@ class DeviceFilter:
             clauses.append("EXISTS (SELECT 1 FROM policies p WHERE p.device_id = d.device_id "
                            "AND p.version != d.policy_version)")
         if self.q:
-            like = "%" + self.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            clauses.append(f"(d.device_id LIKE ? ESCAPE '\\' OR d.model_name LIKE ? ESCAPE '\\' "
-                           f"OR {SORTS['group']} LIKE ? ESCAPE '\\')")
-            args += [like, like, like]
+            pattern = "%" + self.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            op = like(dialect)
+            clauses.append(f"(d.device_id {op} ? ESCAPE '\\' OR d.model_name {op} ? ESCAPE '\\' "
+                           f"OR {SORTS['group']} {op} ? ESCAPE '\\')")
+            args += [pattern, pattern, pattern]
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
 
@@ -136,18 +147,20 @@ def decode_cursor(cursor: str, sort: str, desc: bool) -> tuple[Any, str]:
     if c_sort != sort or bool(c_desc) != desc:
         raise QueryError("cursor", f"it belongs to sort {c_sort!r}{' desc' if c_desc else ''}, not to this one: "
                                    "start again without a cursor")
-    if not isinstance(device_id, str) or not isinstance(key, str | int | float) or isinstance(key, bool):
+    # the key's type is the sort's: SQLite would compare any two values, PostgreSQL refuses text against a number
+    key_type = str if sort in TEXT_SORTS else int | float
+    if not isinstance(device_id, str) or not isinstance(key, key_type) or isinstance(key, bool):
         raise QueryError("cursor", "not a cursor this controller gave (take next_cursor as it is)")
     return key, device_id
 
 
-def _page_sql(flt: DeviceFilter, limit: int, cursor: str | None) -> tuple[str, list[Any]]:
+def _page_sql(flt: DeviceFilter, limit: int, cursor: str | None, dialect: str) -> tuple[str, list[Any]]:
     if not 1 <= limit <= MAX_LIMIT:
         raise QueryError("limit", f"expected 1 to {MAX_LIMIT}, got {limit}")
     if flt.sort not in SORTS:
         raise QueryError("sort", f"expected one of {', '.join(SORTS)}, got {flt.sort!r}")
     expr = SORTS[flt.sort]
-    where, args = flt.where()
+    where, args = flt.where(dialect)
     direction, op = ("DESC", "<") if flt.desc else ("ASC", ">")
     single = flt.sort == "device_id"  # the key is the id itself: walk the primary key alone
     clauses = [where.removeprefix(" WHERE ")] if where else []
@@ -161,9 +174,7 @@ def _page_sql(flt: DeviceFilter, limit: int, cursor: str | None) -> tuple[str, l
             clauses.append(f"({expr}, d.device_id) {op} (?, ?)")
             args += [key, last_id]
     order = f"d.device_id {direction}" if single else f"{expr} {direction}, d.device_id {direction}"
-    source = FROM_DEVICES
-    if flt.sort in SORT_INDEX:
-        source = source.replace("devices d", f"devices d INDEXED BY {SORT_INDEX[flt.sort]}", 1)
+    source = from_devices(dialect, SORT_INDEX.get(flt.sort))
     sql = (f"SELECT {COLUMNS}, {expr}" + source + (" WHERE " + " AND ".join(clauses) if clauses else "")
            + f" ORDER BY {order} LIMIT ?")
     return sql, [*args, limit + 1]
@@ -172,10 +183,10 @@ def _page_sql(flt: DeviceFilter, limit: int, cursor: str | None) -> tuple[str, l
 def device_page(conn: sqlite3.Connection, flt: DeviceFilter, *, limit: int = 50,
                 cursor: str | None = None) -> DevicePage:
     """One page of devices: `limit` rows after `cursor` in the filter's order, and the cursor of the next page."""
-    sql, args = _page_sql(flt, limit, cursor)
+    sql, args = _page_sql(flt, limit, cursor, dialect(conn))
     rows = conn.execute(sql, args).fetchall()
-    where, where_args = flt.where()
-    total = conn.execute(f"SELECT count(*) FROM (SELECT 1{FROM_DEVICES}{where} LIMIT ?)",
+    where, where_args = flt.where(dialect(conn))
+    total = conn.execute(f"SELECT count(*) FROM (SELECT 1{FROM_DEVICES}{where} LIMIT ?) AS matching",
                          [*where_args, COUNT_CAP]).fetchone()[0]
     more = len(rows) > limit
     rows = rows[:limit]
@@ -185,8 +196,11 @@ def device_page(conn: sqlite3.Connection, flt: DeviceFilter, *, limit: int = 50,
 
 
 def explain_page(conn: sqlite3.Connection, flt: DeviceFilter, *, cursor: str | None = None) -> list[str]:
-    """EXPLAIN QUERY PLAN of the page query, one line per step (tests hold the default sort to an index walk)."""
-    sql, args = _page_sql(flt, 50, cursor)
+    """The page query's plan, one line per step — SQLite's EXPLAIN QUERY PLAN, PostgreSQL's EXPLAIN (tests hold the
+    default sort to an index walk)."""
+    sql, args = _page_sql(flt, 50, cursor, dialect(conn))
+    if dialect(conn) == "postgresql":
+        return [r[0] for r in conn.execute("EXPLAIN " + sql, args).fetchall()]
     return [r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall()]
 
 

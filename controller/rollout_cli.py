@@ -12,6 +12,7 @@ import yaml
 
 from nanofleet.config import DEFAULT_GROUP, ConfigError, FleetConfig, load_fleet
 from nanofleet.controller import rollout_store as rs
+from nanofleet.controller import store_cli
 from nanofleet.controller.artifacts import ArtifactError, ArtifactStore
 from nanofleet.controller.audit import AuditLog, cli_actor
 from nanofleet.controller.rollouts import (
@@ -33,11 +34,13 @@ _CONFIG = click.option("--config", "config_path", type=click.Path(path_type=Path
                        default=Path("fleet.yaml"), show_default=True, help="fleet.yaml")
 
 
-def _store(data_dir: Path) -> Store:
-    if not (data_dir / "controller.db").exists():
+def _store(data_dir: Path, store_url: str | None, config_url: str | None = None) -> Store:
+    """The controller store (--store, else fleet.yaml's store.url for `start`, else DATA_DIR/controller.db)."""
+    t = store_cli.target(data_dir, store_url, config_url)
+    if not store_cli.exists(t):
         raise click.ClickException(f"--data-dir: no controller state in {data_dir} (no controller.db); "
-                                   "give the controller's --data-dir")
-    return Store(data_dir / "controller.db")
+                                   "give the controller's --data-dir or --store URL")
+    return Store(t)
 
 
 def _config(path: Path) -> FleetConfig:
@@ -70,8 +73,9 @@ def rollout() -> None:
                                           "controller.listen>).")
 @_CONFIG
 @_DATA_DIR
+@store_cli.STORE_OPTION
 def start(group: str, model_ref: str | None, settings_file: Path | None, steps: str, gate: str, bake: str,
-          url: str | None, config_path: Path, data_dir: Path) -> None:
+          url: str | None, config_path: Path, data_dir: Path, store_url: str | None) -> None:
     """Start a rollout of --model or --settings; the running controller advances, pauses or rolls it back by
     itself."""
     if (model_ref is None) == (settings_file is None):
@@ -80,7 +84,7 @@ def start(group: str, model_ref: str | None, settings_file: Path | None, steps: 
     if group != DEFAULT_GROUP and group not in cfg.groups:
         raise click.BadParameter(f"unknown group {group!r} (groups: {', '.join(sorted(cfg.groups)) or 'none'})",
                                  param_hint="--group")
-    with _store(data_dir) as store:
+    with _store(data_dir, store_url, cfg.store.url) as store:
         try:
             step_tuple, bake_s = parse_steps(steps), parse_bake(bake)
             gate_text = str(parse_gate(gate))
@@ -114,9 +118,10 @@ def start(group: str, model_ref: str | None, settings_file: Path | None, steps: 
 @rollout.command("status")
 @click.argument("rollout_id", type=int, required=False)
 @_DATA_DIR
-def status(rollout_id: int | None, data_dir: Path) -> None:
+@store_cli.STORE_OPTION
+def status(rollout_id: int | None, data_dir: Path, store_url: str | None) -> None:
     """A rollout (the latest by default): state, progress per step, its events."""
-    with _store(data_dir) as store:
+    with _store(data_dir, store_url) as store:
         r = rs.get(store, rollout_id) if rollout_id is not None else rs.latest(store)
         if r is None:
             raise click.ClickException(f"no rollout {rollout_id}" if rollout_id else "no rollout yet")
@@ -141,9 +146,9 @@ def status(rollout_id: int | None, data_dir: Path) -> None:
         click.echo(f"  {time.strftime('%H:%M:%S', time.gmtime(e.ts_ms / 1000))} {e.kind}: {e.detail}")
 
 
-def _set_state(data_dir: Path, rollout_id: int, allowed: tuple[str, ...], state: str, event: str,
+def _set_state(data_dir: Path, store_url: str | None, rollout_id: int, allowed: tuple[str, ...], state: str, event: str,
                verb: str) -> None:
-    with _store(data_dir) as store:
+    with _store(data_dir, store_url) as store:
         r = rs.get(store, rollout_id)
         if r is None:
             raise click.ClickException(f"no rollout {rollout_id}")
@@ -159,34 +164,38 @@ def _set_state(data_dir: Path, rollout_id: int, allowed: tuple[str, ...], state:
 @rollout.command("pause")
 @click.argument("rollout_id", type=int)
 @_DATA_DIR
-def pause(rollout_id: int, data_dir: Path) -> None:
+@store_cli.STORE_OPTION
+def pause(rollout_id: int, data_dir: Path, store_url: str | None) -> None:
     """Hold a rollout where it is (its devices keep what they got)."""
-    _set_state(data_dir, rollout_id, ("running", "baking"), "paused", "paused", "pause")
+    _set_state(data_dir, store_url, rollout_id, ("running", "baking"), "paused", "paused", "pause")
 
 
 @rollout.command("resume")
 @click.argument("rollout_id", type=int)
 @_DATA_DIR
-def resume(rollout_id: int, data_dir: Path) -> None:
+@store_cli.STORE_OPTION
+def resume(rollout_id: int, data_dir: Path, store_url: str | None) -> None:
     """Go on with a paused rollout (the current step bakes again)."""
-    _set_state(data_dir, rollout_id, ("paused",), "running", "resumed", "resume")
+    _set_state(data_dir, store_url, rollout_id, ("paused",), "running", "resumed", "resume")
 
 
 @rollout.command("abort")
 @click.argument("rollout_id", type=int)
 @_DATA_DIR
-def abort(rollout_id: int, data_dir: Path) -> None:
+@store_cli.STORE_OPTION
+def abort(rollout_id: int, data_dir: Path, store_url: str | None) -> None:
     """Stop a rollout and send its devices back to the group's model."""
-    _set_state(data_dir, rollout_id, ("running", "baking", "paused"), "aborting", "abort_requested", "abort")
+    _set_state(data_dir, store_url, rollout_id, ("running", "baking", "paused"), "aborting", "abort_requested", "abort")
 
 
 @rollout.command("pin")
 @click.argument("device", type=DEVICE_ID)
 @click.option("--note", default="", help="Why (shown in status).")
 @_DATA_DIR
-def pin(device: str, note: str, data_dir: Path) -> None:
+@store_cli.STORE_OPTION
+def pin(device: str, note: str, data_dir: Path, store_url: str | None) -> None:
     """Leave DEVICE alone in every rollout (it keeps the model it has)."""
-    with _store(data_dir) as store:
+    with _store(data_dir, store_url) as store:
         rs.pin(store, device, note)
         _audit(store, device, {"kind": "pin", "note": note})
     click.echo(f"{device}: pinned")
@@ -195,9 +204,10 @@ def pin(device: str, note: str, data_dir: Path) -> None:
 @rollout.command("unpin")
 @click.argument("device", type=DEVICE_ID)
 @_DATA_DIR
-def unpin(device: str, data_dir: Path) -> None:
+@store_cli.STORE_OPTION
+def unpin(device: str, data_dir: Path, store_url: str | None) -> None:
     """Let rollouts reach DEVICE again."""
-    with _store(data_dir) as store:
+    with _store(data_dir, store_url) as store:
         was = rs.unpin(store, device)
         if was:
             _audit(store, device, {"kind": "unpin"})

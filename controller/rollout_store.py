@@ -50,10 +50,9 @@ def create(store: Store, r: Rollout) -> Rollout:
             raise RolloutInputError(f"--group {r.group!r}: rollout {other.id} is still {other.state}; pause, "
                                     f"abort or wait for it first")
         now = _now()
-        cur = conn.execute("INSERT INTO rollouts (grp, state_json, active, created_ms, updated_ms) "
-                           "VALUES (?, '{}', 1, ?, ?)", (r.group, now, now))
-        assert cur.lastrowid is not None
-        r.id, r.step_started_ms = int(cur.lastrowid), now
+        (new_id,) = conn.execute("INSERT INTO rollouts (grp, state_json, active, created_ms, updated_ms) "
+                                 "VALUES (?, '{}', 1, ?, ?) RETURNING id", (r.group, now, now)).fetchone()
+        r.id, r.step_started_ms = int(new_id), now
         conn.execute("UPDATE rollouts SET state_json = ? WHERE id = ?", (r.to_json(), r.id))
         conn.execute("INSERT INTO rollout_events (rollout_id, ts_ms, kind, detail) VALUES (?, ?, 'started', ?)",
                      (r.id, now, f"{r.target_sha256[:12]} to group {r.group}: steps "
@@ -83,13 +82,16 @@ def save(store: Store, r: Rollout, new_events: list[tuple[str, str]],
         conn.executemany("INSERT INTO rollout_events (rollout_id, ts_ms, kind, detail) VALUES (?, ?, ?, ?)",
                          [(r.id, now, k, d) for k, d in new_events])
         if models:
-            conn.executemany("INSERT OR REPLACE INTO rollout_models VALUES (?, ?, ?, ?)",
+            conn.executemany("INSERT INTO rollout_models VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+                             "rollout_id = excluded.rollout_id, source = excluded.source, sha256 = excluded.sha256",
                              [(d, r.id, src, sha) for d, (src, sha) in models.items()])
         if clear_models:
             conn.executemany("DELETE FROM rollout_models WHERE device_id = ?", [(d,) for d in clear_models])
         if settings:
             body = json.dumps(r.settings, sort_keys=True)
-            conn.executemany("INSERT OR REPLACE INTO rollout_settings VALUES (?, ?, ?, ?, ?)",
+            conn.executemany("INSERT INTO rollout_settings VALUES (?, ?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE "
+                             "SET rollout_id = excluded.rollout_id, settings_json = excluded.settings_json, "
+                             "hash = excluded.hash, version = excluded.version",
                              [(d, r.id, body, r.target_sha256, v) for d, v in settings.items()])
         if clear_settings:
             conn.executemany("DELETE FROM rollout_settings WHERE device_id = ?", [(d,) for d in clear_settings])
@@ -133,7 +135,8 @@ def pins(store: Reader) -> set[str]:
 
 
 def pin(store: Store, device_id: str, note: str = "") -> None:
-    store.submit(lambda c: c.execute("INSERT OR REPLACE INTO rollout_pins VALUES (?, ?, ?)",
+    store.submit(lambda c: c.execute("INSERT INTO rollout_pins VALUES (?, ?, ?) ON CONFLICT (device_id) DO UPDATE "
+                                     "SET pinned_ms = excluded.pinned_ms, note = excluded.note",
                                      (device_id, _now(), note))).result()
 
 

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Request
 
 from nanofleet.config import FleetConfig
 from nanofleet.controller import metrics
@@ -45,11 +45,20 @@ from . import routes_api, routes_artifacts, routes_auth, routes_events, routes_o
 from .context import Commands, FleetReader, UsageReader, WebContext
 from .errors import install_error_handlers
 from .openapi_doc import document_errors
-from .security import OperatorAuth, SecurityHeaders
+from .security import OperatorAuth, SecurityHeaders, WebError
 from .sessions import SessionSigner
 
 __all__ = ["COMMAND_KINDS", "create_app"]
 log = logging.getLogger("nanofleet.controller.web")
+
+
+def refuse_nul(request: Request) -> None:
+    """No query or path parameter may hold a NUL character: PostgreSQL text cannot (psycopg raises DataError), SQLite
+    would store it; refused alike on both backends, naming the parameter, before any route runs."""
+    for where, params in (("path", request.path_params), ("query", request.query_params)):
+        for name, value in params.items():
+            if "\x00" in str(value):
+                raise WebError(422, "invalid_request", f"{where}.{name}: must not contain a NUL character")
 
 
 def create_app(
@@ -114,6 +123,7 @@ def create_app(
         summary="Fleet state, telemetry, policy convergence and usage. Authenticate with 'Bearer <operator token>'.",
         version="1",
         docs_url=None, redoc_url=None, openapi_url=None,  # the bundled docs pages load from a CDN; ours do not
+        dependencies=[Depends(refuse_nul)],
     )
     app.state.web = ctx
     app.state.errors = ctx.errors  # answers given for bugs, by code: a test and an operator can see them

@@ -22,7 +22,7 @@ from nanofleet.controller.errors import AlertCleared, AlertNotFound
 from .context import Authed, Web, WebContext, Writer
 from .format import iso_utc, relative_time
 from .schemas import ErrorOut
-from .schemas_ops import AckIn, AlertOut, AlertPage, AuditOut, AuditPage
+from .schemas_ops import NO_NUL, AckIn, AlertOut, AlertPage, AuditOut, AuditPage
 from .security import Operator, WebError
 
 Responses = dict[int | str, dict[str, Any]]
@@ -138,7 +138,7 @@ def alerts_page(request: Request, ctx: Web, operator: Authed, state: AlertFilter
 
 @pages.post("/alerts/{alert_id}/ack")
 async def alerts_ack_form(request: Request, ctx: Web, alert_id: AlertId, operator: Writer,
-                          note: Annotated[str, Form(max_length=1000)] = "") -> Response:
+                          note: Annotated[str, Form(max_length=1000, pattern=NO_NUL)] = "") -> Response:
     try:
         await acknowledge(request, ctx, operator, alert_id, note.strip())
     except WebError as exc:

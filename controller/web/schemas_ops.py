@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from nanofleet.controller.alerting import AlertKind
 
-__all__ = ["AckIn", "AlertOut", "AlertPage", "AuditOut", "AuditPage"]
+__all__ = ["NO_NUL", "AckIn", "AlertOut", "AlertPage", "AuditOut", "AuditPage"]
+
+NO_NUL = r"^[^\x00]*$"  # text a store keeps: PostgreSQL text cannot hold NUL (SQLite would)
 
 
 class _Out(BaseModel):
@@ -37,7 +39,7 @@ class AlertPage(BaseModel):
 
 class AckIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    note: str = Field("", max_length=1000, description="why it is acknowledged, what is being done")
+    note: str = Field("", max_length=1000, pattern=NO_NUL, description="why it is acknowledged, what is being done")
 
 
 class AuditOut(_Out):

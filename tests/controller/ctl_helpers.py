@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from nanofleet.controller.store import Batch, Store
 from nanofleet.tcp import free_port
 from tests.conftest import until, wait_for
 
-__all__ = ["command_results", "fleet", "flush_rollups", "prune", "reject", "rejection_total",
+__all__ = ["StoreUrls", "command_results", "fleet", "flush_rollups", "prune", "reject", "rejection_total",
            "telemetry_count", "telemetry_keys", "until", "wait_for"]
 
 
@@ -72,3 +73,11 @@ def prune(store: Store, at_ms: int) -> Any:
         pass
 
 
+class StoreUrls:
+    """Fresh, empty store URLs on one backend (`backend`: 'sqlite' or 'postgresql'), one per call."""
+
+    def __init__(self, backend: str, make: Callable[[], str]) -> None:
+        self.backend, self._make = backend, make
+
+    def __call__(self) -> str:
+        return self._make()

@@ -4,8 +4,7 @@ over the real stored alerts (a real SQLite store, the one writer)."""
 from __future__ import annotations
 
 import contextlib
-import tempfile
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -63,11 +62,10 @@ def test_life_cycle_invariants_pure(rounds: list[tuple[set[Condition], set[str],
 
 
 @pytest.fixture(scope="module")
-def shared_store() -> Store:
-    with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "store.db")
-        yield store  # type: ignore[misc]
-        store.close()
+def shared_store(module_store_url: str) -> Iterator[Store]:
+    store = Store(module_store_url)
+    yield store
+    store.close()
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

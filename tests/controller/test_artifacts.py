@@ -176,6 +176,20 @@ def test_cli_adds_lists_and_removes_and_refuses_a_missing_state_dir(tmp_path: Pa
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_cli_with_a_postgresql_store_keeps_artifacts_in_the_data_folder(tmp_path: Path, pg_url: str) -> None:
+    """With --store postgresql://… there is no controller.db: the data folder itself says a controller lives there."""
+    data = tmp_path / "ctl"
+    src, _, sha = _blob(tmp_path)
+    run = CliRunner().invoke
+    r = run(main, ["artifacts", "list", "--data-dir", str(data), "--store", pg_url])
+    assert r.exit_code == 1 and "no controller state in" in r.output and "(no such folder)" in r.output
+    assert not data.exists()
+    data.mkdir()
+    r = run(main, ["artifacts", "add", str(src), "--name", "tiny", "--data-dir", str(data), "--store", pg_url])
+    assert r.exit_code == 0 and r.output.startswith(sha) and not (data / "controller.db").exists()
+    assert sha in run(main, ["artifacts", "list", "--data-dir", str(data), "--store", pg_url]).output
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass

@@ -14,7 +14,7 @@ from nanofleet.controller.store import Store
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _entries(db: Path) -> list[tuple[str, str, str]]:
+def _entries(db: Path | str) -> list[tuple[str, str, str]]:
     with Store(db) as store:
         return [(e.action, e.target, e.source) for e in reversed(AuditLog(store).page()[0])]
 
@@ -58,3 +58,24 @@ def test_rotate_token_is_audited_without_the_token(tmp_path: Path) -> None:
     token = r.output.split()[2]
     assert _entries(tmp_path / "ctl" / "controller.db") == [("token_rotate", "operator_token", "cli")]
     assert token not in (tmp_path / "ctl" / "controller.db").read_bytes().decode("latin-1")
+
+
+def test_cli_commands_write_the_store_given_by_store_or_fleet_yaml(tmp_path: Path, store_url: str) -> None:
+    """`--store URL` (or fleet.yaml's store.url) chooses the controller store on either backend: enrolment, token
+    rotation and operators are audited there, and no controller.db is made in the data folder."""
+    runner = CliRunner()
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text((ROOT / "fleet.yaml").read_text() + f"\nstore: {{url: '{store_url}'}}\n")
+    r = runner.invoke(main, ["enroll", "pi-lab-01", "--config", str(cfg), "--state-dir", str(tmp_path / "state"),
+                             "--init"])
+    assert r.exit_code == 0, r.output
+    ctl = tmp_path / "ctl"
+    for args in (["controller", "rotate-token"], ["controller", "operator", "add", "ana"],
+                 ["controller", "operator", "remove", "ana"]):
+        r = runner.invoke(main, [*args, "--data-dir", str(ctl), "--store", store_url])
+        assert r.exit_code == 0, r.output
+    assert _entries(store_url) == [("enroll", "pi-lab-01", "cli"), ("token_rotate", "operator_token", "cli"),
+                                   ("operator_add", "ana", "cli"), ("operator_remove", "ana", "cli")]
+    assert not (ctl / "controller.db").exists() and not (tmp_path / "state" / "controller" / "controller.db").exists()
+    r = runner.invoke(main, ["devices", "list", "--data-dir", str(ctl), "--store", "mysql://x"])
+    assert r.exit_code == 2 and "--store" in r.output and "expected sqlite:///path or postgresql://" in r.output

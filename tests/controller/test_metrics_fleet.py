@@ -70,7 +70,7 @@ async def test_fleet_gauges_lag_and_events_in_the_exposition(broker, tmp_path: P
         await svc.stop()
 
 
-def test_open_alerts_by_kind_and_a_store_without_the_alerts_table(tmp_path: Path) -> None:
+def test_open_alerts_by_kind_and_a_store_without_the_alerts_table(tmp_path: Path, store_url: str) -> None:
     import sqlite3
 
     from nanofleet.controller.store import Store
@@ -80,7 +80,7 @@ def test_open_alerts_by_kind_and_a_store_without_the_alerts_table(tmp_path: Path
     bare.execute("INSERT INTO devices VALUES ('online', 3)")
     assert fleet_counts(bare) == FleetCounts({"online": 1}, {"severe": 1}, None)
     bare.close()
-    with Store(tmp_path / "s.db") as store:
+    with Store(store_url) as store:
         assert store.read(fleet_counts) == FleetCounts(alerts={})
         now = int(time.time() * 1000)
 

@@ -67,11 +67,11 @@ def test_session_cookie_carries_the_name_signed() -> None:
 
 
 @pytest.fixture
-async def setup(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Store, str, str]]:
+async def setup(tmp_path: Path, store_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Store, str, str]]:
     data = tmp_path / "data"
     token, token_hash = ensure_operator_token(data)
     alice = add_operator(data, "alice")
-    store = Store(tmp_path / "s.db")
+    store = Store(store_url)
     now = int(time.time() * 1000)
     store.write_status("demo", birth("hot"), now)
     store.write_telemetry("demo", [fleet_pb2.Telemetry(device_id="hot", bd_seq=1, seq=0, ts_ms=now,

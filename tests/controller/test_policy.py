@@ -127,6 +127,25 @@ def test_policy_apply_cli_shows_diff_publishes_retained_with_increasing_versions
         "k1": ["min_free_ram_mb: 100 -> 300"]}
 
 
+def test_policy_apply_uses_the_store_fleet_yaml_names(broker, tmp_path: Path, store_url: str) -> None:
+    """fleet.yaml's store.url chooses the store `policy apply` reads and records in, on either backend; `--store`
+    overrides it."""
+    cfg_path = tmp_path / "fleet.yaml"
+    cfg_path.write_text(FLEET + f"broker: {{url: {broker.url}}}\nstore: {{url: '{store_url}'}}\n")
+    with Store(store_url) as store:
+        store.write_status("pol", fleet_pb2.DeviceStatus(fleet="pol", device_id="k1", online=True, bd_seq=1), 1)
+    runner = CliRunner()
+    r = runner.invoke(main, ["policy", "apply", str(cfg_path), "--data-dir", str(tmp_path / "nowhere")])
+    assert r.exit_code == 0, r.output
+    assert "published policy version 1 to 1 device(s)" in r.output and not (tmp_path / "nowhere").exists()
+    r = runner.invoke(main, ["policy", "apply", str(cfg_path), "--store", f"sqlite:///{tmp_path / 'none.db'}"])
+    assert r.exit_code == 2 and "--data-dir" in r.output and "none.db" in r.output  # --store wins: no store there
+    with Store(store_url) as store:
+        last = Queries(store).last_policy_round()
+        assert last is not None and (last.version, last.devices) == (1, 2)
+        assert [(e.target, e.source) for e in AuditLog(store).page(action="policy_apply")[0]] == [("v1", "cli")]
+
+
 async def test_a_running_controller_never_undoes_policy_apply(broker, tmp_path: Path) -> None:
     """The controller compiles policy only for devices that never had one; births get the last published policy."""
     from ctl_helpers import until

@@ -19,6 +19,7 @@ from nanofleet.controller.auth import ensure_operator_token
 from nanofleet.controller.devstate import Batch, row_from_pb
 from nanofleet.controller.revocation import mark_revoked, reinstate, revoked_status
 from nanofleet.controller.store import Store
+from nanofleet.controller.store_cli import target
 from nanofleet.controller.web import create_app
 from nanofleet.protos import fleet_pb2
 
@@ -54,8 +55,9 @@ def rejected_revoked(store: Store) -> int:
     return sum(r.count for r in store.rejections() if r.reason == "revoked")
 
 
-def test_a_revoked_device_is_shown_revoked_and_its_later_messages_are_rejected(tmp_path: Path) -> None:
-    db = tmp_path / "controller.db"
+def test_a_revoked_device_is_shown_revoked_and_its_later_messages_are_rejected(tmp_path: Path,
+                                                                              store_url: str) -> None:
+    db = target(tmp_path, store_url)
     with Store(db) as store:
         store.write_status("demo", birth("pi-1", 1), now_ms())
         # the device may publish reason `revoked` on its own topic: without the CLI's row it is a plain death
@@ -84,27 +86,28 @@ def test_a_revoked_device_is_shown_revoked_and_its_later_messages_are_rejected(t
     assert reinstate(db, "pi-1") is False
 
 
-def test_a_revoked_device_never_seen_gets_a_revoked_row(tmp_path: Path) -> None:
-    db = tmp_path / "controller.db"
+def test_a_revoked_device_never_seen_gets_a_revoked_row(tmp_path: Path, store_url: str) -> None:
+    db = target(tmp_path, store_url)
     Store(db).close()
     mark_revoked(db, "demo", "ghost", "cli:test", now_ms())
     with Store(db) as store:
         assert state(store, "ghost") == "revoked"
 
 
-def test_devices_remove_takes_a_revoked_device_off_and_refuses_an_online_one(tmp_path: Path) -> None:
+def test_devices_remove_takes_a_revoked_device_off_and_refuses_an_online_one(tmp_path: Path,
+                                                                            store_url: str) -> None:
     data = tmp_path / "ctl"
     data.mkdir()
-    db = data / "controller.db"
+    db = target(data, store_url)
     with Store(db) as store:
         store.write_status("demo", birth("pi-1", 1), now_ms())
     runner = CliRunner()
-    r = runner.invoke(main, ["devices", "remove", "pi-1", "--data-dir", str(data)])
+    r = runner.invoke(main, ["devices", "remove", "pi-1", "--data-dir", str(data), "--store", store_url])
     assert r.exit_code == 1 and "pi-1 is online: revoke it first" in r.output
     mark_revoked(db, "demo", "pi-1", "cli:test", now_ms())
-    r = runner.invoke(main, ["devices", "remove", "pi-1", "--data-dir", str(data)])
+    r = runner.invoke(main, ["devices", "remove", "pi-1", "--data-dir", str(data), "--store", store_url])
     assert r.exit_code == 0 and "removed pi-1 (was revoked)" in r.output, r.output
-    r = runner.invoke(main, ["devices", "remove", "pi-1", "--data-dir", str(data)])
+    r = runner.invoke(main, ["devices", "remove", "pi-1", "--data-dir", str(data), "--store", store_url])
     assert r.exit_code == 1 and "no device 'pi-1'" in r.output
     with Store(db) as store:
         assert state(store, "pi-1") is None
@@ -119,10 +122,10 @@ def test_devices_remove_takes_a_revoked_device_off_and_refuses_an_online_one(tmp
 
 
 @pytest.fixture
-async def web(tmp_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, Store, dict[str, str]]]:
+async def web(tmp_path: Path, store_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Store, dict[str, str]]]:
     token, token_hash = ensure_operator_token(tmp_path / "data")
     assert token is not None
-    store = Store(tmp_path / "store.db")
+    store = Store(store_url)
     store.set_group_resolver(FLEET.group_of)
     app = create_app(store, FLEET, operator_token_hash=token_hash)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8080") as c:
@@ -137,7 +140,7 @@ async def test_fleet_yaml_devices_never_seen_are_listed_and_filterable(
     store.write_status("demo", birth("pi-2", 1), now_ms())
     assert store.expect_devices("demo", list(FLEET.devices)) == ["pi-new"]
     assert store.expect_devices("demo", list(FLEET.devices)) == []  # once
-    mark_revoked(store.path, "demo", "pi-2", "cli:test", now_ms())
+    mark_revoked(store.target, "demo", "pi-2", "cli:test", now_ms())
     store.write_status("demo", the_revoked_status("pi-2"), now_ms())
     body = (await client.get("/api/devices", headers=auth)).json()
     states = {d["device_id"]: (d["state"], d["group"]) for d in body["items"]}

@@ -1,5 +1,6 @@
-"""`nanofleet rollout …` with click's runner over a real store file: inputs refused with the flag and term named,
-the state changes an operator makes (pause, resume, abort) and what `status` prints."""
+"""`nanofleet rollout …` with click's runner over a real store on each backend (`--store`, or fleet.yaml's
+store.url): inputs refused with the flag and term named, the state changes an operator makes (pause, resume, abort)
+and what `status` prints."""
 
 from __future__ import annotations
 
@@ -14,19 +15,19 @@ from nanofleet.controller.rollouts import DeviceReport, advance
 from nanofleet.controller.store import Store
 
 
-def _setup(tmp_path: Path, tiny_gguf: Path) -> tuple[Path, Path, str]:
+def _setup(tmp_path: Path, tiny_gguf: Path, store_url: str) -> tuple[Path, Path, str]:
     data = tmp_path / "ctl"
-    Store(data / "controller.db").close()
+    Store(store_url).close()
     sha = ArtifactStore(data / "artifacts").add_file(tiny_gguf, "tiny").sha256
     cfg = tmp_path / "fleet.yaml"
     cfg.write_text("fleet: demo\ncontroller: {listen: '10.0.0.5:8080'}\ngroups:\n  kiosks: {match: ['k-*']}\n")
     return data, cfg, sha
 
 
-def test_start_status_pause_resume_abort_and_pin(tmp_path: Path, tiny_gguf: Path) -> None:
-    data, cfg, sha = _setup(tmp_path, tiny_gguf)
+def test_start_status_pause_resume_abort_and_pin(tmp_path: Path, tiny_gguf: Path, store_url: str) -> None:
+    data, cfg, sha = _setup(tmp_path, tiny_gguf, store_url)
     run = CliRunner().invoke
-    common = ["--config", str(cfg), "--data-dir", str(data)]
+    common = ["--config", str(cfg), "--data-dir", str(data), "--store", store_url]
     r = run(main, ["rollout", "start", "--group", "nope", "--model", "tiny", *common])
     assert r.exit_code == 2 and "unknown group 'nope' (groups: kiosks)" in r.output
     r = run(main, ["rollout", "start", "--group", "kiosks", "--model", "tiny", "--gate", "errors<2%,heat<9", *common])
@@ -37,21 +38,21 @@ def test_start_status_pause_resume_abort_and_pin(tmp_path: Path, tiny_gguf: Path
     assert r.exit_code == 1 and "no artifact named 'missing'" in r.output
     r = run(main, ["rollout", "start", "--group", "kiosks", "--model", "tiny", "--bake", "1m", *common])
     assert r.exit_code == 0 and r.output.startswith("rollout 1: tiny") and "bake 60 s" in r.output
-    with Store(data / "controller.db") as store:
+    with Store(store_url) as store:
         ro = rs.get(store, 1)
         assert ro is not None and ro.target_source == f"http://10.0.0.5:8080/artifacts/{sha}"
         assert ro.baseline_source == "builtin:tiny-test"
     r = run(main, ["rollout", "start", "--group", "kiosks", "--model", "tiny", *common])
     assert r.exit_code == 1 and "rollout 1 is still running" in r.output
-    r = run(main, ["rollout", "status", "--data-dir", str(data)])
+    r = run(main, ["rollout", "status", "--data-dir", str(data), "--store", store_url])
     assert r.exit_code == 0 and "rollout 1 group kiosks: running" in r.output and "step 1   5%" in r.output
     assert "started:" in r.output
-    dd = ["--data-dir", str(data)]
+    dd = ["--data-dir", str(data), "--store", store_url]
     assert run(main, ["rollout", "resume", "1", *dd]).output.strip().endswith("rollout 1 is running: cannot resume it")
     assert run(main, ["rollout", "pause", "1", *dd]).output.strip() == "rollout 1: paused"
     assert run(main, ["rollout", "resume", "1", *dd]).output.strip() == "rollout 1: running"
     assert run(main, ["rollout", "abort", "1", *dd]).output.strip() == "rollout 1: aborting"
-    with Store(data / "controller.db") as store:  # the engine's next tick ends it
+    with Store(store_url) as store:  # the engine's next tick ends it
         ro = rs.get(store, 1)
         assert ro is not None
         out = advance(ro, [DeviceReport("k-1", True)], set(), 0)
@@ -64,7 +65,7 @@ def test_start_status_pause_resume_abort_and_pin(tmp_path: Path, tiny_gguf: Path
     assert run(main, ["rollout", "pin", "k-7", "--note", "customer", *dd]).output.strip() == "k-7: pinned"
     assert run(main, ["rollout", "unpin", "k-7", *dd]).output.strip() == "k-7: unpinned"
     assert run(main, ["rollout", "unpin", "k-7", *dd]).output.strip() == "k-7: was not pinned"
-    with Store(data / "controller.db") as store:  # each operator action in the audit log
+    with Store(store_url) as store:  # each operator action in the audit log
         from nanofleet.controller.audit import AuditLog
 
         entries, _ = AuditLog(store).page(action="rollout")
@@ -76,7 +77,7 @@ def test_start_status_pause_resume_abort_and_pin(tmp_path: Path, tiny_gguf: Path
     assert r.exit_code == 1 and "--data-dir: no controller state" in r.output
 
 
-async def test_the_rollouts_page_shows_progress_per_step(tmp_path: Path, tiny_gguf: Path) -> None:
+async def test_the_rollouts_page_shows_progress_per_step(tmp_path: Path, tiny_gguf: Path, store_url: str) -> None:
     import dataclasses
 
     import httpx
@@ -86,9 +87,9 @@ async def test_the_rollouts_page_shows_progress_per_step(tmp_path: Path, tiny_gg
     from nanofleet.controller.rollouts import Rollout
     from nanofleet.controller.web.app import create_app
 
-    data, _, sha = _setup(tmp_path, tiny_gguf)
+    data, _, sha = _setup(tmp_path, tiny_gguf, store_url)
     token, token_hash = ensure_operator_token(data)
-    with Store(data / "controller.db") as store:
+    with Store(store_url) as store:
         r = rs.create(store, Rollout(0, "kiosks", f"http://c/artifacts/{sha}", sha, "builtin:tiny-test", "",
                                      (50, 100), "errors<2%", 0))
         done = dataclasses.replace(r, step=1, step_results=[{"step": 50, "devices": 2, "applied": 2, "failed": 0,
@@ -107,8 +108,10 @@ async def test_the_rollouts_page_shows_progress_per_step(tmp_path: Path, tiny_gg
     assert "step_passed" in page and "k-9" in page and '<a href="/rollouts">Rollouts</a>' in page
 
 
-def test_a_settings_rollout_is_checked_against_the_group_profile(tmp_path: Path, tiny_gguf: Path) -> None:
-    data, cfg, _ = _setup(tmp_path, tiny_gguf)
+def test_a_settings_rollout_is_checked_against_the_group_profile(tmp_path: Path, tiny_gguf: Path,
+                                                                 store_url: str) -> None:
+    data, cfg, _ = _setup(tmp_path, tiny_gguf, store_url)
+    cfg.write_text(cfg.read_text() + f"store: {{url: '{store_url}'}}\n")  # `start` reads fleet.yaml's store.url
     run = CliRunner().invoke
     common = ["--group", "kiosks", "--config", str(cfg), "--data-dir", str(data)]
     f = tmp_path / "settings.yaml"
@@ -125,9 +128,30 @@ def test_a_settings_rollout_is_checked_against_the_group_profile(tmp_path: Path,
     f.write_text("routing: {battery_floor_pct: 33}\ntelemetry_interval_s: 5\n")
     r = run(main, ["rollout", "start", "--settings", str(f), "--steps", "50,100", *common])
     assert r.exit_code == 0 and r.output.startswith("rollout 1: settings settings.yaml (")
-    with Store(data / "controller.db") as store:
+    with Store(store_url) as store:
         ro = rs.get(store, 1)
         assert ro is not None and ro.kind == "settings" and ro.settings == {"routing": {"battery_floor_pct": 33},
                                                                             "telemetry_interval_s": 5}
-    r = run(main, ["rollout", "status", "--data-dir", str(data)])
+    r = run(main, ["rollout", "status", "--data-dir", str(data), "--store", store_url])
     assert "settings " in r.output and "'battery_floor_pct': 33" in r.output
+
+
+def test_rollout_models_settings_and_pins_are_replaced_not_doubled(store_url: str) -> None:
+    """The engine's writes of a device's rollout model, settings and pin, twice over: the second replaces the first
+    (an upsert on both backends)."""
+    from nanofleet.controller.rollouts import Rollout
+
+    with Store(store_url) as store:
+        r = rs.create(store, Rollout(0, "kiosks", "http://c/artifacts/x", "x" * 64, "builtin:tiny-test", "",
+                                     (50, 100), "errors<2%", 0))
+        for n in (1, 2):
+            r.settings = {"telemetry_interval_s": n}
+            assert rs.save(store, r, [("step", f"round {n}")], models={"k-1": (f"src{n}", f"sha{n}")},
+                           settings={"k-1": n})
+            rs.pin(store, "k-2", f"note {n}")
+        assert rs.desired_models(store) == {"k-1": ("src2", "sha2")}
+        assert rs.desired_settings(store) == {"k-1": ({"telemetry_interval_s": 2}, "x" * 64, 2)}
+        assert rs.pins(store) == {"k-2"}
+        assert rs.save(store, r, [], clear_models=["k-1"], clear_settings=["k-1"])
+        assert rs.desired_models(store) == {} and rs.desired_settings(store) == {}
+        assert [e.kind for e in rs.events(store, r.id)] == ["started", "step", "step"]

@@ -50,8 +50,10 @@ def samples(device: str, n: int, *, start_ms: int, bd_seq: int = 1, step_ms: int
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "store.db")
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """The test fleet in a SQLite store, or on the backend a BOTH test names."""
+    backend = getattr(request, "param", "sqlite")
+    s = Store(tmp_path / "store.db" if backend == "sqlite" else request.getfixturevalue("pg_url"))
     now = int(time.time() * 1000)
     s.write_status("demo", birth("pi-1"), now - 60_000)
     s.write_telemetry("demo", samples("pi-1", 6, start_ms=now - 55_000), now)
@@ -67,6 +69,10 @@ async def client(store: Store, token_and_hash: tuple[str, str]) -> AsyncIterator
     app = create_app(store, FLEET, operator_token_hash=token_and_hash[1])
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8080") as c:
         yield c
+
+
+# the tests whose routes run the dashboard's SQL (device list, overview, device page, groups): on both backends
+BOTH = pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
 
 
 def bearer(token_and_hash: tuple[str, str]) -> dict[str, str]:
@@ -155,6 +161,7 @@ async def test_session_expires(store: Store, token_and_hash) -> None:
 
 
 # ---- REST API ----------------------------------------------------------------------------------------------------
+@BOTH
 async def test_api_devices(client: httpx.AsyncClient, token_and_hash) -> None:
     r = await client.get("/api/devices", headers=bearer(token_and_hash))
     assert r.status_code == 200
@@ -171,6 +178,7 @@ async def test_api_devices(client: httpx.AsyncClient, token_and_hash) -> None:
     assert one.json() == d1
 
 
+@BOTH
 async def test_api_devices_pages_filters_and_sorts(client: httpx.AsyncClient, token_and_hash) -> None:
     first = (await client.get("/api/devices", params={"limit": 2, "sort": "policy", "desc": "1"},
                               headers=bearer(token_and_hash))).json()
@@ -201,6 +209,7 @@ async def test_unknown_device_is_a_clear_404(client: httpx.AsyncClient, token_an
     assert page.status_code == 404 and "no device &#39;ghost&#39; has reported" in page.text
 
 
+@BOTH
 async def test_api_telemetry_raw_and_rollups(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
     r = await client.get("/api/devices/pi-1/telemetry", headers=bearer(token_and_hash))
     body = r.json()
@@ -225,6 +234,7 @@ async def test_bad_query_names_the_field(client: httpx.AsyncClient, token_and_ha
     assert "query.limit" in r.json()["detail"] and "query.resolution" in r.json()["detail"]
 
 
+@BOTH
 async def test_api_convergence_and_rejections(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
     r = await client.get("/api/policy/convergence", headers=bearer(token_and_hash))
     assert r.json() == {"latest": 7, "converged": 2, "total": 3,
@@ -236,6 +246,7 @@ async def test_api_convergence_and_rejections(client: httpx.AsyncClient, store: 
                     "reason": "telemetry.cpu_percent: not a number", "count": 2, "last_ms": rej[0]["last_ms"]}]
 
 
+@BOTH
 async def test_convergence_names_devices_behind_their_published_policy(client: httpx.AsyncClient, store: Store,
                                                                        token_and_hash) -> None:
     from nanofleet.controller.views import PublishedPolicy
@@ -338,6 +349,7 @@ async def test_usage_from_the_gateway_db(tmp_path: Path, store: Store, token_and
 
 
 # ---- pages -------------------------------------------------------------------------------------------------------
+@BOTH
 async def test_overview_page(client: httpx.AsyncClient, token_and_hash) -> None:
     await login(client, token_and_hash[0])
     r = await client.get("/")
@@ -360,6 +372,7 @@ async def test_overview_page(client: httpx.AsyncClient, token_and_hash) -> None:
     assert 'data-refresh="3"' in html
 
 
+@BOTH
 async def test_device_list_filters_pages_and_sorts(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
     await login(client, token_and_hash[0])
 
@@ -397,6 +410,7 @@ async def test_pages_carry_a_strict_csp_with_matching_nonce(client: httpx.AsyncC
     assert r.headers["x-frame-options"] == "DENY" and r.headers["cache-control"] == "no-store"
 
 
+@BOTH
 async def test_fragment_refresh(client: httpx.AsyncClient, store: Store, token_and_hash) -> None:
     r = await client.get("/", headers={"X-Fragment": "1"})
     assert r.status_code == 401  # a background fetch gets 401, not a login page to paste into the table
@@ -408,6 +422,7 @@ async def test_fragment_refresh(client: httpx.AsyncClient, store: Store, token_a
     assert 'data-device="pi-1"' in r.text and re.search(r'data-device="pi-1">.*?data-state="offline"', r.text)
 
 
+@BOTH
 async def test_device_page_has_svg_charts(client: httpx.AsyncClient, token_and_hash) -> None:
     await login(client, token_and_hash[0])
     r = await client.get("/devices/pi-1", params={"window": "15m"})
@@ -525,6 +540,7 @@ async def test_queue_depth_oldest_age_and_slots_waiting_are_shown_apart(tmp_path
         s.close()
 
 
+@BOTH
 async def test_device_page_shows_policy_recent_commands_and_thermal_bands(client: httpx.AsyncClient, store: Store,
                                                                          token_and_hash) -> None:
     from nanofleet.controller.store import Batch
@@ -545,6 +561,7 @@ async def test_device_page_shows_policy_recent_commands_and_thermal_bands(client
     assert 'href="/devices?group=kiosks"' in html
 
 
+@BOTH
 async def test_groups_page_shows_each_group_its_policy_and_the_last_apply(tmp_path: Path, store: Store,
                                                                           token_and_hash) -> None:
     from nanofleet.controller.views import PublishedPolicy

@@ -1,4 +1,5 @@
-"""Stored alerts and the audit log through the REST API, in-process over a real SQLite store: the engine raises,
+"""Stored alerts and the audit log through the REST API, in-process over a real store on each backend (SQLite,
+PostgreSQL): the engine raises,
 the API lists and pages them, an operator acknowledges (audited), the engine clears; logins, failed logins and
 logouts are audited with the client's address; the audit table refuses changes."""
 
@@ -23,6 +24,7 @@ from nanofleet.controller.alerts_engine import AlertEngine
 from nanofleet.controller.audit import AuditLog
 from nanofleet.controller.store import Store
 from nanofleet.controller.web import create_app
+from nanofleet.pg_db import DB_ERRORS
 from nanofleet.protos import fleet_pb2
 
 
@@ -34,8 +36,8 @@ def hot(device: str, now: int, *, level: int = fleet_pb2.THERMAL_LEVEL_CRITICAL,
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "alerts.db")
+def store(store_url: str) -> Iterator[Store]:
+    s = Store(store_url)
     now = int(time.time() * 1000)
     s.write_status("demo", birth("hot"), now)
     s.write_telemetry("demo", [hot("hot", now)], now)
@@ -151,8 +153,9 @@ async def test_rejections_and_policy_lag_raise_and_clear(store: Store, engine: A
     now = int(time.time() * 1000)
     reject(store, "calm", "nanofleet/v1/demo/calm/telemetry", "bad json", now)
     reject(store, None, "nanofleet/v1/demo", "no device", now)
-    kinds = {(a.device_id, a.kind) for a in engine.evaluate(now)}
-    assert {("calm", "rejections"), ("", "rejections")} <= kinds
+    raised = {(a.device_id, a.kind): a for a in engine.evaluate(now)}
+    assert {("calm", "rejections"), ("", "rejections")} <= set(raised)
+    assert raised["calm", "rejections"].detail.startswith("1 payload(s) rejected in the last 300 s (1 reason(s);")
     assert engine.evaluate(now + 301_000) and not engine.alerts.page(kind="rejections")[0]  # the window passed
     from nanofleet.controller.views import PublishedPolicy
 
@@ -176,7 +179,7 @@ async def test_logins_failures_and_logouts_are_audited(client: httpx.AsyncClient
     entries = await until(lambda: (e := audit.page()[0]) and len(e) == 3 and e, what="three audit entries")
     assert [e.action for e in reversed(entries)] == ["login_failed", "login", "logout"]  # type: ignore[union-attr]
     assert all(e.source == "127.0.0.1" for e in entries)  # type: ignore[union-attr]
-    raw = store.read(lambda c: c.execute("SELECT group_concat(detail) FROM audit").fetchone()[0])
+    raw = " ".join(d for (d,) in store.read(lambda c: c.execute("SELECT detail FROM audit").fetchall()))
     assert "nft_wrong" not in raw and token_and_hash[0] not in raw  # never the token
     assert client._transport.app.state.web.logins_failed == 1  # type: ignore[attr-defined]
     auth = bearer(token_and_hash)
@@ -195,8 +198,10 @@ async def test_logins_failures_and_logouts_are_audited(client: httpx.AsyncClient
 
 def test_audit_log_refuses_update_and_delete(store: Store) -> None:
     entry = AuditLog(store).record("ops", "token_rotate", "operator_token", {"k": 1}, "cli")
-    for sql in ("UPDATE audit SET actor = 'someone else'", "DELETE FROM audit"):
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    refused = (sqlite3.IntegrityError, *DB_ERRORS)  # SQLite's trigger aborts; PostgreSQL's raises
+    truncate = ["TRUNCATE audit"] if store.target.kind == "postgresql" else []  # SQLite has no TRUNCATE
+    for sql in ("UPDATE audit SET actor = 'someone else'", "DELETE FROM audit", *truncate):
+        with pytest.raises(refused, match="append-only"):
             store.submit(lambda c, sql=sql: c.execute(sql)).result()
     assert AuditLog(store).page()[0] == [entry]
     with pytest.raises(ValueError, match="audit action 'nuke'"):
@@ -328,3 +333,22 @@ async def test_pages_of_alerts_and_audit_page_through_older_entries(client: http
     assert link and len(re.findall(r"data-audit-id", page)) == 100
     older = (await client.get(link.group(1).replace("&amp;", "&"))).text
     assert re.findall(r"<td>(dev-\d+)</td>", older) == ["dev-4", "dev-3", "dev-2", "dev-1", "dev-0"]
+
+
+async def test_a_nul_character_in_any_parameter_is_a_422_naming_it(client: httpx.AsyncClient, engine: AlertEngine,
+                                                                     token_and_hash: tuple[str, str]) -> None:
+    """PostgreSQL text cannot hold NUL (psycopg raises DataError: a 500 there, while SQLite stores it): refused at
+    the edge on both backends, naming the parameter."""
+    auth = bearer(token_and_hash)
+    [alert, *_] = engine.evaluate()
+    for path, field in (("/api/devices?q=a%00b", "query.q"), ("/api/devices?group=%00", "query.group"),
+                        ("/api/devices/x%00y", "path.device_id"), ("/api/devices/x%00y/telemetry", "path.device_id"),
+                        ("/api/alerts?device_id=%00", "query.device_id"), ("/api/audit?actor=%00", "query.actor"),
+                        ("/devices?q=%00", "query.q")):
+        r = await client.get(path, headers={**auth, "X-Fragment": "1"})
+        assert (r.status_code, r.json()["error"]) == (422, "invalid_request"), (path, r.text)
+        assert r.json()["detail"].startswith(f"{field}: ") and "NUL" in r.json()["detail"], r.text
+    r = await client.post(f"/api/alerts/{alert.id}/ack", json={"note": "seen\x00"}, headers=auth)
+    assert r.status_code == 422 and "body.note" in r.json()["detail"], r.text
+    assert (await client.get("/api/devices?q=ok", headers=auth)).status_code == 200
+    assert client._transport.app.state.errors == {}  # type: ignore[attr-defined]  # no 500 anywhere

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -32,8 +31,8 @@ def sample(device: str, i: int, ts: int, rate: float) -> fleet_pb2.Telemetry:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "device.db")
+def store(store_url: str) -> Iterator[Store]:
+    s = Store(store_url)
     now = int(time.time() * 1000)
     start = now - 70_000
     s.write_status("demo", birth("pi-1"), start - 1000)
@@ -100,9 +99,9 @@ def alert_rows(html: str) -> dict[str, str]:
     return {m.group(1): m.group(0) for m in re.finditer(r'<tr data-kind="([a-z_]+)".*?</tr>', body, re.S)}
 
 
-async def test_device_page_lists_its_stored_alerts_open_and_recently_cleared(tmp_path: Path, token_and_hash) -> None:
+async def test_device_page_lists_its_stored_alerts_open_and_recently_cleared(store_url: str, token_and_hash) -> None:
     now = int(time.time() * 1000)
-    with Store(tmp_path / "alerts.db") as store:
+    with Store(store_url) as store:
         engine = AlertEngine(AlertStore(store), FLEET)
         store.write_status("demo", birth("hot-1"), now)
         store.write_telemetry("demo", [state_of("hot-1", 0, now, level=fleet_pb2.THERMAL_LEVEL_CRITICAL, ram=100)], now)
@@ -130,11 +129,11 @@ async def test_device_page_lists_its_stored_alerts_open_and_recently_cleared(tmp
             assert ids == {"thermal", "low_ram"} and ">other<" not in listing
 
 
-async def test_nothing_on_the_device_page_contradicts_the_stored_alerts(tmp_path: Path, token_and_hash) -> None:
+async def test_nothing_on_the_device_page_contradicts_the_stored_alerts(store_url: str, token_and_hash) -> None:
     """Over a threshold now but no alert stored yet (the engine has not run), or the alert acknowledged: the page
     says what is stored — no 'raised' flag of its own making."""
     now = int(time.time() * 1000)
-    with Store(tmp_path / "alerts.db") as store:
+    with Store(store_url) as store:
         engine = AlertEngine(AlertStore(store), FLEET)
         store.write_status("demo", birth("hot-1"), now)
         store.write_telemetry("demo", [state_of("hot-1", 0, now, level=fleet_pb2.THERMAL_LEVEL_CRITICAL, ram=3000)],
