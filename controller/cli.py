@@ -58,9 +58,7 @@ async def _until_signal() -> None:
 @click.option("--listen", default=None, help="Dashboard/API address (default: fleet.yaml controller.listen).")
 @_mqtt_options
 @click.option("--share-group", default=None, help="Subscribe via $share/<group>/ so controllers split the load.")
-@click.option("--store", "store_url", default=None, metavar="URL",
-              help="sqlite:///path or postgresql://… (default: fleet.yaml store.url, else controller.db in the data "
-                   "folder); several controllers of one fleet share one PostgreSQL store and elect a leader")
+@STORE_OPTION  # several controllers of one fleet share one PostgreSQL store and elect a leader
 @click.option("--gateway-db", type=click.Path(path_type=Path), default=None, help="Gateway usage DB to show.")
 @click.option("--ingest-reader", type=click.Choice(["builtin", "paho"]), default=None,
               help="MQTT reader for ingest (default: fleet.yaml controller.ingest_reader, builtin).")
@@ -76,12 +74,7 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
         raise click.UsageError("--config fleet.yaml is required")
     cfg = _load(config_path)
     from nanofleet.controller.service import ControllerService
-    from nanofleet.store_url import resolve
-
-    try:
-        resolve(store_url or cfg.store.url, data_dir, "controller.db")
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--store" if store_url else "store.url") from None
+    store_cli.target(data_dir, store_url, cfg.store.url)  # a malformed URL: a usage error naming --store, up front
 
     async def main() -> None:
         svc = ControllerService(cfg, data_dir, broker_url=broker_url, mqtt_username=mqtt_username,
