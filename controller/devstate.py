@@ -43,6 +43,7 @@ _COLUMNS = (
     "gap_count", "telemetry_interval_s", "status_json", "slots_waiting", "queue_oldest_age_s", "queue_counters",
     "model_report",
 )
+_BD_SEQ = _COLUMNS.index("bd_seq")
 _encode = msgspec.json.Encoder().encode  # ~10x json.dumps on a small dict: this runs per message
 _UPSERT = (f"INSERT INTO devices ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
            f"ON CONFLICT (device_id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _COLUMNS[1:])}")
@@ -56,6 +57,9 @@ _HOT = (
 _UPDATE_HOT = f"UPDATE devices SET {', '.join(c + ' = ?' for c in _HOT)} WHERE device_id = ?"
 _INSERT_NEW = (f"INSERT INTO devices ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
                "ON CONFLICT (device_id) DO NOTHING")
+_HOT_STAGING = "_devices_hot"  # PostgreSQL: a session temp table the hot columns are COPY'd into, then one UPDATE
+_HOT_FROM_STAGING = (f"UPDATE devices d SET {', '.join(f'{c} = h.{c}' for c in _HOT)} FROM {_HOT_STAGING} h "
+                     "WHERE d.device_id = h.device_id")
 _LOCK = f"SELECT {', '.join(_COLUMNS)} FROM devices WHERE device_id = ANY(?) ORDER BY device_id FOR UPDATE"
 
 
@@ -230,6 +234,7 @@ class DeviceStates:
         self.revoked = revoked or set()  # revoked_devices as last read (a message of one re-reads its row)
         self.check_gaps = True  # off when controllers split a device's messages through $share
         self._shown: set[str] = set()  # devices whose shown values changed in the batch being applied
+        self._hot_staging_of: Any = None  # PostgreSQL: the raw connection whose session has _HOT_STAGING
 
     @classmethod
     def load(cls, conn: sqlite3.Connection) -> DeviceStates:
@@ -298,14 +303,13 @@ class DeviceStates:
             sql, params = _LOCK.replace("device_id = ANY(?)", where), args
         locked = []
         for r in conn.execute(sql, params):
-            values = dict(zip(_COLUMNS, r, strict=True))
             dev = self.devices.get(r[0])
             if dev is None:
-                dev = self.devices[r[0]] = _Dev(values)
-            else:
-                if dev.bd_seq != values["bd_seq"]:
+                dev = self.devices[r[0]] = _Dev(dict(zip(_COLUMNS, r, strict=True)))
+            elif dev.row != r:  # (one controller alone: the mirror is right, nothing to copy)
+                if dev.bd_seq != r[_BD_SEQ]:
                     dev.last_seq = None  # another controller saw a birth: seq starts again
-                for name, value in values.items():
+                for name, value in zip(_COLUMNS, r, strict=True):
                     setattr(dev, name, value)
             if dev.state == REVOKED:
                 self.revoked.add(dev.device_id)
@@ -497,9 +501,13 @@ class DeviceStates:
             rows = [d.row for d in devs if d.device_id in full]
             hot = [d for d in devs if d.device_id not in full]
             if hot:
-                before = conn.total_changes
-                conn.executemany(_UPDATE_HOT, [d.hot_row for d in hot])
-                if conn.total_changes - before != len(hot):  # a row missing (an earlier batch rolled back): heal
+                if dialect(conn) == "postgresql":
+                    updated = self._update_hot_pg(conn, hot)
+                else:
+                    before = conn.total_changes
+                    conn.executemany(_UPDATE_HOT, [d.hot_row for d in hot])
+                    updated = conn.total_changes - before
+                if updated != len(hot):  # a row missing (an earlier batch rolled back): heal
                     rows += [d.row for d in hot]
         if out.new_devices and dialect(conn) == "postgresql":
             new = set(out.new_devices)
@@ -516,6 +524,20 @@ class DeviceStates:
                 "INSERT INTO device_events (device_id, ts_ms, state, reason, bd_seq) VALUES (?, ?, ?, ?, ?)",
                 [(e.device_id, e.ts_ms, e.state, e.reason, e.bd_seq) for e in out.events],
             )
+
+    def _update_hot_pg(self, conn: Any, devs: list[_Dev]) -> int:
+        """PostgreSQL: the hot columns of many devices by COPY into a session temp table and one UPDATE … FROM
+        (about half the time of an UPDATE per device); returns the rows updated."""
+        raw = conn.raw
+        if self._hot_staging_of is not raw:  # a new DeviceStates after a rollback, or a new connection: make it
+            conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {_HOT_STAGING} AS "
+                         f"SELECT {', '.join(_HOT)}, device_id FROM devices WITH NO DATA")
+            self._hot_staging_of = raw
+        conn.execute(f"TRUNCATE {_HOT_STAGING}")
+        with raw.cursor().copy(f"COPY {_HOT_STAGING} FROM STDIN") as copy:
+            for dev in devs:
+                copy.write_row(dev.hot_row)
+        return max(conn.execute(_HOT_FROM_STAGING).rowcount, 0)
 
     def sweep_stale(self, conn: sqlite3.Connection, at: int, factor: float) -> list[DeviceEvent]:
         out = BatchOutcome()
