@@ -268,6 +268,8 @@ class DeviceStates:
 
     def expect(self, conn: sqlite3.Connection, device_ids: list[str], fleet: str) -> list[str]:
         """Rows in state `never_seen` for listed devices the store has never heard of (not revoked ones)."""
+        if dialect(conn) == "postgresql":  # what another controller stored counts as heard of
+            self.lock(conn, list(dict.fromkeys(device_ids)))
         new = [d for d in dict.fromkeys(device_ids) if d not in self.devices and d not in self.revoked]
         for device_id in new:
             self.devices[device_id] = _Dev.new(device_id, fleet, "never_seen")

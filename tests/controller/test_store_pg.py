@@ -270,3 +270,31 @@ def test_failure_reasons_name_postgresql_errors() -> None:
     assert failure_reason(psycopg.errors.AdminShutdown()) == "pg_admin_shutdown"
     assert failure_reason(psycopg.errors.DiskFull()) == "pg_disk_full"
     assert failure_reason(psycopg.OperationalError("connection lost")) == "pg_operational_error"
+
+
+def test_a_rolled_back_batch_leaves_no_trace_in_the_device_state(pg_store: Store) -> None:
+    """A batch that fails (here: a value out of the column's range, after its devices were judged and written) is
+    rolled back whole; retried right, it is judged again: its new device is new again and its birth recorded."""
+    pg_store.write_status("f", birth("d1", 1), T0)
+    with pytest.raises(psycopg.errors.NumericValueOutOfRange):
+        pg_store.apply(Batch("f", T0 + 1000, statuses=[birth("d2", 1)],
+                             telemetry=[TelemetryRow("x1", 1, 2**40, T0 + 5)]))
+    assert pg_store.get_device("d2") is None and pg_store.get_device("x1") is None and pg_store.reloads >= 1
+    out = pg_store.apply(Batch("f", T0 + 1000, statuses=[birth("d2", 1)], telemetry=[TelemetryRow("x1", 1, 0, T0 + 5)]))
+    assert {"d2", "x1"} <= set(out.new_devices) and ("d2", "birth") in [(e.device_id, e.reason) for e in out.events]
+    assert pg_store.get_device("d2").state == "online" and telemetry_count(pg_store) == 1
+
+
+def test_a_controller_that_never_saw_a_device_still_judges_it_on_its_stored_row(pg_url: str) -> None:
+    """mark_all, sweep_stale and expect_devices of a controller whose mirror never heard of the devices (another
+    controller took their messages) act on the stored rows."""
+    with Store(pg_url) as a, Store(pg_url) as b:
+        a.apply(Batch("f", T0, statuses=[birth("d1", 1), birth("d2", 1)]))
+        assert b.expect_devices("f", ["d1", "d3"]) == ["d3"]  # d1 is known: stored by the other controller
+        assert a.get_device("d1").state == "online" and a.get_device("d3").state == "never_seen"
+        events = b.mark_all("offline", "controller_lost_broker", at_ms=T0 + 1)
+        assert sorted(e.device_id for e in events) == ["d1", "d2"]
+        assert {d.device_id: d.state for d in a.list_devices()} == {"d1": "offline", "d2": "offline",
+                                                                    "d3": "never_seen"}
+        a.apply(Batch("f", T0 + 2, statuses=[birth("d1", 2)]))  # a's mirror said offline too: the birth is news
+        assert [e.reason for e in a.device_events("d1")][-1] == "birth"
