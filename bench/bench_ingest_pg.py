@@ -31,8 +31,15 @@ def _server_cpu_s(data: Path) -> float:
     return sum(int(x) for x in fields[11:15]) / _TICK  # utime, stime, cutime, cstime
 
 
+def _pid_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:13]) / _TICK
+
+
 def _store_rates(pg: Any, tmp: Path, batches: int = 15, size: int = 2000, reps: int = 3) -> dict[str, float]:
-    """Rows/s of Store.apply for the same telemetry batches (one row per device a batch, as ingest makes them)."""
+    """Rows/s of Store.apply for the same telemetry batches (one row per device a batch, as ingest makes them), and
+    the CPU µs a row of this process (decode excluded: the store's Python and the driver) and of the server's
+    backend that wrote them: CPU time is what the machine's other load changes least."""
     from nanofleet.controller.store import Batch, Store, TelemetryRow
 
     now = int(time.time() * 1000)
@@ -40,6 +47,7 @@ def _store_rates(pg: Any, tmp: Path, batches: int = 15, size: int = 2000, reps: 
                           temp_max_c=48.5, queue_depth=d % 4, policy_version=3, route_counts={"local": 10})
              for d in range(size)] for b in range(batches)]
     rates: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     for rep in range(reps):
         kinds = ["sqlite", "pg_copy", "pg_executemany"]
         for kind in kinds if rep % 2 == 0 else kinds[::-1]:
@@ -48,11 +56,18 @@ def _store_rates(pg: Any, tmp: Path, batches: int = 15, size: int = 2000, reps: 
                 store.check_gaps = False
                 store.telemetry_by_copy = kind == "pg_copy"
                 store.apply(Batch(FLEET, now, telemetry=work[0]))  # devices made, partitions made: not timed
-                t0 = time.perf_counter()
+                backend = None if kind == "sqlite" else store.submit(lambda c: c.raw.info.backend_pid).result()
+                server0 = _pid_cpu_s(backend) if backend else 0.0
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 for rows in work[1:]:
                     store.apply(Batch(FLEET, now + 1000, telemetry=rows))
-                rates.setdefault(kind, []).append((batches - 1) * size / (time.perf_counter() - t0))
-    return {k: round(statistics.median(v)) for k, v in rates.items()}
+                n = (batches - 1) * size
+                rates.setdefault(kind, []).append(n / (time.perf_counter() - t0))
+                cpu.setdefault(f"{kind}_client_us", []).append((time.process_time() - cpu0) / n * 1e6)
+                if backend:
+                    cpu.setdefault(f"{kind}_server_us", []).append((_pid_cpu_s(backend) - server0) / n * 1e6)
+    return {**{k: round(statistics.median(v)) for k, v in rates.items()},
+            **{k: round(statistics.median(v), 1) for k, v in cpu.items()}}
 
 
 FLEET = "bench"
@@ -98,8 +113,10 @@ def _markdown(f: dict[str, Any]) -> str:
             f"builtin reader, `$share/` when several; PostgreSQL is a throwaway local server (fsync off) on the same "
             f"{f['cpus']}-core machine as the broker, the publisher and the controllers. Load average before "
             f"{f['load_before']}, after {f['load_after']}.\n\n" + "\n".join(rows)
-            + f"\n\nStore alone, in process (2,000-row batches, one row per device): SQLite {s['sqlite']:,} rows/s; "
-            f"PostgreSQL by COPY {s['pg_copy']:,} rows/s, by executemany {s['pg_executemany']:,} rows/s.")
+            + f"\n\nStore alone, in process (2,000-row batches, one row per device; CPU µs a row: this process + the "
+            f"server's backend): SQLite {s['sqlite']:,} rows/s ({s['sqlite_client_us']} µs); PostgreSQL by COPY "
+            f"{s['pg_copy']:,} rows/s ({s['pg_copy_client_us']} + {s['pg_copy_server_us']} µs), by executemany "
+            f"{s['pg_executemany']:,} rows/s ({s['pg_executemany_client_us']} + {s['pg_executemany_server_us']} µs).")
 
 
 if __name__ == "__main__":

@@ -61,8 +61,12 @@ def test_redelivered_telemetry_is_stored_once_and_counted(pg_store: Store, by_co
     again = pg_store.apply(Batch("f", T0 + 200, telemetry=[*rows[10:20], TelemetryRow("d9", 1, 0, T0)]))
     assert (again.inserted, again.duplicates) == (1, 10)
     assert telemetry_count(pg_store) == 31
+    fresh = pg_store.apply(Batch("f", T0 + 300, telemetry=[TelemetryRow("d1", 1, 99, T0 + 99)]))
+    assert (fresh.inserted, fresh.duplicates) == (1, 0)
+    if by_copy:  # the two batches with duplicates went the staged way, the fresh one straight in
+        assert pg_store._pg.copy_conflicts == 2
     stored = pg_store.telemetry("d1")
-    assert [p.cpu_percent for p in stored] == [float(i) for i in range(30) if i % 3 == 1]
+    assert [p.cpu_percent for p in stored] == [*(float(i) for i in range(30) if i % 3 == 1), 0.0]
 
 
 def test_partitions_are_made_per_day_and_retention_drops_whole_days(pg_url: str) -> None:
