@@ -54,9 +54,13 @@ class PgTelemetry:
         self._days.clear()
         self._staging_of = None
 
+    def missing(self, days: Iterable[int]) -> list[int]:
+        """The days whose partition this process does not know to exist."""
+        return sorted(set(days) - self._days)
+
     def ensure(self, conn: Any, days: Iterable[int]) -> None:
         """The partition of each day, made if missing (a no-op for days this process already knows)."""
-        missing = sorted(set(days) - self._days)
+        missing = self.missing(days)
         if not missing:
             return
         conn.execute("SELECT pg_advisory_xact_lock(?, 0)", (_LOCK_CLASS,))

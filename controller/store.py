@@ -160,12 +160,13 @@ class Store:
             self._next_route_snapshot = wall + ROUTE_SNAPSHOT_EVERY_MS  # also after a failure: no retry storm
             in_transaction(conn, lambda c: self._snapshot_routes(c, wall))
         if dialect(conn) == "postgresql" and not closing:  # today's and tomorrow's partitions, ahead of the batches
-            today = wall // _DAY_MS
-            try:
-                in_transaction(conn, lambda c: self._pg.ensure(c, (today, today + 1)))
-            except BaseException:
-                self._pg.forget()
-                raise
+            ahead = self._pg.missing((wall // _DAY_MS, wall // _DAY_MS + 1))
+            if ahead:
+                try:
+                    in_transaction(conn, lambda c: self._pg.ensure(c, ahead))
+                except BaseException:
+                    self._pg.forget()
+                    raise
         if mono >= self._next_prune and not closing:
             self._next_prune = mono + self._prune_every_s  # also after a failure: no retry storm
             try:

@@ -84,6 +84,11 @@ def test_partitions_are_made_per_day_and_retention_drops_whole_days(pg_url: str)
         assert days[0] in _partitions(s)
         prune(s, now[0])
         assert days[0] not in _partitions(s) and telemetry_count(s) == 3
+        # an operator's own partition (not named by day) is left alone, and said so
+        s.submit(lambda c: c.execute("CREATE TABLE telemetry_archive PARTITION OF telemetry "
+                                     f"FOR VALUES FROM (0) TO ({T0 - 30 * DAY_MS})")).result()
+        prune(s, now[0])
+        assert "telemetry_archive" in _partitions(s)
 
 
 def test_the_housekeeping_makes_today_and_tomorrow_ahead(pg_url: str) -> None:
