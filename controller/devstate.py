@@ -329,7 +329,9 @@ class DeviceStates:
         out = BatchOutcome()
         if dialect(conn) == "postgresql":  # judge on what is stored: other controllers write the same devices
             ids = {s.device_id for s in batch.statuses} | {r.device_id for r in batch.telemetry}
-            self.lock(conn, list(ids | {d for d, _, _ in batch.rejections if d}))
+            ids |= {d for d, _, _ in batch.rejections if d}
+            if ids:  # (command results alone touch no device row)
+                self.lock(conn, list(ids))
         touched: dict[str, _Dev] = {}
         full: set[str] = set()  # devices whose whole row changes (new, birth, death); the rest get _UPDATE_HOT
         self._shown = set()
