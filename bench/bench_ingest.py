@@ -237,12 +237,14 @@ class _Mosquitto:
         self.proc.wait(5)
 
 
-def _round(kind: str, procs: int, port: int, packets: list[bytes], rate: float | None, tmp: Path) -> dict[str, Any]:
+def _round(kind: str, procs: int, port: int, packets: list[bytes], rate: float | None, tmp: Path,
+           db: str | None = None) -> dict[str, Any]:
+    """One round; `db`: the store's path or URL (bench_ingest_pg: a PostgreSQL database), else a new SQLite file."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     readies, children = [], []
     share = "bench" if procs > 1 else None
-    db = str(tmp / f"store-{kind}-{procs}-{time.monotonic_ns()}.db")
+    db = db or str(tmp / f"store-{kind}-{procs}-{time.monotonic_ns()}.db")
     counts = ctx.Array("q", procs, lock=False)  # each controller's progress; all stop when the sum is in
     for slot in range(procs):
         ready = ctx.Event()

@@ -7,11 +7,14 @@ side); either appends (topic, payload) pairs to a deque; one ingest thread takes
 `batch_ms` worth, decodes and validates them (controller.decode), and hands the batch to the store's writer thread
 as one transaction — decoding the next batch overlaps the commit of the previous one.
 A malformed payload is counted per device and reason in the store, logged once, and skipped.
-A batch the store fails to write (disk full, I/O error, a locked file) is retried `write_attempts` times with the
-project's backoff (nanofleet.backoff); if it still fails, its messages are counted in `stats.dropped_by_reason`
-(reason: SQLite's error name, e.g. `sqlite_full`) and logged — the broker has already handed them over, so nothing
-else can keep them, but nothing is lost without a count. A retried batch is judged again on what is stored (the
-store reloads its device state after a rollback); a later batch may have committed meanwhile.
+A batch the store fails to write (disk full, I/O error, a locked file, PostgreSQL restarting) is retried
+`write_attempts` times with the project's backoff (nanofleet.backoff); if it still fails, its messages are counted
+in `stats.dropped_by_reason` (reason: SQLite's error name, e.g. `sqlite_full`, or psycopg's error class, e.g.
+`pg_admin_shutdown`) and logged — the broker has already handed them over, so nothing else can keep them, but
+nothing is lost without a count. A retried batch is judged again on what is stored (the store reloads its device
+state after a rollback; on PostgreSQL every batch re-reads its devices' rows); a later batch may have committed
+meanwhile, and rows a failed commit may have stored after all are not stored twice (ON CONFLICT DO NOTHING).
+Telemetry stamped more than a day ahead of its arrival is refused by the store and counted (`ts_in_future`).
 With `share_group`, the subscriptions go through `$share/<group>/...` so several controllers split the load.
 """
 
@@ -22,6 +25,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import re
 import socket
 import sqlite3
 import threading
@@ -34,10 +38,12 @@ from typing import Any, Literal
 
 from nanofleet.backoff import Backoff
 from nanofleet.controller.decode import PayloadError, decode_result, decode_status, decode_telemetry
+from nanofleet.controller.devstate import FUTURE
 from nanofleet.controller.errors import StoreClosed, StoreError
 from nanofleet.controller.mqtt_reader import AsyncPublisher, MqttReader
 from nanofleet.controller.store import Batch, BatchOutcome, Store
 from nanofleet.mqtt import MqttClient
+from nanofleet.pg_db import DB_ERRORS
 from nanofleet.protos import fleet_pb2, topics
 
 log = logging.getLogger(__name__)
@@ -86,10 +92,16 @@ def durable_client_id(fleet: str, data_dir: Path) -> str:
 
 
 def failure_reason(exc: BaseException) -> str:
-    """A short, stable name for a failed write: SQLite's error name (`sqlite_full`, `sqlite_busy`, `sqlite_ioerr_…`)
-    or the exception's class."""
-    name = getattr(exc, "sqlite_errorname", None) if isinstance(exc, sqlite3.Error) else None
-    return name.lower() if isinstance(name, str) and name else type(exc).__name__
+    """A short, stable name for a failed write: SQLite's error name (`sqlite_full`, `sqlite_busy`, `sqlite_ioerr_…`),
+    psycopg's error class as `pg_<name>` (`pg_admin_shutdown`, `pg_disk_full`, `pg_operational_error` for a lost
+    connection), or the exception's class."""
+    if isinstance(exc, sqlite3.Error):
+        name = getattr(exc, "sqlite_errorname", None)
+        if isinstance(name, str) and name:
+            return name.lower()
+    if isinstance(exc, DB_ERRORS):
+        return "pg_" + re.sub(r"(?<!^)(?=[A-Z])", "_", type(exc).__name__).lower()
+    return type(exc).__name__
 
 
 class Ingest:
@@ -275,6 +287,9 @@ class Ingest:
             if outcome.revoked_rejected:  # messages of revoked devices: refused by the store, counted here too
                 self.stats.rejected += outcome.revoked_rejected
                 self.stats.rejected_by_reason["revoked"] += outcome.revoked_rejected
+            if outcome.future_rejected:  # telemetry stamped too far ahead of its arrival (controller.devstate)
+                self.stats.rejected += outcome.future_rejected
+                self.stats.rejected_by_reason[FUTURE] += outcome.future_rejected
             self.stats.batches += 1
             self._lag(item.batch)
             if outcome.changed and self._on_changes is not None:

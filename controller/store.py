@@ -28,6 +28,7 @@ from nanofleet.controller import devstate as ds
 from nanofleet.controller.errors import StoreClosed, StoreError
 from nanofleet.controller.migrations import MIGRATIONS
 from nanofleet.controller.pg_migrations import PG_MIGRATIONS
+from nanofleet.controller.pg_telemetry import PgTelemetry
 from nanofleet.controller.views import (
     DeviceEvent,
     DeviceView,
@@ -105,7 +106,8 @@ class Store:
         self._group_of: Callable[[str], str] | None = None  # fleet.yaml's rule, once set_group_resolver ran
         self._next_route_snapshot = 0
         self.reloads = 0  # times the device mirror was reloaded after a rollback
-        self._partitions: set[int] = set()  # PostgreSQL: the telemetry day partitions known to exist (day numbers)
+        self._pg = PgTelemetry([c.strip() for c in _TELEMETRY_COLUMNS.split(",")])  # used on PostgreSQL only
+        self.telemetry_by_copy = True  # PostgreSQL: COPY (False: executemany, as on SQLite; the bench compares)
         self.db: Writer
         if target.kind == "postgresql":
             assert target.url is not None
@@ -138,6 +140,7 @@ class Store:
     def _reload(self, conn: sqlite3.Connection) -> None:
         """After a rollback: the in-memory devices may hold what the file does not; the file is the truth."""
         self.reloads += 1
+        self._pg.forget()  # first: a partition made by the rolled-back transaction is gone even if loading fails
         self._load(conn)
 
     def _housekeeping(self, conn: sqlite3.Connection) -> None:
@@ -156,9 +159,21 @@ class Store:
         if wall >= self._next_route_snapshot and not closing:
             self._next_route_snapshot = wall + ROUTE_SNAPSHOT_EVERY_MS  # also after a failure: no retry storm
             in_transaction(conn, lambda c: self._snapshot_routes(c, wall))
+        if dialect(conn) == "postgresql" and not closing:  # today's and tomorrow's partitions, ahead of the batches
+            ahead = self._pg.missing((wall // _DAY_MS, wall // _DAY_MS + 1))
+            if ahead:
+                try:
+                    in_transaction(conn, lambda c: self._pg.ensure(c, ahead))
+                except BaseException:
+                    self._pg.forget()
+                    raise
         if mono >= self._next_prune and not closing:
             self._next_prune = mono + self._prune_every_s  # also after a failure: no retry storm
-            more = in_transaction(conn, lambda c: self._prune(c, self._clock()))
+            try:
+                more = in_transaction(conn, lambda c: self._prune(c, self._clock()))
+            except BaseException:
+                self._pg.forget()  # a partition dropped in the rolled-back transaction is back
+                raise
             self._next_prune = mono + (_PRUNE_AGAIN_S if more else self._prune_every_s)
 
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> Future[T]:
@@ -204,23 +219,24 @@ class Store:
         return self.apply(Batch(fleet, received_ms, telemetry=[row_from_pb(t) for t in items]))
 
     def _apply(self, conn: sqlite3.Connection, batch: Batch) -> BatchOutcome:
+        pg = self._pg if dialect(conn) == "postgresql" else None
+        if pg is not None and batch.telemetry:  # DDL before the device rows are locked: fewer lock waits
+            horizon = batch.received_ms + ds.FUTURE_MS
+            pg.ensure(conn, {r.ts_ms // _DAY_MS for r in batch.telemetry if r.ts_ms <= horizon})
         outcome = self._state.apply(conn, batch)  # raising rolls this job back, then _reload mends the mirror
         if outcome.new_devices and self._group_of is not None:
             conn.executemany(_SET_GROUP, [(d, self._group_of(d)) for d in outcome.new_devices])
         if batch.telemetry:
-            if dialect(conn) == "postgresql":
-                self._ensure_partitions(conn, {r.ts_ms // _DAY_MS for r in batch.telemetry})
-            before = conn.total_changes
-            conn.executemany(
-                _INSERT_TELEMETRY,
-                [
-                    (r.device_id, r.ts_ms, r.bd_seq, r.seq, batch.received_ms, r.cpu_percent, r.load1,
-                     r.ram_available_mb, r.temp_max_c, r.thermal_level, r.throttle_ratio, r.queue_depth,
-                     r.battery_pct, r.replayed, r.slots_waiting, r.queue_oldest_age_s, r.tokens_per_s)
-                    for r in batch.telemetry
-                ],
-            )
-            outcome.inserted = conn.total_changes - before
+            at = batch.received_ms
+            rows = [(r.device_id, r.ts_ms, r.bd_seq, r.seq, at, r.cpu_percent, r.load1, r.ram_available_mb,
+                     r.temp_max_c, r.thermal_level, r.throttle_ratio, r.queue_depth, r.battery_pct, r.replayed,
+                     r.slots_waiting, r.queue_oldest_age_s, r.tokens_per_s) for r in batch.telemetry]
+            if pg is not None and self.telemetry_by_copy:
+                outcome.inserted = pg.insert(conn, rows)
+            else:
+                before = conn.total_changes
+                conn.executemany(_INSERT_TELEMETRY, rows)
+                outcome.inserted = conn.total_changes - before
             outcome.duplicates = len(batch.telemetry) - outcome.inserted
             self._touched.update((r.device_id, r.ts_ms - r.ts_ms % 60_000) for r in batch.telemetry)
         return outcome
@@ -271,14 +287,6 @@ class Store:
 
         self._call(run)
 
-    def _ensure_partitions(self, conn: Any, days: set[int]) -> None:
-        """PostgreSQL: the telemetry partition of each UTC day (number since the epoch) a batch writes into."""
-        for day in days - self._partitions:
-            name = time.strftime("telemetry_%Y%m%d", time.gmtime(day * 86_400))
-            conn.execute(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF telemetry "
-                         f"FOR VALUES FROM ({day * _DAY_MS}) TO ({(day + 1) * _DAY_MS})")
-            self._partitions.add(day)
-
     def _snapshot_routes(self, conn: sqlite3.Connection, at_ms: int) -> None:
         """Every device's cumulative route counters now (agents count since they started): the overview's route mix
         of the last hour is the counters now minus these, an hour back (controller/queries.py)."""
@@ -328,21 +336,32 @@ class Store:
         )
 
     def _prune(self, conn: sqlite3.Connection, at_ms: int) -> bool:
-        """Delete what is past retention, raw rows at most ~_PRUNE_CHUNK at a time; True when more are left."""
+        """Delete what is past retention, raw rows at most ~_PRUNE_CHUNK at a time; True when more are left.
+        PostgreSQL drops the raw rows' whole day partitions instead (controller/pg_telemetry.py)."""
         raw, m1, h1 = self._retention
         cutoff = at_ms - int(raw * 1000)
-        row = conn.execute("SELECT ts_ms FROM telemetry WHERE ts_ms < ? ORDER BY ts_ms LIMIT 1 OFFSET ?",
-                           (cutoff, _PRUNE_CHUNK)).fetchone()
-        before = conn.total_changes
-        conn.execute("DELETE FROM telemetry WHERE ts_ms < ?", (row[0] if row else cutoff,))
-        if row and conn.total_changes == before:  # a chunk's worth of rows share one timestamp: take them all
-            conn.execute("DELETE FROM telemetry WHERE ts_ms <= ?", (row[0],))
+        row = None
+        if dialect(conn) == "postgresql":
+            self._pg.drop_before(conn, cutoff)
+        else:
+            row = self._prune_raw(conn, cutoff)
         conn.execute("DELETE FROM rollup_1m WHERE ts_ms < ?", (at_ms - int(m1 * 1000),))
         conn.execute("DELETE FROM rollup_1h WHERE ts_ms < ?", (at_ms - int(h1 * 1000),))
         conn.execute(
             "DELETE FROM device_events WHERE id < (SELECT coalesce(max(id), 0) - 100000 FROM device_events)"
         )
         return row is not None
+
+    @staticmethod
+    def _prune_raw(conn: sqlite3.Connection, cutoff: int) -> Any:
+        """SQLite: raw rows before `cutoff`, a chunk at most (by the ts index); the chunk's last row, if it stopped."""
+        row = conn.execute("SELECT ts_ms FROM telemetry WHERE ts_ms < ? ORDER BY ts_ms LIMIT 1 OFFSET ?",
+                           (cutoff, _PRUNE_CHUNK)).fetchone()
+        before = conn.total_changes
+        conn.execute("DELETE FROM telemetry WHERE ts_ms < ?", (row[0] if row else cutoff,))
+        if row and conn.total_changes == before:  # a chunk's worth of rows share one timestamp: take them all
+            conn.execute("DELETE FROM telemetry WHERE ts_ms <= ?", (row[0],))
+        return row
 
     # -- policies -----------------------------------------------------------------------------------------------
     def next_policy_version(self) -> int:

@@ -142,7 +142,16 @@ def connect(url: str, *, application_name: str = "nanofleet", timeout_s: float =
 def migrate(conn: PgConn, steps: Sequence[Migration], *, table: str = "_migrations") -> list[str]:
     """Run the steps not yet recorded in `table`, each once in its own transaction; several processes starting on a
     new database at once take turns on an advisory lock. A text step may hold several statements."""
-    conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (name TEXT PRIMARY KEY, applied_ms BIGINT NOT NULL)")
+    conn.execute("BEGIN")  # under the lock too: two CREATE TABLE IF NOT EXISTS at once can both try (pg_type race)
+    try:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (table,))
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (name TEXT PRIMARY KEY, applied_ms BIGINT NOT NULL)")
+        conn.execute("COMMIT")
+    except BaseException:
+        if not conn.raw.closed:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        raise
     applied = []
     for name, step in steps:
         conn.execute("BEGIN")

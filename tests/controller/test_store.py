@@ -133,15 +133,18 @@ def test_rollups_1m_and_1h(store: Store) -> None:
         store.rollups("d1", "5m")  # type: ignore[arg-type]
 
 
-def test_retention_prunes_old_rows_in_the_writers_housekeeping(tmp_path: Path) -> None:
-    """Nobody calls prune: the writer's housekeeping applies retention on its own, by the store's clock."""
-    with Store(tmp_path / "s.db", raw_retention_s=60, prune_every_s=0.1, clock=lambda: T0 + 150_000) as s:
-        s.apply(Batch("f", T0, telemetry=[TelemetryRow("d1", 0, 0, T0), TelemetryRow("d1", 0, 1, T0 + 120_000)]))
-        wait_for(lambda: [k[3] for k in telemetry_keys(s)] == [T0 + 120_000], timeout=10, what="old row pruned")
+def test_retention_prunes_old_rows_in_the_writers_housekeeping(store_url: str) -> None:
+    """Nobody calls prune: the writer's housekeeping applies retention on its own, by the store's clock (SQLite
+    deletes the rows, PostgreSQL drops the day they were in: a day apart here, so both keep the same)."""
+    day = 86_400_000
+    with Store(store_url, raw_retention_s=86_400, prune_every_s=0.1, clock=lambda: T0 + 2 * day + 3_600_000) as s:
+        s.apply(Batch("f", T0 + 2 * day, telemetry=[TelemetryRow("d1", 0, 0, T0),
+                                                     TelemetryRow("d1", 0, 1, T0 + 2 * day)]))
+        wait_for(lambda: [k[3] for k in telemetry_keys(s)] == [T0 + 2 * day], timeout=10, what="old row pruned")
 
 
-def test_rollups_are_made_by_the_writers_housekeeping(tmp_path: Path) -> None:
-    with Store(tmp_path / "r.db", rollup_every_s=0.1) as s:
+def test_rollups_are_made_by_the_writers_housekeeping(store_url: str) -> None:
+    with Store(store_url, rollup_every_s=0.1) as s:
         s.apply(Batch("f", T0, telemetry=[TelemetryRow("d1", 0, i, T0 + i * 1000, cpu_percent=10.0 * i)
                                           for i in range(3)]))
         wait_for(lambda: [(r.n, r.cpu_max) for r in s.rollups("d1", "1m")] == [(3, 20.0)], timeout=10,
@@ -167,11 +170,11 @@ def test_convergence_rejections_policies_and_groups(store: Store) -> None:
     assert store.get_device("a").group == "kiosks" and store.get_device("b").group is None
 
 
-def test_reopen_keeps_state_and_policy_counter(tmp_path: Path) -> None:
-    with Store(tmp_path / "s.db") as s:
+def test_reopen_keeps_state_and_policy_counter(store_url: str) -> None:
+    with Store(store_url) as s:
         s.write_status("f", birth("d1", 4), T0)
         s.next_policy_version()
-    with Store(tmp_path / "s.db") as s:
+    with Store(store_url) as s:
         assert s.get_device("d1").bd_seq == 4 and s.next_policy_version() == 2
         s.write_status("f", death("d1", 3), T0)  # older session's will: still ignored after a restart
         assert s.get_device("d1").state == "online"
@@ -223,6 +226,25 @@ def test_several_controllers_can_open_a_new_store_at_once(tmp_path: Path) -> Non
         for p in procs:
             p.join(10)
         assert outcomes == ["ok"] * 3, outcomes
+
+
+def test_several_controllers_can_open_a_new_postgresql_store_at_once(pg_server) -> None:  # type: ignore[no-untyped-def]
+    """On PostgreSQL the migrations take turns on an advisory lock: every controller comes up, each step runs once
+    (threads suffice here: each Store has its own connections, the race is the server's; a few new databases, as
+    a lost race is a matter of timing)."""
+    import queue
+
+    for _ in range(5):
+        url = pg_server.create_database()
+        results: queue.Queue[str] = queue.Queue()
+        threads = [threading.Thread(target=_open_store, args=(url, results)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert [results.get_nowait() for _ in threads] == ["ok"] * 4
+        with Store(url) as s:
+            assert s.read(lambda c: c.execute("SELECT count(*) FROM _migrations").fetchone()[0]) == 2
 
 
 def test_a_device_row_lost_to_a_rolled_back_batch_is_written_whole_again(tmp_path: Path) -> None:
@@ -359,13 +381,13 @@ def test_a_new_store_is_private_whatever_the_umask(tmp_path: Path) -> None:
             assert stat.S_IMODE(p.stat().st_mode) == 0o600, suffix
 
 
-def test_the_offline_queue_and_slot_waiting_are_stored_apart(tmp_path: Path) -> None:
+def test_the_offline_queue_and_slot_waiting_are_stored_apart(store_url: str) -> None:
     """queue_depth is the offline queue; slots_waiting (requests waiting for a local model slot) has its own column,
     with the oldest entry's age and the queue's counters, on the device (latest) and per telemetry row."""
     from nanofleet.controller.decode import decode_telemetry
     from nanofleet.controller.store import Batch
 
-    with Store(tmp_path / "q.db") as store:
+    with Store(store_url) as store:
         store.write_status("f", birth("d1", 1), T0)
         store.write_telemetry("f", [tel("d1", 1, 0, T0, queue_depth=12, slots_waiting=3, queue_oldest_age_s=42.5,
                                         queue_counters={"enqueued": 20, "drained_local": 5, "expired": 3})], T0)
@@ -381,7 +403,7 @@ def test_the_offline_queue_and_slot_waiting_are_stored_apart(tmp_path: Path) -> 
         assert d.queue_counters == {"enqueued": 21, "drained_cloud": 8}
         points = store.telemetry("d1")
         assert [(p.queue_depth, p.slots_waiting, p.queue_oldest_age_s) for p in points] == [(12, 3, 42.5), (0, 1, 0)]
-    with Store(tmp_path / "q.db") as store:  # the hot-column UPDATE wrote them to the file, not only the mirror
+    with Store(store_url) as store:  # the hot-column UPDATE wrote them to the store, not only the mirror
         d = store.get_device("d1")
         assert (d.queue_depth, d.slots_waiting, d.queue_counters["drained_cloud"]) == (0, 1, 8)
 
