@@ -147,6 +147,12 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._stop_signal = signum
 
+    def install_signals(self) -> None:
+        """Take SIGINT/SIGTERM/SIGHUP from now on (before the children start: a signal during start-up is kept and
+        `wait()` returns at once, instead of killing this process with its children left behind)."""
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
     def request_stop(self) -> None:
         """Make `wait()` return None, as Ctrl-C does (for a caller on another thread)."""
         self._stop_signal = signal.SIGTERM
@@ -156,8 +162,7 @@ class Supervisor:
         `crash_window_s` (returns it). Every other death is reported and followed by a restart after a growing
         delay; a child that then stays up for a whole window starts its count (and its delay) afresh."""
         if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(sig, self._on_signal)
+            self.install_signals()
         restart_at: dict[str, float] = {}
         backoffs = {c.name: Backoff(c.restart_delay, 60.0) for c in self.children}
         while self._stop_signal is None:

@@ -116,6 +116,7 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
 
     raise_nofile()  # the broker and the simulator inherit it: a socket per simulated device
     sup = Supervisor()
+    sup.install_signals()  # a SIGTERM while the children start stops them all once they are up (tested: it raced)
     try:
         click.echo(f"broker:     {broker_desc}")
         sup.start(Child("broker", broker_argv, logs / "broker.log", tcp_open(host, ports.broker),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from ctl_helpers import flush_rollups, prune, reject, telemetry_count, telemetry_keys
 
+from nanofleet.controller.pg_migrations import PG_MIGRATIONS
 from nanofleet.controller.store import Batch, Store, TelemetryRow
 from nanofleet.controller.views import PublishedPolicy
 from nanofleet.protos import fleet_pb2
@@ -244,7 +245,7 @@ def test_several_controllers_can_open_a_new_postgresql_store_at_once(pg_server) 
             t.join(60)
         assert [results.get_nowait() for _ in threads] == ["ok"] * 4
         with Store(url) as s:
-            assert s.read(lambda c: c.execute("SELECT count(*) FROM _migrations").fetchone()[0]) == 2
+            assert s.read(lambda c: c.execute("SELECT count(*) FROM _migrations").fetchone()[0]) == len(PG_MIGRATIONS)
 
 
 def test_a_device_row_lost_to_a_rolled_back_batch_is_written_whole_again(tmp_path: Path) -> None:
