@@ -26,8 +26,11 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from nanofleet.controller.errors import ControllerError
+from nanofleet.pg_db import DB_ERRORS
+from nanofleet.store_url import StoreTarget
 
 __all__ = ["Artifact", "ArtifactError", "ArtifactNotFound", "ArtifactRefused", "ArtifactStore", "DeviceTokens"]
 
@@ -179,8 +182,10 @@ class DeviceTokens:
     """Checks a device's gateway token against the gateway's token table (read-only; never creates the db).
     Answers are cached `ttl` seconds, so a revocation takes effect within that time."""
 
-    def __init__(self, gateway_db: Path | None, fleet: str, ttl: float = 2.0) -> None:
-        self.db, self.fleet, self.ttl = gateway_db, fleet, ttl
+    def __init__(self, gateway_db: Path | StoreTarget | None, fleet: str, ttl: float = 2.0) -> None:
+        self.db = gateway_db if isinstance(gateway_db, StoreTarget) or gateway_db is None \
+            else StoreTarget("sqlite", path=Path(gateway_db))
+        self.fleet, self.ttl = fleet, ttl
         self._cache: dict[str, tuple[float, str | None, str]] = {}
         self._lock = threading.Lock()
         self.counts: Counter[str] = Counter()
@@ -206,17 +211,30 @@ class DeviceTokens:
 
     def _lookup(self, token_hash: str) -> tuple[str | None, str]:
         assert self.db is not None
-        if not self.db.exists():
+        sql = "SELECT device_id, fleet, revoked_ms FROM tokens WHERE token_hash = ?"
+        if self.db.kind == "postgresql":  # the gateways' shared store (their tables live beside the controller's)
+            from nanofleet.controller.gateway.db import connection
+
+            try:
+                with connection(self.db) as pg:
+                    row = pg.execute(sql, (token_hash,)).fetchone()
+            except DB_ERRORS as exc:
+                raise ArtifactError(f"cannot read device tokens from {self.db}: {exc}") from exc
+            return self._judge(row)
+        assert self.db.path is not None
+        if not self.db.path.exists():
             return None, "unknown device token (no gateway token table yet)"
         try:
-            conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
+            conn = sqlite3.connect(f"file:{self.db.path}?mode=ro", uri=True, timeout=5)
             try:
-                row = conn.execute("SELECT device_id, fleet, revoked_ms FROM tokens WHERE token_hash = ?",
-                                   (token_hash,)).fetchone()
+                row = conn.execute(sql, (token_hash,)).fetchone()
             finally:
                 conn.close()
         except sqlite3.Error as exc:
             raise ArtifactError(f"cannot read device tokens from {self.db}: {exc}") from exc
+        return self._judge(row)
+
+    def _judge(self, row: Any) -> tuple[str | None, str]:
         if row is None:
             return None, "unknown device token"
         device_id, fleet, revoked_ms = row

@@ -16,7 +16,7 @@ from nanofleet.controller import store_cli
 from nanofleet.controller.store_cli import STORE_OPTION
 from nanofleet.params import BROKER_URL, DEVICE_ID
 from nanofleet.protos.names import COMMAND_KINDS
-from nanofleet.store_url import StoreTarget
+from nanofleet.store_url import StoreTarget, resolve
 
 _DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=Path("nanofleet-controller"),
                          show_default=True, help="The controller's state folder (controller.db, operator token).")
@@ -51,6 +51,18 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
+def gateway_store_target(value: str | None) -> StoreTarget | None:
+    """--gateway-db: a file path, or a store URL (sqlite:///… or postgresql://…)."""
+    if value is None:
+        return None
+    if "://" not in value:
+        return StoreTarget("sqlite", path=Path(value))
+    try:
+        return resolve(value, Path("."), "gateway.db")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--gateway-db") from None
+
+
 @click.group(invoke_without_command=True)
 @click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="fleet.yaml")
@@ -59,13 +71,15 @@ async def _until_signal() -> None:
 @_mqtt_options
 @click.option("--share-group", default=None, help="Subscribe via $share/<group>/ so controllers split the load.")
 @STORE_OPTION  # several controllers of one fleet share one PostgreSQL store and elect a leader
-@click.option("--gateway-db", type=click.Path(path_type=Path), default=None, help="Gateway usage DB to show.")
+@click.option("--gateway-db", default=None, metavar="PATH|URL",
+              help="The gateway's store, for usage and device tokens: its SQLite file or postgresql://… (default: "
+                   "the controller's own store when that is PostgreSQL, where gateways sharing it keep theirs).")
 @click.option("--ingest-reader", type=click.Choice(["builtin", "paho"]), default=None,
               help="MQTT reader for ingest (default: fleet.yaml controller.ingest_reader, builtin).")
 @click.pass_context
 def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, listen: str | None,
                broker_url: str | None, mqtt_username: str | None, mqtt_password: str | None,
-               share_group: str | None, store_url: str | None, gateway_db: Path | None,
+               share_group: str | None, store_url: str | None, gateway_db: str | None,
                ingest_reader: str | None) -> None:
     """Run the controller: MQTT ingest into its store (SQLite or PostgreSQL), policy, commands, dashboard + API."""
     if ctx.invoked_subcommand is not None:
@@ -79,7 +93,7 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
     async def main() -> None:
         svc = ControllerService(cfg, data_dir, broker_url=broker_url, mqtt_username=mqtt_username,
                                 mqtt_password=mqtt_password, share_group=share_group,
-                                listen=listen or cfg.controller.listen, usage_db=gateway_db,
+                                listen=listen or cfg.controller.listen, usage_db=gateway_store_target(gateway_db),
                                 ingest_reader=ingest_reader,  # type: ignore[arg-type]
                                 echo=lambda line: click.echo(line, err=False), store_url=store_url)
         await svc.start()

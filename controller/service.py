@@ -63,7 +63,7 @@ class ControllerService:
         mqtt_password: str | None = None,
         share_group: str | None = None,
         listen: str | None = None,
-        usage_db: Path | None = None,
+        usage_db: Path | StoreTarget | None = None,
         sweep_every_s: float = 0.5,
         telemetry_qos: int = 1,
         ingest_reader: Literal["paho", "builtin"] | None = None,
@@ -84,6 +84,8 @@ class ControllerService:
         self.ingest_reader = ingest_reader or config.controller.ingest_reader
         # --store overrides fleet.yaml's store.url; neither: controller.db in the data folder
         self.target: StoreTarget = resolve(store_url or config.store.url, self.data_dir, "controller.db")
+        if self.usage_db is None and self.target.kind == "postgresql":
+            self.usage_db = self.target  # gateways sharing the fleet's PostgreSQL keep tokens and usage there too
         self.leader = Leadership(self.target.url if self.target.kind == "postgresql" else None, config.fleet,
                                  retry_s=leader_retry_s, check_s=leader_retry_s, on_change=self._on_leadership)
         self.gaps_every_s, self.gap_settle_ms = gaps_every_s, gap_settle_ms

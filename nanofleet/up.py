@@ -132,7 +132,9 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
                                                     "--listen", f"{host}:{ports.controller}",
                                                     "--broker-url", broker_url,
                                                     "--mqtt-username", CONTROLLER_USER,
-                                                    "--gateway-db", str(state_dir / "gateway" / "gateway.db"),
+                                                    # the gateway's tokens and usage: where `--store` put them
+                                                    "--gateway-db", store[1] if store else
+                                                    str(state_dir / "gateway" / "gateway.db"),
                                                     *store),
                            logs / "controller.log", http_ok("/healthz", host=host, port=ports.controller),
                            env={"NANOFLEET_MQTT_PASSWORD": controller_password}, restart_delay=restart_delay)

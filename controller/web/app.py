@@ -40,6 +40,7 @@ from nanofleet.controller.errors import StoreError
 from nanofleet.controller.events import FleetEvents
 from nanofleet.controller.metrics import registry_for
 from nanofleet.protos.names import COMMAND_KINDS
+from nanofleet.store_url import StoreTarget
 
 from . import routes_api, routes_artifacts, routes_auth, routes_events, routes_ops, routes_pages
 from .context import Commands, FleetReader, UsageReader, WebContext
@@ -67,7 +68,7 @@ def create_app(
     *,
     operator_token_hash: str,
     commands: Commands | None = None,
-    usage_db: Path | None = None,
+    usage_db: Path | StoreTarget | None = None,
     session_secret: bytes | None = None,
     session_ttl_s: float = 12 * 3600,
     refresh_s: int = 3,
@@ -99,7 +100,7 @@ def create_app(
             log.error("could not give the store fleet.yaml's groups: %s", exc)
             errors["store_groups"] += 1
     signer = SessionSigner(session_secret, ttl_s=session_ttl_s)
-    usage = UsageReader(Path(usage_db) if usage_db is not None else None)
+    usage = UsageReader(usage_db)
     hub = events if events is not None else FleetEvents()
     if hasattr(store, "submit"):  # the controller's Store: alerts and audit live in its file
         writable: Any = store
@@ -109,7 +110,7 @@ def create_app(
                      signer=signer, now_ms=now_ms, commands=commands, usage=usage, session_ttl_s=session_ttl_s,
                      refresh_s=refresh_s, status=status, errors=errors, alerts=alerts, audit=audit, events=hub,
                      artifacts=artifacts,
-                     device_tokens=DeviceTokens(Path(usage_db), config.fleet) if usage_db is not None else None)
+                     device_tokens=DeviceTokens(usage_db, config.fleet) if usage_db is not None else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:

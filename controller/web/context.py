@@ -28,6 +28,7 @@ from nanofleet.controller.fleet_queries import Overview, SlowFigures, with_slow
 from nanofleet.controller.queries import Queries
 from nanofleet.controller.summary import Cached
 from nanofleet.controller.views import DeviceView, Rejection, RollupPoint, TelemetryPoint
+from nanofleet.store_url import StoreTarget
 
 from . import schemas
 from .layout import TEMPLATES, content_security_policy, new_nonce, render_block
@@ -63,8 +64,9 @@ class UsageReader:
     """The gateway's usage db, opened on first use (opening migrates, which takes the gateway db's write lock) and
     never created by us: a missing file reads as no usage yet."""
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+    def __init__(self, path: Path | StoreTarget | None) -> None:
+        # a PostgreSQL store is always there to read (opening it runs the gateway's migrations if no gateway has)
+        self.path = path if isinstance(path, StoreTarget) or path is None else StoreTarget("sqlite", path=Path(path))
         self._lock = threading.Lock()
         self._store: Any = None
 
@@ -72,7 +74,7 @@ class UsageReader:
         """Rows of `day` (every day when None); None when the controller runs without the gateway's db."""
         if self.path is None:
             return None
-        if self._store is None and not self.path.exists():
+        if self._store is None and self.path.path is not None and not self.path.path.exists():
             return []
         with self._lock:
             if self._store is None:
