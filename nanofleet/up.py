@@ -92,6 +92,8 @@ def up(config_path: Path, state_dir: Path, socket_path: Path | None, free_ports:
         raise click.ClickException(str(exc)) from None
     state_dir = state_dir.resolve()
     store, store_desc = store_args(store_url, state_dir)
+    if store_url is not None:  # as the children read it: the device's gateway token goes where the gateway looks
+        cfg = cfg.model_copy(update={"store": cfg.store.model_copy(update={"url": store_url})})
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ports, notes = choose_ports(cfg, free_ports)
     for note in notes:

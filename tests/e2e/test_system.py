@@ -262,3 +262,27 @@ def test_a_child_crashing_at_once_again_and_again_stops_up_with_a_clear_message(
     assert "simulator (1 devices) crashed 5 times within 60s (last exit code 1); its log ends:" in out
     assert "cannot keep the run counter" in out and "Traceback" not in out
     assert "stopping everything." in out and "stopped: " in out
+
+
+def test_up_on_a_postgresql_store_keeps_the_fleet_there(tmp_path: Path, pg_url: str) -> None:
+    """`nanofleet up --store postgresql://…`: the controller's devices and telemetry (in a day partition), and the
+    device's gateway token the gateway checks, all in that database; the controller leads (the one controller)."""
+    from nanofleet.controller.gateway.auth import token_is_active
+    from nanofleet.pg_db import connect
+    from nanofleet.store_url import resolve
+
+    with launch(tmp_path, "--store", pg_url, "--simulate", "2") as pg_system:
+        assert "password" not in pg_system.output() and f"store:      {pg_url}" in pg_system.output()
+        wait_for(lambda: pg_system.api("/healthz").json().get("leader") is True, timeout=30, what="the leader")
+        conn = connect(pg_url)
+        try:
+            wait_for(lambda: conn.execute("SELECT count(*) FROM telemetry WHERE device_id = 'dev-01'").fetchone()[0]
+                     >= 2, timeout=60, what="dev-01's telemetry in PostgreSQL")
+            parts = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'telemetry_%'")]
+            assert parts and all(re.fullmatch(r"telemetry_\d{8}", p) for p in parts)
+            assert conn.execute("SELECT count(*) FROM devices").fetchone()[0] >= 3  # dev-01 and the simulated two
+        finally:
+            conn.close()
+        agent_yaml = yaml.safe_load((tmp_path / "state" / "devices" / "dev-01" / "agent.yaml").read_text())
+        assert token_is_active(resolve(pg_url, tmp_path, "gateway.db"), agent_yaml["gateway_token"])
+        assert not (tmp_path / "state" / "controller" / "controller.db").exists()
