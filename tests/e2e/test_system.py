@@ -280,7 +280,8 @@ def test_up_on_a_postgresql_store_keeps_the_fleet_there(tmp_path: Path, pg_url: 
                      >= 2, timeout=60, what="dev-01's telemetry in PostgreSQL")
             parts = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE tablename LIKE 'telemetry_%'")]
             assert parts and all(re.fullmatch(r"telemetry_\d{8}", p) for p in parts)
-            assert conn.execute("SELECT count(*) FROM devices").fetchone()[0] >= 3  # dev-01 and the simulated two
+            wait_for(lambda: conn.execute("SELECT count(*) FROM devices").fetchone()[0] >= 3, timeout=60,
+                     what="dev-01 and the two simulated devices in PostgreSQL")
         finally:
             conn.close()
         agent_yaml = yaml.safe_load((tmp_path / "state" / "devices" / "dev-01" / "agent.yaml").read_text())
