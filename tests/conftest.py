@@ -177,6 +177,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_server").create_database())
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests that share a module-, class- or package-scoped fixture (a stack of processes, an installed venv) run
     on one xdist worker (`--dist loadgroup` reads the mark): on two they would each set it up, paying twice."""
