@@ -1,15 +1,15 @@
 """Shared fixtures: a real Mosquitto broker on a free loopback port, the tiny GGUF, waiting on conditions.
 
-`make test` runs the suite under pytest-xdist (`-n 2 --dist loadgroup`): two worker processes, each with its own
-session fixtures (broker, tiny GGUF, PostgreSQL server). Rules every test follows so it passes on any worker, beside
-any other test, and beside another engineer's run of the suite on the same machine:
+`make test` runs the suite under pytest-xdist (`-n 2 --dist loadfile`): two worker processes, each running whole
+files, each with its own session fixtures (broker, tiny GGUF, PostgreSQL server). Rules every test follows so it
+passes on any worker, beside any other test, and beside another engineer's run of the suite on the same machine:
 - Ports: `free_port()` or port 0, never a fixed number; files: `tmp_path`/`tmp_path_factory`, never a fixed /tmp
   path or the repository folder; env vars and the working folder: `monkeypatch` only.
 - Names on the session's shared broker or PostgreSQL server: unique per test (fleet ids, client ids, `pg_url`).
 - Waiting: `until()`/`wait_for()` on a condition with a deadline, never a fixed sleep; no wall-clock bound on work
   the machine's load decides (two workers share two cores with the processes the tests start).
-- A module- or class-scoped fixture keeps its module's tests on one worker (`pytest_collection_modifyitems` below
-  marks them `xdist_group`), so it is set up once; nothing else needs marking.
+- A file's tests run on one worker, in order, so a module-scoped fixture is set up once; files that have one run
+  first (`pytest_collection_modifyitems` below). Nothing needs marking.
 """
 
 from __future__ import annotations
@@ -211,12 +211,16 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_server").create_database())
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the marks into groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that share a module-, class- or package-scoped fixture (a stack of processes, an installed venv) run
-    on one xdist worker (`--dist loadgroup` reads the mark): on two they would each set it up, paying twice."""
+    """Files whose tests share a module-, class- or package-scoped fixture (a stack of processes, an installed venv:
+    the slowest files) run first. `make test` hands whole files to the xdist workers in collection order (`--dist
+    loadfile --no-loadscope-reorder`): started last, one of them would be the run's tail. (xdist's `loadgroup` would
+    group finer, but with pytest 9.2 it silently groups nothing: pytest-xdist issue #1386.)"""
     shared = ("module", "class", "package")
-    for item in items:
+
+    def stacked(item: pytest.Item) -> bool:
         info = getattr(item, "_fixtureinfo", None)
-        if info is not None and any(d.scope in shared for defs in info.name2fixturedefs.values() for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        return info is not None and any(d.scope in shared for defs in info.name2fixturedefs.values() for d in defs)
+
+    first = {item.nodeid.split("::")[0] for item in items if stacked(item)}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in first)  # stable: files stay whole and in order
