@@ -35,12 +35,12 @@ run: $(STAMP)
 	$(BIN)/nanofleet up --config $(FLEET)
 
 # Fast failures first (lint, types), then the suite under coverage (subprocesses included) on $(JOBS) xdist workers
-# (JOBS=0: one process; the tests of a module sharing a module-scoped fixture stay on one worker), then the gate.
+# (JOBS=0: one process; whole files per worker, the files with module-scoped stacks first), then the gate.
 test: $(STAMP) system-deps
 	$(LINT)
 	$(TYPECHECK)
 	rm -f .coverage .coverage.*
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadgroup --cov --cov-report= $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(JOBS) --dist loadfile --no-loadscope-reorder --cov --cov-report= $(PYTEST_ARGS)
 	$(GATE)
 
 # LiteLLM (a baseline in bench_socket) gets a venv of its own: its pins must not move ours.

@@ -1,15 +1,15 @@
 """Shared fixtures: a real Mosquitto broker on a free loopback port, the tiny GGUF, waiting on conditions.
 
-`make test` runs the suite under pytest-xdist (`-n 2 --dist loadgroup`): two worker processes, each with its own
-session fixtures (broker, tiny GGUF, PostgreSQL server). Rules every test follows so it passes on any worker, beside
-any other test, and beside another engineer's run of the suite on the same machine:
+`make test` runs the suite under pytest-xdist (`-n 2 --dist loadfile`): two worker processes, each running whole
+files, each with its own session fixtures (broker, tiny GGUF, PostgreSQL server). Rules every test follows so it
+passes on any worker, beside any other test, and beside another engineer's run of the suite on the same machine:
 - Ports: `free_port()` or port 0, never a fixed number; files: `tmp_path`/`tmp_path_factory`, never a fixed /tmp
   path or the repository folder; env vars and the working folder: `monkeypatch` only.
 - Names on the session's shared broker or PostgreSQL server: unique per test (fleet ids, client ids, `pg_url`).
 - Waiting: `until()`/`wait_for()` on a condition with a deadline, never a fixed sleep; no wall-clock bound on work
   the machine's load decides (two workers share two cores with the processes the tests start).
-- A module- or class-scoped fixture keeps its module's tests on one worker (`pytest_collection_modifyitems` below
-  marks them `xdist_group`), so it is set up once; nothing else needs marking.
+- A file's tests run on one worker, in order, so a module-scoped fixture is set up once; files that have one run
+  first (`pytest_collection_modifyitems` below). Nothing needs marking.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
+import psutil
 import pytest
 from hypothesis import settings
 
 from nanofleet.agent.tiny_model import make_tiny_gguf
 from nanofleet.broker import mosquitto_binary as find_mosquitto
-from nanofleet.pg_server import PgServer
+from nanofleet.pg_server import PgServer, PgServerError
 from nanofleet.tcp import free_port
 
 # No per-example deadline for the whole suite: on a loaded 2-core CI machine hypothesis's default 200 ms deadline
@@ -68,11 +70,28 @@ def _port_open(port: int) -> bool:
         return False
 
 
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` itself listens on `port` (an open port alone may be another process's)."""
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+                   for c in psutil.Process(pid).net_connections("tcp"))
+    except psutil.Error:
+        return False
+
+
 def mosquitto_binary() -> str:
     path = find_mosquitto()
     if path is None:
         raise RuntimeError("mosquitto is not installed: run `make test` (installs it) or apt-get install -y mosquitto")
     return path
+
+
+class _Startable(Protocol):
+    def start(self) -> _Startable: ...
+    def stop(self) -> None: ...
+
+
+_Server = TypeVar("_Server", bound=_Startable)
 
 
 @dataclass
@@ -97,7 +116,7 @@ class Broker:
         conf.write_text("\n".join(lines + self.extra_conf) + "\n")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
-        while not _port_open(self.port):
+        while not _listens(self.proc.pid, self.port):  # its own listener: the port may be someone else's by now
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
             if time.monotonic() > deadline:
@@ -118,10 +137,25 @@ class Broker:
         self.proc = None
 
 
+def _started(make: Callable[[], _Server], error: type[Exception], tries: int = 3) -> _Server:
+    """`make().start()`, again on a new free port when it fails: a port `free_port()` found free can be taken before
+    the server binds it (the other xdist worker, another run of the suite on the machine). The last error is raised."""
+    for attempt in range(1, tries + 1):
+        server = make()
+        try:
+            server.start()
+            return server
+        except error:
+            server.stop()
+            if attempt == tries:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     """One anonymous loopback mosquitto shared by the session (use unique fleet/device ids per test)."""
-    b = Broker(tmp_path_factory.mktemp("mosquitto")).start()
+    b = _started(lambda: Broker(tmp_path_factory.mktemp("mosquitto")), RuntimeError)
     yield b
     b.stop()
 
@@ -158,7 +192,7 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def pg_server() -> Iterator[PgServer]:
     """One throwaway PostgreSQL server for the session (initdb + pg_ctl in a temporary folder; `make test` installs
     the distribution's server when missing). Tests take a fresh database each: `pg_url`."""
-    server = PgServer().start()
+    server = _started(PgServer, PgServerError)
     yield server
     server.stop()
 
@@ -178,10 +212,15 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests that share a module-, class- or package-scoped fixture (a stack of processes, an installed venv) run
-    on one xdist worker (`--dist loadgroup` reads the mark): on two they would each set it up, paying twice."""
+    """Files whose tests share a module-, class- or package-scoped fixture (a stack of processes, an installed venv:
+    the slowest files) run first. `make test` hands whole files to the xdist workers in collection order (`--dist
+    loadfile --no-loadscope-reorder`): started last, one of them would be the run's tail. (xdist's `loadgroup` would
+    group finer, but with pytest 9.2 it silently groups nothing: pytest-xdist issue #1386.)"""
     shared = ("module", "class", "package")
-    for item in items:
+
+    def stacked(item: pytest.Item) -> bool:
         info = getattr(item, "_fixtureinfo", None)
-        if info is not None and any(d.scope in shared for defs in info.name2fixturedefs.values() for d in defs):
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+        return info is not None and any(d.scope in shared for defs in info.name2fixturedefs.values() for d in defs)
+
+    first = {item.nodeid.split("::")[0] for item in items if stacked(item)}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in first)  # stable: files stay whole and in order

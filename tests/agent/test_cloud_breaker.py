@@ -19,6 +19,9 @@ from tests.agent.conftest import CHAT
 from tests.agent.test_grpc_backend import HI
 
 CLOUD_ONLY = {**CHAT, "nanofleet": {"mode": "cloud_only"}}
+# a call's deadline, not what these tests are about (a stopped gateway refuses at once): the stand-in gateway
+# generates with the real tiny model, which a loaded CI machine may take more than 5 s to load and run
+CALL_TIMEOUT_S = 30
 
 
 class Clock:
@@ -49,7 +52,8 @@ class Gateway:
 
 async def test_the_backend_opens_probes_once_backs_off_and_closes_when_the_server_returns(gateway: Gateway) -> None:
     clock = Clock()
-    async with GrpcBackend(f"127.0.0.1:{gateway.port}", timeout=5, cooldown=5, max_cooldown=40, clock=clock) as b:
+    async with GrpcBackend(f"127.0.0.1:{gateway.port}", timeout=CALL_TIMEOUT_S, cooldown=5, max_cooldown=40,
+                           clock=clock) as b:
         assert (await b.generate(HI)).usage.completion_tokens == 5
         await gateway.stop()
         with pytest.raises(GatewayUnreachable):
@@ -78,7 +82,7 @@ async def test_the_backend_opens_probes_once_backs_off_and_closes_when_the_serve
 
 async def test_only_one_probe_goes_through_while_half_open(gateway: Gateway) -> None:
     clock = Clock()
-    async with GrpcBackend(f"127.0.0.1:{gateway.port}", timeout=5, cooldown=5, clock=clock) as b:
+    async with GrpcBackend(f"127.0.0.1:{gateway.port}", timeout=CALL_TIMEOUT_S, cooldown=5, clock=clock) as b:
         await gateway.stop()
         with pytest.raises(GatewayUnreachable):
             await b.generate(HI)
@@ -99,7 +103,7 @@ async def test_only_one_probe_goes_through_while_half_open(gateway: Gateway) -> 
 async def agent(make_settings: Callable[..., AgentSettings], gateway: Gateway,
                 ) -> AsyncIterator[tuple[httpx.AsyncClient, Clock, AgentService]]:
     clock = Clock()
-    cloud = GrpcBackend(f"127.0.0.1:{gateway.port}", timeout=5, cooldown=5, clock=clock)
+    cloud = GrpcBackend(f"127.0.0.1:{gateway.port}", timeout=CALL_TIMEOUT_S, cooldown=5, clock=clock)
     svc = AgentService(make_settings(), warmup=False, cloud=cloud)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=svc.app), base_url="http://a") as c:
         yield c, clock, svc

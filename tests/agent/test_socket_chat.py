@@ -6,11 +6,15 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from tests.agent.conftest import CHAT, sse_events
+from nanofleet.agent.service import AgentService
+from nanofleet.agent.settings import AgentSettings
+from tests.agent.conftest import CHAT, sse_events, uds_client
 from tests.conftest import wait_for
 
 
@@ -42,7 +46,20 @@ async def test_streaming_sse_ends_with_done(client: httpx.AsyncClient) -> None:
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
 
 
-async def test_socket_is_0660_in_a_0750_folder(service, client: httpx.AsyncClient) -> None:
+async def test_socket_is_0660_in_a_0750_folder(make_settings: Callable[..., AgentSettings]) -> None:
+    # llama.cpp's socket goes in data_dir/private only while its path fits AF_UNIX's 108 bytes (else a mkdtemp
+    # folder): pytest's tmp_path under xdist (…/popen-gw0/<test name>/…) is too long for that, so a short folder
+    with tempfile.TemporaryDirectory(prefix="nf-") as short:
+        service = AgentService(make_settings(data_dir=Path(short) / "data"), warmup=False)
+        await service.start()
+        try:
+            async with uds_client(service.settings.socket_path) as client:
+                await _socket_and_private_listener(service, client)
+        finally:
+            await service.stop()
+
+
+async def _socket_and_private_listener(service: AgentService, client: httpx.AsyncClient) -> None:
     path = service.settings.socket_path
     assert stat.S_ISSOCK(path.stat().st_mode)
     assert stat.S_IMODE(path.stat().st_mode) == 0o660

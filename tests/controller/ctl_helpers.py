@@ -12,7 +12,6 @@ from typing import Any
 from nanofleet.config import FleetConfig, parse_fleet
 from nanofleet.controller.service import ControllerService
 from nanofleet.controller.store import Batch, Store
-from nanofleet.tcp import free_port
 from tests.conftest import until, wait_for
 
 __all__ = ["StoreUrls", "command_results", "fleet", "flush_rollups", "prune", "reject", "rejection_total",
@@ -25,10 +24,10 @@ def fleet(name: str, broker_url: str, extra: str = "") -> FleetConfig:
 
 async def start_service(name: str, broker_url: str, tmp_path: Path,
                         **kw: object) -> tuple[ControllerService, str, str]:
-    """A running ControllerService of fleet `name`, its dashboard on a free loopback port: (service, base url, the
-    operator token it printed)."""
+    """A running ControllerService of fleet `name`, its dashboard on a loopback port the kernel picks at bind (no
+    race for a free one): (service, base url, the operator token it printed)."""
     lines: list[str] = []
-    svc = await ControllerService(fleet(name, broker_url), tmp_path / "ctl", listen=f"127.0.0.1:{free_port()}",
+    svc = await ControllerService(fleet(name, broker_url), tmp_path / "ctl", listen="127.0.0.1:0",
                                   echo=lines.append, **kw).start()  # type: ignore[arg-type]
     token = next(line.split()[2] for line in lines if line.startswith("operator token:"))
     return svc, f"http://127.0.0.1:{svc.web_port}", token

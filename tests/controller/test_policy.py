@@ -151,13 +151,12 @@ async def test_a_running_controller_never_undoes_policy_apply(broker, tmp_path: 
     from ctl_helpers import until
 
     from nanofleet.controller.service import ControllerService
-    from nanofleet.tcp import free_port
 
     cfg_path = tmp_path / "fleet.yaml"
     cfg_path.write_text(FLEET.replace("fleet: pol", "fleet: pol2") + f"broker: {{url: {broker.url}}}\n")
     data = tmp_path / "ctl"
     svc = await ControllerService(parse_fleet(cfg_path.read_text()), data, broker_url=broker.url,
-                                  listen=f"127.0.0.1:{free_port()}", echo=lambda _line: None).start()
+                                  listen="127.0.0.1:0", echo=lambda _line: None).start()
     seen: list[fleet_pb2.RoutingPolicy] = []
     try:
         async with MqttClient(broker.url) as dev:

@@ -18,7 +18,6 @@ from nanofleet.controller.artifacts import ArtifactStore
 from nanofleet.controller.gateway.auth import issue_token
 from nanofleet.controller.rollouts import Rollout
 from nanofleet.controller.service import ControllerService
-from nanofleet.tcp import free_port
 from tests.telemetry.fake_sysfs import FakeSysfs
 
 
@@ -27,7 +26,7 @@ async def test_real_agents_take_a_rollout_from_the_controller(broker, tmp_path: 
     gw = tmp_path / "gateway" / "gateway.db"
     gw.parent.mkdir()
     cfg = fleet(name, broker.url, "defaults: {telemetry_interval_s: 1}\ngroups:\n  pis: {match: ['pi-*']}\n")
-    svc = await ControllerService(cfg, tmp_path / "ctl", listen=f"127.0.0.1:{free_port()}", usage_db=gw,
+    svc = await ControllerService(cfg, tmp_path / "ctl", listen="127.0.0.1:0", usage_db=gw,
                                   rollout_every_s=0.1, echo=lambda line: None).start()
     new = make_tiny_gguf(tmp_path / "new.gguf", seed=7)
     sha = ArtifactStore(tmp_path / "ctl" / "artifacts").add_file(new, "tiny-7").sha256
@@ -70,7 +69,7 @@ async def test_a_canary_agent_running_hot_rolls_back_and_the_other_never_gets_it
     gw = tmp_path / "gateway" / "gateway.db"
     gw.parent.mkdir()
     cfg = fleet(name, broker.url, "defaults: {telemetry_interval_s: 1}\ngroups:\n  pis: {match: ['pi-*']}\n")
-    svc = await ControllerService(cfg, tmp_path / "ctl", listen=f"127.0.0.1:{free_port()}", usage_db=gw,
+    svc = await ControllerService(cfg, tmp_path / "ctl", listen="127.0.0.1:0", usage_db=gw,
                                   rollout_every_s=0.1, echo=lambda line: None).start()
     new = make_tiny_gguf(tmp_path / "new.gguf", seed=8)
     sha = ArtifactStore(tmp_path / "ctl" / "artifacts").add_file(new, "tiny-8").sha256

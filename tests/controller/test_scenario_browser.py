@@ -19,7 +19,6 @@ from bench.bench_live import CHROMIUM_ARGS, chromium, login
 from nanofleet.config import parse_fleet
 from nanofleet.controller.service import ControllerService
 from nanofleet.sim import Simulation
-from nanofleet.tcp import free_port
 
 pytestmark = pytest.mark.browser
 FLEET = """
@@ -60,7 +59,7 @@ async def _hot_arrival(svc: ControllerService, device: str) -> float:
 async def test_operator_scenario_on_a_simulated_fleet(broker: Any, tmp_path: Path, artifacts: Path) -> None:
     lines: list[str] = []
     svc = await ControllerService(parse_fleet(FLEET.format(url=broker.url)), tmp_path / "ctl",
-                                  listen=f"127.0.0.1:{free_port()}", echo=lines.append, sweep_every_s=0.5).start()
+                                  listen="127.0.0.1:0", echo=lines.append, sweep_every_s=0.5).start()
     token = next(line.split()[2] for line in lines if line.startswith("operator token:"))
     url = f"http://127.0.0.1:{svc.web_port}"
     sim = Simulation(broker.url, 50, fleet="scen", interval_s=1.0, data_dir=tmp_path / "sim")
