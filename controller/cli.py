@@ -15,6 +15,7 @@ from nanofleet.config import ConfigError, FleetConfig, load_fleet
 from nanofleet.controller import store_cli
 from nanofleet.controller.store_cli import STORE_OPTION
 from nanofleet.params import BROKER_URL, DEVICE_ID
+from nanofleet.pg_db import DB_ERRORS
 from nanofleet.protos.names import COMMAND_KINDS
 from nanofleet.store_url import StoreTarget, resolve
 
@@ -43,12 +44,13 @@ def _store_at(data_dir: Path, store_url: str | None, config_url: str | None = No
     return store_cli.require(store_cli.target(data_dir, store_url, config_url))
 
 
-async def _until_signal() -> None:
+def _stop_event() -> asyncio.Event:
+    """Set on SIGINT/SIGTERM; the handlers are in place when this returns (call it before a slow start)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 def gateway_store_target(value: str | None) -> StoreTarget | None:
@@ -96,10 +98,14 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
                                 listen=listen or cfg.controller.listen, usage_db=gateway_store_target(gateway_db),
                                 ingest_reader=ingest_reader,  # type: ignore[arg-type]
                                 echo=lambda line: click.echo(line, err=False), store_url=store_url)
-        await svc.start()
+        stop = _stop_event()  # before start: a SIGTERM during a slow start stops it cleanly
+        try:
+            await svc.start()
+        except DB_ERRORS as exc:  # the store's server is down or refuses us: one line, no traceback
+            raise click.ClickException(f"controller: cannot open the store {svc.target}: {exc}") from None
         click.echo(f"controller: fleet {cfg.fleet!r}, broker {svc.broker_url} ({svc.ingest_reader} reader), "
                    f"store {svc.target}")
-        signal_task = asyncio.ensure_future(_until_signal())
+        signal_task = asyncio.ensure_future(stop.wait())
         failed_task = asyncio.ensure_future(svc.wait_failed())
         try:
             await asyncio.wait([signal_task, failed_task], return_when=asyncio.FIRST_COMPLETED)
@@ -112,8 +118,8 @@ def controller(ctx: click.Context, config_path: Path | None, data_dir: Path, lis
                 problems = "; ".join(f"{type(e).__name__}: {e}" for e in group.exceptions)
                 raise click.ClickException(f"{group.message}: {problems}") from group
         if svc.failed is not None:
-            name, exc = svc.failed
-            raise click.ClickException(f"controller stopped: {name} died ({type(exc).__name__}: {exc})")
+            name, why = svc.failed
+            raise click.ClickException(f"controller stopped: {name} died ({type(why).__name__}: {why})")
 
     asyncio.run(main())
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from nanofleet.config import ConfigError, FleetConfig, load_fleet
+from nanofleet.pg_db import DB_ERRORS
 from nanofleet.store_url import StoreTarget
 
 from .auth import issue_token, list_tokens, revoke_token
@@ -89,13 +90,16 @@ async def _serve(config: FleetConfig, data_dir: Path, listen: str | None, tls_ce
                  grace: float, store: StoreTarget) -> None:
     from .server import Gateway
 
-    gw = Gateway(config, data_dir, listen=listen, tls_cert=tls_cert, tls_key=tls_key, grace=grace, store=store)
-    await gw.start()
-    click.echo(f"gateway listening on {gw.address}; {gw.upstream_detail}; store {gw.store}", err=True)
-    stop = asyncio.Event()
+    stop = asyncio.Event()  # handlers first: a SIGTERM during a slow start stops it cleanly, not the process
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    gw = Gateway(config, data_dir, listen=listen, tls_cert=tls_cert, tls_key=tls_key, grace=grace, store=store)
+    try:
+        await gw.start()
+    except DB_ERRORS as exc:  # the store's server is down or refuses us: one line, no traceback
+        raise click.ClickException(f"gateway: cannot open its store {store}: {exc}") from None
+    click.echo(f"gateway listening on {gw.address}; {gw.upstream_detail}; store {gw.store}", err=True)
     await stop.wait()
     click.echo("gateway stopping: letting calls in flight finish", err=True)
     await gw.stop()

@@ -35,3 +35,22 @@ def test_controller_refuses_a_bad_store_url(tmp_path: Path) -> None:
                                            "--data-dir", str(tmp_path / "ctl"), "--store", "mysql://x/y"])
     assert result.exit_code == 2 and "--store" in result.output and "sqlite:///path" in result.output
     assert not (tmp_path / "ctl").exists()
+
+
+def test_a_store_server_that_is_down_is_one_clear_error_for_the_controller_and_the_gateway(tmp_path: Path) -> None:
+    """PostgreSQL not there when a controller or a gateway starts: exit 1 with one line naming the store (its
+    password left out), no traceback (it was psycopg's traceback)."""
+    import subprocess
+    import sys
+
+    from nanofleet.tcp import free_port
+
+    (tmp_path / "fleet.yaml").write_text("fleet: f1\n")
+    url = f"postgresql://fleet:s3cret@127.0.0.1:{free_port()}/nanofleet"
+    for args in (["controller", "--data-dir", str(tmp_path / "c")], ["gateway", "serve", "--data-dir",
+                                                                     str(tmp_path / "g")]):
+        proc = subprocess.run([sys.executable, "-m", "nanofleet", *args, "--config", str(tmp_path / "fleet.yaml"),
+                               "--store", url], capture_output=True, text=True, timeout=60)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, out
+        assert "cannot open" in out and "Traceback" not in out and "s3cret" not in out, out
