@@ -40,6 +40,7 @@ from nanofleet.controller.gateway.upstreams.base import (
 )
 from nanofleet.controller.gateway.upstreams.gemini import GeminiUpstream
 from nanofleet.protos import inference_pb2, inference_pb2_grpc
+from nanofleet.tcp import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = 300
@@ -52,12 +53,6 @@ GOAL_CPS = 2000
 GOAL_ADDED_P50_MS = 1.0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _grpc_req() -> inference_pb2.GenerateRequest:
@@ -358,7 +353,7 @@ class _Procs:
             "fleet: bench\ngateway:\n  upstream: {kind: gemini, model: gemini-2.5-flash, thinking_budget: 0, "
             f'base_url: "{base_url}"}}\n'
             "defaults: {routing: {cloud_budget: {tokens_per_day: 1000000000000}}}\n")
-        port = _free_port()
+        port = free_port()
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "nanofleet", "gateway", "serve", "--config", str(fleet), "--data-dir", str(data),
              "--listen", f"127.0.0.1:{port}"], cwd=ROOT, env=self.env, stderr=subprocess.DEVNULL))

@@ -22,14 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nanofleet.tcp import free_port
+
 N = 40_000
 DEVICES = 2_000
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _packets(n: int) -> bytes:
@@ -75,7 +73,7 @@ async def _round(port: int, durable: bool, tmp: Path, packets: bytes) -> dict[st
 
 def run() -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-durable-"))
-    port = _free_port()
+    port = free_port()
     conf = tmp / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                     "max_queued_messages 1000000\nmax_inflight_messages 20000\nlog_dest none\n")
