@@ -75,7 +75,7 @@ class PgServer:
             os.chown(self.root, owner.pw_uid, owner.pw_gid)
             self._as = ["runuser", "-u", "postgres", "--"]
         self._run(str(bins / "initdb"), "-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8",
-                  "--no-instructions", "--locale=C")
+                  "--no-instructions", "--locale=C", *(() if self.fsync else ("--no-sync",)))  # a throwaway
         opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c max_connections={self.max_connections}"
                 f" -c fsync={'on' if self.fsync else 'off'} -c full_page_writes={'on' if self.fsync else 'off'}"
                 " -c shared_buffers=128MB")
