@@ -193,6 +193,9 @@ class MqttReader:
         self._sunk = 0  # messages handed to `sink` since start (all connections)
         self._pending: collections.deque[tuple[int, int, bytes]] = collections.deque()  # (message no., conn., ack)
         self._conn_no = 0  # which connection a PUBACK belongs to: packet ids mean nothing on the next one
+        # the open connection, from CONNACK on: a persistent session's messages redelivered before the SUBACK are
+        # acknowledged on it too (`_sock` is set only at SUBACK, for publishing)
+        self._ack_sock: socket.socket | None = None
         self._pending_lock = threading.Lock()
         self.acks_dropped = 0  # PUBACKs of a connection that ended first (the broker sends those messages again)
         self._thread = threading.Thread(target=self._run, name=f"mqtt-sub:{self.host}:{self.port}", daemon=True)
@@ -221,10 +224,10 @@ class MqttReader:
         if not due:
             return
         with self._send_lock:
-            sock = self._sock
+            sock = self._ack_sock
             acks = [a for _, conn_no, a in due if conn_no == self._conn_no]
             self.acks_dropped += len(due) - len(acks)
-            if sock is None or not self.connected:
+            if sock is None:
                 self.acks_dropped += len(acks)
                 return
             if not acks:
@@ -281,6 +284,8 @@ class MqttReader:
             sock: socket.socket | None = None
             try:
                 sock = self._open()
+                with self._send_lock:
+                    self._ack_sock = sock
                 self._read(sock)
             except (OSError, MqttError) as exc:
                 self._failed(exc)
@@ -304,7 +309,7 @@ class MqttReader:
 
     def _close(self, sock: socket.socket) -> None:
         with self._send_lock:
-            was, self.connected, self._sock = self.connected, False, None
+            was, self.connected, self._sock, self._ack_sock = self.connected, False, None, None
             self._conn_no += 1  # PUBACKs still pending belong to the connection that ended
         self._fail_inflight()
         if self._stop.is_set():
@@ -313,8 +318,14 @@ class MqttReader:
             # come. Processed before the DISCONNECT that follows (in order, on one connection).
             shared = [f for f, _ in self.filters if f.startswith("$share/")]
             bye = (unsubscribe_packet(2, shared) if shared and was else b"") + _DISCONNECT
-            with contextlib.suppress(OSError):  # best effort: the broker drops us either way
+            with contextlib.suppress(OSError), self._send_lock:  # best effort: the broker drops us either way
                 sock.sendall(bye)
+                # the broker closes its side after the DISCONNECT; reading what it sent meanwhile until then keeps
+                # our close a FIN: closing with unread data sends a RST, and the broker may drop the PUBACKs and
+                # the UNSUBSCRIBE it had not read yet (seen: a $share session left subscribed, acks lost)
+                deadline = time.monotonic() + 1.0
+                while time.monotonic() < deadline and sock.recv(1 << 16):
+                    pass
         sock.close()
         if was:
             self._notify(False)
