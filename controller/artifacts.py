@@ -30,7 +30,7 @@ from typing import Any
 
 from nanofleet.controller.errors import ControllerError
 from nanofleet.pg_db import DB_ERRORS
-from nanofleet.store_url import StoreTarget
+from nanofleet.store_url import StoreTarget, as_target
 
 __all__ = ["Artifact", "ArtifactError", "ArtifactNotFound", "ArtifactRefused", "ArtifactStore", "DeviceTokens"]
 
@@ -183,8 +183,7 @@ class DeviceTokens:
     Answers are cached `ttl` seconds, so a revocation takes effect within that time."""
 
     def __init__(self, gateway_db: Path | StoreTarget | None, fleet: str, ttl: float = 2.0) -> None:
-        self.db = gateway_db if isinstance(gateway_db, StoreTarget) or gateway_db is None \
-            else StoreTarget("sqlite", path=Path(gateway_db))
+        self.db = None if gateway_db is None else as_target(gateway_db)
         self.fleet, self.ttl = fleet, ttl
         self._cache: dict[str, tuple[float, str | None, str]] = {}
         self._lock = threading.Lock()

@@ -17,7 +17,7 @@ from nanofleet.controller.store_cli import STORE_OPTION
 from nanofleet.params import BROKER_URL, DEVICE_ID
 from nanofleet.pg_db import DB_ERRORS
 from nanofleet.protos.names import COMMAND_KINDS
-from nanofleet.store_url import StoreTarget, resolve
+from nanofleet.store_url import StoreTarget, as_target
 
 _DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=Path("nanofleet-controller"),
                          show_default=True, help="The controller's state folder (controller.db, operator token).")
@@ -57,10 +57,8 @@ def gateway_store_target(value: str | None) -> StoreTarget | None:
     """--gateway-db: a file path, or a store URL (sqlite:///… or postgresql://…)."""
     if value is None:
         return None
-    if "://" not in value:
-        return StoreTarget("sqlite", path=Path(value))
     try:
-        return resolve(value, Path("."), "gateway.db")
+        return as_target(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--gateway-db") from None
 

@@ -37,10 +37,10 @@ from nanofleet.controller.views import (
     RollupPoint,
     TelemetryPoint,
 )
-from nanofleet.pg_db import PgWriter, dialect, is_postgres
+from nanofleet.pg_db import PgWriter, dialect
 from nanofleet.protos import fleet_pb2
 from nanofleet.sqlite_db import DatabaseClosed, Writer, create_private, in_transaction
-from nanofleet.store_url import StoreTarget, resolve
+from nanofleet.store_url import StoreTarget, as_target
 
 from .devstate import Batch, BatchOutcome, TelemetryRow, row_from_pb
 
@@ -87,12 +87,7 @@ class Store:
         prune_every_s: float = 60.0,
         clock: Callable[[], int] = now_ms,
     ) -> None:
-        if isinstance(path, StoreTarget):
-            target = path
-        elif is_postgres(str(path)) or str(path).startswith("sqlite:///"):  # a store URL
-            target = resolve(str(path), Path("."), "")
-        else:
-            target = StoreTarget("sqlite", path=Path(path))
+        target = as_target(path)
         self.target = target
         self.path: Path | str = target.path if target.path is not None else str(target)
         self._retention = (raw_retention_s, rollup_1m_retention_s, rollup_1h_retention_s)

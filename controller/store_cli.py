@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from nanofleet.sqlite_db import Writer
-from nanofleet.store_url import StoreTarget, resolve
+from nanofleet.store_url import StoreTarget, as_target, resolve
 
 __all__ = ["STORE_OPTION", "exists", "require", "target", "writer"]
 
@@ -32,10 +32,6 @@ def target(data_dir: Path, store_url: str | None = None, config_url: str | None 
         return resolve(store_url or config_url, data_dir, FILENAME)
     except ValueError as exc:
         raise click.BadParameter(str(exc).removeprefix("store.url: "), param_hint="--store") from None
-
-
-def as_target(store: Path | StoreTarget) -> StoreTarget:
-    return store if isinstance(store, StoreTarget) else StoreTarget("sqlite", path=Path(store))
 
 
 def exists(store: Path | StoreTarget) -> bool:

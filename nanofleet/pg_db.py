@@ -18,7 +18,6 @@ failed to its callers, never acknowledged.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import re
@@ -33,7 +32,7 @@ from psycopg.adapt import Dumper
 from psycopg.pq import TransactionStatus
 from psycopg.types.numeric import FloatLoader
 
-from nanofleet.sqlite_db import Migration, Writer
+from nanofleet.sqlite_db import Migration, Step, Writer, in_transaction
 
 T = TypeVar("T")
 log = logging.getLogger("nanofleet.pg")
@@ -140,38 +139,35 @@ def connect(url: str, *, application_name: str = "nanofleet", timeout_s: float =
 
 
 def migrate(conn: PgConn, steps: Sequence[Migration], *, table: str = "_migrations") -> list[str]:
-    """Run the steps not yet recorded in `table`, each once in its own transaction; several processes starting on a
-    new database at once take turns on an advisory lock. A text step may hold several statements."""
-    conn.execute("BEGIN")  # under the lock too: two CREATE TABLE IF NOT EXISTS at once can both try (pg_type race)
-    try:
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (table,))
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (name TEXT PRIMARY KEY, applied_ms BIGINT NOT NULL)")
-        conn.execute("COMMIT")
-    except BaseException:
-        if not conn.raw.closed:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK")
-        raise
+    """Run the steps not yet recorded in `table`, each once in its own transaction (sqlite_db.in_transaction, as
+    SQLite's runner); several processes starting on a new database at once take turns on an advisory lock, the
+    table's creation included (two CREATE TABLE IF NOT EXISTS at once can both try: a pg_type race). A text step
+    may hold several statements."""
+
+    def locked(c: PgConn) -> None:
+        c.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (table,))
+
+    def create(c: PgConn) -> None:
+        locked(c)
+        c.execute(f"CREATE TABLE IF NOT EXISTS {table} (name TEXT PRIMARY KEY, applied_ms BIGINT NOT NULL)")
+
+    in_transaction(conn, create)  # type: ignore[arg-type]
     applied = []
     for name, step in steps:
-        conn.execute("BEGIN")
-        try:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (table,))
-            if conn.execute(f"SELECT 1 FROM {table} WHERE name = ?", (name,)).fetchone():
-                conn.execute("COMMIT")
-                continue
+
+        def run(c: PgConn, name: str = name, step: Step = step) -> bool:
+            locked(c)
+            if c.execute(f"SELECT 1 FROM {table} WHERE name = ?", (name,)).fetchone():
+                return False  # another process ran it
             if isinstance(step, str):
-                conn.raw.execute(step)  # no parameters: the simple protocol, several statements allowed
+                c.raw.execute(step)  # no parameters: the simple protocol, several statements allowed
             else:
-                step(conn)  # type: ignore[arg-type]
-            conn.execute(f"INSERT INTO {table} VALUES (?, ?)", (name, int(time.time() * 1000)))
-            conn.execute("COMMIT")
-        except BaseException:
-            if not conn.raw.closed:
-                with contextlib.suppress(psycopg.Error):  # the step's own error is the one to report
-                    conn.execute("ROLLBACK")
-            raise
-        applied.append(name)
+                step(c)  # type: ignore[arg-type]
+            c.execute(f"INSERT INTO {table} VALUES (?, ?)", (name, int(time.time() * 1000)))
+            return True
+
+        if in_transaction(conn, run):  # type: ignore[arg-type]
+            applied.append(name)
     return applied
 
 

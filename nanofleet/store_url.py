@@ -31,3 +31,14 @@ def resolve(url: str | None, data_dir: Path, filename: str) -> StoreTarget:
     if url.startswith("sqlite:///"):
         return StoreTarget("sqlite", path=Path(url.removeprefix("sqlite:///")))  # sqlite:////abs, sqlite:///rel
     raise ValueError(f"store.url: expected sqlite:///path or postgresql://…, got {redact(url)!r}")
+
+
+def as_target(value: str | Path | StoreTarget) -> StoreTarget:
+    """The one coercion of what callers hold — a StoreTarget, a store URL, or a SQLite file's path — to a target.
+    Something with a scheme that is not a store URL is refused (ValueError), never taken for a file name."""
+    if isinstance(value, StoreTarget):
+        return value
+    text = str(value)
+    if "://" in text:
+        return resolve(text, Path("."), "")
+    return StoreTarget("sqlite", path=Path(value))

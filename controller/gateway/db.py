@@ -20,7 +20,7 @@ from typing import Any
 from nanofleet import pg_db
 from nanofleet.pg_db import PgWriter
 from nanofleet.sqlite_db import Migration, Writer, connect, create_private, migrate
-from nanofleet.store_url import StoreTarget, resolve
+from nanofleet.store_url import StoreTarget, as_target, resolve
 
 MIGRATIONS_TABLE = "migrations"
 DB_NAME = "gateway.db"  # `nanofleet enroll` / `up` issue tokens into DATA_DIR/gateway.db
@@ -132,16 +132,6 @@ PG_MIGRATIONS: list[Migration] = [
 ]
 
 Target = str | Path | StoreTarget
-
-
-def as_target(target: Target) -> StoreTarget:
-    """A StoreTarget from what callers hold: a StoreTarget, a store URL, or a SQLite file's path (the old API)."""
-    if isinstance(target, StoreTarget):
-        return target
-    text = str(target)
-    if pg_db.is_postgres(text) or text.startswith("sqlite:///"):
-        return resolve(text, Path("."), DB_NAME)
-    return StoreTarget("sqlite", path=Path(target))
 
 
 def gateway_target(store: str | None, data_dir: str | Path) -> StoreTarget:

@@ -28,7 +28,7 @@ from nanofleet.controller.fleet_queries import Overview, SlowFigures, with_slow
 from nanofleet.controller.queries import Queries
 from nanofleet.controller.summary import Cached
 from nanofleet.controller.views import DeviceView, Rejection, RollupPoint, TelemetryPoint
-from nanofleet.store_url import StoreTarget
+from nanofleet.store_url import StoreTarget, as_target
 
 from . import schemas
 from .layout import TEMPLATES, content_security_policy, new_nonce, render_block
@@ -66,7 +66,7 @@ class UsageReader:
 
     def __init__(self, path: Path | StoreTarget | None) -> None:
         # a PostgreSQL store is always there to read (opening it runs the gateway's migrations if no gateway has)
-        self.path = path if isinstance(path, StoreTarget) or path is None else StoreTarget("sqlite", path=Path(path))
+        self.path = None if path is None else as_target(path)
         self._lock = threading.Lock()
         self._store: Any = None
 
